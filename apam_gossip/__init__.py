@@ -1,0 +1,44 @@
+"""apam_gossip: asynchronous distributed training.
+
+Two asynchronous modes behind one entry point, :func:`run`:
+
+* ``centralized`` -- APAM: a master applies (possibly stale) worker gradients with AMSGrad
+  as they arrive and returns the new model to that worker only;
+* ``decentralized`` -- AD-PSGD-style gossip with local adaptive steps;
+
+plus ``sequential``, the one-process reference. Every mode returns a :class:`RunResult`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["run", "RunConfig", "DataConfig", "OptimConfig", "RunResult", "UserError",
+           "__version__"]
+
+if TYPE_CHECKING:
+    from .config import DataConfig, OptimConfig, RunConfig
+    from .errors import UserError
+    from .result import RunResult
+    from .runner import run
+
+
+def __getattr__(name: str) -> Any:  # lazy: `apam-gossip --help` should not import torch
+    if name == "run":
+        from .runner import run
+
+        return run
+    if name in ("RunConfig", "DataConfig", "OptimConfig"):
+        from . import config
+
+        return getattr(config, name)
+    if name == "RunResult":
+        from .result import RunResult
+
+        return RunResult
+    if name == "UserError":
+        from .errors import UserError
+
+        return UserError
+    raise AttributeError(f"module 'apam_gossip' has no attribute {name!r}")

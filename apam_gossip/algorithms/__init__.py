@@ -1,0 +1,1 @@
+"""Training algorithms: they combine optimizer math, models/data and a transport."""

@@ -1,0 +1,134 @@
+"""Centralized APAM: asynchronous AMSGrad with one master and N workers.
+
+Master (owns x and the optimizer state; the only writer of x, so no Hogwild races)::
+
+    loop k = 1, 2, ...:
+        take the gradient g of ANY worker whose message has arrived (first come, first served)
+        x <- optimizer step(x, g)            # AMSGrad by default, see apam_gossip.optim
+        send the new x to THAT worker only
+
+Worker: receive x -> one mini-batch gradient at x -> send it back -> repeat.
+
+A gradient computed at the model of version ``v`` and applied when the master is at
+version ``k`` has staleness ``k - v``; every update's staleness is recorded. A slow
+worker only delays its own gradients: the master serves whoever is ready.
+
+The master begins the clock once every worker has said hello (data loaded, model
+built), so process start-up is not counted as training time. It stops after the
+budgeted number of updates; gradients still in flight then are discarded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from multiprocessing.connection import Connection
+
+import torch
+from torch import Tensor
+
+from ..config import OptimConfig, RunConfig
+from ..data import Dataset
+from ..transport import MasterEnd, WorkerEnd
+from .common import LocalWorker
+
+HELLO_TIMEOUT_S = 300.0
+PROGRESS_EVERY_S = 0.25
+
+
+def master_main(ctrl: Connection, end: MasterEnd, x0: Tensor, optim: OptimConfig,
+                total: int, eval_at: list[int], snaps: Tensor) -> None:
+    """Run the master until ``total`` updates; report snapshots and a summary on ``ctrl``.
+
+    ``snaps[j]`` receives the model at the j-th evaluation point (``eval_at[j]`` updates)
+    and, last, the final model; each is announced with a ``("snap", j, ...)`` message.
+    """
+    opt = optim.build()
+    x = x0.clone()
+    state = opt.init(x)
+    n = end.n_workers
+
+    waiting = set(range(n))
+    deadline = time.monotonic() + HELLO_TIMEOUT_S
+    while waiting:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"workers {sorted(waiting)} did not start within {HELLO_TIMEOUT_S:g} s")
+        for i in end.ready(1.0):
+            meta, _ = end.recv(i)
+            assert meta[0] == "hello", meta
+            waiting.discard(i)
+
+    t0 = time.monotonic()
+    for i in range(n):
+        end.send(i, x, ("x", 0))
+
+    version = 0
+    samples = 0
+    staleness: Counter[int] = Counter()
+    updates_of = [0] * n
+    samples_of = [0] * n
+    loss_sum, loss_n = 0.0, 0
+    slot = 0
+    next_eval = iter(eval_at)
+    eval_point = next(next_eval, None)
+    last_progress = t0
+
+    def snapshot(final: bool = False) -> None:
+        nonlocal slot, loss_sum, loss_n
+        snaps[slot].copy_(x)
+        train_loss = loss_sum / loss_n if loss_n else None
+        ctrl.send(("snap", slot, time.monotonic() - t0, samples, version, train_loss, final))
+        slot += 1
+        loss_sum, loss_n = 0.0, 0
+
+    if eval_point == 0:
+        snapshot()
+        eval_point = next(next_eval, None)
+
+    while version < total:
+        for i in end.ready(1.0):
+            meta, grad = end.recv(i)
+            _, v_from, n_samples, loss, _compute_s = meta
+            opt.update(x, grad, state)
+            staleness[version - v_from] += 1
+            version += 1
+            samples += n_samples
+            updates_of[i] += 1
+            samples_of[i] += n_samples
+            loss_sum += loss
+            loss_n += 1
+            if version >= total:
+                break
+            end.send(i, x, ("x", version))
+            if version == eval_point:
+                snapshot()
+                eval_point = next(next_eval, None)
+        now = time.monotonic()
+        if now - last_progress > PROGRESS_EVERY_S:
+            ctrl.send(("progress", samples, version))
+            last_progress = now
+
+    wall = time.monotonic() - t0
+    for i in range(n):
+        end.send(i, None, ("stop",))
+    snapshot(final=True)
+    ctrl.send(("done", {
+        "wall_time": wall, "updates": version, "samples": samples,
+        "staleness": dict(staleness), "updates_of": updates_of, "samples_of": samples_of,
+    }))
+
+
+def worker_main(ctrl: Connection, end: WorkerEnd, cfg: RunConfig, dataset: Dataset,
+                shard: Tensor, device: str) -> None:
+    """Receive x, compute one gradient at it, send it; until the master says stop."""
+    w = LocalWorker.build(cfg, dataset, shard, end.worker, torch.device(device))
+    end.send(None, ("hello",))
+    while True:
+        meta = end.recv(w.flat.params, timeout=cfg.timeout_s)
+        if meta[0] == "stop":
+            break
+        version = meta[1]
+        loss, n_samples, dt = w.gradient()
+        end.send(w.flat.grads, ("g", version, n_samples, loss, dt))
+    ctrl.send(("stats", {"worker": w.index, "device": str(w.device), "compute_s": w.compute_s,
+                         "sleep_s": w.sleep_s, "batches": w.batches}))

@@ -1,0 +1,287 @@
+"""Command line: ``apam-gossip train | demo``.
+
+Every user mistake (flag, file, config value, missing data) ends in one line on stderr,
+``apam-gossip: error: ...``, and exit code 2, without a traceback and without writing a
+partial output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import UserError
+
+PROG = "apam-gossip"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _slow(text: str) -> tuple[int, float]:
+    try:
+        w, f = text.split("=")
+        return int(w), float(f)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid --slow value {text!r}: use WORKER=FACTOR, e.g. --slow 0=10") from None
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    from .config import DEVICES, MODES, PARTITIONS
+    from .data import DATASETS
+    from .models import MODELS
+    from .optim import OPTIMIZERS
+
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON config; flags override it")
+    p.add_argument("--mode", choices=MODES, help="centralized (APAM master/worker), "
+                   "decentralized (gossip) or sequential (one-process reference)")
+    p.add_argument("--workers", type=int, help="number of worker processes")
+    p.add_argument("--model", choices=MODELS)
+    p.add_argument("--dataset", choices=DATASETS)
+    p.add_argument("--data-dir", metavar="DIR", help="folder with dataset files "
+                   "(torchvision layout); fashion-mnist also reads the Debian package's files")
+    p.add_argument("--partition", choices=PARTITIONS, help="how training data is split "
+                   "over workers")
+    p.add_argument("--alpha", type=float, dest="dirichlet_alpha",
+                   help="Dirichlet concentration for --partition dirichlet (smaller = more skewed)")
+    p.add_argument("--batch-size", type=int, help="per-worker mini-batch size")
+    p.add_argument("--train-limit", type=int, metavar="N", help="use only N training samples")
+    p.add_argument("--test-limit", type=int, metavar="N", help="use only N test samples")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=float, help="sample budget in passes over the data")
+    budget.add_argument("--steps", type=int, help="sample budget in model updates")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, dest="optim_name")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--beta1", type=float)
+    p.add_argument("--beta2", type=float)
+    p.add_argument("--eps", type=float)
+    p.add_argument("--amsgrad-variant", choices=("practical", "paper"),
+                   help="practical: Adam bias correction (= torch Adam(amsgrad=True)); "
+                        "paper: the APAM paper's update without bias correction")
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--slow", type=_slow, action="append", metavar="WORKER=FACTOR",
+                   help="make a worker FACTOR times slower (repeatable), e.g. --slow 0=10")
+    p.add_argument("--evals", type=int, help="number of test evaluations during the run")
+    p.add_argument("--device", choices=DEVICES, help="auto: cuda:(worker mod n_gpus) when "
+                   "CUDA is available, else cpu")
+    p.add_argument("--threads-per-worker", type=int,
+                   help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--timeout", type=float, dest="timeout_s",
+                   help="abort the run after this many seconds")
+    p.add_argument("--output", "-o", metavar="PATH",
+                   help="RunResult JSON path (default runs/<time>-<mode>-<model>-<dataset>.json)")
+    p.add_argument("--save-model", metavar="PATH", help="also save the final parameters "
+                   "(a torch file of plain tensors)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or eval lines")
+
+
+def _overrides(a: argparse.Namespace) -> dict[str, Any]:
+    """Nested config overrides from the flags that were given."""
+    top = ("mode", "workers", "model", "epochs", "steps", "seed", "evals", "device",
+           "threads_per_worker", "timeout_s")
+    data = ("dataset", "data_dir", "partition", "dirichlet_alpha", "batch_size",
+            "train_limit", "test_limit")
+    optim = {"optim_name": "name", "lr": "lr", "beta1": "beta1", "beta2": "beta2",
+             "eps": "eps", "momentum": "momentum", "weight_decay": "weight_decay"}
+    out: dict[str, Any] = {k: getattr(a, k) for k in top if getattr(a, k) is not None}
+    d = {k: getattr(a, k) for k in data if getattr(a, k) is not None}
+    o = {v: getattr(a, k) for k, v in optim.items() if getattr(a, k) is not None}
+    if a.amsgrad_variant is not None:
+        o["bias_correction"] = a.amsgrad_variant == "practical"
+    if a.epochs is not None:
+        out["steps"] = None
+    if d:
+        out["data"] = d
+    if o:
+        out["optim"] = o
+    if a.slow:
+        n = out.get("workers")
+        factors: dict[int, float] = dict(a.slow)
+        size = max(max(factors) + 1, 0)
+        if n is not None and size > n:
+            raise UserError(f"--slow names worker {max(factors)} but --workers is {n} "
+                            "(workers are numbered from 0)")
+        if min(factors) < 0:
+            raise UserError(f"--slow names worker {min(factors)}: workers are numbered from 0")
+        out["slowdown"] = [factors.get(i, 1.0) for i in range(size)]
+    return out
+
+
+def _build_config(a: argparse.Namespace, base: dict[str, Any] | None = None):
+    from .config import RunConfig, load_config
+
+    over = _overrides(a)
+    if base:
+        from .config import _merge
+        over = _merge(base, over)
+    if a.config:
+        return load_config(a.config, over)
+    return RunConfig.from_dict(over)
+
+
+def _default_output(cfg) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.mode}-{cfg.model}-{cfg.data.dataset}.json"
+
+
+def _check_output(path: Path) -> None:
+    """Fail before training, not after, if the result cannot be written there."""
+    if path.exists() and path.is_dir():
+        raise UserError(f"--output {path} is a directory; give a file path")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"--output {path}: {parent} is not a directory")
+
+
+def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
+           banner: str | None = None) -> int:
+    import io
+
+    import torch
+
+    from .data import load_dataset
+    from .result import atomic_write_bytes
+    from .runner import run
+
+    cfg = _build_config(a, base)
+    out = Path(a.output) if a.output else _default_output(cfg)
+    _check_output(out)
+    if a.save_model:
+        _check_output(Path(a.save_model))
+    dataset = load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    if banner and not a.quiet:
+        print(banner)
+    ui = _ProgressUI(quiet=a.quiet)
+    if not a.quiet:
+        slow = ", ".join(f"worker {i} x{s:g}" for i, s in enumerate(cfg.slowdown) if s > 1)
+        print(f"{cfg.mode}: {cfg.workers} worker(s), {cfg.model} on {cfg.data.dataset}, "
+              f"{cfg.optim.name} lr={cfg.optim.lr:g}, batch {cfg.data.batch_size}"
+              + (f", slowed: {slow}" if slow else ""))
+    try:
+        result = run(cfg, dataset=dataset, callback=ui)
+    finally:
+        ui.close()
+    result.save(out)
+    if a.save_model:
+        buf = io.BytesIO()
+        torch.save({"params": result.final_params, "model": cfg.model,
+                    "dataset": cfg.data.dataset}, buf)
+        atomic_write_bytes(Path(a.save_model), buf.getvalue())
+    if not a.quiet:
+        print(summary_text(result))
+        print(f"result written to {out}")
+    return 0
+
+
+class _ProgressUI:
+    """tqdm bar over the sample budget plus one line per evaluation."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+
+    def __call__(self, ev) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=ev.total_samples, unit="sample", unit_scale=True,
+                            dynamic_ncols=True, leave=False, file=sys.stderr)
+        self.bar.n = min(ev.samples, ev.total_samples)
+        self.bar.refresh()
+        if ev.kind == "eval" and ev.record is not None:
+            r = ev.record
+            loss = f"{r.train_loss:.4f}" if r.train_loss is not None else "  -   "
+            self.bar.write(f"  t={r.wall_time:7.2f}s  samples={r.samples:>9}  "
+                           f"train_loss={loss}  test_acc={100 * r.test_acc:6.2f}%")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def summary_text(r) -> str:
+    """A human summary of a RunResult."""
+    lines = [
+        f"{r.mode} ({r.transport}): {r.updates} updates, {r.samples} samples in "
+        f"{r.wall_time:.2f} s ({r.samples_per_s:.0f} samples/s); "
+        f"final test accuracy {100 * r.final_accuracy:.2f}%",
+    ]
+    if r.mode == "centralized" and r.staleness:
+        mx = max(r.staleness)
+        lines.append(f"staleness: mean {r.staleness_mean():.2f}, max {mx}; histogram "
+                     + " ".join(f"{k}:{v}" for k, v in sorted(r.staleness.items())[:12])
+                     + (" ..." if len(r.staleness) > 12 else ""))
+    if len(r.workers) > 1:
+        lines.append("worker  slowdown  updates  samples/s  compute_s  device")
+        for w in r.workers:
+            lines.append(f"{w.worker:>6}  {w.slowdown:>8g}  {w.updates:>7}  "
+                         f"{w.samples_per_s:>9.0f}  {w.compute_s:>9.2f}  {w.device}")
+    return "\n".join(lines)
+
+
+DEMO = {
+    "mode": "centralized", "workers": 4, "model": "mlp", "epochs": 15, "evals": 5,
+    "data": {"dataset": "digits", "batch_size": 32}, "optim": {"lr": 2e-3},
+    "slowdown": [1, 1, 1, 4],
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Asynchronous distributed training: centralized APAM "
+                "(async AMSGrad master/worker) and decentralized gossip (AD-PSGD).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("train", help="train a model", description="Train a model.")
+    _add_run_flags(t)
+    d = sub.add_parser("demo", help="a short real run on the embedded digits data",
+                       description="APAM with 4 workers (one 4x slower) on scikit-learn's "
+                       "real 8x8 digits; under a minute on 2 cores.")
+    _add_run_flags(d)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "demo":
+            banner = ("demo: centralized APAM (asynchronous AMSGrad) on scikit-learn's real "
+                      "8x8 handwritten digits:\n  a master process owns the model, 4 worker "
+                      "processes send gradients; worker 3 is made 4x slower,\n  and the master "
+                      "applies whichever gradient arrives first.")
+            return _train(args, base=DEMO, banner=banner)
+        raise AssertionError(args.command)
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; all worker processes were stopped", file=sys.stderr)
+        return 130
+    except Exception as e:  # a failing child or timeout: say which, no traceback noise
+        from .procs import ChildFailed
+        from .runner import RunTimeout
+
+        if isinstance(e, ChildFailed):
+            if e.details:
+                print(e.details.rstrip(), file=sys.stderr)
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
+        if isinstance(e, RunTimeout):
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+def entry() -> None:
+    sys.exit(main())

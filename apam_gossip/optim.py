@@ -1,0 +1,180 @@
+"""Pure optimizer math on flat tensors with explicit state.
+
+Every step function updates ``param`` and its state tensors **in place** and is a
+function of its arguments only (no hidden state), like torch's functional ``adam``.
+:class:`Optimizer` pairs ``init`` (make the state) with ``update`` (one step), like
+optax's ``init``/``update``; the state is a plain ``dict[str, Tensor]`` so it can live
+in shared memory, cross a transport or go into a checkpoint unchanged.
+
+AMSGrad comes in two named variants (``bias_correction``):
+
+* **paper** (``bias_correction=False``), the update analysed in the APAM paper::
+
+      m = b1*m + (1-b1)*g;   v = b2*v + (1-b2)*g*g;   vhat = max(vhat, v)
+      x = x - lr * m / (sqrt(vhat) + eps)
+
+  The paper has no ``eps``; ``eps=0`` gives its exact update (a coordinate whose
+  ``vhat`` is 0 has ``m`` = 0 too and is left unchanged instead of becoming NaN).
+* **practical** (``bias_correction=True``), identical to
+  ``torch.optim.Adam(amsgrad=True)``: the running max is taken of the *uncorrected*
+  ``v`` and the bias corrections are applied afterwards::
+
+      vhat = max(vhat, v)
+      x = x - lr/(1-b1^t) * m / (sqrt(vhat)/sqrt(1-b2^t) + eps)
+
+  (optax's ``scale_by_amsgrad`` takes the max of the *corrected* v; that differs.)
+
+Weight decay is the classic L2 form (``g = g + wd*x``) as in ``torch.optim.Adam``.
+``step`` counts updates already applied, starting from 0 in a fresh state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+OptState = dict[str, Tensor]
+
+OPTIMIZERS: tuple[str, ...] = ("amsgrad", "adam", "sgd")
+
+
+def amsgrad_step(
+    param: Tensor,
+    grad: Tensor,
+    m: Tensor,
+    v: Tensor,
+    vhat: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    bias_correction: bool,
+    weight_decay: float = 0.0,
+) -> None:
+    """One AMSGrad step in place; ``step`` is the 1-based index of this update."""
+    if weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    torch.maximum(vhat, v, out=vhat)
+    if bias_correction:
+        bc1 = 1 - beta1**step
+        bc2_sqrt = math.sqrt(1 - beta2**step)
+        denom = (vhat.sqrt() / bc2_sqrt).add_(eps)
+        param.addcdiv_(m, denom, value=-lr / bc1)
+    else:
+        denom = vhat.sqrt().add_(eps)
+        if eps == 0:
+            denom.masked_fill_(denom == 0, 1.0)  # m is 0 wherever vhat is 0
+        param.addcdiv_(m, denom, value=-lr)
+
+
+def adam_step(
+    param: Tensor,
+    grad: Tensor,
+    m: Tensor,
+    v: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float = 0.0,
+) -> None:
+    """One Adam step in place (bias-corrected, as ``torch.optim.Adam``)."""
+    if weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bc1 = 1 - beta1**step
+    bc2_sqrt = math.sqrt(1 - beta2**step)
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    param.addcdiv_(m, denom, value=-lr / bc1)
+
+
+def sgd_step(
+    param: Tensor,
+    grad: Tensor,
+    buf: Tensor | None,
+    *,
+    step: int,
+    lr: float,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> None:
+    """One SGD step in place, momentum as ``torch.optim.SGD`` (dampening 0).
+
+    ``buf`` is the momentum buffer (ignored when ``momentum == 0``); on the first step it
+    is set to the gradient, as torch does.
+    """
+    if weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    if momentum:
+        assert buf is not None
+        if step == 1:
+            buf.copy_(grad)
+        else:
+            buf.mul_(momentum).add_(grad)
+        grad = grad.add(buf, alpha=momentum) if nesterov else buf
+    param.add_(grad, alpha=-lr)
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """An init/update pair over flat tensors, built by :func:`make_optimizer`.
+
+    ``name`` is one of :data:`OPTIMIZERS`; the other fields are that optimizer's
+    hyper-parameters (unused ones are ignored).
+    """
+
+    name: str = "amsgrad"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    bias_correction: bool = True
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    def init(self, params: Tensor) -> OptState:
+        """A fresh state for ``params`` (a 1-D tensor), on its device and dtype."""
+        state: OptState = {"step": torch.zeros((), dtype=torch.int64)}
+        names = {"amsgrad": ("m", "v", "vhat"), "adam": ("m", "v"), "sgd": ("buf",)}[self.name]
+        if self.name == "sgd" and not self.momentum:
+            names = ()
+        for n in names:
+            state[n] = torch.zeros_like(params)
+        return state
+
+    def update(self, params: Tensor, grad: Tensor, state: OptState,
+               lr: float | None = None) -> None:
+        """Apply one step to ``params`` in place; ``lr`` overrides ``self.lr`` (schedules)."""
+        state["step"] += 1
+        step = int(state["step"])
+        lr = self.lr if lr is None else lr
+        if self.name == "amsgrad":
+            amsgrad_step(
+                params, grad, state["m"], state["v"], state["vhat"], step=step, lr=lr,
+                beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                bias_correction=self.bias_correction, weight_decay=self.weight_decay,
+            )
+        elif self.name == "adam":
+            adam_step(
+                params, grad, state["m"], state["v"], step=step, lr=lr, beta1=self.beta1,
+                beta2=self.beta2, eps=self.eps, weight_decay=self.weight_decay,
+            )
+        elif self.name == "sgd":
+            sgd_step(
+                params, grad, state.get("buf"), step=step, lr=lr, momentum=self.momentum,
+                nesterov=self.nesterov, weight_decay=self.weight_decay,
+            )
+        else:  # validated in config; reaching here is a programming error
+            raise AssertionError(f"unknown optimizer {self.name!r}")
