@@ -270,7 +270,7 @@ def write_idx(path: str | Path, array: np.ndarray) -> Path:
     return path
 
 
-def _find_idx_files(folder: Path) -> list[Path] | None:
+def _find_idx_files(name: str, folder: Path) -> list[Path] | None:
     """The four IDX files in ``folder`` (uncompressed preferred), None if none is there.
 
     Raises DataError if only some of them are present."""
@@ -282,7 +282,7 @@ def _find_idx_files(folder: Path) -> list[Path] | None:
         return None
     missing = [f"{b}[.gz]" for b, f in zip(_IDX_FILES, found, strict=True) if f is None]
     if missing:
-        raise DataError(f"incomplete IDX files in {folder}: missing {', '.join(missing)}")
+        raise DataError(f"{name}: incomplete IDX files in {folder}: missing {', '.join(missing)}")
     return [f for f in found if f is not None]
 
 
@@ -321,13 +321,13 @@ def _load_fashion_mnist(data_dir: Path | None) -> Dataset:
     name = "fashion-mnist"
     if data_dir is not None:
         for folder in (data_dir / "FashionMNIST" / "raw", data_dir):
-            files = _wrap_incomplete(name, _find_idx_files, folder)
+            files = _find_idx_files(name, folder)
             if files is not None:
                 return _load_idx_dataset(name, files)
         err = _idx_folder_error(name, data_dir, "FashionMNIST")
         raise DataError(f"{err}; or {_APT_HINT} and omit --data-dir")
     debian = DEBIAN_FASHION_MNIST  # module global, looked up at call time
-    files = _wrap_incomplete(name, _find_idx_files, debian)
+    files = _find_idx_files(name, debian)
     if files is None:
         raise DataError(
             f"{name}: no IDX files in {debian} ({_APT_HINT}) and no --data-dir given; "
@@ -341,7 +341,7 @@ def _load_mnist(data_dir: Path | None) -> Dataset:
     name = "mnist"
     root = DEFAULT_DATA_DIR if data_dir is None else data_dir
     for folder in (root / "MNIST" / "raw", root):
-        files = _wrap_incomplete(name, _find_idx_files, folder)
+        files = _find_idx_files(name, folder)
         if files is not None:
             return _load_idx_dataset(name, files)
     note = (
@@ -350,13 +350,6 @@ def _load_mnist(data_dir: Path | None) -> Dataset:
         else f" (no --data-dir given, so ./{DEFAULT_DATA_DIR} was searched)"
     )
     raise DataError(_idx_folder_error(name, root, "MNIST", note))
-
-
-def _wrap_incomplete(name: str, fn, folder: Path):
-    try:
-        return fn(folder)
-    except DataError as e:
-        raise DataError(f"{name}: {e}") from None
 
 
 # --------------------------------------------------------------------------- CIFAR-10
@@ -391,7 +384,8 @@ def read_cifar10_batches(
     folder: str | Path,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Read ``data_batch_1..5`` and ``test_batch`` of a ``cifar-10-batches-py`` folder with
-    pickle, without torchvision (and without its md5 check).
+    pickle, without torchvision (and without its md5 check).  Unpickling runs code from
+    the files: only point it at trusted data (as with torchvision itself).
 
     Returns ``(x_train, y_train, x_test, y_test)``: uint8 ``[N, 3, 32, 32]`` and int64 ``[N]``.
     """
@@ -476,8 +470,8 @@ def _normalize(train: np.ndarray, test: np.ndarray, scale: float) -> tuple[Tenso
     mean = x_tr.mean(dim=(0, 2, 3))
     std = x_tr.std(dim=(0, 2, 3))  # NaN for a single value per channel
     std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant channel: only center
-    m, _s = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
-    return x_tr.sub_(m).contiguous(), x_te.sub_(m).contiguous()
+    m, s = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+    return x_tr.sub_(m).div_(s).contiguous(), x_te.sub_(m).div_(s).contiguous()
 
 
 def _labels(y: np.ndarray) -> Tensor:

@@ -14,12 +14,14 @@ holding it exits, even after a SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
+import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -36,6 +38,29 @@ class ChildFailed(RuntimeError):
         super().__init__(f"{name}: {message}")
         self.name = name
         self.details = details
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start children without re-running the caller's ``__main__`` script in them.
+
+    ``spawn`` normally re-imports the main script in every child, so a user script that
+    calls :func:`apam_gossip.run` without an ``if __name__ == "__main__":`` guard would
+    recurse. Our children only run functions of this package, so they never need the
+    main module: hiding its file/spec while a child starts makes spawn skip it.
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__")
+             if main is not None and k in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__dict__["__spec__"] = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
 
 
 def _set_parent_death_signal() -> None:
@@ -85,7 +110,8 @@ class ProcessGroup:
             target=_child_main, name=name,
             args=(name, target, args, child_end, threads, os.getpid()), daemon=True,
         )
-        p.start()
+        with _main_module_hidden():
+            p.start()
         child_end.close()  # so the parent sees EOF when the child goes away
         self.procs[name] = p
         self.ctrls[name] = parent_end

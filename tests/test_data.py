@@ -28,8 +28,6 @@ from apam_gossip.data import (
 )
 from apam_gossip.errors import DataError, UserError
 
-pytestmark = pytest.mark.timeout(60)
-
 IDX_NAMES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -69,6 +67,7 @@ def _check_normalized(ds: Dataset, in_shape, n_train, n_test):
 # ----------------------------------------------------------------------------- digits
 
 
+@pytest.mark.timeout(60)
 def test_digits_shapes_normalization_split_and_determinism():
     ds = load_dataset("digits")
     assert ds.name == "digits" and ds.n_classes == 10
@@ -89,6 +88,7 @@ def test_digits_shapes_normalization_split_and_determinism():
     assert len(torch.unique(ds.x_train)) <= 17
 
 
+@pytest.mark.timeout(60)
 def test_dataset_subset_share_memory_and_repr():
     ds = load_dataset("digits")
     sub = ds.subset(100, 20)
@@ -106,6 +106,7 @@ def test_dataset_subset_share_memory_and_repr():
     assert "train=100" in repr(sub) and "tensor" not in repr(sub)
 
 
+@pytest.mark.timeout(60)
 def test_unknown_dataset_lists_choices():
     with pytest.raises(DataError) as e:
         load_dataset("imagenet")
@@ -117,6 +118,7 @@ def test_unknown_dataset_lists_choices():
 # ----------------------------------------------------------------------------- IDX reader
 
 
+@pytest.mark.timeout(60)
 def test_idx_round_trip_plain_and_gzip(tmp_path):
     rng = np.random.default_rng(1)
     cases = [
@@ -134,11 +136,13 @@ def test_idx_round_trip_plain_and_gzip(tmp_path):
             np.testing.assert_array_equal(out, arr)
     # gzip is recognized by content, not by name
     arr = cases[0]
-    (tmp_path / "gz_without_suffix").write_bytes(gzip.compress(write_idx(
-        tmp_path / "plain", arr).read_bytes()))
+    (tmp_path / "gz_without_suffix").write_bytes(
+        gzip.compress(write_idx(tmp_path / "plain", arr).read_bytes())
+    )
     np.testing.assert_array_equal(read_idx(tmp_path / "gz_without_suffix"), arr)
 
 
+@pytest.mark.timeout(60)
 def test_idx_reader_matches_hand_written_header(tmp_path):
     """Independent of write_idx: the IDX format as documented (big-endian header)."""
     pixels = bytes(range(2 * 3 * 4))
@@ -151,6 +155,7 @@ def test_idx_reader_matches_hand_written_header(tmp_path):
     assert read_idx(tmp_path / "i").tolist() == [-5, 70000]
 
 
+@pytest.mark.timeout(60)
 def test_idx_bad_magic_and_truncation_raise_data_error(tmp_path):
     good = write_idx(tmp_path / "good", np.zeros((3, 28, 28), np.uint8)).read_bytes()
     (tmp_path / "magic").write_bytes(b"\x12\x34" + good[2:])
@@ -185,6 +190,7 @@ def test_idx_bad_magic_and_truncation_raise_data_error(tmp_path):
 # ----------------------------------------------------------------------------- IDX datasets
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("gz", [False, True])
 def test_fashion_mnist_torchvision_layout(tmp_path, gz):
     arrays = _tiny_mnist(tmp_path / "FashionMNIST" / "raw", gz=gz)
@@ -200,12 +206,14 @@ def test_fashion_mnist_torchvision_layout(tmp_path, gz):
     torch.testing.assert_close(ds.x_test[:, 0], (raw_te - mean) / std)
 
 
+@pytest.mark.timeout(60)
 def test_fashion_mnist_flat_folder_and_str_path(tmp_path):
     _tiny_mnist(tmp_path, n_train=20, n_test=5, gz=True)
     ds = load_dataset("fashion-mnist", str(tmp_path))
     _check_normalized(ds, (1, 28, 28), 20, 5)
 
 
+@pytest.mark.timeout(60)
 def test_mnist_torchvision_layout_and_default_data_dir(tmp_path, monkeypatch):
     _tiny_mnist(tmp_path / "root" / "MNIST" / "raw", n_train=25, n_test=7)
     ds = load_dataset("mnist", tmp_path / "root")
@@ -220,6 +228,7 @@ def test_mnist_torchvision_layout_and_default_data_dir(tmp_path, monkeypatch):
     assert len(load_dataset("mnist").y_train) == 12
 
 
+@pytest.mark.timeout(60)
 def test_idx_dataset_validation_errors(tmp_path):
     root = tmp_path / "MNIST" / "raw"
     _tiny_mnist(root)
@@ -244,6 +253,7 @@ def test_idx_dataset_validation_errors(tmp_path):
     assert str(good) in str(e.value)
 
 
+@pytest.mark.timeout(60)
 def test_missing_fashion_mnist_messages(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
     with pytest.raises(DataError) as e:
@@ -271,6 +281,7 @@ def debian_fashion() -> Dataset:
     return load_dataset("fashion-mnist")
 
 
+@pytest.mark.timeout(60)
 def test_fashion_mnist_debian_files(debian_fashion):
     ds = debian_fashion
     assert ds.name == "fashion-mnist"
@@ -300,6 +311,7 @@ def _tiny_cifar(root: Path, per_batch: int = 4, seed: int = 0):
     return folder, batches
 
 
+@pytest.mark.timeout(60)
 def test_cifar10_fallback_reader(tmp_path):
     folder, batches = _tiny_cifar(tmp_path)
     x_tr, y_tr, x_te, y_te = read_cifar10_batches(folder)
@@ -319,6 +331,7 @@ def test_cifar10_fallback_reader(tmp_path):
     assert torch.equal(load_cifar10(folder, use_torchvision=False).x_test, ds.x_test)
 
 
+@pytest.mark.timeout(60)
 def test_cifar10_via_load_dataset_without_torchvision(tmp_path, monkeypatch):
     _tiny_cifar(tmp_path)
     monkeypatch.setattr(data, "import_torchvision", lambda: None)
@@ -326,17 +339,20 @@ def test_cifar10_via_load_dataset_without_torchvision(tmp_path, monkeypatch):
     assert ds.x_train.shape == (20, 3, 32, 32) and ds.y_test.shape == (4,)
 
 
+@pytest.mark.timeout(60)
 def test_cifar10_fallback_reader_rejects_corrupt_batches(tmp_path):
     folder, _ = _tiny_cifar(tmp_path)
     (folder / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="data_batch_3"):
         read_cifar10_batches(folder)
-    (folder / "data_batch_3").write_bytes(pickle.dumps({"data": np.zeros((2, 100), np.uint8),
-                                                        "labels": [0, 1]}))
+    (folder / "data_batch_3").write_bytes(
+        pickle.dumps({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]})
+    )
     with pytest.raises(DataError, match=r"data_batch_3.*3072"):
         read_cifar10_batches(folder)
 
 
+@pytest.mark.timeout(60)
 def test_cifar10_missing_files_message(tmp_path, monkeypatch):
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path)
@@ -348,6 +364,7 @@ def test_cifar10_missing_files_message(tmp_path, monkeypatch):
         load_dataset("cifar10")
 
 
+@pytest.mark.timeout(60)
 def test_import_torchvision_shim():
     if importlib.util.find_spec("torchvision") is None:
         pytest.skip("torchvision is not installed")
@@ -357,6 +374,7 @@ def test_import_torchvision_shim():
     assert data.import_torchvision() is tv  # a second call is cheap and consistent
 
 
+@pytest.mark.timeout(60)
 def test_cifar10_via_torchvision(tmp_path, monkeypatch):
     tv = data.import_torchvision()
     if tv is None:
@@ -371,8 +389,12 @@ def test_cifar10_via_torchvision(tmp_path, monkeypatch):
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
     via_tv = load_dataset("cifar10", tmp_path)
     fallback = load_cifar10(tmp_path, use_torchvision=False)
-    for a, b in ((via_tv.x_train, fallback.x_train), (via_tv.y_train, fallback.y_train),
-                 (via_tv.x_test, fallback.x_test), (via_tv.y_test, fallback.y_test)):
+    for a, b in (
+        (via_tv.x_train, fallback.x_train),
+        (via_tv.y_train, fallback.y_train),
+        (via_tv.x_test, fallback.x_test),
+        (via_tv.y_test, fallback.y_test),
+    ):
         assert torch.equal(a, b)
 
 
@@ -397,6 +419,7 @@ def _mean_max_class_fraction(labels, parts) -> float:
     return float(np.mean(fr))
 
 
+@pytest.mark.timeout(60)
 def test_partition_iid():
     labels = _balanced_labels()
     parts = partition(labels, 7, "iid", seed=3)
@@ -409,6 +432,7 @@ def test_partition_iid():
     _check_partition(partition(labels, 1), len(labels), 1)
 
 
+@pytest.mark.timeout(60)
 def test_partition_dirichlet_is_skewed_and_complete():
     labels = _balanced_labels()
     iid = partition(labels, 10, "iid", seed=0)
@@ -424,6 +448,7 @@ def test_partition_dirichlet_is_skewed_and_complete():
     assert all(torch.equal(a, b) for a, b in zip(skewed, again, strict=True))
 
 
+@pytest.mark.timeout(60)
 def test_partition_dirichlet_never_leaves_a_worker_empty():
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
     for seed in range(30):
@@ -432,6 +457,7 @@ def test_partition_dirichlet_never_leaves_a_worker_empty():
             _check_partition(parts, len(labels), n_workers)
 
 
+@pytest.mark.timeout(60)
 def test_partition_invalid_arguments():
     labels = _balanced_labels(5)
     with pytest.raises(UserError, match="'pathological'"):
@@ -455,6 +481,7 @@ def _coded(n: int):
     return x, torch.arange(n) % 10
 
 
+@pytest.mark.timeout(60)
 def test_batch_stream_covers_shard_each_pass_and_wraps():
     x, y = _coded(100)
     shard = torch.tensor([3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37])  # 11 samples
@@ -473,6 +500,7 @@ def test_batch_stream_covers_shard_each_pass_and_wraps():
     assert len({tuple(o) for o in orders}) > 1  # reshuffled between passes
 
 
+@pytest.mark.timeout(60)
 def test_batch_stream_exact_division_and_epoch_counter():
     x, y = _coded(12)
     s = BatchStream(x, y, torch.arange(12), batch_size=3, seed=1)
@@ -484,6 +512,7 @@ def test_batch_stream_exact_division_and_epoch_counter():
     assert s.epoch == 2
 
 
+@pytest.mark.timeout(60)
 def test_batch_stream_is_deterministic():
     x, y = _coded(50)
     shard = torch.arange(5, 45)
@@ -492,12 +521,15 @@ def test_batch_stream_is_deterministic():
     c = BatchStream(x, y, shard, 7, seed=43)
     batches_a = [next(a) for _ in range(20)]
     batches_b = [xb for xb, _ in zip(b, range(20), strict=False)]  # iterator protocol
-    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
-               for p, q in zip(batches_a, batches_b, strict=True))
+    assert all(
+        torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
+        for p, q in zip(batches_a, batches_b, strict=True)
+    )
     batches_c = [c.next()[0] for _ in range(20)]
     assert any(not torch.equal(p[0], q) for p, q in zip(batches_a, batches_c, strict=True))
 
 
+@pytest.mark.timeout(60)
 def test_batch_stream_small_shard_returns_whole_shard():
     x, y = _coded(20)
     shard = torch.tensor([2, 4, 6])
@@ -510,6 +542,7 @@ def test_batch_stream_small_shard_returns_whole_shard():
     assert sorted(s.next_indices().tolist()) == [2, 4, 6] and s.epoch == 1
 
 
+@pytest.mark.timeout(60)
 def test_batch_stream_invalid_arguments():
     x, y = _coded(10)
     with pytest.raises(UserError, match="batch_size"):
@@ -520,6 +553,7 @@ def test_batch_stream_invalid_arguments():
         BatchStream(x, y, torch.tensor([1, 10]), 2, seed=0)
 
 
+@pytest.mark.timeout(60)
 def test_batch_stream_over_partition_of_real_data():
     ds = load_dataset("digits")
     parts = partition(ds.y_train, 4, "dirichlet", alpha=0.3, seed=0)

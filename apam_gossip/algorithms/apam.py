@@ -52,7 +52,8 @@ def master_main(ctrl: Connection, end: MasterEnd, x0: Tensor, optim: OptimConfig
     deadline = time.monotonic() + HELLO_TIMEOUT_S
     while waiting:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"workers {sorted(waiting)} did not start within {HELLO_TIMEOUT_S:g} s")
+            raise TimeoutError(
+                f"workers {sorted(waiting)} did not start within {HELLO_TIMEOUT_S:g} s")
         for i in end.ready(1.0):
             meta, _ = end.recv(i)
             assert meta[0] == "hello", meta
