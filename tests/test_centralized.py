@@ -49,19 +49,24 @@ def cen_cfg(result) -> RunConfig:
 
 
 def test_slow_worker_does_not_block_fast_ones(digits):
-    """Worker 3 is 10x slower: the master keeps serving the others (no round-robin)."""
-    cfg = _cfg(mode="centralized", workers=4, steps=400, slowdown=[1, 1, 1, 10],
+    """Worker 3 is 10x slower than the others: the master keeps serving the fast ones.
+
+    Every worker gets a base slowdown of 2 (worker 3: 20), so 4 workers do not
+    oversubscribe 2 cores: otherwise the OS scheduler's unfairness among CPU-bound
+    processes (+-20% here), not the master, would decide who gets served.
+    """
+    cfg = _cfg(mode="centralized", workers=4, steps=1000, slowdown=[2, 2, 2, 20],
                data={"batch_size": 256})
     r = run(cfg, dataset=digits)
     updates = [w.updates for w in r.workers]
-    assert sum(updates) == 400
+    assert sum(updates) == 1000
     slow = max(updates[3], 1)
     for i in range(3):
         assert updates[i] >= 8 * slow, f"fast worker {i}: {updates} (slow worker 3)"
     # a recorded, non-trivial staleness histogram: several distinct values, sums to updates
-    assert sum(r.staleness.values()) == 400
+    assert sum(r.staleness.values()) == 1000
     assert len(r.staleness) >= 3 and max(r.staleness) >= 3
-    assert r.workers[3].sleep_s > 5 * r.workers[3].compute_s  # slowdown really injected
+    assert r.workers[3].sleep_s > 15 * r.workers[3].compute_s  # slowdown really injected
 
 
 def test_four_workers_reach_95_percent_on_digits(digits):
