@@ -195,7 +195,8 @@ class _ProgressUI:
 
         if self.bar is None:
             self.bar = tqdm(total=ev.total_samples, unit="sample", unit_scale=True,
-                            dynamic_ncols=True, leave=False, file=sys.stderr)
+                            dynamic_ncols=True, leave=False, file=sys.stderr,
+                            disable=None)  # None: no bar when stderr is not a terminal
         self.bar.n = min(ev.samples, ev.total_samples)
         self.bar.refresh()
         if ev.kind == "eval" and ev.record is not None:

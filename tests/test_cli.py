@@ -1,0 +1,94 @@
+"""CLI: bad input gives one line and exit 2; a real run writes its RunResult JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from apam_gossip.cli import main
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--lr", "0"], "optim.lr must be > 0"),
+    (["train", "--lr", "-0.1"], "optim.lr must be > 0"),
+    (["train", "--beta1", "1.0"], "optim.beta1 must be in [0, 1)"),
+    (["train", "--beta2", "-0.5"], "optim.beta2 must be in [0, 1)"),
+    (["train", "--workers", "0"], "workers must be >= 1"),
+    (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
+    (["train", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["train", "--lr", "abc"], "invalid float value: 'abc'"),
+    (["train", "--slow", "3"], "use WORKER=FACTOR"),
+    (["train", "--workers", "2", "--slow", "5=10"], "--slow names worker 5"),
+    (["train", "--epochs", "1", "--steps", "3"], "not allowed with argument"),
+    (["train", "--config", "/nonexistent/run.toml"], "cannot read config file"),
+    (["train", "--dataset", "mnist", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["train", "--model", "lenet5", "--dataset", "digits"], "lenet5 needs images"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_input_one_line_exit_2(argv, needle, capsys, tmp_path):
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as e:
+        code = main([*argv, "-o", str(out)] if argv[0] == "train" else argv)
+        raise SystemExit(code)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("apam-gossip: error: ")
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not out.exists()  # nothing half-written
+
+
+def test_bad_config_file_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[optim]\nlr = -3\n")
+    assert main(["train", "--config", str(cfg), "-o", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "optim.lr must be > 0" in err and str(cfg) in err
+
+
+def test_missing_fashion_mnist_folder_exit_2(tmp_path, capsys):
+    code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nope"),
+                 "-o", str(tmp_path / "r.json")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope" in err
+
+
+def test_train_writes_result_json_via_console_entry(tmp_path):
+    """The real entry point (`python -m apam_gossip`) in a subprocess, real processes."""
+    out = tmp_path / "run.json"
+    model = tmp_path / "model.pt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "apam_gossip", "train", "--mode", "centralized",
+         "--workers", "2", "--steps", "60", "--evals", "3", "--slow", "1=3",
+         "-o", str(out), "--save-model", str(model)],
+        capture_output=True, text=True, timeout=100, env=env,
+    )
+    assert p.returncode == 0, p.stderr
+    d = json.loads(out.read_text())
+    assert d["mode"] == "centralized" and d["updates"] == 60
+    assert d["config"]["slowdown"] == [1.0, 3.0]
+    assert len(d["evals"]) >= 3 and {"wall_time", "samples", "train_loss", "test_acc"} <= set(
+        d["evals"][-1])
+    assert sum(d["staleness"].values()) == 60
+    assert [w["worker"] for w in d["workers"]] == [0, 1]
+    assert "final test accuracy" in p.stdout and str(out) in p.stdout
+    import torch
+
+    saved = torch.load(model, weights_only=True)
+    assert saved["params"].numel() == d["n_params"]
+
+
+def test_help_is_fast_and_clean():
+    p = subprocess.run([sys.executable, "-m", "apam_gossip", "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and "train" in p.stdout and "demo" in p.stdout
