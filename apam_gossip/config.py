@@ -25,6 +25,7 @@ MODES: tuple[str, ...] = ("centralized", "decentralized", "sequential")
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 TRANSPORTS: tuple[str, ...] = ("auto", "shm")
+ADAPTIVE_STATES: tuple[str, ...] = ("local", "tracked")
 
 
 class ConfigError(UserError):
@@ -74,6 +75,11 @@ class RunConfig:
     model updates when ``steps`` is set. ``slowdown[i]`` makes worker ``i`` sleep
     ``(slowdown[i] - 1) x`` its compute time after each gradient (1.0 = full speed;
     missing entries are 1.0), which injects heterogeneity on any machine.
+
+    Decentralized mode: ``topology`` is a generator name (``ring``, ``complete``, ...) or
+    a graph file (see :mod:`apam_gossip.topology`); ``adaptive_state`` is ``local``
+    (each worker's AMSGrad moments stay private) or ``tracked`` (DAMSGrad-style: a
+    second-moment estimate is gossiped along with the parameters).
     """
 
     mode: str = "centralized"
@@ -90,6 +96,8 @@ class RunConfig:
     threads_per_worker: int | None = None
     transport: str = "auto"
     timeout_s: float = 3600.0
+    topology: str = "ring"
+    adaptive_state: str = "local"
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -124,6 +132,12 @@ class RunConfig:
         _choice("model", self.model, MODELS)
         _choice("device", self.device, DEVICES)
         _choice("transport", self.transport, TRANSPORTS)
+        _choice("adaptive_state", self.adaptive_state, ADAPTIVE_STATES)
+        if self.adaptive_state == "tracked" and self.optim.name != "amsgrad":
+            raise ConfigError(f"adaptive_state tracked needs optim.name amsgrad, "
+                              f"got {self.optim.name!r}")
+        if not self.topology:
+            raise ConfigError("topology must name a generator (ring, complete, ...) or a file")
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if not self.epochs > 0:

@@ -24,6 +24,12 @@ AMSGrad comes in two named variants (``bias_correction``):
 
   (optax's ``scale_by_amsgrad`` takes the max of the *corrected* v; that differs.)
 
+For decentralized training, :func:`damsgrad_step` is AMSGrad with a *tracked* second
+moment ``u`` (DAMSGrad, Chen et al., arXiv 2109.03194): ``u`` is gossiped (averaged with
+neighbours together with ``x``) and, at each local step, moved by the change of the local
+running max, ``u += vhat_new - vhat_old``, so its network average tracks the average
+``vhat``; the step divides by ``sqrt(max(u, 0))`` in place of ``sqrt(vhat)``.
+
 Weight decay is the classic L2 form (``g = g + wd*x``) as in ``torch.optim.Adam``.
 ``step`` counts updates already applied, starting from 0 in a fresh state.
 """
@@ -71,6 +77,46 @@ def amsgrad_step(
         denom = vhat.sqrt().add_(eps)
         if eps == 0:
             denom.masked_fill_(denom == 0, 1.0)  # m is 0 wherever vhat is 0
+        param.addcdiv_(m, denom, value=-lr)
+
+
+def damsgrad_step(
+    param: Tensor,
+    grad: Tensor,
+    m: Tensor,
+    v: Tensor,
+    vhat: Tensor,
+    u: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    bias_correction: bool,
+    weight_decay: float = 0.0,
+) -> None:
+    """One AMSGrad step with a tracked (gossiped) second moment ``u``, in place.
+
+    Same as :func:`amsgrad_step` (same two variants) except that the denominator uses
+    ``u``, and ``u`` is first moved by this worker's change of ``vhat``.
+    """
+    if weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    u.sub_(vhat)
+    torch.maximum(vhat, v, out=vhat)
+    u.add_(vhat)
+    root = u.clamp(min=0).sqrt_()
+    if bias_correction:
+        bc1 = 1 - beta1**step
+        denom = root.div_(math.sqrt(1 - beta2**step)).add_(eps)
+        param.addcdiv_(m, denom, value=-lr / bc1)
+    else:
+        denom = root.add_(eps)
+        if eps == 0:
+            denom.masked_fill_(denom == 0, 1.0)
         param.addcdiv_(m, denom, value=-lr)
 
 
@@ -155,12 +201,23 @@ class Optimizer:
         return state
 
     def update(self, params: Tensor, grad: Tensor, state: OptState,
-               lr: float | None = None) -> None:
-        """Apply one step to ``params`` in place; ``lr`` overrides ``self.lr`` (schedules)."""
+               lr: float | None = None, tracked: Tensor | None = None) -> None:
+        """Apply one step to ``params`` in place; ``lr`` overrides ``self.lr`` (schedules).
+
+        ``tracked`` (AMSGrad only) is the gossiped second moment ``u`` of
+        :func:`damsgrad_step`; it is updated in place too.
+        """
         state["step"] += 1
         step = int(state["step"])
         lr = self.lr if lr is None else lr
-        if self.name == "amsgrad":
+        if tracked is not None:
+            assert self.name == "amsgrad", "a tracked second moment needs AMSGrad"
+            damsgrad_step(
+                params, grad, state["m"], state["v"], state["vhat"], tracked, step=step, lr=lr,
+                beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                bias_correction=self.bias_correction, weight_decay=self.weight_decay,
+            )
+        elif self.name == "amsgrad":
             amsgrad_step(
                 params, grad, state["m"], state["v"], state["vhat"], step=step, lr=lr,
                 beta1=self.beta1, beta2=self.beta2, eps=self.eps,

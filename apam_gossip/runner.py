@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .algorithms import apam
+from .algorithms import adpsgd, apam
 from .algorithms.common import (
     LocalWorker,
     device_for,
@@ -29,7 +29,7 @@ from .data import Dataset, load_dataset, partition
 from .evaluate import Evaluator
 from .procs import ChildFailed, ProcessGroup
 from .result import EvalRecord, RunResult, WorkerStats
-from .transport.shm import ShmStar
+from .transport.shm import ShmGossip, ShmStar
 
 
 class RunTimeout(RuntimeError):
@@ -73,7 +73,9 @@ def run(config: RunConfig, *, dataset: Dataset | None = None,
             return _run_sequential(config, dataset, cb)
         if config.mode == "centralized":
             return _run_centralized(config, dataset, cb)
-        raise ConfigError(f"mode {config.mode!r} is not available yet")
+        if config.mode == "decentralized":
+            return _run_decentralized(config, dataset, cb)
+        raise AssertionError(f"unhandled mode {config.mode!r}")
     finally:
         torch.set_num_threads(old_threads)
 
@@ -207,4 +209,125 @@ def _run_centralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResul
         wall_time=wall, updates=summary["updates"], samples=summary["samples"], evals=evals,
         staleness={int(k): v for k, v in summary["staleness"].items()}, workers=workers,
         final_params=final_params,
+    )
+
+
+LOCK_TIMEOUT_S = 120.0
+
+
+def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResult:
+    """AD-PSGD-style gossip over the shared-memory transport: N worker processes, no master.
+
+    The coordinator (this process) only watches: at each evaluation point it copies all
+    workers' models at one instant (all locks, in order), and scores the average model
+    x_bar and every worker's own model; the consensus distance is mean_i |x_i - x_bar|^2.
+    """
+    from .topology import make_topology, neighbor_probabilities, validate_topology
+
+    graph = validate_topology(make_topology(cfg.topology, cfg.workers, seed=cfg.seed),
+                              cfg.workers)
+    nbp = neighbor_probabilities(graph)
+    torch.set_num_threads(1)
+    x0 = initial_model(cfg, dataset)
+    numel = x0.numel()
+    shards = partition(dataset.y_train, cfg.workers, cfg.data.partition,
+                       cfg.data.dirichlet_alpha, cfg.seed)
+    dataset.share_memory_()
+    total = total_updates(cfg, len(dataset.y_train))
+    total_samples = total * cfg.data.batch_size
+    points = eval_points(total, cfg.evals)
+    evaluator = Evaluator(cfg.model, dataset, _eval_device(cfg))
+    gossip = ShmGossip(cfg.workers, numel, tracked=cfg.adaptive_state == "tracked")
+    gossip.x.copy_(x0)  # every worker starts from the same model
+    tpw = threads_per_worker(cfg, cfg.workers)
+    devices = [str(device_for(cfg, i)) for i in range(cfg.workers)]
+
+    evals: list[EvalRecord] = []
+    stats: dict[int, dict[str, Any]] = {}
+    hello: set[int] = set()
+    t0 = 0.0
+    last_loss = torch.zeros(cfg.workers, 2, dtype=torch.float64)
+
+    def evaluate(final: bool = False) -> None:
+        nonlocal last_loss
+        done = int(gossip.counters[1])
+        wall = (max(s["finished_at"] for s in stats.values()) if final else time.monotonic()) - t0
+        xs, _ = gossip.consistent_copy(LOCK_TIMEOUT_S)
+        losses = gossip.losses.clone()
+        d = losses - last_loss
+        last_loss = losses
+        train_loss = float(d[:, 0].sum() / d[:, 1].sum()) if d[:, 1].sum() > 0 else None
+        xbar = xs.mean(0)
+        consensus = float(((xs - xbar) ** 2).sum(1).mean())
+        loss, acc = evaluator(xbar)
+        accs = [evaluator(xs[i])[1] for i in range(cfg.workers)] if cfg.workers > 1 else [acc]
+        rec = EvalRecord(wall, done * cfg.data.batch_size, done, train_loss, loss, acc, extra={
+            "consensus_distance": consensus, "worst_worker_acc": min(accs),
+            "mean_worker_acc": sum(accs) / len(accs),
+            "averages": int(gossip.counters[2]),
+        })
+        evals.append(rec)
+        cb(Event("eval", rec.samples, total_samples, rec))
+        if final:
+            nonlocal_final[0] = xbar
+
+    nonlocal_final: list[torch.Tensor | None] = [None]
+    with ProcessGroup() as group:
+        for i in range(cfg.workers):
+            nb, p = nbp[i]
+            group.start(f"worker {i}", adpsgd.worker_main,
+                        (gossip.end(i, LOCK_TIMEOUT_S), cfg, dataset, shards[i], devices[i],
+                         nb, p, total), threads=tpw)
+        cb(Event("start", 0, total_samples))
+        deadline = time.monotonic() + cfg.timeout_s
+        next_point = iter(points)
+        point = next(next_point, None)
+        last_progress = 0.0
+        while len(stats) < cfg.workers:
+            if time.monotonic() > deadline:
+                raise RunTimeout(f"run exceeded timeout_s={cfg.timeout_s:g} s; still running: "
+                                 f"{', '.join(group.alive()) or 'none'}")
+            for name, msg in group.poll(0.02):
+                if msg[0] == "hello":
+                    hello.add(msg[1])
+                    if len(hello) == cfg.workers:
+                        t0 = time.monotonic()
+                        gossip.go.set()
+                elif msg[0] == "stats":
+                    stats[msg[1]["worker"]] = msg[1]
+                else:
+                    raise AssertionError(f"unexpected message from {name}: {msg!r}")
+            if not gossip.go.is_set():
+                continue
+            done = int(gossip.counters[1])
+            if point is not None and point < total and done >= point:
+                evaluate()
+                while point is not None and point <= done:
+                    point = next(next_point, None)
+            elif time.monotonic() - last_progress > 0.25:
+                cb(Event("progress", done * cfg.data.batch_size, total_samples))
+                last_progress = time.monotonic()
+        evaluate(final=True)
+        if not group.join(30.0):
+            raise ChildFailed(", ".join(group.alive()), "did not exit after the run finished")
+
+    wall = max(s["finished_at"] for s in stats.values()) - t0
+    staleness: dict[int, int] = {}
+    for s in stats.values():
+        for k, v in s["staleness"].items():
+            staleness[int(k)] = staleness.get(int(k), 0) + v
+    workers = [
+        WorkerStats(
+            worker=i, device=devices[i], slowdown=cfg.slowdown_of(i),
+            updates=stats[i]["updates"], samples=stats[i]["samples"],
+            samples_per_s=stats[i]["samples"] / wall if wall else 0.0,
+            compute_s=stats[i]["compute_s"], sleep_s=stats[i]["sleep_s"],
+        )
+        for i in range(cfg.workers)
+    ]
+    return RunResult(
+        config=cfg.to_dict(), mode="decentralized", transport="shm", n_params=numel,
+        wall_time=wall, updates=sum(w.updates for w in workers),
+        samples=sum(w.samples for w in workers), evals=evals, staleness=staleness,
+        workers=workers, final_params=nonlocal_final[0],
     )

@@ -104,3 +104,127 @@ class ShmWorkerEnd:
         if params_out is not None:
             params_out.copy_(self.params)
         return meta
+
+
+class ShmGossip:
+    """Shared-memory state for decentralized gossip: every worker's parameters (and,
+    optionally, a tracked second moment) in shared memory, one lock per worker.
+
+    Pairwise averaging is done by the initiating worker on both buffers while holding
+    both workers' locks, always taken in increasing worker order. A local step holds
+    only its own worker's lock. Every acquisition follows that one global order, so no
+    cycle of waits can form: averaging is atomic and deadlock-free on any graph,
+    bipartite or not, and a passive peer takes no part (its process keeps computing).
+    """
+
+    def __init__(self, n_workers: int, numel: int, tracked: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.n_workers = n_workers
+        self.x = torch.zeros(n_workers, numel, dtype=dtype).share_memory_()
+        self.u = torch.zeros(n_workers, numel, dtype=dtype).share_memory_() if tracked else None
+        self.versions = torch.zeros(n_workers, dtype=torch.int64).share_memory_()
+        # counters: [0] updates claimed, [1] updates completed, [2] averages done
+        self.counters = torch.zeros(3, dtype=torch.int64).share_memory_()
+        # per worker: (sum of reported training losses, count); one writer per row
+        self.losses = torch.zeros(n_workers, 2, dtype=torch.float64).share_memory_()
+        self.counter_lock = CTX.Lock()
+        self.locks = [CTX.Lock() for _ in range(n_workers)]
+        self.go = CTX.Event()
+
+    def end(self, i: int, lock_timeout: float) -> ShmGossipEnd:
+        return ShmGossipEnd(i, self, lock_timeout)
+
+    def consistent_copy(self, lock_timeout: float) -> tuple[Tensor, Tensor | None]:
+        """All workers' parameters (and u) at one instant: takes every lock in order."""
+        taken = []
+        try:
+            for i, lk in enumerate(self.locks):
+                if not lk.acquire(timeout=lock_timeout):
+                    raise TimeoutError(f"coordinator: worker {i}'s lock was not released "
+                                       f"within {lock_timeout:g} s")
+                taken.append(lk)
+            return self.x.clone(), (self.u.clone() if self.u is not None else None)
+        finally:
+            for lk in reversed(taken):
+                lk.release()
+
+
+class ShmGossipEnd:
+    """Worker ``i``'s view of :class:`ShmGossip` (picklable into a spawned process)."""
+
+    def __init__(self, i: int, g: ShmGossip, lock_timeout: float) -> None:
+        self.worker = i
+        self.n_workers = g.n_workers
+        self.x = g.x
+        self.u = g.u
+        self.versions = g.versions
+        self.counters = g.counters
+        self.losses = g.losses
+        self.counter_lock = g.counter_lock
+        self.locks = g.locks
+        self.go = g.go
+        self.lock_timeout = lock_timeout
+
+    def _acquire(self, j: int) -> None:
+        if not self.locks[j].acquire(timeout=self.lock_timeout):
+            raise TimeoutError(f"worker {self.worker}: waited {self.lock_timeout:g} s for "
+                               f"worker {j}'s lock")
+
+    def claim(self, total: int) -> bool:
+        """Claim one of ``total`` updates; False once all are claimed (time to stop)."""
+        with self.counter_lock:
+            if self.counters[0] >= total:
+                return False
+            self.counters[0] += 1
+            return True
+
+    def completed(self) -> None:
+        with self.counter_lock:
+            self.counters[1] += 1
+
+    def report_loss(self, loss: float) -> None:
+        row = self.losses[self.worker]
+        row[0] += loss
+        row[1] += 1
+
+    def snapshot(self, out: Tensor) -> int:
+        """Copy this worker's parameters into ``out``; returns their version."""
+        i = self.worker
+        self._acquire(i)
+        try:
+            out.copy_(self.x[i])
+            return int(self.versions[i])
+        finally:
+            self.locks[i].release()
+
+    def average_with(self, j: int) -> None:
+        """Atomically set x_i, x_j (and u_i, u_j) to their mean (mixing weight 1/2)."""
+        i = self.worker
+        a, b = (i, j) if i < j else (j, i)
+        self._acquire(a)
+        try:
+            self._acquire(b)
+            try:
+                for buf in (self.x, self.u) if self.u is not None else (self.x,):
+                    buf[i].add_(buf[j]).mul_(0.5)
+                    buf[j].copy_(buf[i])
+                self.versions[i] += 1
+                self.versions[j] += 1
+            finally:
+                self.locks[b].release()
+        finally:
+            self.locks[a].release()
+        with self.counter_lock:
+            self.counters[2] += 1
+
+    def update_local(self, fn) -> int:
+        """Run ``fn(x_i, u_i)`` under this worker's lock (a local step never interleaves
+        with an average, so neither is lost); returns the new version."""
+        i = self.worker
+        self._acquire(i)
+        try:
+            fn(self.x[i], self.u[i] if self.u is not None else None)
+            self.versions[i] += 1
+            return int(self.versions[i])
+        finally:
+            self.locks[i].release()
