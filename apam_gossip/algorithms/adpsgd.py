@@ -29,6 +29,7 @@ snapshot and the local step.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from functools import partial
@@ -115,6 +116,9 @@ def gossip_worker_main(ctrl: Connection, end: ShmGossipEnd, neighbors: list[int]
         raise TimeoutError(f"worker {end.worker}: no start signal within {GO_TIMEOUT_S:g} s")
     for _ in range(averages if pick is not None else 0):
         end.average_with(pick())
+        # stands in for the gradient computation between averages; without it a worker
+        # would do hundreds of averages with the same neighbours in one time slice
+        os.sched_yield()
     ctrl.send(("stats", {"worker": end.worker}))
 
 

@@ -1,0 +1,98 @@
+"""Multi-process tier: decentralized gossip with real worker processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apam_gossip.algorithms.adpsgd import gossip_consensus
+from apam_gossip.config import RunConfig
+from apam_gossip.data import load_dataset
+from apam_gossip.runner import run
+from apam_gossip.topology import make_topology, validate_topology
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _cfg(**kw) -> RunConfig:
+    base = {"mode": "decentralized", "model": "mlp", "evals": 3,
+            "data": {"dataset": "digits", "batch_size": 32}, "optim": {"lr": 2e-3}}
+    for k, v in kw.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    return RunConfig.from_dict(base)
+
+
+@pytest.mark.parametrize("topology", ["complete", "ring"])
+def test_gossip_conserves_the_mean_and_reaches_consensus(topology):
+    """Learning rate 0 (gossip only), 8 different random models: pairwise averaging is
+    doubly stochastic, so the mean stays put and every model converges to it."""
+    n, d = 8, 2000
+    g = validate_topology(make_topology(topology, n), n)
+    x0 = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x0 += torch.arange(n, dtype=torch.float64)[:, None]  # clearly different models
+    mean0 = x0.mean(0)
+    dist0 = ((x0 - mean0) ** 2).sum(1).mean()
+    x = gossip_consensus(g, x0, averages_per_worker=1000, seed=1)
+    rel = ((x.mean(0) - mean0).norm() / mean0.norm()).item()
+    assert rel <= 1e-5, f"mean drifted by {rel}"
+    dist = ((x - x.mean(0)) ** 2).sum(1).mean()
+    assert dist <= 1e-6 * dist0, f"consensus distance {dist} vs initial {dist0}"
+
+
+def test_no_hang_repeated_complete_graph_8_workers(digits):
+    """Heavy contention: 8 workers all averaging with each other. Every run must finish
+    within its timeout (a deadlock would trip timeout_s and fail the test)."""
+    g = validate_topology(make_topology("complete", 8), 8)
+    for rep in range(3):
+        x0 = torch.randn(8, 50_000, dtype=torch.float32)
+        x = gossip_consensus(g, x0, averages_per_worker=300, seed=rep, timeout_s=60)
+        assert torch.isfinite(x).all()
+    for rep in range(2):
+        r = run(_cfg(workers=8, topology="complete", steps=400, seed=rep, timeout_s=90),
+                dataset=digits)
+        assert r.updates == 400
+        assert all(w.updates > 0 for w in r.workers)
+
+
+@pytest.mark.parametrize("adaptive_state,optim", [
+    ("local", {"name": "amsgrad"}),
+    ("tracked", {"name": "amsgrad"}),
+])
+def test_ring_of_4_learns_digits(digits, adaptive_state, optim):
+    r = run(_cfg(workers=4, topology="ring", epochs=15, adaptive_state=adaptive_state,
+                 optim=optim), dataset=digits)
+    assert r.mode == "decentralized"
+    assert r.final_accuracy >= 0.95, [e.test_acc for e in r.evals]
+    last = r.evals[-1]
+    assert last.extra["worst_worker_acc"] >= 0.9
+    assert 0 <= last.extra["consensus_distance"] < 1.0
+    assert last.extra["averages"] >= r.updates  # one average per local step
+    assert sum(r.staleness.values()) == r.updates
+
+
+def test_plain_sgd_adpsgd_learns(digits):
+    r = run(_cfg(workers=4, topology="ring", epochs=15,
+                 optim={"name": "sgd", "lr": 0.05, "momentum": 0.9}), dataset=digits)
+    assert r.final_accuracy >= 0.9, [e.test_acc for e in r.evals]
+
+
+def test_single_worker_decentralized_is_sequential(digits):
+    """One worker, no neighbours: the gossip loop is plain sequential AMSGrad."""
+    dec = run(_cfg(workers=1, steps=100, topology="ring"), dataset=digits)
+    seq = run(_cfg(mode="sequential", workers=1, steps=100), dataset=digits)
+    assert (dec.final_params - seq.final_params).abs().max().item() <= 1e-6
+
+
+def test_topology_file_with_wrong_node_count_is_a_user_error(digits):
+    from apam_gossip.errors import UserError
+
+    with pytest.raises(UserError, match="8 nodes but there are 4 workers"):
+        run(_cfg(workers=4, topology="topologies/ring8.edgelist", steps=10), dataset=digits)
