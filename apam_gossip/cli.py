@@ -1,4 +1,4 @@
-"""Command line: ``apam-gossip train | demo``.
+"""Command line: ``apam-gossip train | compare | topology | demo``.
 
 Every user mistake (flag, file, config value, missing data) ends in one line on stderr,
 ``apam-gossip: error: ...``, and exit code 2, without a traceback and without writing a
@@ -32,15 +32,21 @@ def _slow(text: str) -> tuple[int, float]:
             f"invalid --slow value {text!r}: use WORKER=FACTOR, e.g. --slow 0=10") from None
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    from .config import DEVICES, MODES, PARTITIONS
+def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
+    from .config import ADAPTIVE_STATES, DEVICES, MODES, PARTITIONS
     from .data import DATASETS
     from .models import MODELS
     from .optim import OPTIMIZERS
 
     p.add_argument("--config", metavar="FILE", help="TOML or JSON config; flags override it")
-    p.add_argument("--mode", choices=MODES, help="centralized (APAM master/worker), "
-                   "decentralized (gossip) or sequential (one-process reference)")
+    if with_mode:
+        p.add_argument("--mode", choices=MODES, help="centralized (APAM master/worker), "
+                       "decentralized (gossip) or sequential (one-process reference)")
+    p.add_argument("--topology", metavar="FILE_OR_NAME", help="decentralized: a graph file "
+                   "(see topologies/README.md) or ring, torus, exponential, complete, star, "
+                   "regular:D, bipartite, chain")
+    p.add_argument("--adaptive-state", choices=ADAPTIVE_STATES, help="decentralized: local "
+                   "AMSGrad moments, or tracked (a second moment gossiped with the model)")
     p.add_argument("--workers", type=int, help="number of worker processes")
     p.add_argument("--model", choices=MODELS)
     p.add_argument("--dataset", choices=DATASETS)
@@ -86,12 +92,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 def _overrides(a: argparse.Namespace) -> dict[str, Any]:
     """Nested config overrides from the flags that were given."""
     top = ("mode", "workers", "model", "epochs", "steps", "seed", "evals", "device",
-           "threads_per_worker", "timeout_s")
+           "threads_per_worker", "timeout_s", "topology", "adaptive_state")
     data = ("dataset", "data_dir", "partition", "dirichlet_alpha", "batch_size",
             "train_limit", "test_limit")
     optim = {"optim_name": "name", "lr": "lr", "beta1": "beta1", "beta2": "beta2",
              "eps": "eps", "momentum": "momentum", "weight_decay": "weight_decay"}
-    out: dict[str, Any] = {k: getattr(a, k) for k in top if getattr(a, k) is not None}
+    out: dict[str, Any] = {k: getattr(a, k) for k in top
+                           if getattr(a, k, None) is not None}
     d = {k: getattr(a, k) for k in data if getattr(a, k) is not None}
     o = {v: getattr(a, k) for k, v in optim.items() if getattr(a, k) is not None}
     if a.amsgrad_variant is not None:
@@ -181,6 +188,77 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     return 0
 
 
+def _compare(a: argparse.Namespace) -> int:
+    from .compare import compare, comparison_table, plot_comparison, save_comparison
+    from .data import load_dataset
+
+    if not 0 < a.target <= 1:
+        raise UserError(f"--target must be an accuracy in (0, 1], got {a.target}")
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    if not modes:
+        raise UserError("--modes is empty; give e.g. --modes centralized,decentralized")
+    cfg = _build_config(a)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(a.output) if a.output else Path("runs") / f"{stamp}-compare-{cfg.model}-" \
+        f"{cfg.data.dataset}.json"
+    plot = Path(a.plot) if a.plot else out.with_suffix(".png")
+    _check_output(out)
+    _check_output(plot)
+    dataset = load_dataset(cfg.data.dataset, cfg.data.data_dir)
+
+    def announce(r) -> None:
+        if not a.quiet:
+            print(summary_text(r))
+
+    results = []
+    for m in modes:
+        if not a.quiet:
+            print(f"--- {m}: {cfg.workers if m != 'sequential' else 1} worker(s), {cfg.model} "
+                  f"on {cfg.data.dataset}" + (f", topology {cfg.topology}"
+                                              if m == "decentralized" else ""))
+        ui = _ProgressUI(quiet=a.quiet)
+        try:
+            results += compare(cfg, [m], dataset=dataset, callback=ui, on_result=announce)
+        finally:
+            ui.close()
+    table = comparison_table(results, a.target)
+    save_comparison(results, out, a.target)
+    plot_comparison(results, plot, a.target,
+                    title=f"{cfg.model} on {cfg.data.dataset}, {cfg.workers} workers")
+    print(table)
+    print(f"results written to {out}; plot written to {plot}")
+    return 0
+
+
+def _topology(a: argparse.Namespace) -> int:
+    from .topology import (
+        describe_text,
+        draw_topology,
+        load_topology,
+        make_topology,
+        validate_topology,
+    )
+
+    if a.workers is not None and a.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {a.workers}")
+    n = a.workers
+    if n is None:
+        if not Path(a.spec).exists():
+            raise UserError(f"--workers is required for a generated topology like {a.spec!r}")
+        g = load_topology(a.spec)
+        n = g.number_of_nodes()
+    else:
+        g = make_topology(a.spec, n, seed=a.seed)
+    g = validate_topology(g, n)
+    if a.png:
+        _check_output(Path(a.png))
+    print(describe_text(g, a.spec))
+    if a.png:
+        draw_topology(g, a.png, name=a.spec)
+        print(f"drawing written to {a.png}")
+    return 0
+
+
 class _ProgressUI:
     """tqdm bar over the sample budget plus one line per evaluation."""
 
@@ -217,7 +295,12 @@ def summary_text(r) -> str:
         f"{r.wall_time:.2f} s ({r.samples_per_s:.0f} samples/s); "
         f"final test accuracy {100 * r.final_accuracy:.2f}%",
     ]
-    if r.mode == "centralized" and r.staleness:
+    if r.mode == "decentralized" and r.evals:
+        x = r.evals[-1].extra
+        lines.append(f"averaged model x_bar: {100 * r.final_accuracy:.2f}%; worst worker "
+                     f"{100 * x['worst_worker_acc']:.2f}%; consensus distance "
+                     f"{x['consensus_distance']:.3e}; {x['averages']} pairwise averages")
+    if r.mode in ("centralized", "decentralized") and r.staleness:
         mx = max(r.staleness)
         lines.append(f"staleness: mean {r.staleness_mean():.2f}, max {mx}; histogram "
                      + " ".join(f"{k}:{v}" for k, v in sorted(r.staleness.items())[:12])
@@ -243,6 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a model", description="Train a model.")
     _add_run_flags(t)
+    c = sub.add_parser("compare", help="run several modes on the same model, data, seed "
+                       "and budget; print a table and plot accuracy curves",
+                       description="Run centralized, decentralized and the sequential "
+                       "reference on the same model, data, seed and sample budget.")
+    _add_run_flags(c, with_mode=False)
+    c.add_argument("--modes", default="centralized,decentralized,sequential",
+                   help="comma-separated modes to run (default: all three)")
+    c.add_argument("--target", type=float, default=0.9,
+                   help="target test accuracy in [0, 1] for the time-to-accuracy column")
+    c.add_argument("--plot", metavar="PNG", help="plot path (default: next to --output)")
+    g = sub.add_parser("topology", help="describe (and draw) a gossip topology",
+                       description="Load or generate a topology, validate it for N workers, "
+                       "print degrees and the spectral gap of its expected gossip matrix.")
+    g.add_argument("spec", metavar="FILE_OR_NAME")
+    g.add_argument("--workers", type=int, help="number of workers (default: the file's "
+                   "node count; required for generated topologies)")
+    g.add_argument("--seed", type=int, default=0, help="seed for random topologies")
+    g.add_argument("--png", metavar="PATH", help="also draw the graph to this PNG file")
     d = sub.add_parser("demo", help="a short real run on the embedded digits data",
                        description="APAM with 4 workers (one 4x slower) on scikit-learn's "
                        "real 8x8 digits; under a minute on 2 cores.")
@@ -256,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "topology":
+            return _topology(args)
         if args.command == "demo":
             banner = ("demo: centralized APAM (asynchronous AMSGrad) on scikit-learn's real "
                       "8x8 handwritten digits:\n  a master process owns the model, 4 worker "

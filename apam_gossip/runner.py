@@ -300,7 +300,7 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
             if not gossip.go.is_set():
                 continue
             done = int(gossip.counters[1])
-            if point is not None and point < total and done >= point:
+            if point is not None and point <= done < total:  # done == total: final eval
                 evaluate()
                 while point is not None and point <= done:
                     point = next(next_point, None)

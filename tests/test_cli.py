@@ -92,3 +92,54 @@ def test_help_is_fast_and_clean():
     p = subprocess.run([sys.executable, "-m", "apam_gossip", "--help"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0 and "train" in p.stdout and "demo" in p.stdout
+
+
+def test_compare_prints_table_and_writes_plot(tmp_path):
+    out, plot = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    p = subprocess.run(
+        [sys.executable, "-m", "apam_gossip", "compare", "--workers", "2", "--steps", "80",
+         "--evals", "3", "--topology", "ring", "--target", "0.5", "-o", str(out),
+         "--plot", str(plot), "--quiet"],
+        capture_output=True, text=True, timeout=110,
+    )
+    assert p.returncode == 0, p.stderr
+    for mode in ("centralized", "decentralized", "sequential"):
+        assert mode in p.stdout
+    assert "time to 50%" in p.stdout
+    d = json.loads(out.read_text())
+    assert [r["mode"] for r in d["runs"]] == ["centralized", "decentralized", "sequential"]
+    # the same budget for every mode
+    assert {r["updates"] for r in d["runs"]} == {80}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("spec,content,needle", [
+    ("bad.edgelist", "0 1\n1 x y z\n", "cannot parse topology file"),
+    ("disc.edgelist", "0 1\n2 3\n", "disconnected"),
+    ("self.edgelist", "0 1\n1 1\n1 2\n2 3\n", "self-loop"),
+    ("neg.edgelist", "0 1 -1\n1 2 1\n2 3 1\n", "weight"),
+    ("three.edgelist", "0 1\n1 2\n", "3 nodes but there are 4 workers"),
+    ("hexagon", None, "unknown topology 'hexagon'"),
+])
+def test_bad_topology_one_line_exit_2(tmp_path, capsys, spec, content, needle):
+    if content is not None:
+        (tmp_path / spec).write_text(content)
+        spec = str(tmp_path / spec)
+    out = tmp_path / "r.json"
+    code = main(["train", "--mode", "decentralized", "--workers", "4", "--topology", spec,
+                 "--steps", "5", "-o", str(out), "-q"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("apam-gossip: error: ") and needle in err, err
+    assert not out.exists()
+    assert main(["topology", spec, "--workers", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err, err
+
+
+def test_topology_command_describes_and_draws(tmp_path, capsys):
+    png = tmp_path / "t.png"
+    assert main(["topology", "topologies/torus16.edgelist", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "16 workers" in out and "spectral gap" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"

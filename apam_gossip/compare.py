@@ -1,0 +1,92 @@
+"""Side-by-side comparison of modes on the same model, data, seed and sample budget."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import MODES, RunConfig
+from .data import Dataset
+from .errors import UserError
+from .result import RunResult, atomic_write_bytes, atomic_write_text
+from .runner import Callback, run
+
+
+def compare(cfg: RunConfig, modes: Sequence[str] = MODES, *, dataset: Dataset | None = None,
+            callback: Callback | None = None, on_result=None) -> list[RunResult]:
+    """Run ``cfg`` once per mode (only ``mode`` changes) and return the results in order."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise UserError(f"unknown mode {unknown[0]!r} in --modes; choose from {', '.join(MODES)}")
+    results = []
+    for m in modes:
+        r = run(cfg.replace(mode=m), dataset=dataset, callback=callback)
+        results.append(r)
+        if on_result is not None:
+            on_result(r)
+    return results
+
+
+def _fmt_time(t: float | None) -> str:
+    return f"{t:.2f}" if t is not None else "-"
+
+
+def comparison_table(results: Sequence[RunResult], target: float) -> str:
+    """A plain-text table: time/samples to ``target`` accuracy, final accuracy, throughput,
+    and the asynchrony measure of each mode (staleness, or consensus distance)."""
+    head = (f"{'mode':<14}{'workers':>8}{'time to ' + format(target, '.0%'):>14}"
+            f"{'samples to':>12}{'final acc':>11}{'samples/s':>11}{'train s':>9}  asynchrony")
+    rows = [head, "-" * len(head)]
+    for r in results:
+        t = r.time_to_accuracy(target)
+        s = next((e.samples for e in r.evals if e.test_acc >= target), None)
+        if r.mode == "decentralized":
+            last = r.evals[-1].extra if r.evals else {}
+            asyn = (f"consensus {last.get('consensus_distance', float('nan')):.2e}, "
+                    f"worst worker {100 * last.get('worst_worker_acc', float('nan')):.1f}%")
+        elif r.mode == "centralized":
+            asyn = f"staleness mean {r.staleness_mean():.2f} max {max(r.staleness, default=0)}"
+        else:
+            asyn = "none (reference)"
+        rows.append(f"{r.mode:<14}{len(r.workers):>8}{_fmt_time(t):>14}"
+                    f"{(str(s) if s is not None else '-'):>12}"
+                    f"{100 * r.final_accuracy:>10.2f}%{r.samples_per_s:>11.0f}"
+                    f"{r.wall_time:>9.2f}  {asyn}")
+    return "\n".join(rows)
+
+
+def plot_comparison(results: Sequence[RunResult], path: str | Path, target: float | None = None,
+                    title: str = "") -> None:
+    """PNG: test accuracy vs wall time (left) and vs samples seen (right)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax_t, ax_s = fig.subplots(1, 2, sharey=True)
+    for r in results:
+        label = f"{r.mode} ({len(r.workers)} worker{'s' if len(r.workers) > 1 else ''})"
+        ax_t.plot([e.wall_time for e in r.evals], [100 * e.test_acc for e in r.evals],
+                  marker="o", ms=3, label=label)
+        ax_s.plot([e.samples for e in r.evals], [100 * e.test_acc for e in r.evals],
+                  marker="o", ms=3, label=label)
+    for ax, xl in ((ax_t, "wall time (s, training only)"), (ax_s, "samples seen")):
+        ax.set_xlabel(xl)
+        ax.grid(alpha=0.3)
+        if target is not None:
+            ax.axhline(100 * target, color="grey", ls="--", lw=0.8)
+    ax_t.set_ylabel("test accuracy (%)")
+    ax_s.legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def save_comparison(results: Sequence[RunResult], path: str | Path, target: float) -> None:
+    atomic_write_text(Path(path), json.dumps(
+        {"target": target, "runs": [r.to_dict() for r in results]}, indent=2) + "\n")
