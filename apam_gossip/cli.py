@@ -45,6 +45,8 @@ def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     p.add_argument("--topology", metavar="FILE_OR_NAME", help="decentralized: a graph file "
                    "(see topologies/README.md) or ring, torus, exponential, complete, star, "
                    "regular:D, bipartite, chain")
+    p.add_argument("--audit", action="store_true", default=None, help="decentralized: "
+                   "check at the end that sum_i x_i = sum_i x_i(0) + all local steps")
     p.add_argument("--adaptive-state", choices=ADAPTIVE_STATES, help="decentralized: local "
                    "AMSGrad moments, or tracked (a second moment gossiped with the model)")
     p.add_argument("--workers", type=int, help="number of worker processes")
@@ -92,7 +94,7 @@ def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
 def _overrides(a: argparse.Namespace) -> dict[str, Any]:
     """Nested config overrides from the flags that were given."""
     top = ("mode", "workers", "model", "epochs", "steps", "seed", "evals", "device",
-           "threads_per_worker", "timeout_s", "topology", "adaptive_state")
+           "threads_per_worker", "timeout_s", "topology", "adaptive_state", "audit")
     data = ("dataset", "data_dir", "partition", "dirichlet_alpha", "batch_size",
             "train_limit", "test_limit")
     optim = {"optim_name": "name", "lr": "lr", "beta1": "beta1", "beta2": "beta2",
@@ -299,7 +301,9 @@ def summary_text(r) -> str:
         x = r.evals[-1].extra
         lines.append(f"averaged model x_bar: {100 * r.final_accuracy:.2f}%; worst worker "
                      f"{100 * x['worst_worker_acc']:.2f}%; consensus distance "
-                     f"{x['consensus_distance']:.3e}; {x['averages']} pairwise averages")
+                     f"{x['consensus_distance']:.3e}; {x['averages']} pairwise averages"
+                     + (f"; audit: sum of models off by {x['audit_error']:.1e} (relative)"
+                        if "audit_error" in x else ""))
     if r.mode in ("centralized", "decentralized") and r.staleness:
         mx = max(r.staleness)
         lines.append(f"staleness: mean {r.staleness_mean():.2f}, max {mx}; histogram "

@@ -98,6 +98,7 @@ class RunConfig:
     timeout_s: float = 3600.0
     topology: str = "ring"
     adaptive_state: str = "local"
+    audit: bool = False  # decentralized: check sum_i x_i == sum_i x_i(0) + all local steps
 
     # -- construction -------------------------------------------------------------
     @classmethod

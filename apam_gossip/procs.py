@@ -7,6 +7,10 @@ orphans behind. An exception in a child is sent up the control pipe and re-raise
 parent as :class:`ChildFailed` with the child's name and message. :class:`ProcessGroup`
 is a context manager whose exit terminates, then kills, whatever is still running.
 
+Control messages must be plain Python/numpy data: a torch tensor sent through a pipe
+travels as a shared-memory handle that the sender must stay alive to serve, so a child
+that sends one and exits can leave the parent blocked in ``recv``.
+
 Shared tensors use torch's default ``file_descriptor`` strategy: the segment is unlinked
 from /dev/shm as soon as it is created, so the kernel frees it when the last process
 holding it exits, even after a SIGKILL.

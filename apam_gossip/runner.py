@@ -312,6 +312,11 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
             raise ChildFailed(", ".join(group.alive()), "did not exit after the run finished")
 
     wall = max(s["finished_at"] for s in stats.values()) - t0
+    if cfg.audit:
+        steps = sum(torch.from_numpy(s["audit"]) for s in stats.values())
+        expect = cfg.workers * x0.double() + steps
+        err = float((gossip.x.double().sum(0) - expect).norm() / expect.norm())
+        evals[-1].extra["audit_error"] = err
     staleness: dict[int, int] = {}
     for s in stats.values():
         for k, v in s["staleness"].items():

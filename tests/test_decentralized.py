@@ -96,3 +96,13 @@ def test_topology_file_with_wrong_node_count_is_a_user_error(digits):
 
     with pytest.raises(UserError, match="8 nodes but there are 4 workers"):
         run(_cfg(workers=4, topology="topologies/ring8.edgelist", steps=10), dataset=digits)
+
+
+@pytest.mark.parametrize("adaptive_state", ["local", "tracked"])
+def test_audit_no_local_step_is_lost_to_a_concurrent_average(digits, adaptive_state):
+    """sum_i x_i(end) must equal sum_i x_i(0) plus every local step ever applied: an
+    average that overwrote a concurrent step (or a dropped step) would break it."""
+    r = run(_cfg(workers=4, topology="complete", steps=600, audit=True,
+                 adaptive_state=adaptive_state, data={"batch_size": 8}), dataset=digits)
+    err = r.evals[-1].extra["audit_error"]
+    assert err <= 1e-5, f"sum of models is off by a relative {err}"

@@ -23,6 +23,11 @@ Adaptive state (``RunConfig.adaptive_state``):
   which fixes the possible non-convergence of purely local adaptive state;
 * with ``optim.name = "sgd"`` the local step is plain SGD, AD-PSGD as in its paper.
 
+With ``RunConfig.audit`` every worker also sums the exact changes its local steps made,
+and the coordinator checks the invariant of pairwise averaging at the end:
+``sum_i x_i(end) == sum_i x_i(0) + sum of all local steps`` (a lost step, or an average
+that overwrote one, breaks it); the relative error is reported as ``audit_error``.
+
 Staleness here is the number of writes to x_i (averages by either side) between the
 snapshot and the local step.
 """
@@ -59,8 +64,13 @@ def _neighbors_rng(neighbors: list[int], probs: list[float], seed: int):
     return pick
 
 
-def _local_step(opt, g: Tensor, state, tracked: bool, x: Tensor, u: Tensor | None) -> None:
+def _local_step(opt, g: Tensor, state, tracked: bool, audit: Tensor | None, x: Tensor,
+                u: Tensor | None) -> None:
+    if audit is not None:
+        audit.sub_(x)
     opt.update(x, g, state, tracked=u if tracked else None)
+    if audit is not None:
+        audit.add_(x)  # audit accumulates x_after - x_before: exactly this step
 
 
 def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Dataset,
@@ -74,6 +84,8 @@ def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Da
     grad_cpu = torch.zeros(w.flat.numel) if w.device.type != "cpu" else None
     pick = _neighbors_rng(neighbors, probs, worker_seed(cfg.seed, i) + 1) if neighbors else None
     tracked = cfg.adaptive_state == "tracked"
+    # audit: the sum of this worker's local steps, to check that none was lost
+    audit = torch.zeros(w.flat.numel, dtype=torch.float64) if cfg.audit else None
     staleness: Counter[int] = Counter()
     loss_sum, updates, samples, averages = 0.0, 0, 0, 0
     ctrl.send(("hello", i))
@@ -92,7 +104,7 @@ def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Da
             end.average_with(pick())
             averages += 1
 
-        v1 = end.update_local(partial(_local_step, opt, g, state, tracked))
+        v1 = end.update_local(partial(_local_step, opt, g, state, tracked, audit))
         end.completed()
         staleness[v1 - v0 - 1 - (1 if pick is not None else 0)] += 1
         updates += 1
@@ -104,6 +116,9 @@ def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Da
         "updates": updates, "samples": samples, "averages": averages,
         "staleness": dict(staleness), "active_s": time.monotonic() - t0,
         "finished_at": time.monotonic(), "loss_mean": loss_sum / updates if updates else None,
+        # by value (numpy pickles its bytes): a torch tensor would travel as a shared-memory
+        # handle that this exiting process could no longer serve
+        "audit": audit.numpy() if audit is not None else None,
     }))
 
 
