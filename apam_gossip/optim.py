@@ -47,6 +47,31 @@ OptState = dict[str, Tensor]
 OPTIMIZERS: tuple[str, ...] = ("amsgrad", "adam", "sgd")
 
 
+def _moments(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float,
+             weight_decay: float) -> None:
+    """m, v <- exponential moving averages of g and g^2 (with L2 weight decay in g)."""
+    if weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def _adaptive_update(param: Tensor, m: Tensor, second: Tensor, *, step: int, lr: float,
+                     beta1: float, beta2: float, eps: float, bias_correction: bool) -> None:
+    """x <- x - lr * m / (sqrt(second) + eps), bias-corrected as torch does when asked.
+
+    ``second`` is overwritten (it is a temporary or a clone)."""
+    root = second.sqrt_()
+    if bias_correction:
+        denom = root.div_(math.sqrt(1 - beta2**step)).add_(eps)
+        param.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+    else:
+        denom = root.add_(eps)
+        if eps == 0:
+            denom.masked_fill_(denom == 0, 1.0)  # m is 0 wherever the second moment is 0
+        param.addcdiv_(m, denom, value=-lr)
+
+
 def amsgrad_step(
     param: Tensor,
     grad: Tensor,
@@ -63,21 +88,10 @@ def amsgrad_step(
     weight_decay: float = 0.0,
 ) -> None:
     """One AMSGrad step in place; ``step`` is the 1-based index of this update."""
-    if weight_decay:
-        grad = grad.add(param, alpha=weight_decay)
-    m.lerp_(grad, 1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    _moments(param, grad, m, v, beta1, beta2, weight_decay)
     torch.maximum(vhat, v, out=vhat)
-    if bias_correction:
-        bc1 = 1 - beta1**step
-        bc2_sqrt = math.sqrt(1 - beta2**step)
-        denom = (vhat.sqrt() / bc2_sqrt).add_(eps)
-        param.addcdiv_(m, denom, value=-lr / bc1)
-    else:
-        denom = vhat.sqrt().add_(eps)
-        if eps == 0:
-            denom.masked_fill_(denom == 0, 1.0)  # m is 0 wherever vhat is 0
-        param.addcdiv_(m, denom, value=-lr)
+    _adaptive_update(param, m, vhat.clone(), step=step, lr=lr, beta1=beta1, beta2=beta2,
+                     eps=eps, bias_correction=bias_correction)
 
 
 def damsgrad_step(
@@ -101,23 +115,12 @@ def damsgrad_step(
     Same as :func:`amsgrad_step` (same two variants) except that the denominator uses
     ``u``, and ``u`` is first moved by this worker's change of ``vhat``.
     """
-    if weight_decay:
-        grad = grad.add(param, alpha=weight_decay)
-    m.lerp_(grad, 1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    _moments(param, grad, m, v, beta1, beta2, weight_decay)
     u.sub_(vhat)
     torch.maximum(vhat, v, out=vhat)
     u.add_(vhat)
-    root = u.clamp(min=0).sqrt_()
-    if bias_correction:
-        bc1 = 1 - beta1**step
-        denom = root.div_(math.sqrt(1 - beta2**step)).add_(eps)
-        param.addcdiv_(m, denom, value=-lr / bc1)
-    else:
-        denom = root.add_(eps)
-        if eps == 0:
-            denom.masked_fill_(denom == 0, 1.0)
-        param.addcdiv_(m, denom, value=-lr)
+    _adaptive_update(param, m, u.clamp(min=0), step=step, lr=lr, beta1=beta1, beta2=beta2,
+                     eps=eps, bias_correction=bias_correction)
 
 
 def adam_step(
@@ -134,14 +137,9 @@ def adam_step(
     weight_decay: float = 0.0,
 ) -> None:
     """One Adam step in place (bias-corrected, as ``torch.optim.Adam``)."""
-    if weight_decay:
-        grad = grad.add(param, alpha=weight_decay)
-    m.lerp_(grad, 1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bc1 = 1 - beta1**step
-    bc2_sqrt = math.sqrt(1 - beta2**step)
-    denom = (v.sqrt() / bc2_sqrt).add_(eps)
-    param.addcdiv_(m, denom, value=-lr / bc1)
+    _moments(param, grad, m, v, beta1, beta2, weight_decay)
+    _adaptive_update(param, m, v.clone(), step=step, lr=lr, beta1=beta1, beta2=beta2,
+                     eps=eps, bias_correction=True)
 
 
 def sgd_step(

@@ -137,22 +137,41 @@ def _run_sequential(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResult
     )
 
 
+@dataclass
+class _Shared:
+    """What every multi-process mode sets up the same way before starting workers."""
+
+    x0: torch.Tensor
+    numel: int
+    shards: list[torch.Tensor]
+    total: int  # budget in updates
+    samples: int  # budget in samples
+    evaluator: Evaluator
+    threads: int
+    devices: list[str]
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, dataset: Dataset) -> _Shared:
+        torch.set_num_threads(1)  # the coordinator only evaluates; leave cores to workers
+        x0 = initial_model(cfg, dataset)
+        shards = partition(dataset.y_train, cfg.workers, cfg.data.partition,
+                           cfg.data.dirichlet_alpha, cfg.seed)
+        dataset.share_memory_()  # workers map the data instead of each holding a copy
+        total = total_updates(cfg, len(dataset.y_train))
+        return cls(x0, x0.numel(), shards, total, total * cfg.data.batch_size,
+                   Evaluator(cfg.model, dataset, _eval_device(cfg)),
+                   threads_per_worker(cfg, cfg.workers),
+                   [str(device_for(cfg, i)) for i in range(cfg.workers)])
+
+
 def _run_centralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResult:
     """APAM over the shared-memory transport: a master process and N worker processes."""
-    torch.set_num_threads(1)  # the coordinator only evaluates; leave the cores to workers
-    x0 = initial_model(cfg, dataset)
-    numel = x0.numel()
-    shards = partition(dataset.y_train, cfg.workers, cfg.data.partition,
-                       cfg.data.dirichlet_alpha, cfg.seed)
-    dataset.share_memory_()
-    total = total_updates(cfg, len(dataset.y_train))
-    total_samples = total * cfg.data.batch_size
+    sh = _Shared.prepare(cfg, dataset)
+    x0, numel, shards, total, total_samples = sh.x0, sh.numel, sh.shards, sh.total, sh.samples
+    evaluator, tpw, devices = sh.evaluator, sh.threads, sh.devices
     eval_at = eval_points(total, cfg.evals)
     snaps = torch.zeros(len(eval_at) + 1, numel).share_memory_()
-    evaluator = Evaluator(cfg.model, dataset, _eval_device(cfg))
     star = ShmStar(cfg.workers, numel)
-    tpw = threads_per_worker(cfg, cfg.workers)
-    devices = [str(device_for(cfg, i)) for i in range(cfg.workers)]
 
     evals: list[EvalRecord] = []
     worker_stats: dict[int, dict[str, Any]] = {}
@@ -227,20 +246,12 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
     graph = validate_topology(make_topology(cfg.topology, cfg.workers, seed=cfg.seed),
                               cfg.workers)
     nbp = neighbor_probabilities(graph)
-    torch.set_num_threads(1)
-    x0 = initial_model(cfg, dataset)
-    numel = x0.numel()
-    shards = partition(dataset.y_train, cfg.workers, cfg.data.partition,
-                       cfg.data.dirichlet_alpha, cfg.seed)
-    dataset.share_memory_()
-    total = total_updates(cfg, len(dataset.y_train))
-    total_samples = total * cfg.data.batch_size
+    sh = _Shared.prepare(cfg, dataset)
+    x0, numel, shards, total, total_samples = sh.x0, sh.numel, sh.shards, sh.total, sh.samples
+    evaluator, tpw, devices = sh.evaluator, sh.threads, sh.devices
     points = eval_points(total, cfg.evals)
-    evaluator = Evaluator(cfg.model, dataset, _eval_device(cfg))
     gossip = ShmGossip(cfg.workers, numel, tracked=cfg.adaptive_state == "tracked")
     gossip.x.copy_(x0)  # every worker starts from the same model
-    tpw = threads_per_worker(cfg, cfg.workers)
-    devices = [str(device_for(cfg, i)) for i in range(cfg.workers)]
 
     evals: list[EvalRecord] = []
     stats: dict[int, dict[str, Any]] = {}
