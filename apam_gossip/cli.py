@@ -136,6 +136,37 @@ def _build_config(a: argparse.Namespace, base: dict[str, Any] | None = None):
     return RunConfig.from_dict(over)
 
 
+def _mpi_rank(cfg) -> tuple[int, int]:
+    """(rank, size) when this run goes over MPI, else (0, 1)."""
+    from .runner import resolve_transport
+
+    if resolve_transport(cfg) != "mpi":
+        return 0, 1
+    from .transport.mpi import world
+
+    _, rank, size = world()
+    return rank, size
+
+
+def _abort_mpi(code: int) -> None:
+    """If MPI is running with several ranks, end the whole job: a rank that just exits
+    would leave the others waiting for it forever."""
+    mod = sys.modules.get("mpi4py.MPI")
+    if mod is None or not mod.Is_initialized() or mod.Is_finalized():
+        return
+    if mod.COMM_WORLD.Get_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        mod.COMM_WORLD.Abort(code)
+
+
+def _rank_prefix() -> str:
+    mod = sys.modules.get("mpi4py.MPI")
+    if mod is not None and mod.Is_initialized() and mod.COMM_WORLD.Get_size() > 1:
+        return f"[rank {mod.COMM_WORLD.Get_rank()}] "
+    return ""
+
+
 def _default_output(cfg) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{cfg.mode}-{cfg.model}-{cfg.data.dataset}.json"
@@ -166,6 +197,14 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     if a.save_model:
         _check_output(Path(a.save_model))
     dataset = load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    rank, size = _mpi_rank(cfg)
+    if rank != 0:
+        a.quiet = True
+    elif size > 1 and not a.quiet:
+        n = size - 1 if cfg.mode == "centralized" else size
+        print(f"MPI: {size} ranks ({'rank 0 is the master, ' if cfg.mode == 'centralized' else ''}"
+              f"{n} workers; --workers is taken from mpirun -n)")
+        cfg = cfg.replace(workers=n)
     if banner and not a.quiet:
         print(banner)
     ui = _ProgressUI(quiet=a.quiet)
@@ -178,6 +217,8 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
         result = run(cfg, dataset=dataset, callback=ui)
     finally:
         ui.close()
+    if result is None:  # an MPI rank other than 0: rank 0 reports and writes
+        return 0
     result.save(out)
     if a.save_model:
         buf = io.BytesIO()
@@ -373,10 +414,12 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, base=DEMO, banner=banner)
         raise AssertionError(args.command)
     except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {_rank_prefix()}{e}", file=sys.stderr)
+        _abort_mpi(2)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; all worker processes were stopped", file=sys.stderr)
+        _abort_mpi(130)
         return 130
     except Exception as e:  # a failing child or timeout: say which, no traceback noise
         from .procs import ChildFailed
@@ -390,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, RunTimeout):
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 1
+        if sys.modules.get("mpi4py.MPI") is not None:
+            import traceback
+
+            traceback.print_exc()
+            print(f"{PROG}: error: {_rank_prefix()}{type(e).__name__}: {e}", file=sys.stderr)
+            _abort_mpi(1)
         raise
 
 

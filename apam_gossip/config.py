@@ -24,7 +24,7 @@ from .optim import OPTIMIZERS, Optimizer
 MODES: tuple[str, ...] = ("centralized", "decentralized", "sequential")
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-TRANSPORTS: tuple[str, ...] = ("auto", "shm")
+TRANSPORTS: tuple[str, ...] = ("auto", "shm", "mpi")
 ADAPTIVE_STATES: tuple[str, ...] = ("local", "tracked")
 
 

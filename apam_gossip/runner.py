@@ -50,8 +50,11 @@ Callback = Callable[[Event], None]
 
 
 def run(config: RunConfig, *, dataset: Dataset | None = None,
-        callback: Callback | None = None) -> RunResult:
+        callback: Callback | None = None) -> RunResult | None:
     """Train as ``config`` says and return the :class:`RunResult`.
+
+    Under ``mpirun`` (``transport`` ``auto`` or ``mpi``) every rank calls this; rank 0
+    returns the RunResult and the other ranks return None.
 
     ``dataset`` skips loading (tests, repeated runs); ``callback`` receives
     :class:`Event` s for progress display.
@@ -68,6 +71,13 @@ def run(config: RunConfig, *, dataset: Dataset | None = None,
                           "training samples")
     cb = callback or (lambda e: None)
     old_threads = torch.get_num_threads()
+    if resolve_transport(config) == "mpi":
+        from .runner_mpi import run_mpi
+
+        try:
+            return run_mpi(config, dataset, cb)
+        finally:
+            torch.set_num_threads(old_threads)
     try:
         if config.mode == "sequential":
             return _run_sequential(config, dataset, cb)
@@ -78,6 +88,24 @@ def run(config: RunConfig, *, dataset: Dataset | None = None,
         raise AssertionError(f"unhandled mode {config.mode!r}")
     finally:
         torch.set_num_threads(old_threads)
+
+
+def resolve_transport(cfg: RunConfig) -> str:
+    """``shm`` or ``mpi``: ``auto`` picks MPI when started by mpirun with more than one rank."""
+    from .transport.mpi import launched_by_mpi
+
+    if cfg.transport == "mpi":
+        try:
+            import mpi4py  # noqa: F401
+        except ImportError:
+            raise ConfigError("transport mpi needs mpi4py: pip install 'apam_gossip[mpi]'") \
+                from None
+        return "mpi"
+    if cfg.transport == "auto" and launched_by_mpi():
+        from .transport.mpi import world
+
+        return "mpi" if world()[2] > 1 else "shm"
+    return "shm"
 
 
 def _eval_device(cfg: RunConfig) -> torch.device:
@@ -213,6 +241,15 @@ def _run_centralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResul
         if not group.join(30.0):
             raise ChildFailed(", ".join(group.alive()), "did not exit after the run finished")
 
+    return centralized_result(cfg, summary, worker_stats, devices, evals, final_params, numel,
+                              "shm")
+
+
+def centralized_result(cfg: RunConfig, summary: dict[str, Any],
+                       worker_stats: dict[int, dict[str, Any]], devices: list[str],
+                       evals: list[EvalRecord], final_params: torch.Tensor | None, numel: int,
+                       transport: str) -> RunResult:
+    """Assemble a centralized RunResult from the master's summary and workers' stats."""
     wall = summary["wall_time"]
     workers = [
         WorkerStats(
@@ -224,11 +261,60 @@ def _run_centralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResul
         for i in range(cfg.workers)
     ]
     return RunResult(
-        config=cfg.to_dict(), mode="centralized", transport="shm", n_params=numel,
+        config=cfg.to_dict(), mode="centralized", transport=transport, n_params=numel,
         wall_time=wall, updates=summary["updates"], samples=summary["samples"], evals=evals,
         staleness={int(k): v for k, v in summary["staleness"].items()}, workers=workers,
         final_params=final_params,
     )
+
+
+def gossip_eval_record(cfg: RunConfig, evaluator: Evaluator, xs: torch.Tensor, wall: float,
+                       done: int, train_loss: float | None, averages: int) -> tuple[
+                           EvalRecord, torch.Tensor]:
+    """Score the average model x_bar and each worker's model; returns (record, x_bar)."""
+    xbar = xs.mean(0)
+    consensus = float(((xs - xbar) ** 2).sum(1).mean())
+    loss, acc = evaluator(xbar)
+    accs = [evaluator(xs[i])[1] for i in range(len(xs))] if len(xs) > 1 else [acc]
+    rec = EvalRecord(wall, done * cfg.data.batch_size, done, train_loss, loss, acc, extra={
+        "consensus_distance": consensus, "worst_worker_acc": min(accs),
+        "mean_worker_acc": sum(accs) / len(accs), "averages": averages,
+    })
+    return rec, xbar
+
+
+def decentralized_result(cfg: RunConfig, stats: dict[int, dict[str, Any]], wall: float,
+                         devices: list[str], evals: list[EvalRecord],
+                         final_params: torch.Tensor | None, numel: int,
+                         transport: str) -> RunResult:
+    """Assemble a decentralized RunResult from the workers' stats."""
+    staleness: dict[int, int] = {}
+    for s in stats.values():
+        for k, v in s["staleness"].items():
+            staleness[int(k)] = staleness.get(int(k), 0) + v
+    workers = [
+        WorkerStats(
+            worker=i, device=devices[i], slowdown=cfg.slowdown_of(i),
+            updates=stats[i]["updates"], samples=stats[i]["samples"],
+            samples_per_s=stats[i]["samples"] / wall if wall else 0.0,
+            compute_s=stats[i]["compute_s"], sleep_s=stats[i]["sleep_s"],
+        )
+        for i in range(cfg.workers)
+    ]
+    return RunResult(
+        config=cfg.to_dict(), mode="decentralized", transport=transport, n_params=numel,
+        wall_time=wall, updates=sum(w.updates for w in workers),
+        samples=sum(w.samples for w in workers), evals=evals, staleness=staleness,
+        workers=workers, final_params=final_params,
+    )
+
+
+def audit_error(cfg: RunConfig, x0: torch.Tensor, xs: torch.Tensor,
+                stats: dict[int, dict[str, Any]]) -> float:
+    """Relative error of sum_i x_i(end) == n x0 + sum of all local steps (see --audit)."""
+    steps = sum(torch.from_numpy(s["audit"]) for s in stats.values())
+    expect = cfg.workers * x0.double() + steps
+    return float((xs.double().sum(0) - expect).norm() / expect.norm())
 
 
 LOCK_TIMEOUT_S = 120.0
@@ -268,15 +354,8 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
         d = losses - last_loss
         last_loss = losses
         train_loss = float(d[:, 0].sum() / d[:, 1].sum()) if d[:, 1].sum() > 0 else None
-        xbar = xs.mean(0)
-        consensus = float(((xs - xbar) ** 2).sum(1).mean())
-        loss, acc = evaluator(xbar)
-        accs = [evaluator(xs[i])[1] for i in range(cfg.workers)] if cfg.workers > 1 else [acc]
-        rec = EvalRecord(wall, done * cfg.data.batch_size, done, train_loss, loss, acc, extra={
-            "consensus_distance": consensus, "worst_worker_acc": min(accs),
-            "mean_worker_acc": sum(accs) / len(accs),
-            "averages": int(gossip.counters[2]),
-        })
+        rec, xbar = gossip_eval_record(cfg, evaluator, xs, wall, done, train_loss,
+                                       int(gossip.counters[2]))
         evals.append(rec)
         cb(Event("eval", rec.samples, total_samples, rec))
         if final:
@@ -324,26 +403,6 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
 
     wall = max(s["finished_at"] for s in stats.values()) - t0
     if cfg.audit:
-        steps = sum(torch.from_numpy(s["audit"]) for s in stats.values())
-        expect = cfg.workers * x0.double() + steps
-        err = float((gossip.x.double().sum(0) - expect).norm() / expect.norm())
-        evals[-1].extra["audit_error"] = err
-    staleness: dict[int, int] = {}
-    for s in stats.values():
-        for k, v in s["staleness"].items():
-            staleness[int(k)] = staleness.get(int(k), 0) + v
-    workers = [
-        WorkerStats(
-            worker=i, device=devices[i], slowdown=cfg.slowdown_of(i),
-            updates=stats[i]["updates"], samples=stats[i]["samples"],
-            samples_per_s=stats[i]["samples"] / wall if wall else 0.0,
-            compute_s=stats[i]["compute_s"], sleep_s=stats[i]["sleep_s"],
-        )
-        for i in range(cfg.workers)
-    ]
-    return RunResult(
-        config=cfg.to_dict(), mode="decentralized", transport="shm", n_params=numel,
-        wall_time=wall, updates=sum(w.updates for w in workers),
-        samples=sum(w.samples for w in workers), evals=evals, staleness=staleness,
-        workers=workers, final_params=nonlocal_final[0],
-    )
+        evals[-1].extra["audit_error"] = audit_error(cfg, x0, gossip.x, stats)
+    return decentralized_result(cfg, stats, wall, devices, evals, nonlocal_final[0], numel,
+                                "shm")

@@ -1,0 +1,350 @@
+"""MPI transport (mpi4py): the same two interfaces as :mod:`.shm`, across hosts.
+
+Star (centralized): rank 0 is the master, ranks 1..N the workers. The master keeps one
+non-blocking receive posted per worker for a small metadata message and serves whichever
+completes first (``Testsome``, never round-robin); the gradient follows the metadata as
+a second message from that worker only. Parameters go back to that worker only.
+
+Gossip (decentralized): every rank is a worker and runs a *server thread* besides its
+training thread (MPI_THREAD_MULTIPLE). To average with neighbour j, worker i sends x_i to
+j's server; the server, holding j's local lock, sets x_j <- (x_i_sent + x_j)/2 and replies
+with that average; worker i then applies it as a delta, x_i += avg - x_i_sent, so a local
+step or another average that touched x_i meanwhile is kept (no update is lost, and the sum
+of all models changes only by local steps). A training thread waits only for servers, and
+a server waits only for its own short local lock, never for another rank, so no cycle of
+waits can form: deadlock-free on any connected graph. All progress is ordinary two-sided
+point-to-point messages driven by a thread that is always in MPI, so it works between
+hosts over any network MPI supports (no reliance on shared-memory one-sided progress).
+Rank 0's server also hands out the shared update budget (one claim per update).
+
+Tensors cross MPI as CPU buffers (mpi4py sends CPU torch tensors directly, no copy);
+GPU workers stage through pinned host buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# message tags
+T_META, T_TENSOR = 11, 12  # star
+T_REQ, T_DATA, T_REPLY, T_SNAP_REPLY, T_CLAIM_REPLY = 21, 22, 23, 24, 25  # gossip
+T_STATS = 31
+
+# star metadata kinds (float64 vectors: [kind, a, b, c, d])
+K_HELLO, K_GRAD, K_PARAMS, K_STOP = 1.0, 2.0, 3.0, 4.0
+# gossip request kinds
+R_AVG, R_SNAP, R_CLAIM, R_STOP, R_DONE = 1, 2, 3, 4, 5
+
+MPI_ENV_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+def launched_by_mpi() -> bool:
+    """True when this process was started by mpirun/mpiexec/srun with an MPI runtime."""
+    return any(k in os.environ for k in MPI_ENV_VARS)
+
+
+def world():
+    """(comm, rank, size) of MPI_COMM_WORLD; imports mpi4py (initialises MPI)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    return comm, comm.Get_rank(), comm.Get_size()
+
+
+def local_rank(comm) -> int:
+    """This rank's index among the ranks on its host (for cuda:(local_rank mod n_gpus))."""
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_rank()
+    finally:
+        node.Free()
+
+
+def _host_buffer(numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A CPU buffer for MPI; pinned when CUDA is present so GPU copies are DMA transfers."""
+    pin = torch.cuda.is_available()
+    return torch.zeros(numel, dtype=dtype, pin_memory=pin)
+
+
+def _wait(req, timeout: float, what: str) -> None:
+    """Wait for one request with a timeout, yielding the CPU while it is pending."""
+    deadline = time.monotonic() + timeout
+    spins = 0
+    while not req.Test():
+        spins += 1
+        if spins > 200:
+            time.sleep(0.0002)
+        else:
+            os.sched_yield()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:g} s for {what}")
+
+
+# ----------------------------------------------------------------------------- star
+class MpiStarMaster:
+    """Rank 0's side of the star; worker ``w`` is rank ``w + 1``."""
+
+    def __init__(self, comm, numel: int, timeout: float) -> None:
+        self.comm = comm
+        self.n_workers = comm.Get_size() - 1
+        self.timeout = timeout
+        self.meta = np.zeros((self.n_workers, 5))
+        self.grad = _host_buffer(numel)
+        self.reqs = [self._post(w) for w in range(self.n_workers)]
+        self.ready_set: list[int] = []
+        self.outstanding = [False] * self.n_workers  # params sent, gradient not yet received
+
+    def _post(self, w: int):
+        return self.comm.Irecv(self.meta[w], source=w + 1, tag=T_META)
+
+    def ready(self, timeout: float) -> list[int]:
+        from mpi4py import MPI
+
+        deadline = time.monotonic() + timeout
+        spins = 0
+        while True:
+            idx = MPI.Request.Testsome(self.reqs)
+            if idx:
+                return sorted(idx)
+            spins += 1
+            if spins > 200:
+                time.sleep(0.0002)
+            else:
+                os.sched_yield()
+            if time.monotonic() > deadline:
+                return []
+
+    def recv(self, worker: int) -> tuple[Any, Tensor]:
+        m = self.meta[worker].copy()
+        if m[0] == K_HELLO:
+            meta: tuple = ("hello",)
+        else:
+            self.comm.Recv(self.grad, source=worker + 1, tag=T_TENSOR)
+            meta = ("g", int(m[1]), int(m[2]), float(m[3]), float(m[4]))
+        self.outstanding[worker] = False
+        self.reqs[worker] = self._post(worker)
+        return meta, self.grad
+
+    def send(self, worker: int, params: Tensor | None, meta: Any) -> None:
+        if meta[0] == "stop":
+            if self.outstanding[worker]:  # it is computing: take (and drop) its gradient
+                _wait(self.reqs[worker], self.timeout, f"worker {worker}'s last gradient")
+                self.recv(worker)
+            self.reqs[worker].Cancel()
+            self.reqs[worker].Wait()
+            self.comm.Send(np.array([K_STOP, 0, 0, 0, 0.0]), dest=worker + 1, tag=T_META)
+            return
+        self.comm.Send(np.array([K_PARAMS, float(meta[1]), 0, 0, 0.0]), dest=worker + 1,
+                       tag=T_META)
+        assert params is not None
+        self.comm.Send(params, dest=worker + 1, tag=T_TENSOR)
+        self.outstanding[worker] = True
+
+
+class MpiStarWorker:
+    """A worker rank's side of the star."""
+
+    def __init__(self, comm, numel: int) -> None:
+        self.comm = comm
+        self.worker = comm.Get_rank() - 1
+        self.host = _host_buffer(numel)
+        self.meta = np.zeros(5)
+
+    def send(self, grad: Tensor | None, meta: Any) -> None:
+        if meta[0] == "hello":
+            self.comm.Send(np.array([K_HELLO, 0, 0, 0, 0.0]), dest=0, tag=T_META)
+            return
+        _, version, n, loss, dt = meta
+        self.comm.Send(np.array([K_GRAD, version, n, loss, dt], dtype=np.float64), dest=0,
+                       tag=T_META)
+        assert grad is not None
+        if grad.device.type != "cpu":
+            self.host.copy_(grad)
+            grad = self.host
+        self.comm.Send(grad, dest=0, tag=T_TENSOR)
+
+    def recv(self, params_out: Tensor, timeout: float) -> Any:
+        req = self.comm.Irecv(self.meta, source=0, tag=T_META)
+        try:
+            _wait(req, timeout, f"worker {self.worker}: a message from the master (rank 0)")
+        except TimeoutError:
+            req.Cancel()
+            req.Wait()
+            raise
+        if self.meta[0] == K_STOP:
+            return ("stop",)
+        if params_out.device.type == "cpu":
+            self.comm.Recv(params_out, source=0, tag=T_TENSOR)
+        else:
+            self.comm.Recv(self.host, source=0, tag=T_TENSOR)
+            params_out.copy_(self.host, non_blocking=True)
+        return ("x", int(self.meta[1]))
+
+
+# --------------------------------------------------------------------------- gossip
+class MpiGossip:
+    """One rank's gossip state: its model x (and tracked u) and the server thread.
+
+    Use from the training thread: :meth:`claim`, :meth:`snapshot`, :meth:`average_with`,
+    :meth:`update_local`, :meth:`report_loss`; then :meth:`finish`.
+    """
+
+    def __init__(self, comm, x0: Tensor, tracked: bool, total: int, timeout: float) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.worker = self.rank
+        self.size = comm.Get_size()
+        self.n_workers = self.size
+        self.timeout = timeout
+        self.x = _host_buffer(x0.numel())
+        self.x.copy_(x0)
+        self.u = _host_buffer(x0.numel()) if tracked else None
+        self.lock = threading.Lock()
+        self.version = 0
+        self.total = total
+        self.claimed = 0  # rank 0 only: updates handed out
+        self.losses = [0.0, 0]
+        self._send_buf = _host_buffer(x0.numel() * (2 if tracked else 1))
+        self._recv_buf = _host_buffer(x0.numel() * (2 if tracked else 1))
+        self._srv_buf = _host_buffer(x0.numel() * (2 if tracked else 1))
+        self.averages = 0
+        self.snapshots: list[tuple[float, int, Tensor]] = []  # rank 0: (wall, claimed, xs)
+        self.snap_at: list[int] = []
+        self.t0 = 0.0
+        self.error: BaseException | None = None
+        self.server = threading.Thread(target=self._serve, name="gossip-server", daemon=True)
+        self.server.start()
+
+    # -- the server thread ----------------------------------------------------------
+    def _pack(self, buf: Tensor) -> Tensor:
+        n = self.x.numel()
+        buf[:n].copy_(self.x)
+        if self.u is not None:
+            buf[n:].copy_(self.u)
+        return buf
+
+    def _serve(self) -> None:
+        from mpi4py import MPI
+
+        hdr = np.zeros(2, dtype=np.int64)
+        status = MPI.Status()
+        n = self.x.numel()
+        try:
+            while True:
+                # poll rather than block: a blocking MPI receive spins a core, which the
+                # training threads of oversubscribed ranks need
+                req = self.comm.Irecv(hdr, source=MPI.ANY_SOURCE, tag=T_REQ)
+                spins = 0
+                while not req.Test(status):
+                    spins += 1
+                    if spins > 200:
+                        time.sleep(0.0002)
+                    else:
+                        os.sched_yield()
+                src, kind = status.Get_source(), int(hdr[0])
+                if kind == R_STOP:
+                    return
+                if kind == R_AVG:
+                    buf = self._srv_buf
+                    self.comm.Recv(buf, source=src, tag=T_DATA)
+                    with self.lock:
+                        self.x.add_(buf[:n]).mul_(0.5)
+                        buf[:n].copy_(self.x)
+                        if self.u is not None:
+                            self.u.add_(buf[n:]).mul_(0.5)
+                            buf[n:].copy_(self.u)
+                        self.version += 1
+                    self.comm.Send(buf, dest=src, tag=T_REPLY)
+                elif kind == R_SNAP:
+                    with self.lock:
+                        snap = self.x.clone()
+                    self.comm.Send(snap, dest=src, tag=T_SNAP_REPLY)
+                elif kind == R_CLAIM:
+                    ok = self.claimed < self.total
+                    if ok:
+                        self.claimed += 1
+                    self.comm.Send(np.array([1 if ok else 0], dtype=np.int64), dest=src,
+                                   tag=T_CLAIM_REPLY)
+                else:
+                    raise AssertionError(f"unknown gossip request {kind} from rank {src}")
+        except BaseException as e:  # noqa: BLE001 - surfaced by the training thread
+            self.error = e
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"rank {self.rank}: gossip server failed: {self.error}")
+
+    # -- the training thread --------------------------------------------------------
+    def claim(self, total: int) -> bool:
+        self._check()
+        self.comm.Send(np.array([R_CLAIM, 0], dtype=np.int64), dest=0, tag=T_REQ)
+        ans = np.zeros(1, dtype=np.int64)
+        req = self.comm.Irecv(ans, source=0, tag=T_CLAIM_REPLY)
+        _wait(req, self.timeout, f"rank {self.rank}: the budget from rank 0")
+        return bool(ans[0])
+
+    def completed(self) -> None:
+        pass  # rank 0 counts claims; nothing to send
+
+    def report_loss(self, loss: float) -> None:
+        self.losses[0] += loss
+        self.losses[1] += 1
+
+    def snapshot(self, out: Tensor) -> int:
+        with self.lock:
+            out.copy_(self.x)
+            return self.version
+
+    def average_with(self, j: int) -> None:
+        self._check()
+        n = self.x.numel()
+        with self.lock:
+            sent = self._pack(self._send_buf)
+        self.comm.Send(np.array([R_AVG, 0], dtype=np.int64), dest=j, tag=T_REQ)
+        self.comm.Send(sent, dest=j, tag=T_DATA)
+        req = self.comm.Irecv(self._recv_buf, source=j, tag=T_REPLY)
+        _wait(req, self.timeout, f"rank {self.rank}: rank {j}'s answer to an average")
+        avg = self._recv_buf
+        with self.lock:  # as a delta: keep whatever touched x_i since it was sent
+            self.x.add_(avg[:n]).sub_(sent[:n])
+            if self.u is not None:
+                self.u.add_(avg[n:]).sub_(sent[n:])
+            self.version += 1
+        self.averages += 1
+
+    def update_local(self, fn) -> int:
+        with self.lock:
+            fn(self.x, self.u)
+            self.version += 1
+            return self.version
+
+    # -- rank 0: monitoring ---------------------------------------------------------
+    def gather_snapshots(self) -> Tensor:
+        """Every rank's current x (each taken under that rank's lock), via the servers."""
+        xs = torch.zeros(self.size, self.x.numel())
+        for r in range(self.size):
+            self.comm.Send(np.array([R_SNAP, 0], dtype=np.int64), dest=r, tag=T_REQ)
+            req = self.comm.Irecv(xs[r], source=r, tag=T_SNAP_REPLY)
+            _wait(req, self.timeout, f"rank {r}'s snapshot")
+        return xs
+
+    def finish(self) -> None:
+        """After the last local step: wait until every rank is done (servers keep serving
+        meanwhile), then stop this rank's server."""
+        _wait(self.comm.Ibarrier(), self.timeout, f"rank {self.rank}: the other ranks to finish")
+        self.comm.Send(np.array([R_STOP, 0], dtype=np.int64), dest=self.rank, tag=T_REQ)
+        self.server.join(timeout=self.timeout)
+        self._check()
+
+
+__all__ = ["MpiStarMaster", "MpiStarWorker", "MpiGossip", "launched_by_mpi", "world",
+           "local_rank"]
