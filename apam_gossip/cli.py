@@ -273,6 +273,35 @@ def _compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(a: argparse.Namespace) -> int:
+    import json
+    import shlex
+
+    from .bench import bench_pairwise, bench_transport
+
+    if a.bench == "pairwise":
+        if not a.size_mb > 0 or a.reps < 1:
+            raise UserError("--size-mb must be > 0 and --reps >= 1")
+        r = bench_pairwise(a.size_mb, a.reps)
+        print(f"pairwise average of {a.size_mb:g} MB over MPI: {1e3 * r['pairwise_average_s']:.3f}"
+              f" ms; ping-pong of {a.size_mb:g} MB: {1e3 * r['pingpong_s']:.3f} ms; ratio "
+              f"{r['ratio_average_to_pingpong']:.2f}x (memcpy {1e3 * r['memcpy_s']:.3f} ms)")
+        print(json.dumps(r))
+        return 0
+    if a.workers < 1 or a.repeats < 1:
+        raise UserError("--workers and --repeats must be >= 1")
+    for mode in [m.strip() for m in a.modes.split(",") if m.strip()]:
+        if mode not in ("centralized", "decentralized"):
+            raise UserError(f"--modes: {mode!r} is not centralized or decentralized")
+        r = bench_transport(mode, a.workers, shlex.split(a.train_args), a.repeats)
+        shm = ", ".join(f"{v:.0f}" for v in r["shm_samples_per_s"])
+        mpi = ", ".join(f"{v:.0f}" for v in r["mpi_samples_per_s"])
+        print(f"{mode}, {a.workers} workers: samples/s shm [{shm}]  mpi [{mpi}]  "
+              f"MPI/shm (medians) {r['ratio_median']:.3f}")
+        print(json.dumps(r))
+    return 0
+
+
 def _topology(a: argparse.Namespace) -> int:
     from .topology import (
         describe_text,
@@ -389,6 +418,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "node count; required for generated topologies)")
     g.add_argument("--seed", type=int, default=0, help="seed for random topologies")
     g.add_argument("--png", metavar="PATH", help="also draw the graph to this PNG file")
+    b = sub.add_parser("bench", help="transport micro-benchmarks (MPI vs shared memory; "
+                       "pairwise average vs ping-pong)",
+                       description="Benchmarks that launch mpirun themselves.")
+    bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    bt = bsub.add_parser("transport", help="same run on shared memory and under mpirun")
+    bt.add_argument("--modes", default="centralized,decentralized")
+    bt.add_argument("--workers", type=int, default=4)
+    bt.add_argument("--repeats", type=int, default=3)
+    bt.add_argument("--train-args", default="--model lenet5 --dataset fashion-mnist "
+                    "--train-limit 12000 --epochs 1 --evals 1",
+                    help="flags for each 'apam-gossip train' run (one string)")
+    bp = bsub.add_parser("pairwise", help="one pairwise average over MPI vs ping-pong")
+    bp.add_argument("--size-mb", type=float, default=4.0)
+    bp.add_argument("--reps", type=int, default=30)
     d = sub.add_parser("demo", help="a short real run on the embedded digits data",
                        description="APAM with 4 workers (one 4x slower) on scikit-learn's "
                        "real 8x8 digits; under a minute on 2 cores.")
@@ -406,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "topology":
             return _topology(args)
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "demo":
             banner = ("demo: centralized APAM (asynchronous AMSGrad) on scikit-learn's real "
                       "8x8 handwritten digits:\n  a master process owns the model, 4 worker "

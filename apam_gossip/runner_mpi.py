@@ -233,4 +233,31 @@ def _decentralized(cfg: RunConfig, dataset: Dataset, cb, comm, rank: int,
     return decentralized_result(cfg, stats_by, wall, devices, evals, xbar, x0.numel(), "mpi")
 
 
-__all__ = ["run_mpi"]
+
+def mpi_gossip_consensus(graph, x0: torch.Tensor, averages_per_worker: int, seed: int = 0,
+                         timeout_s: float = 120.0) -> torch.Tensor | None:
+    """The MPI twin of :func:`apam_gossip.algorithms.adpsgd.gossip_consensus`: call on
+    every rank (rank r starts from row r of ``x0``); rank 0 gets the final rows."""
+    import os
+
+    import numpy as np
+
+    from .topology import neighbor_probabilities
+
+    comm, rank, size = tmpi.world()
+    if x0.shape[0] != size:
+        raise ConfigError(f"x0 has {x0.shape[0]} rows but mpirun started {size} ranks")
+    nb, probs = neighbor_probabilities(graph)[rank]
+    g = tmpi.MpiGossip(comm, x0[rank], tracked=False, total=0, timeout=timeout_s)
+    rng = np.random.default_rng(seed * 1000 + rank)
+    comm.Barrier()
+    for _ in range(averages_per_worker if nb else 0):
+        g.average_with(int(rng.choice(nb, p=np.asarray(probs) / sum(probs))))
+        os.sched_yield()  # stands in for gradient time between averages
+    g.finish()
+    out = torch.zeros_like(x0) if rank == 0 else None
+    comm.Gather(g.x.contiguous(), out, root=0)
+    return out
+
+
+__all__ = ["run_mpi", "mpi_gossip_consensus"]

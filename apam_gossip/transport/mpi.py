@@ -40,7 +40,7 @@ T_STATS = 31
 # star metadata kinds (float64 vectors: [kind, a, b, c, d])
 K_HELLO, K_GRAD, K_PARAMS, K_STOP = 1.0, 2.0, 3.0, 4.0
 # gossip request kinds
-R_AVG, R_SNAP, R_CLAIM, R_STOP, R_DONE = 1, 2, 3, 4, 5
+R_SNAP, R_CLAIM, R_STOP = 2, 3, 4  # (averages travel as T_DATA payloads)
 
 MPI_ENV_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
@@ -75,16 +75,35 @@ def _host_buffer(numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.zeros(numel, dtype=dtype, pin_memory=pin)
 
 
-def _wait(req, timeout: float, what: str) -> None:
-    """Wait for one request with a timeout, yielding the CPU while it is pending."""
-    deadline = time.monotonic() + timeout
-    spins = 0
-    while not req.Test():
-        spins += 1
-        if spins > 200:
-            time.sleep(0.0002)
-        else:
+SPIN_S = 0.0005  # poll with sched_yield this long before falling back to short sleeps
+NAP_S = 0.00005
+
+
+class _Poll:
+    """Polling instead of blocking MPI waits: a blocking OpenMPI call spins a core at full
+    speed, which oversubscribed ranks' training threads need. Spin briefly (yielding) for
+    low latency, then nap."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def pause(self) -> None:
+        if time.monotonic() - self.start < SPIN_S:
             os.sched_yield()
+        else:
+            time.sleep(NAP_S)
+
+
+def _wait(req, timeout: float, what: str, patient: bool = False) -> None:
+    """Wait for one request with a timeout, yielding the CPU while it is pending
+    (``patient``: no rush, nap 1 ms at a time and leave the CPU to the server thread)."""
+    deadline = time.monotonic() + timeout
+    poll = _Poll()
+    while not req.Test():
+        if patient:
+            time.sleep(0.001)
+        else:
+            poll.pause()
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout:g} s for {what}")
 
@@ -110,16 +129,12 @@ class MpiStarMaster:
         from mpi4py import MPI
 
         deadline = time.monotonic() + timeout
-        spins = 0
+        poll = _Poll()
         while True:
             idx = MPI.Request.Testsome(self.reqs)
             if idx:
                 return sorted(idx)
-            spins += 1
-            if spins > 200:
-                time.sleep(0.0002)
-            else:
-                os.sched_yield()
+            poll.pause()
             if time.monotonic() > deadline:
                 return []
 
@@ -233,38 +248,43 @@ class MpiGossip:
         return buf
 
     def _serve(self) -> None:
+        """Serve requests until told to stop. Two receives stay posted: small headers
+        (snapshot, claim, stop) and averaging payloads, so an average is one message
+        each way."""
         from mpi4py import MPI
 
         hdr = np.zeros(2, dtype=np.int64)
         status = MPI.Status()
         n = self.x.numel()
+        buf = self._srv_buf
+        reqs = [self.comm.Irecv(hdr, source=MPI.ANY_SOURCE, tag=T_REQ),
+                self.comm.Irecv(buf, source=MPI.ANY_SOURCE, tag=T_DATA)]
         try:
             while True:
-                # poll rather than block: a blocking MPI receive spins a core, which the
-                # training threads of oversubscribed ranks need
-                req = self.comm.Irecv(hdr, source=MPI.ANY_SOURCE, tag=T_REQ)
-                spins = 0
-                while not req.Test(status):
-                    spins += 1
-                    if spins > 200:
-                        time.sleep(0.0002)
-                    else:
-                        os.sched_yield()
-                src, kind = status.Get_source(), int(hdr[0])
-                if kind == R_STOP:
-                    return
-                if kind == R_AVG:
-                    buf = self._srv_buf
-                    self.comm.Recv(buf, source=src, tag=T_DATA)
+                poll = _Poll()
+                while True:
+                    idx, done = MPI.Request.Testany(reqs, status)
+                    if done and idx != MPI.UNDEFINED:
+                        break
+                    poll.pause()
+                src = status.Get_source()
+                if idx == 1:  # an average: x <- (x + x_src) / 2, reply with it
                     with self.lock:
-                        self.x.add_(buf[:n]).mul_(0.5)
+                        torch.lerp(self.x, buf[:n], 0.5, out=self.x)
                         buf[:n].copy_(self.x)
                         if self.u is not None:
-                            self.u.add_(buf[n:]).mul_(0.5)
+                            torch.lerp(self.u, buf[n:], 0.5, out=self.u)
                             buf[n:].copy_(self.u)
                         self.version += 1
                     self.comm.Send(buf, dest=src, tag=T_REPLY)
-                elif kind == R_SNAP:
+                    reqs[1] = self.comm.Irecv(buf, source=MPI.ANY_SOURCE, tag=T_DATA)
+                    continue
+                kind = int(hdr[0])
+                if kind == R_STOP:
+                    reqs[1].Cancel()
+                    reqs[1].Wait()
+                    return
+                if kind == R_SNAP:
                     with self.lock:
                         snap = self.x.clone()
                     self.comm.Send(snap, dest=src, tag=T_SNAP_REPLY)
@@ -276,6 +296,7 @@ class MpiGossip:
                                    tag=T_CLAIM_REPLY)
                 else:
                     raise AssertionError(f"unknown gossip request {kind} from rank {src}")
+                reqs[0] = self.comm.Irecv(hdr, source=MPI.ANY_SOURCE, tag=T_REQ)
         except BaseException as e:  # noqa: BLE001 - surfaced by the training thread
             self.error = e
 
@@ -309,15 +330,14 @@ class MpiGossip:
         n = self.x.numel()
         with self.lock:
             sent = self._pack(self._send_buf)
-        self.comm.Send(np.array([R_AVG, 0], dtype=np.int64), dest=j, tag=T_REQ)
-        self.comm.Send(sent, dest=j, tag=T_DATA)
         req = self.comm.Irecv(self._recv_buf, source=j, tag=T_REPLY)
+        self.comm.Send(sent, dest=j, tag=T_DATA)
         _wait(req, self.timeout, f"rank {self.rank}: rank {j}'s answer to an average")
-        avg = self._recv_buf
+        delta = self._recv_buf.sub_(sent)  # avg - sent
         with self.lock:  # as a delta: keep whatever touched x_i since it was sent
-            self.x.add_(avg[:n]).sub_(sent[:n])
+            self.x.add_(delta[:n])
             if self.u is not None:
-                self.u.add_(avg[n:]).sub_(sent[n:])
+                self.u.add_(delta[n:])
             self.version += 1
         self.averages += 1
 
@@ -340,7 +360,8 @@ class MpiGossip:
     def finish(self) -> None:
         """After the last local step: wait until every rank is done (servers keep serving
         meanwhile), then stop this rank's server."""
-        _wait(self.comm.Ibarrier(), self.timeout, f"rank {self.rank}: the other ranks to finish")
+        _wait(self.comm.Ibarrier(), self.timeout, f"rank {self.rank}: the other ranks to finish",
+              patient=True)
         self.comm.Send(np.array([R_STOP, 0], dtype=np.int64), dest=self.rank, tag=T_REQ)
         self.server.join(timeout=self.timeout)
         self._check()

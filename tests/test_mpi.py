@@ -1,0 +1,91 @@
+"""MPI tier: real `mpirun` jobs (oversubscribed on 2 cores), each with a timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+MPIRUN = Path(sys.executable).parent / "mpirun"
+
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(not MPIRUN.exists(), reason="mpirun not in the venv: pip install "
+                       "'apam_gossip[mpi]' (launch/setup.sh does)"),
+]
+
+ENV = {
+    **os.environ,
+    "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "self,sm,tcp", "OMPI_MCA_osc": "sm,rdma",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def mpirun(n: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    cmd = [str(MPIRUN), "-n", str(n), "--map-by", ":OVERSUBSCRIBE", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "apam_gossip", *args]
+
+
+def test_centralized_over_mpi_converges_on_digits(tmp_path):
+    out = tmp_path / "c.json"
+    p = mpirun(3, *cli("train", "--mode", "centralized", "--epochs", "15", "--lr", "2e-3",
+                       "--evals", "3", "-o", str(out)))
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(out.read_text())
+    assert d["transport"] == "mpi" and d["mode"] == "centralized"
+    assert d["config"]["workers"] == 2 and len(d["workers"]) == 2
+    assert d["final_accuracy"] >= 0.95
+    assert sum(d["staleness"].values()) == d["updates"]
+    assert all(w["updates"] > 0 for w in d["workers"])
+    assert p.stdout.count("result written to") == 1  # only rank 0 reports
+
+
+def test_decentralized_over_mpi_converges_and_loses_nothing(tmp_path):
+    out = tmp_path / "d.json"
+    p = mpirun(4, *cli("train", "--mode", "decentralized", "--topology",
+                       str(HERE.parent / "topologies" / "ring4.edgelist"), "--epochs", "15",
+                       "--lr", "2e-3", "--evals", "3", "--audit", "-o", str(out)))
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(out.read_text())
+    assert d["transport"] == "mpi" and d["config"]["workers"] == 4
+    assert d["final_accuracy"] >= 0.95
+    last = d["evals"][-1]["extra"]
+    assert last["audit_error"] <= 1e-5
+    assert last["averages"] == d["updates"]
+    assert last["worst_worker_acc"] >= 0.9
+
+
+@pytest.mark.parametrize("topology", ["complete", "ring"])
+def test_conservation_over_mpi(tmp_path, topology):
+    out = tmp_path / "x.pt"
+    p = mpirun(4, sys.executable, str(HERE / "mpi_scripts" / "consensus.py"), topology, "400",
+               str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = torch.load(out, weights_only=True)
+    x0, x = r["x0"].double(), r["x"].double()
+    rel = ((x.mean(0) - x0.mean(0)).norm() / x0.mean(0).norm()).item()
+    assert rel <= 1e-5
+    d0 = ((x0 - x0.mean(0)) ** 2).sum(1).mean()
+    d = ((x - x.mean(0)) ** 2).sum(1).mean()
+    assert d <= 1e-6 * d0, (d, d0)
+
+
+@pytest.mark.parametrize("mode", ["centralized", "decentralized"])
+def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, mode):
+    out = tmp_path / "f.json"
+    p = mpirun(3, sys.executable, str(HERE / "mpi_scripts" / "fail_rank.py"), mode, str(out),
+               timeout=120)
+    assert p.returncode != 0
+    assert "[rank 1]" in p.stderr and "/nonexistent/fmnist" in p.stderr
+    assert not out.exists()
