@@ -45,6 +45,8 @@ def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     p.add_argument("--topology", metavar="FILE_OR_NAME", help="decentralized: a graph file "
                    "(see topologies/README.md) or ring, torus, exponential, complete, star, "
                    "regular:D, bipartite, chain")
+    p.add_argument("--transport", choices=("auto", "shm", "mpi"), help="auto: MPI when "
+                   "started by mpirun with several ranks, else shared memory")
     p.add_argument("--audit", action="store_true", default=None, help="decentralized: "
                    "check at the end that sum_i x_i = sum_i x_i(0) + all local steps")
     p.add_argument("--adaptive-state", choices=ADAPTIVE_STATES, help="decentralized: local "
@@ -94,7 +96,8 @@ def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
 def _overrides(a: argparse.Namespace) -> dict[str, Any]:
     """Nested config overrides from the flags that were given."""
     top = ("mode", "workers", "model", "epochs", "steps", "seed", "evals", "device",
-           "threads_per_worker", "timeout_s", "topology", "adaptive_state", "audit")
+           "threads_per_worker", "timeout_s", "topology", "adaptive_state", "audit",
+           "transport")
     data = ("dataset", "data_dir", "partition", "dirichlet_alpha", "batch_size",
             "train_limit", "test_limit")
     optim = {"optim_name": "name", "lr": "lr", "beta1": "beta1", "beta2": "beta2",
@@ -427,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--workers", type=int, default=4)
     bt.add_argument("--repeats", type=int, default=3)
     bt.add_argument("--train-args", default="--model lenet5 --dataset fashion-mnist "
-                    "--train-limit 12000 --epochs 1 --evals 1",
+                    "--train-limit 12000 --test-limit 500 --epochs 1 --evals 1",
                     help="flags for each 'apam-gossip train' run (one string)")
     bp = bsub.add_parser("pairwise", help="one pairwise average over MPI vs ping-pong")
     bp.add_argument("--size-mb", type=float, default=4.0)

@@ -101,10 +101,15 @@ def resolve_transport(cfg: RunConfig) -> str:
             raise ConfigError("transport mpi needs mpi4py: pip install 'apam_gossip[mpi]'") \
                 from None
         return "mpi"
-    if cfg.transport == "auto" and launched_by_mpi():
+    if launched_by_mpi():
         from .transport.mpi import world
 
-        return "mpi" if world()[2] > 1 else "shm"
+        size = world()[2]
+        if size > 1 and cfg.transport == "shm":
+            raise ConfigError(f"transport shm under mpirun with {size} ranks would start "
+                              f"{size} separate runs; use --transport auto or mpi, or run "
+                              "without mpirun")
+        return "mpi" if size > 1 else "shm"
     return "shm"
 
 

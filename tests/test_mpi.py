@@ -89,3 +89,23 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, mode):
     assert p.returncode != 0
     assert "[rank 1]" in p.stderr and "/nonexistent/fmnist" in p.stderr
     assert not out.exists()
+
+
+def test_readme_launch_script(tmp_path):
+    out = tmp_path / "l.json"
+    script = HERE.parent / "launch" / "mpirun.sh"
+    p = subprocess.run([str(script), "-n", "2", "train", "--mode", "decentralized",
+                        "--topology", "ring", "--steps", "100", "-o", str(out), "-q"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(out.read_text())["transport"] == "mpi"
+    p = subprocess.run([str(script), "-n", "zero", "train"], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "-n N" in p.stderr
+
+
+def test_shm_transport_is_refused_under_mpirun(tmp_path):
+    p = mpirun(2, *cli("train", "--transport", "shm", "--steps", "10",
+                       "-o", str(tmp_path / "s.json")), timeout=120)
+    assert p.returncode != 0
+    assert "would start 2 separate runs" in p.stderr
