@@ -21,7 +21,8 @@ from .errors import UserError
 from .models import MODELS
 from .optim import OPTIMIZERS, Optimizer
 
-MODES: tuple[str, ...] = ("centralized", "decentralized", "sequential")
+MODES: tuple[str, ...] = ("centralized", "decentralized", "sequential", "allreduce", "dpsgd")
+ASYNC_MODES: tuple[str, ...] = ("centralized", "decentralized")
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 TRANSPORTS: tuple[str, ...] = ("auto", "shm", "mpi")
@@ -68,6 +69,27 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    """Emulated links: a transfer of ``B`` bytes between workers ``i`` and ``j`` (``-1`` is
+    the master) sleeps ``latency + B / bandwidth`` where latency is ``latency_ms`` plus the
+    larger of the two workers' extra ``worker_latency_ms`` and bandwidth the smallest of
+    ``bandwidth_gbps`` and the two workers' ``worker_bandwidth_gbps`` (0 = unlimited).
+    ``links`` overrides single links: ``[i, j, latency_ms, bandwidth_gbps]``.
+    """
+
+    latency_ms: float = 0.0
+    bandwidth_gbps: float = 0.0
+    worker_latency_ms: tuple[float, ...] = ()
+    worker_bandwidth_gbps: tuple[float, ...] = ()
+    links: tuple[tuple[float, ...], ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.latency_ms or self.bandwidth_gbps or any(self.worker_latency_ms)
+                    or any(self.worker_bandwidth_gbps) or self.links)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that determines a run.
 
@@ -75,6 +97,16 @@ class RunConfig:
     model updates when ``steps`` is set. ``slowdown[i]`` makes worker ``i`` sleep
     ``(slowdown[i] - 1) x`` its compute time after each gradient (1.0 = full speed;
     missing entries are 1.0), which injects heterogeneity on any machine.
+
+    Stragglers: besides the fixed ``slowdown``, each gradient of any worker is
+    ``straggler_factor`` times slower with probability ``straggler_prob``. ``network``
+    emulates link latency and bandwidth (see :class:`NetworkConfig`). Both act the same way
+    in every mode and transport.
+
+    Synchronous baselines: ``allreduce`` (every step averages all workers' gradients, then
+    every replica takes the same optimizer step: global batch = batch_size x workers) and
+    ``dpsgd`` (synchronous D-PSGD: every round each worker mixes its neighbours' models
+    with Metropolis-Hastings weights, then takes a local step).
 
     Decentralized mode: ``topology`` is a generator name (``ring``, ``complete``, ...) or
     a graph file (see :mod:`apam_gossip.topology`); ``adaptive_state`` is ``local``
@@ -99,6 +131,9 @@ class RunConfig:
     topology: str = "ring"
     adaptive_state: str = "local"
     audit: bool = False  # decentralized: check sum_i x_i == sum_i x_i(0) + all local steps
+    straggler_prob: float = 0.0  # each gradient: with this probability ...
+    straggler_factor: float = 1.0  # ... the worker is this many times slower
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -155,6 +190,33 @@ class RunConfig:
         for i, s in enumerate(self.slowdown):
             if not s >= 1.0:
                 raise ConfigError(f"slowdown[{i}] must be >= 1 (1 = full speed), got {s}")
+        if not 0 <= self.straggler_prob <= 1:
+            raise ConfigError(f"straggler_prob must be in [0, 1], got {self.straggler_prob}")
+        if not self.straggler_factor >= 1:
+            raise ConfigError(f"straggler_factor must be >= 1, got {self.straggler_factor}")
+        net = self.network
+        for name in ("latency_ms", "bandwidth_gbps"):
+            if not getattr(net, name) >= 0:
+                raise ConfigError(f"network.{name} must be >= 0, got {getattr(net, name)}")
+        for name in ("worker_latency_ms", "worker_bandwidth_gbps"):
+            vals = getattr(net, name)
+            if len(vals) > self.workers:
+                raise ConfigError(f"network.{name} has {len(vals)} entries but there are only "
+                                  f"{self.workers} workers")
+            for i, v in enumerate(vals):
+                if not v >= 0:
+                    raise ConfigError(f"network.{name}[{i}] must be >= 0, got {v}")
+        for k, link in enumerate(net.links):
+            if len(link) != 4:
+                raise ConfigError(f"network.links[{k}] must be [i, j, latency_ms, "
+                                  f"bandwidth_gbps], got {list(link)}")
+            i, j, lat, bw = link
+            for end in (i, j):
+                if end != int(end) or not -1 <= end < self.workers:
+                    raise ConfigError(f"network.links[{k}]: {end} is not a worker "
+                                      f"(0..{self.workers - 1}) or -1 (the master)")
+            if not (lat >= 0 and bw >= 0):
+                raise ConfigError(f"network.links[{k}]: latency and bandwidth must be >= 0")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise ConfigError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
         if not self.timeout_s > 0:

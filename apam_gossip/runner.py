@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .algorithms import adpsgd, apam
+from .algorithms import adpsgd, apam, sync
 from .algorithms.common import (
     LocalWorker,
     device_for,
@@ -29,7 +29,7 @@ from .data import Dataset, load_dataset, partition
 from .evaluate import Evaluator
 from .procs import ChildFailed, ProcessGroup
 from .result import EvalRecord, RunResult, WorkerStats
-from .transport.shm import ShmGossip, ShmStar
+from .transport.shm import ShmGossip, ShmStar, ShmSync
 
 
 class RunTimeout(RuntimeError):
@@ -85,6 +85,8 @@ def run(config: RunConfig, *, dataset: Dataset | None = None,
             return _run_centralized(config, dataset, cb)
         if config.mode == "decentralized":
             return _run_decentralized(config, dataset, cb)
+        if config.mode in ("allreduce", "dpsgd"):
+            return _run_sync(config, dataset, cb)
         raise AssertionError(f"unhandled mode {config.mode!r}")
     finally:
         torch.set_num_threads(old_threads)
@@ -411,3 +413,71 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
         evals[-1].extra["audit_error"] = audit_error(cfg, x0, gossip.x, stats)
     return decentralized_result(cfg, stats, wall, devices, evals, nonlocal_final[0], numel,
                                 "shm")
+
+
+def _run_sync(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResult:
+    """The synchronous baselines (allreduce, dpsgd) over shared memory: N worker processes.
+
+    The budget is the same number of gradients as the asynchronous modes, in rounds of one
+    gradient per worker: rounds = ceil(total updates / workers).
+    """
+    from .topology import make_topology, metropolis_hastings_weights, validate_topology
+
+    sh = _Shared.prepare(cfg, dataset)
+    n = cfg.workers
+    rounds = max(1, -(-sh.total // n))
+    total_samples = rounds * n * cfg.data.batch_size
+    eval_at = eval_points(rounds, cfg.evals)
+    snaps = torch.zeros(len(eval_at) + 1, sh.numel).share_memory_()
+    weights: dict[int, list] = {}
+    neighbors: dict[int, list[int]] = {i: [] for i in range(n)}
+    if cfg.mode == "dpsgd":
+        graph = validate_topology(make_topology(cfg.topology, n, seed=cfg.seed), n)
+        weights = metropolis_hastings_weights(graph)
+        neighbors = {i: [j for j, _ in weights[i] if j != i] for i in range(n)}
+    state = ShmSync(n, sh.numel)
+    evals: list[EvalRecord] = []
+    stats: dict[int, dict[str, Any]] = {}
+    final_params = None
+    with ProcessGroup() as group:
+        for i in range(n):
+            group.start(f"worker {i}", sync.sync_worker_main,
+                        (state.end(i, cfg.timeout_s), cfg, dataset, sh.shards[i], sh.devices[i],
+                         sh.x0, rounds, eval_at, snaps, weights.get(i), neighbors[i]),
+                        threads=sh.threads)
+        cb(Event("start", 0, total_samples))
+        deadline = time.monotonic() + cfg.timeout_s
+        while len(stats) < n:
+            if time.monotonic() > deadline:
+                raise RunTimeout(f"run exceeded timeout_s={cfg.timeout_s:g} s; still running: "
+                                 f"{', '.join(group.alive()) or 'none'}")
+            for name, msg in group.poll(0.5):
+                if msg[0] == "snap":
+                    _, j, wall, samples, k, train_loss, final, extra = msg
+                    loss, acc = sh.evaluator(snaps[j])
+                    rec = EvalRecord(wall, samples, k, train_loss, loss, acc, extra=extra)
+                    if final:
+                        final_params = snaps[j].clone()
+                    evals.append(rec)
+                    cb(Event("eval", samples, total_samples, rec))
+                elif msg[0] == "progress":
+                    cb(Event("progress", msg[1], total_samples))
+                elif msg[0] == "stats":
+                    stats[msg[1]["worker"]] = msg[1]
+                else:
+                    raise AssertionError(f"unexpected message from {name}: {msg!r}")
+        if not group.join(30.0):
+            raise ChildFailed(", ".join(group.alive()), "did not exit after the run finished")
+    wall = max(st["wall_time"] for st in stats.values())
+    workers = [
+        WorkerStats(worker=i, device=sh.devices[i], slowdown=cfg.slowdown_of(i),
+                    updates=stats[i]["updates"], samples=stats[i]["samples"],
+                    samples_per_s=stats[i]["samples"] / wall if wall else 0.0,
+                    compute_s=stats[i]["compute_s"], sleep_s=stats[i]["sleep_s"])
+        for i in range(n)
+    ]
+    return RunResult(
+        config=cfg.to_dict(), mode=cfg.mode, transport="shm", n_params=sh.numel,
+        wall_time=wall, updates=rounds, samples=sum(w.samples for w in workers), evals=evals,
+        staleness={0: rounds}, workers=workers, final_params=final_params,
+    )

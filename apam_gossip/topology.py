@@ -694,3 +694,17 @@ def draw_topology(g: nx.Graph, path: str | os.PathLike[str], name: str | None = 
         _atomic_write(p, lambda fh: fig.savefig(fh, format="png"))
     except OSError as e:
         raise TopologyError(f"cannot write {p}: {_first_line(e)}") from e
+
+
+def metropolis_hastings_weights(g: nx.Graph) -> dict[int, list[tuple[int, float]]]:
+    """Synchronous gossip weights (D-PSGD): W_ij = 1 / (1 + max(d_i, d_j)) for each edge,
+    W_ii = 1 - sum_j W_ij. W is symmetric and doubly stochastic, so one synchronous mixing
+    round keeps the mean of the models. Edge weights (selection probabilities of the
+    asynchronous mode) are ignored. Returns, per node, ``(j, W_ij)`` pairs, self included.
+    """
+    deg = dict(g.degree())
+    out: dict[int, list[tuple[int, float]]] = {}
+    for i in sorted(g.nodes):
+        pairs = [(int(j), 1.0 / (1 + max(deg[i], deg[j]))) for j in sorted(g.neighbors(i))]
+        out[int(i)] = [(int(i), 1.0 - sum(w for _, w in pairs))] + pairs
+    return out

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from ..config import RunConfig
 from ..data import Dataset
+from ..emulation import LinkModel
 from ..transport.shm import ShmGossip, ShmGossipEnd
 from .common import LocalWorker, worker_seed
 
@@ -84,6 +85,7 @@ def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Da
     grad_cpu = torch.zeros(w.flat.numel) if w.device.type != "cpu" else None
     pick = _neighbors_rng(neighbors, probs, worker_seed(cfg.seed, i) + 1) if neighbors else None
     tracked = cfg.adaptive_state == "tracked"
+    link = LinkModel(cfg.network, 4 * w.flat.numel * (2 if tracked else 1))
     # audit: the sum of this worker's local steps, to check that none was lost
     audit = torch.zeros(w.flat.numel, dtype=torch.float64) if cfg.audit else None
     staleness: Counter[int] = Counter()
@@ -101,7 +103,9 @@ def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Da
             grad_cpu.copy_(g)
             g = grad_cpu
         if pick is not None:
-            end.average_with(pick())
+            j = pick()
+            link.sleep(2 * link.seconds(i, j))  # emulated link: model there and back
+            end.average_with(j)
             averages += 1
 
         v1 = end.update_local(partial(_local_step, opt, g, state, tracked, audit))

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..config import OptimConfig, RunConfig
 from ..data import Dataset
+from ..emulation import MASTER, LinkModel
 from ..transport import MasterEnd, WorkerEnd
 from .common import LocalWorker
 
@@ -123,13 +124,20 @@ def worker_main(ctrl: Connection, end: WorkerEnd, cfg: RunConfig, dataset: Datas
                 shard: Tensor, device: str) -> None:
     """Receive x, compute one gradient at it, send it; until the master says stop."""
     w = LocalWorker.build(cfg, dataset, shard, end.worker, torch.device(device))
+    link = LinkModel(cfg.network, 4 * w.flat.numel)
+    to_master = link.seconds(end.worker, MASTER)  # emulated link: down and up per update
     end.send(None, ("hello",))
+    first = True
     while True:
         meta = end.recv(w.flat.params, timeout=cfg.timeout_s)
         if meta[0] == "stop":
             break
+        if not first:
+            link.sleep(to_master)
+        first = False
         version = meta[1]
         loss, n_samples, dt = w.gradient()
+        link.sleep(to_master)
         end.send(w.flat.grads, ("g", version, n_samples, loss, dt))
     ctrl.send(("stats", {"worker": w.index, "device": str(w.device), "compute_s": w.compute_s,
                          "sleep_s": w.sleep_s, "batches": w.batches}))

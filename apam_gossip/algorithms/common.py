@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 
@@ -85,6 +86,9 @@ class LocalWorker:
     flat: FlatParams
     stream: BatchStream
     slowdown: float = 1.0
+    straggler_prob: float = 0.0
+    straggler_factor: float = 1.0
+    rng: random.Random | None = None
     compute_s: float = 0.0
     sleep_s: float = 0.0
     batches: int = 0
@@ -102,12 +106,16 @@ class LocalWorker:
             ys = dataset.y_train[shard].to(device)
             stream = BatchStream(xs, ys, torch.arange(len(shard)), cfg.data.batch_size,
                                  worker_seed(cfg.seed, index))
-        return cls(index, device, model, flat, stream, cfg.slowdown_of(index))
+        return cls(index, device, model, flat, stream, cfg.slowdown_of(index),
+                   cfg.straggler_prob, cfg.straggler_factor,
+                   random.Random(worker_seed(cfg.seed, index) + 17))
 
     def gradient(self) -> tuple[float, int, float]:
         """One mini-batch gradient into ``flat.grads``: (loss, n_samples, compute seconds).
 
-        Then sleeps ``(slowdown - 1) x`` the compute time to emulate a slower machine.
+        Then sleeps ``(factor - 1) x`` the compute time to emulate a slower machine, where
+        factor is ``slowdown``, times ``straggler_factor`` with probability
+        ``straggler_prob`` (a random straggler).
         """
         t = time.perf_counter()
         x, y = self.stream.next()
@@ -117,8 +125,12 @@ class LocalWorker:
         dt = time.perf_counter() - t
         self.compute_s += dt
         self.batches += 1
-        if self.slowdown > 1.0:
-            pause = (self.slowdown - 1.0) * dt
+        factor = self.slowdown
+        if self.straggler_prob and self.rng is not None \
+                and self.rng.random() < self.straggler_prob:
+            factor *= self.straggler_factor
+        if factor > 1.0:
+            pause = (factor - 1.0) * dt
             time.sleep(pause)
             self.sleep_s += pause
         return loss, int(y.shape[0]), dt

@@ -228,3 +228,66 @@ class ShmGossipEnd:
             return int(self.versions[i])
         finally:
             self.locks[i].release()
+
+
+class SyncTimeout(TimeoutError):
+    """A synchronous step waited too long for the other workers."""
+
+
+class ShmSync:
+    """Shared-memory state for the synchronous baselines: one slot per worker and a barrier.
+
+    :meth:`ShmSyncEnd.allreduce_mean` and :meth:`ShmSyncEnd.mix` are collective: every
+    worker calls them once per step. Every worker reduces the same slots in the same
+    order, so replicas that start equal stay bitwise equal.
+    """
+
+    def __init__(self, n_workers: int, numel: int, dtype: torch.dtype = torch.float32) -> None:
+        self.n_workers = n_workers
+        self.slots = torch.zeros(n_workers, numel, dtype=dtype).share_memory_()
+        self.barrier = CTX.Barrier(n_workers)
+
+    def end(self, i: int, timeout: float) -> ShmSyncEnd:
+        return ShmSyncEnd(i, self.slots, self.barrier, timeout)
+
+
+class ShmSyncEnd:
+    def __init__(self, i: int, slots: Tensor, barrier, timeout: float) -> None:
+        self.worker = i
+        self.n_workers = slots.shape[0]
+        self.slots = slots
+        self.barrier_ = barrier
+        self.timeout = timeout
+        self.tmp = torch.zeros(slots.shape[1], dtype=slots.dtype)
+
+    def barrier(self) -> None:
+        import threading
+
+        try:
+            self.barrier_.wait(self.timeout)
+        except threading.BrokenBarrierError:
+            raise SyncTimeout(f"worker {self.worker}: the other workers did not reach the "
+                              f"barrier within {self.timeout:g} s (one died or hangs)") from None
+
+    def allreduce_mean(self, t: Tensor) -> None:
+        """``t`` <- mean of every worker's ``t`` (in place)."""
+        self.slots[self.worker].copy_(t)
+        self.barrier()
+        torch.mean(self.slots, 0, out=self.tmp)
+        self.barrier()  # nobody overwrites a slot before everyone has read it
+        t.copy_(self.tmp)
+
+    def mix(self, x: Tensor, weights: list[tuple[int, float]], on_all=None) -> None:
+        """``x`` <- sum_j w_j x_j over (neighbour, weight) pairs, self included.
+
+        ``on_all(slots)``, if given, sees every worker's pre-mix model (for evaluation).
+        """
+        self.slots[self.worker].copy_(x)
+        self.barrier()
+        if on_all is not None:
+            on_all(self.slots)
+        self.tmp.zero_()
+        for j, w in weights:
+            self.tmp.add_(self.slots[j], alpha=w)
+        self.barrier()
+        x.copy_(self.tmp)

@@ -1,0 +1,111 @@
+"""Synchronous baselines, the comparators of the APAM and AD-PSGD papers.
+
+* ``allreduce``: every step each worker computes a gradient on its own batch, the
+  gradients are averaged over all workers (all-reduce), and every replica applies the same
+  optimizer step (AMSGrad, SGD, ...), so the replicas stay identical; the global batch is
+  ``batch_size x workers``. A step lasts as long as the slowest worker's gradient.
+* ``dpsgd``: synchronous D-PSGD (Lian et al. 2017): every round each worker computes a
+  gradient at its model, the models are mixed with Metropolis-Hastings weights,
+  x_i <- sum_j W_ij x_j, and each worker applies its local optimizer step with its gradient.
+
+Both run the same number of samples as the asynchronous modes: ``steps`` rounds of
+``workers x batch_size`` samples.
+"""
+
+from __future__ import annotations
+
+import time
+from multiprocessing.connection import Connection
+
+import torch
+from torch import Tensor
+
+from ..config import RunConfig
+from ..data import Dataset
+from ..emulation import LinkModel
+from .common import LocalWorker
+
+PROGRESS_EVERY_S = 0.25
+
+
+def sync_worker_main(ctrl: Connection, end, cfg: RunConfig, dataset: Dataset, shard: Tensor,
+                     device: str, x0: Tensor, steps: int, eval_at: list[int], snaps: Tensor,
+                     mix_weights: list[tuple[int, float]] | None,
+                     neighbors: list[int]) -> None:
+    """One worker of ``allreduce`` (``mix_weights`` None) or ``dpsgd``. Worker 0 reports
+    snapshots of the model (allreduce: the common replica; dpsgd: the mean of all models,
+    with the consensus distance) at the step counts in ``eval_at``."""
+    i = end.worker
+    n = end.n_workers
+    w = LocalWorker.build(cfg, dataset, shard, i, torch.device(device))
+    w.flat.params.copy_(x0)
+    opt = cfg.optim.build()
+    state = opt.init(w.flat.params)
+    x_cpu = w.flat.params if w.device.type == "cpu" else torch.zeros(w.flat.numel)
+    g_cpu = w.flat.grads if w.device.type == "cpu" else torch.zeros(w.flat.numel)
+    link = LinkModel(cfg.network, 4 * w.flat.numel)
+    comm_s = (link.allreduce_seconds(n) if mix_weights is None
+              else max((link.seconds(i, j) for j in neighbors), default=0.0))
+    points = {p: k for k, p in enumerate(eval_at)}
+    loss_sum, loss_n, slot = 0.0, 0, 0
+    samples = 0
+    end.barrier()  # everyone has data and model: the clock starts
+    t0 = time.monotonic()
+    last_progress = t0
+
+    def snapshot(k: int, xbar: Tensor, extra: dict, final: bool = False) -> None:
+        nonlocal loss_sum, loss_n, slot
+        snaps[slot].copy_(xbar)
+        ctrl.send(("snap", slot, time.monotonic() - t0, k * n * cfg.data.batch_size, k,
+                   loss_sum / loss_n if loss_n else None, final, extra))
+        slot += 1
+        loss_sum, loss_n = 0.0, 0
+
+    def on_all(k: int, final: bool):
+        def see(slots: Tensor) -> None:
+            xbar = slots.mean(0)
+            cons = float(((slots - xbar) ** 2).sum(1).mean())
+            snapshot(k, xbar, {"consensus_distance": cons}, final)
+        return see
+
+    if i == 0 and 0 in points and mix_weights is None:
+        snapshot(0, x_cpu, {})
+    for k in range(1, steps + 1):
+        loss, nb, _ = w.gradient()
+        samples += nb
+        if g_cpu is not w.flat.grads:
+            g_cpu.copy_(w.flat.grads)
+        link.sleep(comm_s)
+        if mix_weights is None:
+            end.allreduce_mean(g_cpu)
+            if g_cpu is not w.flat.grads:
+                w.flat.grads.copy_(g_cpu)
+            opt.update(w.flat.params, w.flat.grads, state)
+        else:
+            if x_cpu is not w.flat.params:
+                x_cpu.copy_(w.flat.params)
+            see = on_all(k - 1, False) if i == 0 and (k - 1) in points else None
+            end.mix(x_cpu, mix_weights, on_all=see)
+            if x_cpu is not w.flat.params:
+                w.flat.params.copy_(x_cpu)
+            opt.update(w.flat.params, w.flat.grads, state)
+        loss_sum += loss
+        loss_n += 1
+        if i == 0:
+            if mix_weights is None and k in points and k < steps:
+                snapshot(k, w.flat.params.detach().cpu(), {})
+            now = time.monotonic()
+            if now - last_progress > PROGRESS_EVERY_S:
+                ctrl.send(("progress", k * n * cfg.data.batch_size, k))
+                last_progress = now
+    wall = time.monotonic() - t0
+    if mix_weights is None:
+        if i == 0:
+            snapshot(steps, w.flat.params.detach().cpu(), {}, final=True)
+    else:  # one last exchange so worker 0 sees every final model
+        if x_cpu is not w.flat.params:
+            x_cpu.copy_(w.flat.params)
+        end.mix(x_cpu, [(i, 1.0)], on_all=on_all(steps, True) if i == 0 else None)
+    ctrl.send(("stats", {"worker": i, "device": str(w.device), "compute_s": w.compute_s,
+                         "sleep_s": w.sleep_s, "updates": steps, "samples": samples,
+                         "wall_time": wall}))

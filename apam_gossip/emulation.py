@@ -1,0 +1,60 @@
+"""Emulated heterogeneity: slow links (latency + bandwidth) as sleeps.
+
+Compute heterogeneity (fixed ``slowdown`` factors and random stragglers) lives in
+:class:`apam_gossip.algorithms.common.LocalWorker`; this module models the network. The
+algorithms call it at the same points whatever the transport, so a cluster profile means
+the same thing on shared memory and over MPI.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .config import NetworkConfig
+
+MASTER = -1
+
+
+class LinkModel:
+    """Seconds to move ``nbytes`` between two workers (``-1`` = the master)."""
+
+    def __init__(self, net: NetworkConfig, nbytes: int) -> None:
+        self.net = net
+        self.nbytes = nbytes
+        self.active = net.active
+        self.overrides = {}
+        for i, j, lat, bw in net.links:
+            key = (min(int(i), int(j)), max(int(i), int(j)))
+            self.overrides[key] = (lat, bw)
+
+    def _nic(self, i: int) -> tuple[float, float]:
+        lat = self.net.worker_latency_ms[i] if 0 <= i < len(self.net.worker_latency_ms) else 0.0
+        bw = self.net.worker_bandwidth_gbps[i] \
+            if 0 <= i < len(self.net.worker_bandwidth_gbps) else 0.0
+        return lat, bw
+
+    def seconds(self, i: int, j: int, nbytes: int | None = None) -> float:
+        if not self.active:
+            return 0.0
+        nbytes = self.nbytes if nbytes is None else nbytes
+        key = (min(i, j), max(i, j))
+        if key in self.overrides:
+            lat_ms, bw = self.overrides[key]
+        else:
+            (li, bi), (lj, bj) = self._nic(i), self._nic(j)
+            lat_ms = self.net.latency_ms + max(li, lj)
+            caps = [b for b in (self.net.bandwidth_gbps, bi, bj) if b > 0]
+            bw = min(caps) if caps else 0.0
+        return lat_ms / 1e3 + (nbytes * 8 / (bw * 1e9) if bw > 0 else 0.0)
+
+    def allreduce_seconds(self, n: int) -> float:
+        """A ring all-reduce: 2(n-1) steps, each moving nbytes/n over the slowest link."""
+        if not self.active or n < 2:
+            return 0.0
+        worst = max(self.seconds(i, (i + 1) % n, self.nbytes // n) for i in range(n))
+        return 2 * (n - 1) * worst
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
