@@ -77,6 +77,8 @@ def run_mpi(cfg: RunConfig, dataset: Dataset, cb) -> RunResult | None:
     lrank = tmpi.local_rank(comm)
     if cfg.mode == "centralized":
         return _centralized(cfg, dataset, cb, comm, rank, lrank)
+    if cfg.mode in ("allreduce", "dpsgd"):
+        return _sync(cfg, dataset, cb, comm, rank, lrank)
     return _decentralized(cfg, dataset, cb, comm, rank, lrank)
 
 
@@ -232,6 +234,77 @@ def _decentralized(cfg: RunConfig, dataset: Dataset, cb, comm, rank: int,
     cb(Event("eval", rec.samples, total_samples, rec))
     return decentralized_result(cfg, stats_by, wall, devices, evals, xbar, x0.numel(), "mpi")
 
+
+
+def _sync(cfg: RunConfig, dataset: Dataset, cb, comm, rank: int,
+          lrank: int) -> RunResult | None:
+    """allreduce / dpsgd under mpirun: every rank is a worker; rank 0 reports."""
+    from .algorithms import sync
+    from .topology import make_topology, metropolis_hastings_weights, validate_topology
+
+    n = cfg.workers
+    x0 = initial_model(cfg, dataset)
+    shards = partition(dataset.y_train, n, cfg.data.partition, cfg.data.dirichlet_alpha,
+                       cfg.seed)
+    rounds = max(1, -(-total_updates(cfg, len(dataset.y_train)) // n))
+    total_samples = rounds * n * cfg.data.batch_size
+    eval_at = eval_points(rounds, cfg.evals)
+    weights, nbrs = None, []
+    if cfg.mode == "dpsgd":
+        graph = validate_topology(make_topology(cfg.topology, n, seed=cfg.seed), n)
+        weights = metropolis_hastings_weights(graph)[rank]
+        nbrs = [j for j, _ in weights if j != rank]
+    device = _device(cfg, lrank)
+    snaps = torch.zeros(len(eval_at) + 1, x0.numel())
+    end = tmpi.MpiSync(comm, x0.numel(), nbrs, cfg.timeout_s)
+    if rank == 0:
+        from .runner import Event
+
+        cb(Event("start", 0, total_samples))
+
+    def live(msg) -> bool:
+        if msg[0] == "progress" and rank == 0:
+            from .runner import Event
+
+            cb(Event("progress", msg[1], total_samples))
+            return True
+        return False
+
+    sink = _Sink(live)
+    sync.sync_worker_main(sink, end, cfg, dataset, shards[rank], str(device), x0, rounds,
+                          eval_at, snaps, weights, nbrs)
+    stats = next(m[1] for m in sink.messages if m[0] == "stats")
+    all_stats = comm.gather(stats, root=0)
+    devices = comm.gather(str(device), root=0)
+    if rank != 0:
+        return None
+    from .result import WorkerStats
+    from .runner import Event
+
+    evaluator = Evaluator(cfg.model, dataset, device)
+    evals: list[EvalRecord] = []
+    final_params = None
+    for msg in sink.messages:
+        if msg[0] != "snap":
+            continue
+        _, j, wall, samples, k, train_loss, final, extra = msg
+        loss, acc = evaluator(snaps[j])
+        rec = EvalRecord(wall, samples, k, train_loss, loss, acc, extra=extra)
+        if final:
+            final_params = snaps[j].clone()
+        evals.append(rec)
+        cb(Event("eval", samples, total_samples, rec))
+    by = {s["worker"]: s for s in all_stats}
+    wall = max(s["wall_time"] for s in all_stats)
+    workers = [WorkerStats(worker=i, device=devices[i], slowdown=cfg.slowdown_of(i),
+                           updates=by[i]["updates"], samples=by[i]["samples"],
+                           samples_per_s=by[i]["samples"] / wall if wall else 0.0,
+                           compute_s=by[i]["compute_s"], sleep_s=by[i]["sleep_s"])
+               for i in range(n)]
+    return RunResult(config=cfg.to_dict(), mode=cfg.mode, transport="mpi",
+                     n_params=x0.numel(), wall_time=wall, updates=rounds,
+                     samples=sum(w.samples for w in workers), evals=evals,
+                     staleness={0: rounds}, workers=workers, final_params=final_params)
 
 
 def mpi_gossip_consensus(graph, x0: torch.Tensor, averages_per_worker: int, seed: int = 0,

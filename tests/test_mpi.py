@@ -109,3 +109,18 @@ def test_shm_transport_is_refused_under_mpirun(tmp_path):
                        "-o", str(tmp_path / "s.json")), timeout=120)
     assert p.returncode != 0
     assert "would start 2 separate runs" in p.stderr
+
+
+@pytest.mark.parametrize("mode", ["allreduce", "dpsgd"])
+def test_sync_baselines_over_mpi(tmp_path, mode):
+    out = tmp_path / "s.json"
+    p = mpirun(4, *cli("train", "--mode", mode, "--topology", "ring", "--epochs", "15",
+                       "--lr", "2e-3", "--evals", "3", "-o", str(out),
+                       "--slow", "1=3"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(out.read_text())
+    assert d["transport"] == "mpi" and d["mode"] == mode
+    assert d["final_accuracy"] >= 0.93
+    # synchronous: every worker did every round, slowed or not
+    assert {w["updates"] for w in d["workers"]} == {d["updates"]}
+    assert d["workers"][1]["sleep_s"] > d["workers"][1]["compute_s"]

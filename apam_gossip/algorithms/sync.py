@@ -84,8 +84,9 @@ def sync_worker_main(ctrl: Connection, end, cfg: RunConfig, dataset: Dataset, sh
         else:
             if x_cpu is not w.flat.params:
                 x_cpu.copy_(w.flat.params)
-            see = on_all(k - 1, False) if i == 0 and (k - 1) in points else None
-            end.mix(x_cpu, mix_weights, on_all=see)
+            want = (k - 1) in points  # every worker knows: a transport may need all to join
+            see = on_all(k - 1, False) if i == 0 and want else None
+            end.mix(x_cpu, mix_weights, on_all=see, gather=want)
             if x_cpu is not w.flat.params:
                 w.flat.params.copy_(x_cpu)
             opt.update(w.flat.params, w.flat.grads, state)
@@ -105,7 +106,7 @@ def sync_worker_main(ctrl: Connection, end, cfg: RunConfig, dataset: Dataset, sh
     else:  # one last exchange so worker 0 sees every final model
         if x_cpu is not w.flat.params:
             x_cpu.copy_(w.flat.params)
-        end.mix(x_cpu, [(i, 1.0)], on_all=on_all(steps, True) if i == 0 else None)
+        end.mix(x_cpu, [(i, 1.0)], on_all=on_all(steps, True) if i == 0 else None, gather=True)
     ctrl.send(("stats", {"worker": i, "device": str(w.device), "compute_s": w.compute_s,
                          "sleep_s": w.sleep_s, "updates": steps, "samples": samples,
                          "wall_time": wall}))

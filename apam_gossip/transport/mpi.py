@@ -367,5 +367,58 @@ class MpiGossip:
         self._check()
 
 
-__all__ = ["MpiStarMaster", "MpiStarWorker", "MpiGossip", "launched_by_mpi", "world",
+# ---------------------------------------------------------------------------- sync
+class MpiSync:
+    """The synchronous baselines' collectives over MPI (non-blocking calls, polled)."""
+
+    def __init__(self, comm, numel: int, neighbors: list[int], timeout: float) -> None:
+        self.comm = comm
+        self.worker = comm.Get_rank()
+        self.n_workers = comm.Get_size()
+        self.timeout = timeout
+        self.neighbors = neighbors
+        self.recv = {j: _host_buffer(numel) for j in neighbors}
+        self.tmp = _host_buffer(numel)
+
+    def barrier(self) -> None:
+        _wait(self.comm.Ibarrier(), self.timeout, f"rank {self.worker}: the barrier")
+
+    def allreduce_mean(self, t: Tensor) -> None:
+        from mpi4py import MPI
+
+        self.tmp.copy_(t)
+        _wait(self.comm.Iallreduce(MPI.IN_PLACE, self.tmp, op=MPI.SUM), self.timeout,
+              f"rank {self.worker}: the all-reduce")
+        t.copy_(self.tmp.div_(self.n_workers))
+
+    def mix(self, x: Tensor, weights: list[tuple[int, float]], on_all=None,
+            gather: bool = False) -> None:
+        if gather:  # every rank's pre-mix model to rank 0, for evaluation
+            alls = torch.zeros(self.n_workers, x.numel()) if self.worker == 0 else None
+            _wait(self.comm.Igather(x.contiguous(), alls, root=0), self.timeout,
+                  f"rank {self.worker}: gathering models")
+            if on_all is not None:
+                on_all(alls)
+        others = [j for j, _ in weights if j != self.worker]
+        reqs = [self.comm.Irecv(self.recv[j], source=j, tag=T_DATA) for j in others]
+        reqs += [self.comm.Isend(x, dest=j, tag=T_DATA) for j in others]
+        _wait_all(reqs, self.timeout, f"rank {self.worker}: neighbours' models")
+        self.tmp.zero_()
+        for j, w in weights:
+            self.tmp.add_(x if j == self.worker else self.recv[j], alpha=w)
+        x.copy_(self.tmp)
+
+
+def _wait_all(reqs: list, timeout: float, what: str) -> None:
+    from mpi4py import MPI
+
+    deadline = time.monotonic() + timeout
+    poll = _Poll()
+    while not MPI.Request.Testall(reqs):
+        poll.pause()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:g} s for {what}")
+
+
+__all__ = ["MpiStarMaster", "MpiSync", "MpiStarWorker", "MpiGossip", "launched_by_mpi", "world",
            "local_rank"]

@@ -277,10 +277,13 @@ class ShmSyncEnd:
         self.barrier()  # nobody overwrites a slot before everyone has read it
         t.copy_(self.tmp)
 
-    def mix(self, x: Tensor, weights: list[tuple[int, float]], on_all=None) -> None:
+    def mix(self, x: Tensor, weights: list[tuple[int, float]], on_all=None,
+            gather: bool = False) -> None:
         """``x`` <- sum_j w_j x_j over (neighbour, weight) pairs, self included.
 
-        ``on_all(slots)``, if given, sees every worker's pre-mix model (for evaluation).
+        ``on_all(slots)``, if given, sees every worker's pre-mix model (for evaluation);
+        ``gather`` tells every worker that this round is such a round (unused here: the
+        slots are visible to all).
         """
         self.slots[self.worker].copy_(x)
         self.barrier()
