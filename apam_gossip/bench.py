@@ -131,3 +131,194 @@ def bench_pairwise(size_mb: float, reps: int, timeout: float = 300) -> dict:
 if __name__ == "__main__":  # the mpirun side of bench_pairwise
     if sys.argv[1] == "pairwise":
         pairwise_worker(float(sys.argv[2]), int(sys.argv[3]))
+
+
+# ------------------------------------------------------------------ cluster profiles
+def isolated_ceiling(r) -> float:
+    """Sum of the workers' isolated throughputs (samples per second of their own busy
+    time: compute plus injected slowdown), the most a run could reach without waiting."""
+    return sum(w.samples / (w.compute_s + w.sleep_s) for w in r.workers
+               if w.compute_s + w.sleep_s > 0)
+
+
+def profile_rows(profile, results: dict, n_train: int) -> list[dict]:
+    """Per mode: time and epochs to target, final accuracy, samples/s, speed-up over the
+    synchronous all-reduce (AMSGrad) baseline, and throughput as a fraction of the ceiling."""
+    base = results.get("allreduce-amsgrad")
+    base_t = base.time_to_accuracy(profile.target) if base is not None else None
+    rows = []
+    for name, r in results.items():
+        t = r.time_to_accuracy(profile.target)
+        s = next((e.samples for e in r.evals if e.test_acc >= profile.target), None)
+        ceiling = isolated_ceiling(r)
+        rows.append({
+            "mode": name, "workers": len(r.workers), "time_to_target_s": t,
+            "samples_to_target": s,
+            "epochs_to_target": s / n_train if s is not None else None,
+            "final_acc": r.final_accuracy, "samples_per_s": r.samples_per_s,
+            "speedup_vs_allreduce": (base_t / t) if (base_t and t) else None,
+            "throughput_fraction_of_ceiling": r.samples_per_s / ceiling if ceiling else None,
+            "wall_time": r.wall_time,
+        })
+    return rows
+
+
+def profile_table(profile, rows: list[dict]) -> str:
+    def f(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
+    head = (f"{'mode':<18}{'workers':>8}{'time to ' + format(profile.target, '.0%'):>13}"
+            f"{'epochs to':>10}{'final acc':>10}{'samples/s':>11}{'speed-up':>9}"
+            f"{'of ceiling':>11}")
+    lines = [f"profile {profile.name} ({profile.path})", head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['mode']:<18}{r['workers']:>8}{f(r['time_to_target_s'], '.2f'):>13}"
+            f"{f(r['epochs_to_target'], '.2f'):>10}{100 * r['final_acc']:>9.2f}%"
+            f"{r['samples_per_s']:>11.0f}{f(r['speedup_vs_allreduce'], '.2f'):>9}"
+            f"{f(r['throughput_fraction_of_ceiling'], '.0%'):>11}")
+    lines.append("speed-up: time to target of allreduce-amsgrad / this mode's; of ceiling: "
+                 "samples/s / sum of the workers' isolated samples/s")
+    return "\n".join(lines)
+
+
+def plot_profile(profile, results: dict, path: Path) -> tuple[Path, Path]:
+    """Two PNGs: accuracy vs wall time; per-worker throughput per mode."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .result import atomic_write_bytes
+
+    acc_png = path.with_name(path.stem + "-accuracy.png")
+    thr_png = path.with_name(path.stem + "-throughput.png")
+    fig = Figure(figsize=(8, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, r in results.items():
+        ax.plot([e.wall_time for e in r.evals], [100 * e.test_acc for e in r.evals],
+                marker="o", ms=3, label=name)
+    ax.axhline(100 * profile.target, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("wall time (s, training only)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{profile.name}: accuracy vs time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(acc_png, buf.getvalue())
+
+    fig = Figure(figsize=(9, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    names = list(results)
+    n_max = max(len(r.workers) for r in results.values())
+    width = 0.8 / n_max
+    for k in range(n_max):
+        xs = [i + k * width for i, nm in enumerate(names) if k < len(results[nm].workers)]
+        ys = [results[nm].workers[k].samples_per_s for nm in names
+              if k < len(results[nm].workers)]
+        ax.bar(xs, ys, width, label=f"worker {k}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=20,
+                  fontsize=8)
+    ax.set_ylabel("samples/s (applied)")
+    ax.set_title(f"{profile.name}: per-worker throughput")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(thr_png, buf.getvalue())
+    return acc_png, thr_png
+
+
+def bench_profile(profile, out: Path, quiet: bool = False, callback_factory=None) -> dict:
+    """Run every mode of ``profile`` on the same model, data, seed and budget; write the
+    JSON (table rows + all RunResults) and two PNGs next to ``out``."""
+    from .data import load_dataset
+    from .result import atomic_write_text
+    from .runner import run
+
+    base = profile.base
+    dataset = load_dataset(base.data.dataset, base.data.data_dir)
+    n_train = min(len(dataset.y_train), base.data.train_limit or len(dataset.y_train))
+    results = {}
+    for name in profile.modes:
+        cfg = profile.config_for(name)
+        if not quiet:
+            print(f"--- {name}: {cfg.mode}, {cfg.workers if cfg.mode != 'sequential' else 1} "
+                  f"worker(s), {cfg.optim.name} lr={cfg.optim.lr:g}", flush=True)
+        cb = callback_factory() if callback_factory is not None else None
+        try:
+            results[name] = run(cfg, dataset=dataset, callback=cb)
+        finally:
+            if cb is not None and hasattr(cb, "close"):
+                cb.close()
+    rows = profile_rows(profile, results, n_train)
+    atomic_write_text(out, json.dumps({
+        "profile": profile.name, "profile_path": profile.path, "target": profile.target,
+        "rows": rows, "runs": {k: r.to_dict() for k, r in results.items()},
+    }, indent=2) + "\n")
+    pngs = plot_profile(profile, results, out)
+    return {"rows": rows, "results": results, "pngs": pngs}
+
+
+# ------------------------------------------------------------- in-process micro-benchmarks
+def _median_time(fn, reps: int) -> float:
+    fn()  # warm up
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def bench_master(numel: int = 1_000_000, reps: int = 50) -> dict:
+    """The APAM master's work per update for a model of ``numel`` parameters (AMSGrad step
+    plus the copy of x into the worker's parameter slot), against the memory-bandwidth
+    bound: the bytes an update must move at least (read g, m, v, vhat, x; write m, v, vhat,
+    x; copy x into the slot) at the bandwidth of a large memcpy measured here."""
+    import torch
+
+    from .optim import Optimizer
+
+    torch.set_num_threads(1)
+    opt = Optimizer("amsgrad")
+    x = torch.randn(numel)
+    g = torch.randn(numel)
+    slot = torch.zeros(numel)
+    st = opt.init(x)
+
+    def update() -> None:
+        opt.update(x, g, st)
+        slot.copy_(x)
+
+    t_update = _median_time(update, reps)
+    big_src = torch.randn(64 * 2**20 // 4)
+    big_dst = torch.empty_like(big_src)
+    t_copy = _median_time(lambda: big_dst.copy_(big_src), 10)
+    bandwidth = 2 * big_src.numel() * 4 / t_copy  # bytes read + written per second
+    min_bytes = (5 + 4 + 2) * numel * 4
+    bound = bandwidth / min_bytes
+    return {"numel": numel, "update_s": t_update, "updates_per_s": 1 / t_update,
+            "memcpy_bandwidth_gb_s": bandwidth / 1e9, "bound_updates_per_s": bound,
+            "fraction_of_bound": (1 / t_update) / bound}
+
+
+def bench_shm_pairwise(numel: int = 2**20, reps: int = 50) -> dict:
+    """One shared-memory pairwise average (both locks, blend, copy back) vs a memcpy."""
+    import torch
+
+    from .transport.shm import ShmGossip
+
+    torch.set_num_threads(1)
+    g = ShmGossip(2, numel)
+    g.x.normal_()
+    end = g.end(0, 10.0)
+    t_avg = _median_time(lambda: end.average_with(1), reps)
+    src, dst = torch.randn(numel), torch.empty(numel)
+    t_copy = _median_time(lambda: dst.copy_(src), reps)
+    return {"numel": numel, "average_s": t_avg, "memcpy_s": t_copy,
+            "ratio_average_to_memcpy": t_avg / t_copy}

@@ -280,9 +280,9 @@ def _bench(a: argparse.Namespace) -> int:
     import json
     import shlex
 
-    from .bench import bench_pairwise, bench_transport
+    from .bench import bench_pairwise, bench_profile, bench_transport, profile_table
 
-    if a.bench == "pairwise":
+    if a.what == "pairwise":
         if not a.size_mb > 0 or a.reps < 1:
             raise UserError("--size-mb must be > 0 and --reps >= 1")
         r = bench_pairwise(a.size_mb, a.reps)
@@ -291,17 +291,58 @@ def _bench(a: argparse.Namespace) -> int:
               f"{r['ratio_average_to_pingpong']:.2f}x (memcpy {1e3 * r['memcpy_s']:.3f} ms)")
         print(json.dumps(r))
         return 0
-    if a.workers < 1 or a.repeats < 1:
-        raise UserError("--workers and --repeats must be >= 1")
-    for mode in [m.strip() for m in a.modes.split(",") if m.strip()]:
-        if mode not in ("centralized", "decentralized"):
-            raise UserError(f"--modes: {mode!r} is not centralized or decentralized")
-        r = bench_transport(mode, a.workers, shlex.split(a.train_args), a.repeats)
-        shm = ", ".join(f"{v:.0f}" for v in r["shm_samples_per_s"])
-        mpi = ", ".join(f"{v:.0f}" for v in r["mpi_samples_per_s"])
-        print(f"{mode}, {a.workers} workers: samples/s shm [{shm}]  mpi [{mpi}]  "
-              f"MPI/shm (medians) {r['ratio_median']:.3f}")
+    if a.what == "master":
+        from .bench import bench_master
+
+        r = bench_master()
+        print(f"APAM master, {r['numel']:,} parameters: {r['updates_per_s']:.0f} updates/s "
+              f"({1e3 * r['update_s']:.2f} ms each); memory-bandwidth bound "
+              f"{r['bound_updates_per_s']:.0f}/s at {r['memcpy_bandwidth_gb_s']:.1f} GB/s: "
+              f"{100 * r['fraction_of_bound']:.0f}% of the bound")
         print(json.dumps(r))
+        return 0
+    if a.what == "shm-pairwise":
+        from .bench import bench_shm_pairwise
+
+        r = bench_shm_pairwise()
+        print(f"shared-memory pairwise average of {r['numel'] * 4 / 2**20:g} MB: "
+              f"{1e3 * r['average_s']:.3f} ms; memcpy {1e3 * r['memcpy_s']:.3f} ms; ratio "
+              f"{r['ratio_average_to_memcpy']:.2f}x")
+        print(json.dumps(r))
+        return 0
+    if a.what == "transport":
+        if a.workers < 1 or a.repeats < 1:
+            raise UserError("--workers and --repeats must be >= 1")
+        for mode in [m.strip() for m in (a.modes or "centralized,decentralized").split(",")
+                     if m.strip()]:
+            if mode not in ("centralized", "decentralized"):
+                raise UserError(f"--modes: {mode!r} is not centralized or decentralized")
+            r = bench_transport(mode, a.workers, shlex.split(a.train_args), a.repeats)
+            shm = ", ".join(f"{v:.0f}" for v in r["shm_samples_per_s"])
+            mpi = ", ".join(f"{v:.0f}" for v in r["mpi_samples_per_s"])
+            print(f"{mode}, {a.workers} workers: samples/s shm [{shm}]  mpi [{mpi}]  "
+                  f"MPI/shm (medians) {r['ratio_median']:.3f}")
+            print(json.dumps(r))
+        return 0
+    from dataclasses import replace
+
+    from .profiles import load_profile
+
+    profile = load_profile(a.what, smoke=a.smoke)
+    if a.modes:
+        modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
+        bad = [m for m in modes if m not in profile.modes]
+        if bad or not modes:
+            raise UserError(f"--modes: {bad[0] if bad else '(empty)'!r} is not one of the "
+                            f"profile's modes {', '.join(profile.modes)}")
+        profile = replace(profile, modes=modes)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(a.output) if a.output else Path("runs") / f"bench-{profile.name}-{stamp}.json"
+    _check_output(out)
+    r = bench_profile(profile, out, quiet=a.quiet,
+                      callback_factory=lambda: _ProgressUI(quiet=a.quiet))
+    print(profile_table(profile, r["rows"]))
+    print(f"results written to {out}; plots: {r['pngs'][0]}, {r['pngs'][1]}")
     return 0
 
 
@@ -421,20 +462,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "node count; required for generated topologies)")
     g.add_argument("--seed", type=int, default=0, help="seed for random topologies")
     g.add_argument("--png", metavar="PATH", help="also draw the graph to this PNG file")
-    b = sub.add_parser("bench", help="transport micro-benchmarks (MPI vs shared memory; "
-                       "pairwise average vs ping-pong)",
-                       description="Benchmarks that launch mpirun themselves.")
-    bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
-    bt = bsub.add_parser("transport", help="same run on shared memory and under mpirun")
-    bt.add_argument("--modes", default="centralized,decentralized")
-    bt.add_argument("--workers", type=int, default=4)
-    bt.add_argument("--repeats", type=int, default=3)
-    bt.add_argument("--train-args", default="--model lenet5 --dataset fashion-mnist "
-                    "--train-limit 12000 --test-limit 500 --epochs 1 --evals 1",
-                    help="flags for each 'apam-gossip train' run (one string)")
-    bp = bsub.add_parser("pairwise", help="one pairwise average over MPI vs ping-pong")
-    bp.add_argument("--size-mb", type=float, default=4.0)
-    bp.add_argument("--reps", type=int, default=30)
+    b = sub.add_parser("bench", help="benchmarks: a cluster PROFILE (every mode, table and "
+                       "plots), or the transports ('transport', 'pairwise')",
+                       description="apam-gossip bench PROFILE.toml runs every mode of a "
+                       "cluster profile (see launch/*.toml); 'bench transport' compares shared "
+                       "memory with MPI; 'bench pairwise' times one MPI pairwise average.")
+    b.add_argument("what", metavar="PROFILE|transport|pairwise|shm-pairwise|master")
+    b.add_argument("--smoke", action="store_true", help="PROFILE: the quick [smoke] variant")
+    b.add_argument("--modes", help="PROFILE: comma-separated subset of the profile's modes; "
+                   "transport: centralized,decentralized")
+    b.add_argument("--output", "-o", metavar="PATH", help="PROFILE: result JSON (PNGs next to "
+                   "it; default runs/bench-<profile>-<time>.json)")
+    b.add_argument("--quiet", "-q", action="store_true")
+    b.add_argument("--workers", type=int, default=4, help="transport: workers")
+    b.add_argument("--repeats", type=int, default=3, help="transport: alternations")
+    b.add_argument("--train-args", default="--model lenet5 --dataset fashion-mnist "
+                   "--train-limit 12000 --test-limit 500 --epochs 1 --evals 1",
+                   help="transport: flags for each 'apam-gossip train' run (one string)")
+    b.add_argument("--size-mb", type=float, default=4.0, help="pairwise: model size")
+    b.add_argument("--reps", type=int, default=30, help="pairwise: repetitions")
     d = sub.add_parser("demo", help="a short real run on the embedded digits data",
                        description="APAM with 4 workers (one 4x slower) on scikit-learn's "
                        "real 8x8 digits; under a minute on 2 cores.")

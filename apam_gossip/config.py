@@ -213,7 +213,7 @@ class RunConfig:
             i, j, lat, bw = link
             for end in (i, j):
                 if end != int(end) or not -1 <= end < self.workers:
-                    raise ConfigError(f"network.links[{k}]: {end} is not a worker "
+                    raise ConfigError(f"network.links[{k}]: {end:g} is not a worker "
                                       f"(0..{self.workers - 1}) or -1 (the master)")
             if not (lat >= 0 and bw >= 0):
                 raise ConfigError(f"network.links[{k}]: latency and bandwidth must be >= 0")

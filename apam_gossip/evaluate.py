@@ -24,15 +24,17 @@ class Evaluator:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def __call__(self, params: Tensor) -> tuple[float, float]:
-        """(mean cross-entropy, accuracy in [0, 1]) of ``params`` on the test set."""
+    def __call__(self, params: Tensor, limit: int | None = None) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy in [0, 1]) of ``params`` on the test set, or on
+        its first ``limit`` samples."""
         self.flat.params.copy_(params)
         self.model.eval()
+        n = len(self.y) if limit is None else min(limit, len(self.y))
         loss_sum, correct = 0.0, 0
-        for i in range(0, len(self.y), self.batch_size):
-            out = self.model(self.x[i : i + self.batch_size])
-            y = self.y[i : i + self.batch_size]
+        for i in range(0, n, self.batch_size):
+            j = min(i + self.batch_size, n)
+            out = self.model(self.x[i:j])
+            y = self.y[i:j]
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
-        n = len(self.y)
         return loss_sum / n, correct / n

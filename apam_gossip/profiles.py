@@ -1,0 +1,130 @@
+"""Cluster profiles: TOML files describing a heterogeneous cluster and what to train on it.
+
+A profile sets the emulated heterogeneity (``[compute]``: per-worker slowdown factors or
+a random straggler distribution; ``[network]``: link latency and bandwidth, see
+:class:`apam_gossip.config.NetworkConfig`) and the benchmark run (``[run]``: model, data,
+budget, target accuracy, the modes to compare and per-mode learning rates). ``[smoke]``
+overrides ``[run]`` for a quick version (``apam-gossip bench PROFILE --smoke``).
+
+Benchmark mode names: ``sequential``, ``allreduce-amsgrad``, ``allreduce-sgd``, ``dpsgd``,
+``async-sgd`` (APAM's master with SGD: the APAM paper's non-adaptive comparator),
+``centralized`` (APAM) and ``decentralized`` (gossip).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+
+BENCH_MODES: dict[str, dict[str, Any]] = {
+    "sequential": {"mode": "sequential"},
+    "allreduce-amsgrad": {"mode": "allreduce"},
+    "allreduce-sgd": {"mode": "allreduce", "optim": {"name": "sgd"}},
+    "dpsgd": {"mode": "dpsgd"},
+    "async-sgd": {"mode": "centralized", "optim": {"name": "sgd"}},
+    "centralized": {"mode": "centralized"},
+    "decentralized": {"mode": "decentralized"},
+}
+RUN_KEYS = {"model", "dataset", "data_dir", "epochs", "steps", "batch_size", "lr", "sgd_lr",
+            "momentum", "topology", "target", "modes", "lr_overrides", "evals", "seed",
+            "train_limit", "test_limit", "timeout_s", "threads_per_worker"}
+
+
+@dataclass(frozen=True)
+class ClusterProfile:
+    name: str
+    path: str
+    base: RunConfig  # heterogeneity + training settings; ``mode`` is set per benchmark mode
+    modes: tuple[str, ...]
+    target: float
+    lr_overrides: dict[str, float]
+    sgd_lr: float
+    momentum: float
+
+    def config_for(self, bench_mode: str) -> RunConfig:
+        """The RunConfig of one benchmark mode: the base with its mode and optimizer."""
+        spec = BENCH_MODES[bench_mode]
+        optim: dict[str, Any] = dict(spec.get("optim", {}))
+        if optim.get("name") == "sgd":
+            optim.update(lr=self.sgd_lr, momentum=self.momentum)
+        if bench_mode in self.lr_overrides:
+            optim["lr"] = self.lr_overrides[bench_mode]
+        return self.base.replace(mode=spec["mode"], optim=optim)
+
+
+def load_profile(path: str | Path, smoke: bool = False) -> ClusterProfile:
+    """Read and validate a profile; every problem is a ConfigError naming the file."""
+    p = Path(path)
+    try:
+        d = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read cluster profile {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cluster profile {p} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"cluster profile {p} is not valid TOML: {e}") from None
+    try:
+        return _build(d, p, smoke)
+    except ConfigError as e:
+        raise ConfigError(f"cluster profile {p}: {e}") from None
+
+
+def _table(d: dict, key: str) -> dict:
+    v = d.get(key, {})
+    if not isinstance(v, dict):
+        raise ConfigError(f"[{key}] must be a table")
+    return v
+
+
+def _build(d: dict, p: Path, smoke: bool) -> ClusterProfile:
+    unknown = sorted(set(d) - {"name", "workers", "compute", "network", "run", "smoke"})
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r}; valid: name, workers, [compute], "
+                          "[network], [run], [smoke]")
+    compute, network, run = _table(d, "compute"), _table(d, "network"), dict(_table(d, "run"))
+    if smoke:
+        run.update(_table(d, "smoke"))
+    for k in set(compute) - {"slowdown", "straggler_prob", "straggler_factor"}:
+        raise ConfigError(f"unknown [compute] key {k!r}; valid: slowdown, straggler_prob, "
+                          "straggler_factor")
+    for k in set(run) - RUN_KEYS:
+        raise ConfigError(f"unknown [run] key {k!r}; valid: {', '.join(sorted(RUN_KEYS))}")
+    modes = run.get("modes", list(BENCH_MODES))
+    if not isinstance(modes, list) or not modes or any(m not in BENCH_MODES for m in modes):
+        raise ConfigError(f"[run] modes must be a non-empty list of {', '.join(BENCH_MODES)}; "
+                          f"got {modes!r}")
+    target = run.get("target", 0.9)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ConfigError(f"[run] target must be an accuracy in (0, 1], got {target!r}")
+    lr_over = run.get("lr_overrides", {})
+    if not isinstance(lr_over, dict) or any(k not in BENCH_MODES for k in lr_over):
+        raise ConfigError(f"[run] lr_overrides must map mode names to learning rates, got "
+                          f"{lr_over!r}")
+    cfg: dict[str, Any] = {
+        "workers": d.get("workers", 4),
+        "network": network,
+        "data": {k: run[k] for k in ("dataset", "data_dir", "batch_size", "train_limit",
+                                      "test_limit") if k in run},
+        "optim": {"lr": run["lr"]} if "lr" in run else {},
+        **{k: compute[k] for k in ("slowdown", "straggler_prob", "straggler_factor")
+           if k in compute},
+        **{k: run[k] for k in ("model", "epochs", "steps", "topology", "evals", "seed",
+                               "timeout_s", "threads_per_worker") if k in run},
+    }
+    base = RunConfig.from_dict(cfg)
+    for k, v in lr_over.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ConfigError(f"[run] lr_overrides.{k} must be > 0, got {v!r}")
+    sgd_lr, momentum = run.get("sgd_lr", 0.05), run.get("momentum", 0.9)
+    base.replace(optim={"name": "sgd", "lr": sgd_lr, "momentum": momentum}).validate()
+    name = d.get("name", p.stem)
+    if not isinstance(name, str):
+        raise ConfigError(f"name must be a string, got {name!r}")
+    return ClusterProfile(name=name, path=str(p), base=base, modes=tuple(modes),
+                          target=float(target), lr_overrides={k: float(v) for k, v in
+                                                              lr_over.items()},
+                          sgd_lr=float(sgd_lr), momentum=float(momentum))
