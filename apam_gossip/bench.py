@@ -322,3 +322,24 @@ def bench_shm_pairwise(numel: int = 2**20, reps: int = 50) -> dict:
     t_copy = _median_time(lambda: dst.copy_(src), reps)
     return {"numel": numel, "average_s": t_avg, "memcpy_s": t_copy,
             "ratio_average_to_memcpy": t_avg / t_copy}
+
+
+def bench_scaling(modes: list[str], max_workers: int, base: dict, repeats: int = 1) -> list:
+    """Homogeneous scaling: samples/s with N workers / (N x samples/s with 1 worker)."""
+    from .config import RunConfig
+    from .data import load_dataset
+    from .runner import run
+
+    cfg0 = RunConfig.from_dict(base)
+    dataset = load_dataset(cfg0.data.dataset, cfg0.data.data_dir)
+    rows = []
+    for mode in modes:
+        thr: dict[int, float] = {}
+        for n in range(1, max_workers + 1):
+            vals = [run(cfg0.replace(mode=mode, workers=n), dataset=dataset).samples_per_s
+                    for _ in range(repeats)]
+            thr[n] = statistics.median(vals)
+        for n in range(1, max_workers + 1):
+            rows.append({"mode": mode, "workers": n, "samples_per_s": thr[n],
+                         "efficiency": thr[n] / (n * thr[1])})
+    return rows

@@ -301,6 +301,23 @@ def _bench(a: argparse.Namespace) -> int:
               f"{100 * r['fraction_of_bound']:.0f}% of the bound")
         print(json.dumps(r))
         return 0
+    if a.what == "scaling":
+        from .algorithms.common import available_cores
+        from .bench import bench_scaling
+
+        n_max = a.max_workers or available_cores()
+        # one torch thread per worker at every N: the 1-worker run must not use all cores
+        base = {"model": "lenet5", "epochs": 1, "evals": 1, "topology": "complete",
+                "threads_per_worker": 1,
+                "data": {"dataset": "fashion-mnist", "train_limit": 12000,
+                         "test_limit": 500}}
+        modes = [m.strip() for m in (a.modes or "centralized,decentralized").split(",")]
+        rows = bench_scaling(modes, n_max, base, repeats=a.repeats)
+        for r in rows:
+            print(f"{r['mode']:<14} {r['workers']:>2} workers: {r['samples_per_s']:8.0f} "
+                  f"samples/s, efficiency {100 * r['efficiency']:.0f}%")
+        print(json.dumps(rows))
+        return 0
     if a.what == "shm-pairwise":
         from .bench import bench_shm_pairwise
 
@@ -467,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="apam-gossip bench PROFILE.toml runs every mode of a "
                        "cluster profile (see launch/*.toml); 'bench transport' compares shared "
                        "memory with MPI; 'bench pairwise' times one MPI pairwise average.")
-    b.add_argument("what", metavar="PROFILE|transport|pairwise|shm-pairwise|master")
+    b.add_argument("what", metavar="PROFILE|transport|pairwise|shm-pairwise|master|scaling")
     b.add_argument("--smoke", action="store_true", help="PROFILE: the quick [smoke] variant")
     b.add_argument("--modes", help="PROFILE: comma-separated subset of the profile's modes; "
                    "transport: centralized,decentralized")
@@ -479,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--train-args", default="--model lenet5 --dataset fashion-mnist "
                    "--train-limit 12000 --test-limit 500 --epochs 1 --evals 1",
                    help="transport: flags for each 'apam-gossip train' run (one string)")
+    b.add_argument("--max-workers", type=int, help="scaling: largest N (default: the cores)")
     b.add_argument("--size-mb", type=float, default=4.0, help="pairwise: model size")
     b.add_argument("--reps", type=int, default=30, help="pairwise: repetitions")
     d = sub.add_parser("demo", help="a short real run on the embedded digits data",

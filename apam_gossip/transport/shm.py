@@ -206,7 +206,9 @@ class ShmGossipEnd:
             self._acquire(b)
             try:
                 for buf in (self.x, self.u) if self.u is not None else (self.x,):
-                    buf[i].add_(buf[j]).mul_(0.5)
+                    # one fused pass (x_i + 0.5 (x_j - x_i)) and one copy: 5 memory
+                    # streams where add + mul + copy took 7
+                    torch.lerp(buf[i], buf[j], 0.5, out=buf[i])
                     buf[j].copy_(buf[i])
                 self.versions[i] += 1
                 self.versions[j] += 1
