@@ -14,7 +14,8 @@ from .result import RunResult, atomic_write_bytes, atomic_write_text
 from .runner import Callback, run
 
 
-def compare(cfg: RunConfig, modes: Sequence[str] = MODES, *, dataset: Dataset | None = None,
+def compare(cfg: RunConfig, modes: Sequence[str] = ("centralized", "decentralized", "sequential"),
+            *, dataset: Dataset | None = None,
             callback: Callback | None = None, on_result=None) -> list[RunResult]:
     """Run ``cfg`` once per mode (only ``mode`` changes) and return the results in order."""
     unknown = [m for m in modes if m not in MODES]
