@@ -408,6 +408,9 @@ class _ProgressUI:
             self.bar = tqdm(total=ev.total_samples, unit="sample", unit_scale=True,
                             dynamic_ncols=True, leave=False, file=sys.stderr,
                             disable=None)  # None: no bar when stderr is not a terminal
+        if ev.kind == "died":
+            self.bar.write(f"  warning: {ev.message}; continuing with the other workers")
+            return
         self.bar.n = min(ev.samples, ev.total_samples)
         self.bar.refresh()
         if ev.kind == "eval" and ev.record is not None:
@@ -440,6 +443,9 @@ def summary_text(r) -> str:
         lines.append(f"staleness: mean {r.staleness_mean():.2f}, max {mx}; histogram "
                      + " ".join(f"{k}:{v}" for k, v in sorted(r.staleness.items())[:12])
                      + (" ..." if len(r.staleness) > 12 else ""))
+    if r.failed_workers:
+        lines.append(f"workers that died during the run (the run went on without them): "
+                     f"{', '.join(map(str, r.failed_workers))}")
     if len(r.workers) > 1:
         lines.append("worker  slowdown  updates  samples/s  compute_s  device")
         for w in r.workers:

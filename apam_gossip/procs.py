@@ -96,10 +96,14 @@ def _child_main(name: str, target: Callable[..., None], args: tuple, ctrl: Conne
 class ProcessGroup:
     """Named child processes with control pipes; reaps all of them on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, tolerate: Callable[[str], bool] | None = None) -> None:
+        """``tolerate(name)``: True for children whose death by a signal (SIGKILL, OOM
+        killer, ...) the run survives; :meth:`poll` then reports ``(name, ("died", how))``
+        instead of raising. An exception a child reports is never tolerated."""
         self.procs: dict[str, Any] = {}
         self.ctrls: dict[str, Connection] = {}
         self.exited: set[str] = set()
+        self.tolerate = tolerate or (lambda name: False)
 
     def __enter__(self) -> ProcessGroup:
         return self
@@ -145,20 +149,25 @@ class ProcessGroup:
                             raise ChildFailed(name, msg[1], msg[2])
                         out.append((name, msg))
                 except (EOFError, OSError):
-                    self._check_exit(name)
+                    out += self._check_exit(name)
             else:
-                self._check_exit(sentinels[obj])
+                out += self._check_exit(sentinels[obj])
         return out
 
-    def _check_exit(self, name: str) -> None:
+    def _check_exit(self, name: str) -> list[tuple[str, Any]]:
+        if name in self.exited:
+            return []
         p = self.procs[name]
         p.join(timeout=5.0)
         if p.exitcode is None:
-            return  # closed its pipe but still running; its sentinel will tell
+            return []  # closed its pipe but still running; its sentinel will tell
         self.exited.add(name)
         if p.exitcode != 0:
             how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+            if p.exitcode < 0 and self.tolerate(name):
+                return [(name, ("died", how))]
             raise ChildFailed(name, f"process died ({how})")
+        return []
 
     def alive(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.is_alive()]

@@ -61,6 +61,7 @@ class RunResult:
     staleness: dict[int, int]
     workers: list[WorkerStats]
     final_params: torch.Tensor | None = None
+    failed_workers: list[int] = field(default_factory=list)  # died mid-run; run went on
 
     @property
     def final_accuracy(self) -> float:

@@ -38,12 +38,14 @@ class RunTimeout(RuntimeError):
 
 @dataclass
 class Event:
-    """Progress notifications for a UI: ``kind`` is "start", "progress" or "eval"."""
+    """Progress notifications for a UI: ``kind`` is "start", "progress", "eval" or "died"
+    (a worker process died and the run goes on without it; ``message`` says which)."""
 
     kind: str
     samples: int = 0
     total_samples: int = 0
     record: EvalRecord | None = None
+    message: str = ""
 
 
 Callback = Callable[[Event], None]
@@ -212,7 +214,8 @@ def _run_centralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResul
     worker_stats: dict[int, dict[str, Any]] = {}
     summary: dict[str, Any] | None = None
     final_params = None
-    with ProcessGroup() as group:
+    dead: set[int] = set()
+    with ProcessGroup(tolerate=lambda name: name.startswith("worker ")) as group:
         group.start("master", apam.master_main,
                     (star.master_end(), x0, cfg.optim, total, eval_at, snaps), threads=1)
         for i in range(cfg.workers):
@@ -221,7 +224,8 @@ def _run_centralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResul
         star.close_parent_copies()
         cb(Event("start", 0, total_samples))
         deadline = time.monotonic() + cfg.timeout_s
-        while summary is None or len(worker_stats) < cfg.workers:
+        while summary is None or len(worker_stats) + len(dead - set(worker_stats)) \
+                < cfg.workers:
             if time.monotonic() > deadline:
                 raise RunTimeout(f"run exceeded timeout_s={cfg.timeout_s:g} s; still running: "
                                  f"{', '.join(group.alive()) or 'none'}")
@@ -243,13 +247,20 @@ def _run_centralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResul
                     summary = msg[1]
                 elif kind == "stats":
                     worker_stats[msg[1]["worker"]] = msg[1]
+                elif kind == "died":  # the master drops it; the run goes on
+                    dead.add(int(name.split()[1]))
+                    cb(Event("died", 0, total_samples, None, f"{name} died ({msg[1]})"))
                 else:
                     raise AssertionError(f"unexpected message from {name}: {msg!r}")
         if not group.join(30.0):
             raise ChildFailed(", ".join(group.alive()), "did not exit after the run finished")
 
-    return centralized_result(cfg, summary, worker_stats, devices, evals, final_params, numel,
-                              "shm")
+    for i in dead:
+        worker_stats.setdefault(i, {"compute_s": 0.0, "sleep_s": 0.0})
+    result = centralized_result(cfg, summary, worker_stats, devices, evals, final_params,
+                                numel, "shm")
+    result.failed_workers = sorted(dead | set(summary.get("failed_workers", [])))
+    return result
 
 
 def centralized_result(cfg: RunConfig, summary: dict[str, Any],
@@ -358,11 +369,15 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
     t0 = 0.0
     last_loss = torch.zeros(cfg.workers, 2, dtype=torch.float64)
 
+    dead: set[int] = set()
+
     def evaluate(final: bool = False) -> None:
         nonlocal last_loss
         done = int(gossip.counters[1])
         wall = (max(s["finished_at"] for s in stats.values()) if final else time.monotonic()) - t0
         xs, _ = gossip.consistent_copy(LOCK_TIMEOUT_S)
+        if dead:  # the average and the worst worker are over the living
+            xs = xs[[i for i in range(cfg.workers) if i not in dead]]
         losses = gossip.losses.clone()
         d = losses - last_loss
         last_loss = losses
@@ -375,7 +390,7 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
             nonlocal_final[0] = xbar
 
     nonlocal_final: list[torch.Tensor | None] = [None]
-    with ProcessGroup() as group:
+    with ProcessGroup(tolerate=lambda name: name.startswith("worker ")) as group:
         for i in range(cfg.workers):
             nb, p = nbp[i]
             group.start(f"worker {i}", adpsgd.worker_main,
@@ -386,7 +401,7 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
         next_point = iter(points)
         point = next(next_point, None)
         last_progress = 0.0
-        while len(stats) < cfg.workers:
+        while len(stats) + len(dead - set(stats)) < cfg.workers:
             if time.monotonic() > deadline:
                 raise RunTimeout(f"run exceeded timeout_s={cfg.timeout_s:g} s; still running: "
                                  f"{', '.join(group.alive()) or 'none'}")
@@ -398,6 +413,13 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
                         gossip.go.set()
                 elif msg[0] == "stats":
                     stats[msg[1]["worker"]] = msg[1]
+                elif msg[0] == "died":  # neighbours stop choosing it; its locks are freed
+                    w = int(name.split()[1])
+                    dead.add(w)
+                    gossip.recover(w)
+                    cb(Event("died", 0, total_samples, None, f"{name} died ({msg[1]})"))
+                    if len(dead) == cfg.workers:
+                        raise ChildFailed("workers", "all workers died")
                 else:
                     raise AssertionError(f"unexpected message from {name}: {msg!r}")
             if not gossip.go.is_set():
@@ -415,10 +437,16 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
             raise ChildFailed(", ".join(group.alive()), "did not exit after the run finished")
 
     wall = max(s["finished_at"] for s in stats.values()) - t0
-    if cfg.audit:
+    if cfg.audit and not dead:  # a death mid-average breaks the invariant by design
         evals[-1].extra["audit_error"] = audit_error(cfg, x0, gossip.x, stats)
-    return decentralized_result(cfg, stats, wall, devices, evals, nonlocal_final[0], numel,
-                                "shm")
+    for w in dead:
+        n_done = int(gossip.done_by[w])
+        stats[w] = {"updates": n_done, "samples": n_done * cfg.data.batch_size,
+                    "compute_s": 0.0, "sleep_s": 0.0, "staleness": {}}
+    result = decentralized_result(cfg, stats, wall, devices, evals, nonlocal_final[0], numel,
+                                  "shm")
+    result.failed_workers = sorted(dead)
+    return result
 
 
 def _run_sync(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResult:

@@ -53,14 +53,23 @@ from .common import LocalWorker, worker_seed
 GO_TIMEOUT_S = 300.0
 
 
-def _neighbors_rng(neighbors: list[int], probs: list[float], seed: int):
+def _neighbors_rng(neighbors: list[int], probs: list[float], seed: int, alive=None):
+    """A function returning a random neighbour (P(j) ~ probs), skipping dead ones when
+    ``alive(j)`` says so; None when no neighbour is left."""
     rng = np.random.default_rng(seed)
     nb = np.asarray(neighbors)
     p = np.asarray(probs, dtype=np.float64)
     p = p / p.sum()
 
-    def pick() -> int:
-        return int(rng.choice(nb, p=p))
+    def pick() -> int | None:
+        j = int(rng.choice(nb, p=p))
+        if alive is None or alive(j):
+            return j
+        live = [k for k, q in enumerate(p) if alive(int(nb[k]))]
+        if not live:
+            return None
+        q = p[live] / p[live].sum()
+        return int(nb[live][rng.choice(len(live), p=q)])
 
     return pick
 
@@ -83,7 +92,9 @@ def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Da
     opt = cfg.optim.build()
     state = opt.init(torch.zeros(w.flat.numel))
     grad_cpu = torch.zeros(w.flat.numel) if w.device.type != "cpu" else None
-    pick = _neighbors_rng(neighbors, probs, worker_seed(cfg.seed, i) + 1) if neighbors else None
+    alive = getattr(end, "is_alive", None)
+    pick = _neighbors_rng(neighbors, probs, worker_seed(cfg.seed, i) + 1, alive) \
+        if neighbors else None
     tracked = cfg.adaptive_state == "tracked"
     link = LinkModel(cfg.network, 4 * w.flat.numel * (2 if tracked else 1))
     # audit: the sum of this worker's local steps, to check that none was lost
@@ -102,15 +113,15 @@ def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Da
         if grad_cpu is not None:
             grad_cpu.copy_(g)
             g = grad_cpu
-        if pick is not None:
-            j = pick()
+        j = pick() if pick is not None else None
+        if j is not None:  # None: every neighbour died; keep training alone
             link.sleep(2 * link.seconds(i, j))  # emulated link: model there and back
             end.average_with(j)
             averages += 1
 
         v1 = end.update_local(partial(_local_step, opt, g, state, tracked, audit))
         end.completed()
-        staleness[v1 - v0 - 1 - (1 if pick is not None else 0)] += 1
+        staleness[v1 - v0 - 1 - (1 if j is not None else 0)] += 1
         updates += 1
         samples += n
         loss_sum += loss

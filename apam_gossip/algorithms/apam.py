@@ -13,6 +13,10 @@ A gradient computed at the model of version ``v`` and applied when the master is
 version ``k`` has staleness ``k - v``; every update's staleness is recorded. A slow
 worker only delays its own gradients: the master serves whoever is ready.
 
+A worker whose process dies (SIGKILL, OOM) is dropped: its connection reports
+:class:`~apam_gossip.transport.PeerGone`, the master stops waiting for it and finishes the
+budget with the others (an exception *raised* in a worker still fails the run).
+
 The master begins the clock once every worker has said hello (data loaded, model
 built), so process start-up is not counted as training time. It stops after the
 budgeted number of updates; gradients still in flight then are discarded.
@@ -30,7 +34,7 @@ from torch import Tensor
 from ..config import OptimConfig, RunConfig
 from ..data import Dataset
 from ..emulation import MASTER, LinkModel
-from ..transport import MasterEnd, WorkerEnd
+from ..transport import MasterEnd, PeerGone, WorkerEnd
 from .common import LocalWorker
 
 HELLO_TIMEOUT_S = 300.0
@@ -49,6 +53,13 @@ def master_main(ctrl: Connection, end: MasterEnd, x0: Tensor, optim: OptimConfig
     state = opt.init(x)
     n = end.n_workers
 
+    gone: set[int] = set()  # workers whose process died: the run goes on without them
+
+    def lost(i: int) -> None:
+        gone.add(i)
+        if len(gone) == n:
+            raise RuntimeError(f"all {n} workers died; nothing left to train with")
+
     waiting = set(range(n))
     deadline = time.monotonic() + HELLO_TIMEOUT_S
     while waiting:
@@ -56,13 +67,20 @@ def master_main(ctrl: Connection, end: MasterEnd, x0: Tensor, optim: OptimConfig
             raise TimeoutError(
                 f"workers {sorted(waiting)} did not start within {HELLO_TIMEOUT_S:g} s")
         for i in end.ready(1.0):
-            meta, _ = end.recv(i)
-            assert meta[0] == "hello", meta
+            try:
+                meta, _ = end.recv(i)
+            except PeerGone:
+                lost(i)
+            else:
+                assert meta[0] == "hello", meta
             waiting.discard(i)
 
     t0 = time.monotonic()
-    for i in range(n):
-        end.send(i, x, ("x", 0))
+    for i in set(range(n)) - gone:
+        try:
+            end.send(i, x, ("x", 0))
+        except PeerGone:
+            lost(i)
 
     version = 0
     samples = 0
@@ -89,7 +107,11 @@ def master_main(ctrl: Connection, end: MasterEnd, x0: Tensor, optim: OptimConfig
 
     while version < total:
         for i in end.ready(1.0):
-            meta, grad = end.recv(i)
+            try:
+                meta, grad = end.recv(i)
+            except PeerGone:  # died while computing: its gradient never comes
+                lost(i)
+                continue
             _, v_from, n_samples, loss, _compute_s = meta
             opt.update(x, grad, state)
             staleness[version - v_from] += 1
@@ -101,7 +123,10 @@ def master_main(ctrl: Connection, end: MasterEnd, x0: Tensor, optim: OptimConfig
             loss_n += 1
             if version >= total:
                 break
-            end.send(i, x, ("x", version))
+            try:
+                end.send(i, x, ("x", version))
+            except PeerGone:
+                lost(i)
             if version == eval_point:
                 snapshot()
                 eval_point = next(next_eval, None)
@@ -111,12 +136,16 @@ def master_main(ctrl: Connection, end: MasterEnd, x0: Tensor, optim: OptimConfig
             last_progress = now
 
     wall = time.monotonic() - t0
-    for i in range(n):
-        end.send(i, None, ("stop",))
+    for i in set(range(n)) - gone:
+        try:
+            end.send(i, None, ("stop",))
+        except PeerGone:
+            gone.add(i)
     snapshot(final=True)
     ctrl.send(("done", {
         "wall_time": wall, "updates": version, "samples": samples,
         "staleness": dict(staleness), "updates_of": updates_of, "samples_of": samples_of,
+        "failed_workers": sorted(gone),
     }))
 
 

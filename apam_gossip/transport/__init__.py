@@ -14,6 +14,10 @@ from typing import Any, Protocol
 from torch import Tensor
 
 
+class PeerGone(RuntimeError):
+    """The other end of a connection went away (its process exited or was killed)."""
+
+
 class MasterEnd(Protocol):
     """The master's side of a star: gradients in from any worker, parameters out."""
 

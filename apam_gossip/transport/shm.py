@@ -18,10 +18,7 @@ import torch
 from torch import Tensor
 
 from ..procs import CTX
-
-
-class PeerGone(RuntimeError):
-    """The other end of a pipe closed (its process exited or died)."""
+from . import PeerGone
 
 
 class ShmStar:
@@ -130,9 +127,27 @@ class ShmGossip:
         self.counter_lock = CTX.Lock()
         self.locks = [CTX.Lock() for _ in range(n_workers)]
         self.go = CTX.Event()
+        # fault tolerance: who holds each lock (-1: nobody), who is alive, who did what
+        self.holders = torch.full((n_workers,), -1, dtype=torch.int64).share_memory_()
+        self.alive = torch.ones(n_workers, dtype=torch.int8).share_memory_()
+        self.done_by = torch.zeros(n_workers, dtype=torch.int64).share_memory_()
 
     def end(self, i: int, lock_timeout: float) -> ShmGossipEnd:
         return ShmGossipEnd(i, self, lock_timeout)
+
+    def recover(self, dead: int) -> list[int]:
+        """After worker ``dead``'s process died: mark it dead so neighbours stop choosing
+        it, and release the locks it held (a semaphore may be released by any process).
+        Returns the locks released. If it died between acquiring a lock and recording
+        that, the lock stays taken and its neighbours fail after their lock timeout."""
+        self.alive[dead] = 0
+        freed = []
+        for k in range(self.n_workers):
+            if int(self.holders[k]) == dead:
+                self.holders[k] = -1
+                self.locks[k].release()
+                freed.append(k)
+        return freed
 
     def consistent_copy(self, lock_timeout: float) -> tuple[Tensor, Tensor | None]:
         """All workers' parameters (and u) at one instant: takes every lock in order."""
@@ -160,6 +175,9 @@ class ShmGossipEnd:
         self.versions = g.versions
         self.counters = g.counters
         self.losses = g.losses
+        self.holders = g.holders
+        self.alive = g.alive
+        self.done_by = g.done_by
         self.counter_lock = g.counter_lock
         self.locks = g.locks
         self.go = g.go
@@ -169,6 +187,14 @@ class ShmGossipEnd:
         if not self.locks[j].acquire(timeout=self.lock_timeout):
             raise TimeoutError(f"worker {self.worker}: waited {self.lock_timeout:g} s for "
                                f"worker {j}'s lock")
+        self.holders[j] = self.worker
+
+    def _release(self, j: int) -> None:
+        self.holders[j] = -1
+        self.locks[j].release()
+
+    def is_alive(self, j: int) -> bool:
+        return bool(self.alive[j])
 
     def claim(self, total: int) -> bool:
         """Claim one of ``total`` updates; False once all are claimed (time to stop)."""
@@ -181,6 +207,7 @@ class ShmGossipEnd:
     def completed(self) -> None:
         with self.counter_lock:
             self.counters[1] += 1
+        self.done_by[self.worker] += 1
 
     def report_loss(self, loss: float) -> None:
         row = self.losses[self.worker]
@@ -195,7 +222,7 @@ class ShmGossipEnd:
             out.copy_(self.x[i])
             return int(self.versions[i])
         finally:
-            self.locks[i].release()
+            self._release(i)
 
     def average_with(self, j: int) -> None:
         """Atomically set x_i, x_j (and u_i, u_j) to their mean (mixing weight 1/2)."""
@@ -213,9 +240,9 @@ class ShmGossipEnd:
                 self.versions[i] += 1
                 self.versions[j] += 1
             finally:
-                self.locks[b].release()
+                self._release(b)
         finally:
-            self.locks[a].release()
+            self._release(a)
         with self.counter_lock:
             self.counters[2] += 1
 
@@ -229,7 +256,7 @@ class ShmGossipEnd:
             self.versions[i] += 1
             return int(self.versions[i])
         finally:
-            self.locks[i].release()
+            self._release(i)
 
 
 class SyncTimeout(TimeoutError):
