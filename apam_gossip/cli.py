@@ -91,13 +91,19 @@ def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     p.add_argument("--save-model", metavar="PATH", help="also save the final parameters "
                    "(a torch file of plain tensors)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or eval lines")
+    p.add_argument("--checkpoint", metavar="PATH", help="centralized: write a checkpoint "
+                   "here periodically and on SIGTERM/Ctrl-C (atomic: write, then rename)")
+    p.add_argument("--checkpoint-every", type=float, dest="checkpoint_every_s", metavar="S",
+                   help="seconds between checkpoints (default 60)")
+    p.add_argument("--resume", metavar="PATH", help="continue the run saved in this "
+                   "checkpoint (its config is used; other training flags are ignored)")
 
 
 def _overrides(a: argparse.Namespace) -> dict[str, Any]:
     """Nested config overrides from the flags that were given."""
     top = ("mode", "workers", "model", "epochs", "steps", "seed", "evals", "device",
            "threads_per_worker", "timeout_s", "topology", "adaptive_state", "audit",
-           "transport")
+           "transport", "checkpoint", "checkpoint_every_s")
     data = ("dataset", "data_dir", "partition", "dirichlet_alpha", "batch_size",
             "train_limit", "test_limit")
     optim = {"optim_name": "name", "lr": "lr", "beta1": "beta1", "beta2": "beta2",
@@ -194,7 +200,14 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     from .result import atomic_write_bytes
     from .runner import run
 
-    cfg = _build_config(a, base)
+    resume = getattr(a, "resume", None)
+    if resume:
+        from .checkpoint import load_checkpoint
+        from .config import RunConfig
+
+        cfg = RunConfig.from_dict(load_checkpoint(resume)["config"])
+    else:
+        cfg = _build_config(a, base)
     out = Path(a.output) if a.output else _default_output(cfg)
     _check_output(out)
     if a.save_model:
@@ -217,7 +230,7 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
               f"{cfg.optim.name} lr={cfg.optim.lr:g}, batch {cfg.data.batch_size}"
               + (f", slowed: {slow}" if slow else ""))
     try:
-        result = run(cfg, dataset=dataset, callback=ui)
+        result = run(cfg, dataset=dataset, callback=ui, resume=resume)
     finally:
         ui.close()
     if result is None:  # an MPI rank other than 0: rank 0 reports and writes
@@ -551,6 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, RunTimeout):
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 1
+        from .runner import RunInterrupted
+
+        if isinstance(e, RunInterrupted):
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return 143
         if sys.modules.get("mpi4py.MPI") is not None:
             import traceback
 

@@ -80,6 +80,10 @@ def _child_main(name: str, target: Callable[..., None], args: tuple, ctrl: Conne
     _set_parent_death_signal()
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+    # SIGTERM (a preemption, Ctrl-C of a job) goes to the parent, which stops the run in
+    # order and checkpoints; children are ended by the parent (SIGKILL) or its death.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         target(ctrl, *args)
@@ -180,10 +184,10 @@ class ProcessGroup:
         return not self.alive()
 
     def close(self, grace: float = 3.0) -> None:
-        """Terminate, then kill, every child still running; close all pipes."""
+        """Kill every child still running (they ignore SIGTERM); close all pipes."""
         for p in self.procs.values():
             if p.is_alive():
-                p.terminate()
+                p.kill()
         deadline = time.monotonic() + grace
         for p in self.procs.values():
             p.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -36,6 +36,16 @@ class RunTimeout(RuntimeError):
     """The run exceeded ``config.timeout_s``."""
 
 
+class RunInterrupted(RuntimeError):
+    """SIGTERM/SIGINT stopped the run; ``checkpoint`` is where it was saved (or None)."""
+
+    def __init__(self, checkpoint: str | None, updates: int) -> None:
+        where = (f"checkpoint written to {checkpoint}; continue with --resume {checkpoint}"
+                 if checkpoint else "no --checkpoint was given, so nothing was saved")
+        super().__init__(f"run interrupted after {updates} updates; {where}")
+        self.checkpoint = checkpoint
+
+
 @dataclass
 class Event:
     """Progress notifications for a UI: ``kind`` is "start", "progress", "eval" or "died"
@@ -52,7 +62,7 @@ Callback = Callable[[Event], None]
 
 
 def run(config: RunConfig, *, dataset: Dataset | None = None,
-        callback: Callback | None = None) -> RunResult | None:
+        callback: Callback | None = None, resume: str | None = None) -> RunResult | None:
     """Train as ``config`` says and return the :class:`RunResult`.
 
     Under ``mpirun`` (``transport`` ``auto`` or ``mpi``) every rank calls this; rank 0
@@ -60,7 +70,17 @@ def run(config: RunConfig, *, dataset: Dataset | None = None,
 
     ``dataset`` skips loading (tests, repeated runs); ``callback`` receives
     :class:`Event` s for progress display.
+
+    ``resume``: a checkpoint written by ``config.checkpoint`` (centralized mode); the run
+    continues from it with the checkpoint's config. SIGTERM or SIGINT during a centralized
+    run makes the master write its checkpoint and stop: :class:`RunInterrupted`.
     """
+    ckpt = None
+    if resume is not None:
+        from .checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(resume)
+        config = RunConfig.from_dict(ckpt["config"])
     config.validate()
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda was requested but torch.cuda.is_available() is False; "
@@ -84,7 +104,7 @@ def run(config: RunConfig, *, dataset: Dataset | None = None,
         if config.mode == "sequential":
             return _run_sequential(config, dataset, cb)
         if config.mode == "centralized":
-            return _run_centralized(config, dataset, cb)
+            return _run_centralized(config, dataset, cb, ckpt)
         if config.mode == "decentralized":
             return _run_decentralized(config, dataset, cb)
         if config.mode in ("allreduce", "dpsgd"):
@@ -174,6 +194,36 @@ def _run_sequential(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResult
     )
 
 
+class _SignalStop:
+    """While active (a context manager, main thread only), SIGTERM and SIGINT set ``flag``
+    instead of killing the coordinator, so the run can checkpoint and stop in order."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.sent = False
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.flag:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __enter__(self) -> _SignalStop:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 @dataclass
 class _Shared:
     """What every multi-process mode sets up the same way before starting workers."""
@@ -201,7 +251,8 @@ class _Shared:
                    [str(device_for(cfg, i)) for i in range(cfg.workers)])
 
 
-def _run_centralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResult:
+def _run_centralized(cfg: RunConfig, dataset: Dataset, cb: Callback,
+                     ckpt: dict[str, Any] | None = None) -> RunResult:
     """APAM over the shared-memory transport: a master process and N worker processes."""
     sh = _Shared.prepare(cfg, dataset)
     x0, numel, shards, total, total_samples = sh.x0, sh.numel, sh.shards, sh.total, sh.samples
@@ -215,17 +266,30 @@ def _run_centralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResul
     summary: dict[str, Any] | None = None
     final_params = None
     dead: set[int] = set()
-    with ProcessGroup(tolerate=lambda name: name.startswith("worker ")) as group:
+    resumes = int(ckpt["resumes"]) + 1 if ckpt is not None else 0
+    checkpoint = None if cfg.checkpoint is None else {
+        "path": cfg.checkpoint, "every_s": cfg.checkpoint_every_s, "config": cfg.to_dict(),
+        "resumes": resumes}
+    # after a resume the workers draw a fresh seeded data order (see apam_gossip.checkpoint)
+    wcfg = cfg.replace(seed=cfg.seed + 1_000_003 * resumes) if resumes else cfg
+    stop_requested = _SignalStop()
+    with ProcessGroup(tolerate=lambda name: name.startswith("worker ")) as group, \
+            stop_requested:
         group.start("master", apam.master_main,
-                    (star.master_end(), x0, cfg.optim, total, eval_at, snaps), threads=1)
+                    (star.master_end(), x0, cfg.optim, total, eval_at, snaps, checkpoint, ckpt),
+                    threads=1)
         for i in range(cfg.workers):
             group.start(f"worker {i}", apam.worker_main,
-                        (star.worker_end(i), cfg, dataset, shards[i], devices[i]), threads=tpw)
+                        (star.worker_end(i), wcfg, dataset, shards[i], devices[i]),
+                        threads=tpw)
         star.close_parent_copies()
         cb(Event("start", 0, total_samples))
         deadline = time.monotonic() + cfg.timeout_s
         while summary is None or len(worker_stats) + len(dead - set(worker_stats)) \
                 < cfg.workers:
+            if stop_requested.flag and not stop_requested.sent:
+                group.send("master", ("stop",))
+                stop_requested.sent = True
             if time.monotonic() > deadline:
                 raise RunTimeout(f"run exceeded timeout_s={cfg.timeout_s:g} s; still running: "
                                  f"{', '.join(group.alive()) or 'none'}")
@@ -247,6 +311,9 @@ def _run_centralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResul
                     summary = msg[1]
                 elif kind == "stats":
                     worker_stats[msg[1]["worker"]] = msg[1]
+                elif kind == "interrupted":
+                    group.join(10.0)
+                    raise RunInterrupted(msg[1], msg[2])
                 elif kind == "died":  # the master drops it; the run goes on
                     dead.add(int(name.split()[1]))
                     cb(Event("died", 0, total_samples, None, f"{name} died ({msg[1]})"))

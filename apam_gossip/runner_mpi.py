@@ -43,6 +43,9 @@ class _Sink:
         if self.on_message is None or not self.on_message(msg):
             self.messages.append(msg)
 
+    def poll(self) -> bool:  # nothing arrives from a coordinator under MPI
+        return False
+
 
 class _Go:
     """``go.wait()`` for the gossip worker loop: under MPI a barrier already synchronised."""

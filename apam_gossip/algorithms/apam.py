@@ -27,10 +27,12 @@ from __future__ import annotations
 import time
 from collections import Counter
 from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..checkpoint import save_checkpoint
 from ..config import OptimConfig, RunConfig
 from ..data import Dataset
 from ..emulation import MASTER, LinkModel
@@ -42,16 +44,26 @@ PROGRESS_EVERY_S = 0.25
 
 
 def master_main(ctrl: Connection, end: MasterEnd, x0: Tensor, optim: OptimConfig,
-                total: int, eval_at: list[int], snaps: Tensor) -> None:
+                total: int, eval_at: list[int], snaps: Tensor,
+                checkpoint: dict[str, Any] | None = None,
+                resume: dict[str, Any] | None = None) -> None:
     """Run the master until ``total`` updates; report snapshots and a summary on ``ctrl``.
 
     ``snaps[j]`` receives the model at the j-th evaluation point (``eval_at[j]`` updates)
     and, last, the final model; each is announced with a ``("snap", j, ...)`` message.
+
+    ``checkpoint`` = {"path", "every_s", "config", "resumes"}: write a checkpoint that often
+    and when the coordinator sends ``("stop",)`` (then stop early and report
+    ``("interrupted", path)``). ``resume``: a loaded checkpoint to continue from.
     """
     opt = optim.build()
     x = x0.clone()
     state = opt.init(x)
     n = end.n_workers
+    if resume is not None:
+        x.copy_(resume["x"])
+        state = {k: v.clone() for k, v in resume["opt_state"].items()}
+        torch.set_rng_state(resume["rng_torch"])
 
     gone: set[int] = set()  # workers whose process died: the run goes on without them
 
@@ -87,11 +99,31 @@ def master_main(ctrl: Connection, end: MasterEnd, x0: Tensor, optim: OptimConfig
     staleness: Counter[int] = Counter()
     updates_of = [0] * n
     samples_of = [0] * n
+    done_before = 0.0  # training seconds of the runs this one resumes
+    if resume is not None:
+        version, samples = int(resume["version"]), int(resume["samples"])
+        staleness.update({int(k): int(v) for k, v in resume["staleness"].items()})
+        updates_of = [int(v) for v in resume["updates_of"]]
+        samples_of = [int(v) for v in resume["samples_of"]]
+        done_before = float(resume["wall_time"])
+        t0 -= done_before
     loss_sum, loss_n = 0.0, 0
     slot = 0
-    next_eval = iter(eval_at)
+    next_eval = iter([p for p in eval_at if p > version or (p == 0 and version == 0)])
     eval_point = next(next_eval, None)
     last_progress = t0
+    last_ckpt = time.monotonic()
+
+    def save() -> None:
+        assert checkpoint is not None
+        save_checkpoint(checkpoint["path"], {
+            "config": checkpoint["config"], "mode": "centralized", "x": x.clone(),
+            "opt_state": {k: v.clone() for k, v in state.items()}, "version": version,
+            "samples": samples, "staleness": {int(k): int(v) for k, v in staleness.items()},
+            "updates_of": list(updates_of), "samples_of": list(samples_of),
+            "wall_time": time.monotonic() - t0, "resumes": checkpoint["resumes"],
+            "rng_torch": torch.get_rng_state(),
+        })
 
     def snapshot(final: bool = False) -> None:
         nonlocal slot, loss_sum, loss_n
@@ -134,6 +166,21 @@ def master_main(ctrl: Connection, end: MasterEnd, x0: Tensor, optim: OptimConfig
         if now - last_progress > PROGRESS_EVERY_S:
             ctrl.send(("progress", samples, version))
             last_progress = now
+        if checkpoint is not None and now - last_ckpt > checkpoint["every_s"]:
+            save()
+            last_ckpt = time.monotonic()
+        if ctrl.poll():  # the coordinator asks to stop (SIGTERM): checkpoint, then stop
+            msg = ctrl.recv()
+            assert msg[0] == "stop", msg
+            if checkpoint is not None:
+                save()
+            for i in set(range(n)) - gone:
+                try:
+                    end.send(i, None, ("stop",))
+                except PeerGone:
+                    gone.add(i)
+            ctrl.send(("interrupted", checkpoint["path"] if checkpoint else None, version))
+            return
 
     wall = time.monotonic() - t0
     for i in set(range(n)) - gone:

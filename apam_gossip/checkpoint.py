@@ -1,0 +1,48 @@
+"""Checkpoints: plain tensors and Python data, written atomically, loaded without code.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts saved with
+``torch.save`` and read back with ``torch.load(..., weights_only=True)``, which refuses to
+run code from the file. It is written to a temporary file in the same folder, fsynced and
+renamed over the old one, so a crash or a kill during the write leaves the previous
+checkpoint intact.
+
+Contents (centralized mode): the config, the model ``x``, the optimizer state, the
+progress (updates, samples, staleness histogram, per-worker counts, training seconds so
+far), the master's torch RNG state and ``resumes`` (how often the run was resumed; it
+seeds the workers' data order after a resume, since the order of an asynchronous run
+cannot be replayed exactly anyway).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .result import atomic_write_bytes
+
+FORMAT = 1
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint {p} does not exist; give the path that --checkpoint "
+                        "wrote")
+    try:
+        d = torch.load(p, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any unreadable/unsafe file is a user error
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {p}: {msg[:200]}") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT or "config" not in d:
+        raise UserError(f"{p} is not an apam_gossip checkpoint (format {FORMAT})")
+    return d

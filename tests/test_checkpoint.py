@@ -1,0 +1,120 @@
+"""Checkpoint / resume (centralized mode): SIGTERM, periodic, atomic, code-free loading."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from apam_gossip.checkpoint import load_checkpoint, save_checkpoint
+from apam_gossip.cli import main
+from apam_gossip.config import RunConfig
+from apam_gossip.data import load_dataset
+from apam_gossip.errors import UserError
+from apam_gossip.runner import RunInterrupted, run
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _cfg(tmp_path, **kw) -> RunConfig:
+    base = {"mode": "centralized", "workers": 4, "model": "mlp", "epochs": 40, "evals": 4,
+            "slowdown": [3, 3, 3, 3], "checkpoint": str(tmp_path / "run.ckpt"),
+            "data": {"dataset": "digits", "batch_size": 32}, "optim": {"lr": 2e-3}}
+    base.update(kw)
+    return RunConfig.from_dict(base)
+
+
+def test_sigterm_checkpoints_and_resume_reaches_the_target(tmp_path, digits):
+    cfg = _cfg(tmp_path)
+    sent = []
+
+    def term_at_40_percent(ev):
+        if not sent and ev.total_samples and ev.samples > 0.4 * ev.total_samples:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler preempting the job would
+            sent.append(ev.samples)
+
+    with pytest.raises(RunInterrupted, match="--resume"):
+        run(cfg, dataset=digits, callback=term_at_40_percent)
+    ck = load_checkpoint(cfg.checkpoint)
+    total = -(-40 * len(digits.y_train) // 32)
+    assert 0.3 * total < ck["version"] < total
+    assert ck["samples"] == 32 * ck["version"]
+    assert set(ck["opt_state"]) == {"step", "m", "v", "vhat"}
+    assert int(ck["opt_state"]["step"]) == ck["version"]
+    r = run(cfg, dataset=digits, resume=cfg.checkpoint)
+    assert r.updates == total
+    assert sum(r.staleness.values()) == total  # the histogram carried over
+    assert r.final_accuracy >= 0.95
+    assert r.evals[0].updates > ck["version"] - 1  # the resumed run continues, not restarts
+
+
+def test_periodic_checkpoints(tmp_path, digits):
+    cfg = _cfg(tmp_path, epochs=15, checkpoint_every_s=0.05)
+    r = run(cfg, dataset=digits)
+    ck = load_checkpoint(cfg.checkpoint)
+    assert 0 < ck["version"] <= r.updates
+    assert RunConfig.from_dict(ck["config"]) == cfg
+
+
+_WRITER = """
+import sys, torch
+from apam_gossip.checkpoint import save_checkpoint
+path = sys.argv[1]
+k = 0
+while True:
+    k += 1
+    save_checkpoint(path, {"config": {}, "k": k, "x": torch.full((3_000_000,), float(k))})
+"""
+
+
+def test_checkpoint_survives_a_kill_during_its_own_write(tmp_path):
+    path = tmp_path / "c.ckpt"
+    save_checkpoint(path, {"config": {}, "k": 0, "x": torch.zeros(3_000_000)})
+    for delay in (0.3, 0.7, 1.1, 1.6, 2.2):
+        p = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)])
+        time.sleep(delay)
+        p.kill()  # SIGKILL: no cleanup, possibly in the middle of a write
+        p.wait()
+        ck = load_checkpoint(path)  # always a whole checkpoint, old or new
+        assert torch.all(ck["x"] == float(ck["k"]))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/apam-gossip-pwned",))
+
+
+def test_loading_never_runs_code_from_the_file(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(pickle.dumps({"format": 1, "config": {}, "x": _Evil()}))
+    if os.path.exists("/tmp/apam-gossip-pwned"):
+        os.remove("/tmp/apam-gossip-pwned")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        load_checkpoint(path)
+    assert not os.path.exists("/tmp/apam-gossip-pwned")
+
+
+def test_resume_errors_are_one_line_exit_2(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "none.ckpt"), "-o",
+                 str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    assert main(["train", "--resume", str(tmp_path / "junk.ckpt"), "-o",
+                 str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot read checkpoint" in err
+    assert main(["train", "--mode", "decentralized", "--checkpoint", str(tmp_path / "c"),
+                 "-o", str(tmp_path / "r.json")]) == 2
+    assert "only the centralized mode" in capsys.readouterr().err
