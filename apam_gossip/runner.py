@@ -97,7 +97,7 @@ def run(config: RunConfig, *, dataset: Dataset | None = None,
         from .runner_mpi import run_mpi
 
         try:
-            return run_mpi(config, dataset, cb)
+            return run_mpi(config, dataset, cb, ckpt)
         finally:
             torch.set_num_threads(old_threads)
     try:

@@ -60,7 +60,7 @@ def _device(cfg: RunConfig, local: int) -> torch.device:
     return torch.device("cpu")
 
 
-def run_mpi(cfg: RunConfig, dataset: Dataset, cb) -> RunResult | None:
+def run_mpi(cfg: RunConfig, dataset: Dataset, cb, ckpt: dict | None = None) -> RunResult | None:
     comm, rank, size = tmpi.world()
     if cfg.mode == "sequential":
         if rank != 0:
@@ -79,7 +79,7 @@ def run_mpi(cfg: RunConfig, dataset: Dataset, cb) -> RunResult | None:
     torch.set_num_threads(threads_per_worker(cfg, tmpi_ranks_on_node(comm)))
     lrank = tmpi.local_rank(comm)
     if cfg.mode == "centralized":
-        return _centralized(cfg, dataset, cb, comm, rank, lrank)
+        return _centralized(cfg, dataset, cb, comm, rank, lrank, ckpt)
     if cfg.mode in ("allreduce", "dpsgd"):
         return _sync(cfg, dataset, cb, comm, rank, lrank)
     return _decentralized(cfg, dataset, cb, comm, rank, lrank)
@@ -96,7 +96,16 @@ def tmpi_ranks_on_node(comm) -> int:
 
 
 def _centralized(cfg: RunConfig, dataset: Dataset, cb, comm, rank: int,
-                 lrank: int) -> RunResult | None:
+                 lrank: int, ckpt: dict | None = None) -> RunResult | None:
+    """Rank 0 is the master. With ``cfg.checkpoint`` it writes checkpoints periodically:
+    when a rank dies, OpenMPI ends the whole job (this MPI has no fault-tolerance
+    extensions such as ULFM), so the last checkpoint is what survives; ``--resume`` it,
+    under mpirun or on one machine."""
+    resumes = int(ckpt["resumes"]) + 1 if ckpt is not None else 0
+    if resumes:
+        cfg_workers = cfg.replace(seed=cfg.seed + 1_000_003 * resumes)
+    else:
+        cfg_workers = cfg
     x0 = initial_model(cfg, dataset)
     shards = partition(dataset.y_train, cfg.workers, cfg.data.partition,
                        cfg.data.dirichlet_alpha, cfg.seed)
@@ -106,7 +115,8 @@ def _centralized(cfg: RunConfig, dataset: Dataset, cb, comm, rank: int,
         w = rank - 1
         end = tmpi.MpiStarWorker(comm, x0.numel())
         sink = _Sink()
-        apam.worker_main(sink, end, cfg, dataset, shards[w], str(_device(cfg, lrank)))
+        apam.worker_main(sink, end, cfg_workers, dataset, shards[w],
+                         str(_device(cfg, lrank)))
         comm.send(sink.messages[-1][1], dest=0, tag=tmpi.T_STATS)
         comm.Barrier()
         return None
@@ -126,7 +136,10 @@ def _centralized(cfg: RunConfig, dataset: Dataset, cb, comm, rank: int,
 
     sink = _Sink(live)
     end = tmpi.MpiStarMaster(comm, x0.numel(), timeout=cfg.timeout_s)
-    apam.master_main(sink, end, x0, cfg.optim, total, eval_at, snaps)
+    checkpoint = None if cfg.checkpoint is None else {
+        "path": cfg.checkpoint, "every_s": cfg.checkpoint_every_s,
+        "config": cfg.replace(transport="auto").to_dict(), "resumes": resumes}
+    apam.master_main(sink, end, x0, cfg.optim, total, eval_at, snaps, checkpoint, ckpt)
     worker_stats = {}
     for r in range(1, comm.Get_size()):
         st = comm.recv(source=r, tag=tmpi.T_STATS)

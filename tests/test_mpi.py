@@ -124,3 +124,60 @@ def test_sync_baselines_over_mpi(tmp_path, mode):
     # synchronous: every worker did every round, slowed or not
     assert {w["updates"] for w in d["workers"]} == {d["updates"]}
     assert d["workers"][1]["sleep_s"] > d["workers"][1]["compute_s"]
+
+
+def _rank_pid(rank: int, marker: str) -> int | None:
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmd and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
+            return int(d.name)
+    return None
+
+
+def test_a_killed_rank_aborts_in_bounded_time_and_leaves_a_usable_checkpoint(tmp_path):
+    """OpenMPI here has no fault-tolerance extensions: a dead rank ends the job. The master
+    checkpoints periodically, so the run resumes from the last checkpoint."""
+    import signal
+    import time
+
+    from apam_gossip.checkpoint import load_checkpoint
+    from apam_gossip.data import load_dataset
+    from apam_gossip.runner import run
+
+    ckpt = tmp_path / "mpi.ckpt"
+    out = tmp_path / "never.json"
+    cmd = [str(MPIRUN), "-n", "4", "--map-by", ":OVERSUBSCRIBE",
+           *cli("train", "--mode", "centralized", "--epochs", "400", "--lr", "2e-3",
+                "--slow", "0=3", "--slow", "1=3", "--slow", "2=3", "--evals", "2",
+                "--checkpoint", str(ckpt), "--checkpoint-every", "0.2", "-o", str(out))]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=ENV)
+    try:
+        deadline = time.monotonic() + 90
+        while not ckpt.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ckpt.exists(), "no checkpoint was written"
+        time.sleep(1.0)
+        pid = _rank_pid(2, str(ckpt))
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        t = time.monotonic()
+        _, err = p.communicate(timeout=60)
+        assert p.returncode != 0
+        assert time.monotonic() - t < 30  # bounded: the job ends, no rank waits forever
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert not out.exists()
+    ck = load_checkpoint(ckpt)
+    assert ck["version"] > 0 and ck["mode"] == "centralized"
+    # resume the checkpoint on one machine, with a smaller budget left to run
+    r = run(None, dataset=load_dataset("digits"), resume=str(ckpt))  # type: ignore[arg-type]
+    assert r.updates == -(-400 * 1437 // 32) and r.final_accuracy >= 0.95
