@@ -6,6 +6,10 @@ run code from the file. It is written to a temporary file in the same folder, fs
 renamed over the old one, so a crash or a kill during the write leaves the previous
 checkpoint intact.
 
+Decentralized mode: every worker's model (and tracked second moment) and its own optimizer
+state, copied at one instant under all workers' locks (the optimizer states live in shared
+memory for this), with the progress counters.
+
 Contents (centralized mode): the config, the model ``x``, the optimizer state, the
 progress (updates, samples, staleness histogram, per-worker counts, training seconds so
 far), the master's torch RNG state and ``resumes`` (how often the run was resumed; it

@@ -134,7 +134,7 @@ class RunConfig:
     straggler_prob: float = 0.0  # each gradient: with this probability ...
     straggler_factor: float = 1.0  # ... the worker is this many times slower
     network: NetworkConfig = field(default_factory=NetworkConfig)
-    checkpoint: str | None = None  # write a checkpoint here (centralized mode) ...
+    checkpoint: str | None = None  # write a checkpoint here (asynchronous modes) ...
     checkpoint_every_s: float = 60.0  # ... this often, and on SIGTERM
 
     # -- construction -------------------------------------------------------------
@@ -194,9 +194,9 @@ class RunConfig:
                 raise ConfigError(f"slowdown[{i}] must be >= 1 (1 = full speed), got {s}")
         if not self.checkpoint_every_s > 0:
             raise ConfigError(f"checkpoint_every_s must be > 0, got {self.checkpoint_every_s}")
-        if self.checkpoint is not None and self.mode != "centralized":
-            raise ConfigError("checkpoint: only the centralized mode writes checkpoints so "
-                              f"far (mode is {self.mode})")
+        if self.checkpoint is not None and self.mode not in ASYNC_MODES:
+            raise ConfigError("checkpoint: only the centralized and decentralized modes "
+                              f"write checkpoints so far (mode is {self.mode})")
         if not 0 <= self.straggler_prob <= 1:
             raise ConfigError(f"straggler_prob must be in [0, 1], got {self.straggler_prob}")
         if not self.straggler_factor >= 1:

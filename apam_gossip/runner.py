@@ -106,7 +106,7 @@ def run(config: RunConfig, *, dataset: Dataset | None = None,
         if config.mode == "centralized":
             return _run_centralized(config, dataset, cb, ckpt)
         if config.mode == "decentralized":
-            return _run_decentralized(config, dataset, cb)
+            return _run_decentralized(config, dataset, cb, ckpt)
         if config.mode in ("allreduce", "dpsgd"):
             return _run_sync(config, dataset, cb)
         raise AssertionError(f"unhandled mode {config.mode!r}")
@@ -411,7 +411,8 @@ LOCK_TIMEOUT_S = 120.0
 WORKER_EVAL_SAMPLES = 2000  # test samples used to score each worker's own model
 
 
-def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResult:
+def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback,
+                       ckpt: dict[str, Any] | None = None) -> RunResult:
     """AD-PSGD-style gossip over the shared-memory transport: N worker processes, no master.
 
     The coordinator (this process) only watches: at each evaluation point it copies all
@@ -429,6 +430,32 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
     points = eval_points(total, cfg.evals)
     gossip = ShmGossip(cfg.workers, numel, tracked=cfg.adaptive_state == "tracked")
     gossip.x.copy_(x0)  # every worker starts from the same model
+    gossip.share_optimizer_state(cfg.optim.build().init(torch.zeros(numel)))
+    resumes, done_before = 0, 0.0
+    if ckpt is not None:  # continue where the checkpoint left off
+        resumes, done_before = int(ckpt["resumes"]) + 1, float(ckpt["wall_time"])
+        gossip.x.copy_(ckpt["x"])
+        if gossip.u is not None:
+            gossip.u.copy_(ckpt["u"])
+        for k, v in gossip.opt_state.items():
+            v.copy_(ckpt["opt_state"][k])
+        gossip.counters[0] = gossip.counters[1] = int(ckpt["completed"])
+        gossip.counters[2] = int(ckpt["averages"])
+        gossip.done_by.copy_(ckpt["done_by"])
+        points = [p for p in points if p > int(ckpt["completed"])]
+    wcfg = cfg.replace(seed=cfg.seed + 1_000_003 * resumes) if resumes else cfg
+    last_ckpt = time.monotonic()
+
+    def save_checkpoint_now() -> None:
+        from .checkpoint import save_checkpoint
+
+        xs, us = gossip.consistent_copy(LOCK_TIMEOUT_S)
+        save_checkpoint(cfg.checkpoint, {
+            "config": cfg.to_dict(), "mode": "decentralized", "x": xs, "u": us,
+            "opt_state": gossip.last_opt_state, "completed": int(gossip.counters[1]),
+            "averages": int(gossip.counters[2]), "done_by": gossip.done_by.clone(),
+            "wall_time": time.monotonic() - t0, "resumes": resumes,
+        })
 
     evals: list[EvalRecord] = []
     stats: dict[int, dict[str, Any]] = {}
@@ -457,11 +484,13 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
             nonlocal_final[0] = xbar
 
     nonlocal_final: list[torch.Tensor | None] = [None]
-    with ProcessGroup(tolerate=lambda name: name.startswith("worker ")) as group:
+    stop_requested = _SignalStop()
+    with ProcessGroup(tolerate=lambda name: name.startswith("worker ")) as group, \
+            stop_requested:
         for i in range(cfg.workers):
             nb, p = nbp[i]
             group.start(f"worker {i}", adpsgd.worker_main,
-                        (gossip.end(i, LOCK_TIMEOUT_S), cfg, dataset, shards[i], devices[i],
+                        (gossip.end(i, LOCK_TIMEOUT_S), wcfg, dataset, shards[i], devices[i],
                          nb, p, total), threads=tpw)
         cb(Event("start", 0, total_samples))
         deadline = time.monotonic() + cfg.timeout_s
@@ -476,7 +505,7 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
                 if msg[0] == "hello":
                     hello.add(msg[1])
                     if len(hello) == cfg.workers:
-                        t0 = time.monotonic()
+                        t0 = time.monotonic() - done_before
                         gossip.go.set()
                 elif msg[0] == "stats":
                     stats[msg[1]["worker"]] = msg[1]
@@ -491,6 +520,13 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
                     raise AssertionError(f"unexpected message from {name}: {msg!r}")
             if not gossip.go.is_set():
                 continue
+            if stop_requested.flag and not stop_requested.sent:
+                gossip.stop[0] = 1  # workers finish their current update and exit
+                stop_requested.sent = True
+            if cfg.checkpoint is not None and not stop_requested.sent \
+                    and time.monotonic() - last_ckpt > cfg.checkpoint_every_s:
+                save_checkpoint_now()
+                last_ckpt = time.monotonic()
             done = int(gossip.counters[1])
             if point is not None and point <= done < total:  # done == total: final eval
                 evaluate()
@@ -499,6 +535,11 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunRes
             elif time.monotonic() - last_progress > 0.25:
                 cb(Event("progress", done * cfg.data.batch_size, total_samples))
                 last_progress = time.monotonic()
+        if stop_requested.sent:  # every worker has stopped: the copy is consistent
+            if cfg.checkpoint is not None:
+                save_checkpoint_now()
+            group.join(10.0)
+            raise RunInterrupted(cfg.checkpoint, int(gossip.counters[1]))
         evaluate(final=True)
         if not group.join(30.0):
             raise ChildFailed(", ".join(group.alive()), "did not exit after the run finished")

@@ -171,6 +171,10 @@ def _decentralized(cfg: RunConfig, dataset: Dataset, cb, comm, rank: int,
                    lrank: int) -> RunResult | None:
     from .topology import make_topology, neighbor_probabilities, validate_topology
 
+    if cfg.checkpoint is not None:
+        raise ConfigError("checkpoints of the decentralized mode are written on one machine "
+                          "only so far; under mpirun use --mode centralized or drop "
+                          "--checkpoint")
     graph = validate_topology(make_topology(cfg.topology, cfg.workers, seed=cfg.seed),
                               cfg.workers)
     nb, probs = neighbor_probabilities(graph)[rank]

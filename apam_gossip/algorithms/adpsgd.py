@@ -90,7 +90,9 @@ def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Da
     i = end.worker
     w = LocalWorker.build(cfg, dataset, shard, i, torch.device(device))
     opt = cfg.optim.build()
-    state = opt.init(torch.zeros(w.flat.numel))
+    shared = getattr(end, "optimizer_state", lambda: None)()
+    # shared (shm): the coordinator can checkpoint it; the local step runs under our lock
+    state = shared if shared is not None else opt.init(torch.zeros(w.flat.numel))
     grad_cpu = torch.zeros(w.flat.numel) if w.device.type != "cpu" else None
     alive = getattr(end, "is_alive", None)
     pick = _neighbors_rng(neighbors, probs, worker_seed(cfg.seed, i) + 1, alive) \

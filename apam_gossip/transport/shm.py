@@ -131,6 +131,17 @@ class ShmGossip:
         self.holders = torch.full((n_workers,), -1, dtype=torch.int64).share_memory_()
         self.alive = torch.ones(n_workers, dtype=torch.int8).share_memory_()
         self.done_by = torch.zeros(n_workers, dtype=torch.int64).share_memory_()
+        self.stop = torch.zeros(1, dtype=torch.int8).share_memory_()  # 1: claim no more
+        # the workers' optimizer states (filled by share_optimizer_state), so that a
+        # checkpoint can copy them under the workers' locks
+        self.opt_state: dict[str, Tensor] = {}
+
+    def share_optimizer_state(self, template: dict[str, Tensor]) -> None:
+        """Allocate every worker's optimizer state in shared memory, shaped like
+        ``template`` (one worker's fresh state); workers use their rows in place."""
+        n = self.n_workers
+        self.opt_state = {k: torch.zeros((n, *v.shape), dtype=v.dtype).share_memory_()
+                          for k, v in template.items()}
 
     def end(self, i: int, lock_timeout: float) -> ShmGossipEnd:
         return ShmGossipEnd(i, self, lock_timeout)
@@ -158,6 +169,7 @@ class ShmGossip:
                     raise TimeoutError(f"coordinator: worker {i}'s lock was not released "
                                        f"within {lock_timeout:g} s")
                 taken.append(lk)
+            self.last_opt_state = {k: v.clone() for k, v in self.opt_state.items()}
             return self.x.clone(), (self.u.clone() if self.u is not None else None)
         finally:
             for lk in reversed(taken):
@@ -178,6 +190,8 @@ class ShmGossipEnd:
         self.holders = g.holders
         self.alive = g.alive
         self.done_by = g.done_by
+        self.stop = g.stop
+        self.shared_opt_state = g.opt_state
         self.counter_lock = g.counter_lock
         self.locks = g.locks
         self.go = g.go
@@ -196,10 +210,17 @@ class ShmGossipEnd:
     def is_alive(self, j: int) -> bool:
         return bool(self.alive[j])
 
+    def optimizer_state(self) -> dict[str, Tensor] | None:
+        """This worker's rows of the shared optimizer state (views), if shared."""
+        if not self.shared_opt_state:
+            return None
+        return {k: v[self.worker] for k, v in self.shared_opt_state.items()}
+
     def claim(self, total: int) -> bool:
-        """Claim one of ``total`` updates; False once all are claimed (time to stop)."""
+        """Claim one of ``total`` updates; False once all are claimed or the coordinator
+        asked to stop (time to stop)."""
         with self.counter_lock:
-            if self.counters[0] >= total:
+            if self.counters[0] >= total or int(self.stop[0]):
                 return False
             self.counters[0] += 1
             return True
