@@ -449,10 +449,10 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback,
     def save_checkpoint_now() -> None:
         from .checkpoint import save_checkpoint
 
-        xs, us = gossip.consistent_copy(LOCK_TIMEOUT_S)
+        xs, us, states = gossip.consistent_copy(LOCK_TIMEOUT_S, with_opt_state=True)
         save_checkpoint(cfg.checkpoint, {
             "config": cfg.to_dict(), "mode": "decentralized", "x": xs, "u": us,
-            "opt_state": gossip.last_opt_state, "completed": int(gossip.counters[1]),
+            "opt_state": states, "completed": int(gossip.counters[1]),
             "averages": int(gossip.counters[2]), "done_by": gossip.done_by.clone(),
             "wall_time": time.monotonic() - t0, "resumes": resumes,
         })
@@ -465,11 +465,12 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback,
 
     dead: set[int] = set()
 
-    def evaluate(final: bool = False) -> None:
+    def evaluate(final: bool = False) -> torch.Tensor:
+        """Score the models now; returns the average model x_bar."""
         nonlocal last_loss
         done = int(gossip.counters[1])
         wall = (max(s["finished_at"] for s in stats.values()) if final else time.monotonic()) - t0
-        xs, _ = gossip.consistent_copy(LOCK_TIMEOUT_S)
+        xs, _, _ = gossip.consistent_copy(LOCK_TIMEOUT_S)
         if dead:  # the average and the worst worker are over the living
             xs = xs[[i for i in range(cfg.workers) if i not in dead]]
         losses = gossip.losses.clone()
@@ -480,10 +481,8 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback,
                                        int(gossip.counters[2]))
         evals.append(rec)
         cb(Event("eval", rec.samples, total_samples, rec))
-        if final:
-            nonlocal_final[0] = xbar
+        return xbar
 
-    nonlocal_final: list[torch.Tensor | None] = [None]
     stop_requested = _SignalStop()
     with ProcessGroup(tolerate=lambda name: name.startswith("worker ")) as group, \
             stop_requested:
@@ -540,7 +539,7 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback,
                 save_checkpoint_now()
             group.join(10.0)
             raise RunInterrupted(cfg.checkpoint, int(gossip.counters[1]))
-        evaluate(final=True)
+        final_params = evaluate(final=True)
         if not group.join(30.0):
             raise ChildFailed(", ".join(group.alive()), "did not exit after the run finished")
 
@@ -551,7 +550,7 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback,
         n_done = int(gossip.done_by[w])
         stats[w] = {"updates": n_done, "samples": n_done * cfg.data.batch_size,
                     "compute_s": 0.0, "sleep_s": 0.0, "staleness": {}}
-    result = decentralized_result(cfg, stats, wall, devices, evals, nonlocal_final[0], numel,
+    result = decentralized_result(cfg, stats, wall, devices, evals, final_params, numel,
                                   "shm")
     result.failed_workers = sorted(dead)
     return result

@@ -76,23 +76,13 @@ def run_mpi(cfg: RunConfig, dataset: Dataset, cb, ckpt: dict | None = None) -> R
     if len(cfg.slowdown) > n:
         raise ConfigError(f"slowdown has {len(cfg.slowdown)} entries but mpirun started "
                           f"{n} workers")
-    torch.set_num_threads(threads_per_worker(cfg, tmpi_ranks_on_node(comm)))
-    lrank = tmpi.local_rank(comm)
+    lrank, on_node = tmpi.node_placement(comm)
+    torch.set_num_threads(threads_per_worker(cfg, on_node))
     if cfg.mode == "centralized":
         return _centralized(cfg, dataset, cb, comm, rank, lrank, ckpt)
     if cfg.mode in ("allreduce", "dpsgd"):
         return _sync(cfg, dataset, cb, comm, rank, lrank)
     return _decentralized(cfg, dataset, cb, comm, rank, lrank)
-
-
-def tmpi_ranks_on_node(comm) -> int:
-    from mpi4py import MPI
-
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return node.Get_size()
-    finally:
-        node.Free()
 
 
 def _centralized(cfg: RunConfig, dataset: Dataset, cb, comm, rank: int,

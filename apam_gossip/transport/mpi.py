@@ -58,13 +58,14 @@ def world():
     return comm, comm.Get_rank(), comm.Get_size()
 
 
-def local_rank(comm) -> int:
-    """This rank's index among the ranks on its host (for cuda:(local_rank mod n_gpus))."""
+def node_placement(comm) -> tuple[int, int]:
+    """(this rank's index among the ranks on its host, how many ranks share the host):
+    for cuda:(local_rank mod n_gpus) and for each rank's share of the host's cores."""
     from mpi4py import MPI
 
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
-        return node.Get_rank()
+        return node.Get_rank(), node.Get_size()
     finally:
         node.Free()
 
@@ -421,4 +422,4 @@ def _wait_all(reqs: list, timeout: float, what: str) -> None:
 
 
 __all__ = ["MpiStarMaster", "MpiSync", "MpiStarWorker", "MpiGossip", "launched_by_mpi", "world",
-           "local_rank"]
+           "node_placement"]

@@ -160,8 +160,10 @@ class ShmGossip:
                 freed.append(k)
         return freed
 
-    def consistent_copy(self, lock_timeout: float) -> tuple[Tensor, Tensor | None]:
-        """All workers' parameters (and u) at one instant: takes every lock in order."""
+    def consistent_copy(self, lock_timeout: float, with_opt_state: bool = False
+                        ) -> tuple[Tensor, Tensor | None, dict[str, Tensor] | None]:
+        """All workers' parameters, u and (when asked, for a checkpoint) optimizer states
+        at one instant: takes every lock in order."""
         taken = []
         try:
             for i, lk in enumerate(self.locks):
@@ -169,8 +171,9 @@ class ShmGossip:
                     raise TimeoutError(f"coordinator: worker {i}'s lock was not released "
                                        f"within {lock_timeout:g} s")
                 taken.append(lk)
-            self.last_opt_state = {k: v.clone() for k, v in self.opt_state.items()}
-            return self.x.clone(), (self.u.clone() if self.u is not None else None)
+            states = {k: v.clone() for k, v in self.opt_state.items()} if with_opt_state \
+                else None
+            return self.x.clone(), (self.u.clone() if self.u is not None else None), states
         finally:
             for lk in reversed(taken):
                 lk.release()
