@@ -15,16 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = ["run", "RunConfig", "DataConfig", "OptimConfig", "RunResult", "UserError",
-           "__version__"]
+           "load_model", "__version__"]
 
 if TYPE_CHECKING:
     from .config import DataConfig, OptimConfig, RunConfig
     from .errors import UserError
+    from .model_io import load_model
     from .result import RunResult
     from .runner import run
 
 
-def __getattr__(name: str) -> Any:  # lazy: `apam-gossip --help` should not import torch
+def __getattr__(name: str) -> Any:  # lazy: `import apam_gossip` stays cheap until used
     if name == "run":
         from .runner import run
 
@@ -37,6 +38,10 @@ def __getattr__(name: str) -> Any:  # lazy: `apam-gossip --help` should not impo
         from .result import RunResult
 
         return RunResult
+    if name == "load_model":
+        from .model_io import load_model
+
+        return load_model
     if name == "UserError":
         from .errors import UserError
 

@@ -22,23 +22,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-
-
-def mpirun_command(n: int) -> list[str]:
-    mpirun = Path(sys.executable).parent / "mpirun"
-    if not mpirun.exists():
-        raise UserError("mpirun not found next to this Python: pip install 'apam_gossip[mpi]' "
-                        "(launch/setup.sh does)")
-    return [str(mpirun), "-n", str(n), "--map-by", ":OVERSUBSCRIBE"]
-
-
-def mpi_env() -> dict[str, str]:
-    env = dict(os.environ)
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    env.setdefault("OMPI_MCA_pml", "ob1")
-    env.setdefault("OMPI_MCA_btl", "self,sm")
-    return env
+from .mpirun import run_mpirun
 
 
 def _run_cli(args: list[str], n_mpi: int | None, timeout: float) -> dict:
@@ -46,11 +30,10 @@ def _run_cli(args: list[str], n_mpi: int | None, timeout: float) -> dict:
         out = Path(d) / "r.json"
         cmd = [sys.executable, "-m", "apam_gossip", "train", *args, "-o", str(out), "-q"]
         if n_mpi is not None:
-            cmd = mpirun_command(n_mpi) + cmd
-            env = mpi_env()
+            p = run_mpirun(n_mpi, cmd, timeout=timeout)
         else:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI"))}
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if p.returncode != 0:
             raise RuntimeError(f"benchmark run failed ({' '.join(cmd)}):\n{p.stderr[-2000:]}")
         return json.loads(out.read_text())
@@ -119,9 +102,8 @@ def pairwise_worker(size_mb: float, reps: int) -> None:
 
 
 def bench_pairwise(size_mb: float, reps: int, timeout: float = 300) -> dict:
-    cmd = mpirun_command(2) + [sys.executable, "-m", "apam_gossip.bench", "pairwise",
-                               str(size_mb), str(reps)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=mpi_env())
+    p = run_mpirun(2, [sys.executable, "-m", "apam_gossip.bench", "pairwise", str(size_mb),
+                       str(reps)], timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"pairwise benchmark failed:\n{p.stderr[-2000:]}")
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1]
@@ -236,16 +218,20 @@ def plot_profile(profile, results: dict, path: Path) -> tuple[Path, Path]:
 def bench_profile(profile, out: Path, quiet: bool = False, callback_factory=None) -> dict:
     """Run every mode of ``profile`` on the same model, data, seed and budget; write the
     JSON (table rows + all RunResults) and two PNGs next to ``out``."""
+    from .compare import fair_share
     from .data import load_dataset
     from .result import atomic_write_text
-    from .runner import run
+    from .runner import check_runnable, run
 
     base = profile.base
+    # every mode checked before the first run, all with the same core budget rule
+    cfgs = {name: fair_share(profile.config_for(name)) for name in profile.modes}
+    for cfg in cfgs.values():
+        check_runnable(cfg)
     dataset = load_dataset(base.data.dataset, base.data.data_dir)
     n_train = min(len(dataset.y_train), base.data.train_limit or len(dataset.y_train))
     results = {}
-    for name in profile.modes:
-        cfg = profile.config_for(name)
+    for name, cfg in cfgs.items():
         if not quiet:
             print(f"--- {name}: {cfg.mode}, {cfg.workers if cfg.mode != 'sequential' else 1} "
                   f"worker(s), {cfg.optim.name} lr={cfg.optim.lr:g}", flush=True)

@@ -32,7 +32,10 @@ def _slow(text: str) -> tuple[int, float]:
             f"invalid --slow value {text!r}: use WORKER=FACTOR, e.g. --slow 0=10") from None
 
 
-def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
+def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True,
+                   single_run: bool = True) -> None:
+    """The flags of a run; ``single_run`` adds those that only make sense for one run
+    (--checkpoint, --resume, --save-model), which compare does not take."""
     from .config import ADAPTIVE_STATES, DEVICES, MODES, PARTITIONS
     from .data import DATASETS
     from .models import MODELS
@@ -41,7 +44,8 @@ def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML or JSON config; flags override it")
     if with_mode:
         p.add_argument("--mode", choices=MODES, help="centralized (APAM master/worker), "
-                       "decentralized (gossip) or sequential (one-process reference)")
+                       "decentralized (gossip), sequential (one-process reference), "
+                       "allreduce or dpsgd (synchronous baselines); default centralized")
     p.add_argument("--topology", metavar="FILE_OR_NAME", help="decentralized: a graph file "
                    "(see topologies/README.md) or ring, torus, exponential, complete, star, "
                    "regular:D, bipartite, chain")
@@ -88,11 +92,17 @@ def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
                    help="abort the run after this many seconds")
     p.add_argument("--output", "-o", metavar="PATH",
                    help="RunResult JSON path (default runs/<time>-<mode>-<model>-<dataset>.json)")
-    p.add_argument("--save-model", metavar="PATH", help="also save the final parameters "
-                   "(a torch file of plain tensors)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or eval lines")
-    p.add_argument("--checkpoint", metavar="PATH", help="centralized: write a checkpoint "
-                   "here periodically and on SIGTERM/Ctrl-C (atomic: write, then rename)")
+    p.set_defaults(_flag_of={act.dest: act.option_strings[0] for act in p._actions
+                             if act.option_strings})
+    if not single_run:
+        return
+    p.add_argument("--save-model", metavar="PATH", help="also save the final model: a "
+                   "state_dict plus what rebuilds it; apam_gossip.load_model(PATH) returns "
+                   "the nn.Module")
+    p.add_argument("--checkpoint", metavar="PATH", help="centralized and decentralized: "
+                   "write a checkpoint here periodically and on SIGTERM/Ctrl-C (atomic: "
+                   "write, then rename)")
     p.add_argument("--checkpoint-every", type=float, dest="checkpoint_every_s", metavar="S",
                    help="seconds between checkpoints (default 60)")
     p.add_argument("--resume", metavar="PATH", help="continue the run saved in this "
@@ -104,12 +114,12 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
     top = ("mode", "workers", "model", "epochs", "steps", "seed", "evals", "device",
            "threads_per_worker", "timeout_s", "topology", "adaptive_state", "audit",
            "transport", "checkpoint", "checkpoint_every_s")
+    out: dict[str, Any] = {k: getattr(a, k) for k in top
+                           if getattr(a, k, None) is not None}
     data = ("dataset", "data_dir", "partition", "dirichlet_alpha", "batch_size",
             "train_limit", "test_limit")
     optim = {"optim_name": "name", "lr": "lr", "beta1": "beta1", "beta2": "beta2",
              "eps": "eps", "momentum": "momentum", "weight_decay": "weight_decay"}
-    out: dict[str, Any] = {k: getattr(a, k) for k in top
-                           if getattr(a, k, None) is not None}
     d = {k: getattr(a, k) for k in data if getattr(a, k) is not None}
     o = {v: getattr(a, k) for k, v in optim.items() if getattr(a, k) is not None}
     if a.amsgrad_variant is not None:
@@ -131,6 +141,50 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"--slow names worker {min(factors)}: workers are numbered from 0")
         out["slowdown"] = [factors.get(i, 1.0) for i in range(size)]
     return out
+
+
+# flags that shape the training run (everything but output, display and resume)
+_RUN_DESTS = ("config", "mode", "workers", "model", "epochs", "steps", "seed", "evals",
+              "device", "threads_per_worker", "timeout_s", "topology", "adaptive_state",
+              "audit", "transport", "checkpoint", "checkpoint_every_s", "dataset", "data_dir",
+              "partition", "dirichlet_alpha", "batch_size", "train_limit", "test_limit",
+              "optim_name", "lr", "beta1", "beta2", "eps", "momentum", "weight_decay",
+              "amsgrad_variant", "slow")
+
+
+def _given(a: argparse.Namespace, dests) -> list[str]:
+    """The flags among ``dests`` that were given on the command line."""
+    flag_of = getattr(a, "_flag_of", {})
+    return [flag_of.get(d, d) for d in dests if getattr(a, d, None) not in (None, False, [])]
+
+
+def _ignored_flags(a: argparse.Namespace, cfg, modes: list[str]) -> list[str]:
+    """Flags given on the command line that have no effect on a run of ``cfg`` in any of
+    ``modes``, each with the reason (one warning line names them all)."""
+    checks = [
+        (("topology",), {"decentralized", "dpsgd"}.isdisjoint(modes),
+         "applies to the decentralized and dpsgd modes"),
+        (("adaptive_state", "audit"), "decentralized" not in modes,
+         "applies to the decentralized mode"),
+        (("data_dir",), cfg.data.dataset == "digits", "digits ships with scikit-learn"),
+        (("momentum",), cfg.optim.name != "sgd", "applies to --optimizer sgd"),
+        (("beta1", "beta2", "eps"), cfg.optim.name == "sgd", "applies to amsgrad and adam"),
+        (("amsgrad_variant",), cfg.optim.name != "amsgrad", "applies to amsgrad"),
+        (("checkpoint_every_s",), cfg.checkpoint is None, "applies with --checkpoint"),
+        (("dirichlet_alpha",), cfg.data.partition != "dirichlet",
+         "applies to --partition dirichlet"),
+    ]
+    out = []
+    for dests, ignored, why in checks:
+        if ignored:
+            out += [f"{flag} ({why})" for flag in _given(a, dests)]
+    return out
+
+
+def _warn_ignored(a: argparse.Namespace, cfg, modes: list[str]) -> None:
+    ignored = _ignored_flags(a, cfg, modes)
+    if ignored:
+        print(f"{PROG}: warning: ignored: {'; '.join(ignored)}", file=sys.stderr)
 
 
 def _build_config(a: argparse.Namespace, base: dict[str, Any] | None = None):
@@ -192,12 +246,9 @@ def _check_output(path: Path) -> None:
 
 def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
            banner: str | None = None) -> int:
-    import io
 
-    import torch
 
     from .data import load_dataset
-    from .result import atomic_write_bytes
     from .runner import run
 
     resume = getattr(a, "resume", None)
@@ -205,9 +256,14 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
         from .checkpoint import load_checkpoint
         from .config import RunConfig
 
+        given = _given(a, _RUN_DESTS)
+        if given:
+            raise UserError(f"--resume continues the checkpoint's run with the settings "
+                            f"saved in it; drop {', '.join(given)} (or start a new run)")
         cfg = RunConfig.from_dict(load_checkpoint(resume)["config"])
     else:
         cfg = _build_config(a, base)
+        _warn_ignored(a, cfg, [cfg.mode])
     out = Path(a.output) if a.output else _default_output(cfg)
     _check_output(out)
     if a.save_model:
@@ -226,7 +282,8 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     ui = _ProgressUI(quiet=a.quiet)
     if not a.quiet:
         slow = ", ".join(f"worker {i} x{s:g}" for i, s in enumerate(cfg.slowdown) if s > 1)
-        print(f"{cfg.mode}: {cfg.workers} worker(s), {cfg.model} on {cfg.data.dataset}, "
+        n_workers = 1 if cfg.mode == "sequential" else cfg.workers
+        print(f"{cfg.mode}: {n_workers} worker(s), {cfg.model} on {cfg.data.dataset}, "
               f"{cfg.optim.name} lr={cfg.optim.lr:g}, batch {cfg.data.batch_size}"
               + (f", slowed: {slow}" if slow else ""))
     try:
@@ -237,10 +294,12 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
         return 0
     result.save(out)
     if a.save_model:
-        buf = io.BytesIO()
-        torch.save({"params": result.final_params, "model": cfg.model,
-                    "dataset": cfg.data.dataset}, buf)
-        atomic_write_bytes(Path(a.save_model), buf.getvalue())
+        from .model_io import save_model
+
+        norm = dataset.normalization
+        save_model(a.save_model, result.final_params, model=cfg.model,
+                   in_shape=dataset.in_shape, n_classes=dataset.n_classes,
+                   dataset=cfg.data.dataset, normalization=norm.to_dict() if norm else None)
     if not a.quiet:
         print(summary_text(result))
         print(f"result written to {out}")
@@ -257,6 +316,10 @@ def _compare(a: argparse.Namespace) -> int:
     if not modes:
         raise UserError("--modes is empty; give e.g. --modes centralized,decentralized")
     cfg = _build_config(a)
+    from .compare import mode_configs
+
+    mode_configs(cfg, modes)  # every mode's config is valid before the first run starts
+    _warn_ignored(a, cfg, modes)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(a.output) if a.output else Path("runs") / f"{stamp}-compare-{cfg.model}-" \
         f"{cfg.data.dataset}.json"
@@ -406,31 +469,58 @@ def _topology(a: argparse.Namespace) -> int:
 
 
 class _ProgressUI:
-    """tqdm bar over the sample budget plus one line per evaluation."""
+    """Progress on stderr: a tqdm bar on a terminal; elsewhere (Slurm logs, ``| tee``),
+    where a bar cannot redraw, a plain line every ``every_s`` seconds. Evaluations are
+    printed as lines either way."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, plain: bool | None = None, every_s: float = 10.0) -> None:
         self.quiet = quiet
+        self.plain = (not sys.stderr.isatty()) if plain is None else plain
+        self.every_s = every_s
         self.bar = None
+        self.t_start = time.monotonic()
+        self.last_line = 0.0
+
+    def _line(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
 
     def __call__(self, ev) -> None:
         if self.quiet:
             return
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=ev.total_samples, unit="sample", unit_scale=True,
-                            dynamic_ncols=True, leave=False, file=sys.stderr,
-                            disable=None)  # None: no bar when stderr is not a terminal
+        if ev.kind == "start":
+            self.t_start = self.last_line = time.monotonic()
+            self._line("  starting the worker processes (importing torch, loading data, "
+                       "building models)...")
         if ev.kind == "died":
-            self.bar.write(f"  warning: {ev.message}; continuing with the other workers")
+            self._write(f"  warning: {ev.message}; continuing with the other workers")
             return
-        self.bar.n = min(ev.samples, ev.total_samples)
-        self.bar.refresh()
+        if self.plain:
+            now = time.monotonic()
+            if ev.kind == "progress" and now - self.last_line >= self.every_s:
+                pct = 100 * ev.samples / ev.total_samples if ev.total_samples else 0.0
+                self._line(f"  progress {pct:5.1f}%  samples={ev.samples}/{ev.total_samples}"
+                           f"  {now - self.t_start:.0f} s since start")
+                self.last_line = now
+        else:
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=ev.total_samples, unit="sample", unit_scale=True,
+                                dynamic_ncols=True, leave=False, file=sys.stderr)
+            self.bar.n = min(ev.samples, ev.total_samples)
+            self.bar.refresh()
         if ev.kind == "eval" and ev.record is not None:
             r = ev.record
             loss = f"{r.train_loss:.4f}" if r.train_loss is not None else "  -   "
-            self.bar.write(f"  t={r.wall_time:7.2f}s  samples={r.samples:>9}  "
-                           f"train_loss={loss}  test_acc={100 * r.test_acc:6.2f}%")
+            self._write(f"  t={r.wall_time:7.2f}s  samples={r.samples:>9}  "
+                        f"train_loss={loss}  test_acc={100 * r.test_acc:6.2f}%")
+            self.last_line = time.monotonic()
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -450,7 +540,9 @@ def summary_text(r) -> str:
                      f"{100 * x['worst_worker_acc']:.2f}%; consensus distance "
                      f"{x['consensus_distance']:.3e}; {x['averages']} pairwise averages"
                      + (f"; audit: sum of models off by {x['audit_error']:.1e} (relative)"
-                        if "audit_error" in x else ""))
+                        if "audit_error" in x else "")
+                     + (f", sum of u - vhat off by {x['audit_u_error']:.1e}"
+                        if "audit_u_error" in x else ""))
     if r.mode in ("centralized", "decentralized") and r.staleness:
         mx = max(r.staleness)
         lines.append(f"staleness: mean {r.staleness_mean():.2f}, max {mx}; histogram "
@@ -484,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and budget; print a table and plot accuracy curves",
                        description="Run centralized, decentralized and the sequential "
                        "reference on the same model, data, seed and sample budget.")
-    _add_run_flags(c, with_mode=False)
+    _add_run_flags(c, with_mode=False, single_run=False)
     c.add_argument("--modes", default="centralized,decentralized,sequential",
                    help="comma-separated modes to run (default: all three)")
     c.add_argument("--target", type=float, default=0.9,
@@ -499,10 +591,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for random topologies")
     g.add_argument("--png", metavar="PATH", help="also draw the graph to this PNG file")
     b = sub.add_parser("bench", help="benchmarks: a cluster PROFILE (every mode, table and "
-                       "plots), or the transports ('transport', 'pairwise')",
+                       "plots), or a micro-benchmark (transport, pairwise, shm-pairwise, "
+                       "master, scaling)",
                        description="apam-gossip bench PROFILE.toml runs every mode of a "
-                       "cluster profile (see launch/*.toml); 'bench transport' compares shared "
-                       "memory with MPI; 'bench pairwise' times one MPI pairwise average.")
+                       "cluster profile (see launch/*.toml). Micro-benchmarks: 'transport' "
+                       "compares shared memory with MPI on a training run; 'pairwise' times "
+                       "one MPI pairwise average against a ping-pong; 'shm-pairwise' one "
+                       "shared-memory pairwise average against a memcpy; 'master' the APAM "
+                       "master's update rate against the memory-bandwidth bound; 'scaling' "
+                       "homogeneous throughput from 1 to --max-workers workers.")
     b.add_argument("what", metavar="PROFILE|transport|pairwise|shm-pairwise|master|scaling")
     b.add_argument("--smoke", action="store_true", help="PROFILE: the quick [smoke] variant")
     b.add_argument("--modes", help="PROFILE: comma-separated subset of the profile's modes; "

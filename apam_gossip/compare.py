@@ -7,23 +7,44 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from .algorithms.common import available_cores
 from .config import MODES, RunConfig
 from .data import Dataset
 from .errors import UserError
 from .result import RunResult, atomic_write_bytes, atomic_write_text
-from .runner import Callback, run
+from .runner import Callback, check_runnable, run
+
+
+def fair_share(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the core budget every mode gets in ``compare`` and ``bench``: each
+    process that computes gradients has ``max(1, cores // workers)`` torch threads, the
+    sequential reference included (it is one worker of the same cluster, not a machine
+    with every core). A ``threads_per_worker`` set by the user is kept."""
+    if cfg.threads_per_worker is not None:
+        return cfg
+    return cfg.replace(threads_per_worker=max(1, available_cores() // cfg.workers))
+
+
+def mode_configs(cfg: RunConfig, modes: Sequence[str]) -> list[RunConfig]:
+    """One config per mode (only ``mode`` changes, plus the fair core budget), each
+    validated and checked runnable before any run starts, so a bad mode or setting fails
+    at once instead of after the runs before it."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise UserError(f"unknown mode {unknown[0]!r} in --modes; choose from {', '.join(MODES)}")
+    cfgs = [fair_share(cfg.replace(mode=m)) for m in modes]
+    for c in cfgs:
+        check_runnable(c)
+    return cfgs
 
 
 def compare(cfg: RunConfig, modes: Sequence[str] = ("centralized", "decentralized", "sequential"),
             *, dataset: Dataset | None = None,
             callback: Callback | None = None, on_result=None) -> list[RunResult]:
     """Run ``cfg`` once per mode (only ``mode`` changes) and return the results in order."""
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise UserError(f"unknown mode {unknown[0]!r} in --modes; choose from {', '.join(MODES)}")
     results = []
-    for m in modes:
-        r = run(cfg.replace(mode=m), dataset=dataset, callback=callback)
+    for c in mode_configs(cfg, modes):
+        r = run(c, dataset=dataset, callback=callback)
         results.append(r)
         if on_result is not None:
             on_result(r)

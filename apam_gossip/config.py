@@ -166,6 +166,9 @@ class RunConfig:
     # -- validation ---------------------------------------------------------------
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
+        self._check_upper_bounds()
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         _choice("mode", self.mode, MODES)
         _choice("model", self.model, MODELS)
         _choice("device", self.device, DEVICES)
@@ -252,6 +255,37 @@ class RunConfig:
             raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
         if not o.weight_decay >= 0:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+
+
+    def _check_upper_bounds(self) -> None:
+        values: list[tuple[str, Any]] = [(k, getattr(self, k)) for k in _UPPER
+                                         if "." not in k and k != "slowdown"]
+        values += [(f"data.{k}", getattr(self.data, k)) for k in ("batch_size",)]
+        values += [(f"optim.{k}", getattr(self.optim, k)) for k in ("lr", "eps",
+                                                                     "weight_decay")]
+        values += [(f"network.{k}", getattr(self.network, k)) for k in ("latency_ms",)]
+        values += [("network.worker_latency_ms", v) for v in self.network.worker_latency_ms]
+        values += [("slowdown", v) for v in self.slowdown]
+        for name, v in values:
+            if v is not None and v > _UPPER[name]:
+                raise ConfigError(f"{name} must be <= {_num(_UPPER[name])}, got {_num(v)}")
+
+
+def _num(v: float) -> str:
+    """A bound or value as a person writes it: 4294967295, 1e+08, 0.5."""
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e13 else f"{v:g}"
+
+
+# Upper bounds that keep every value inside what a run can represent (float32 parameters,
+# time.sleep, torch's thread pool, one machine's process table): past them a value is a
+# typo, not a setting.
+_UPPER: dict[str, float] = {
+    "workers": 4096, "epochs": 1e6, "steps": 1e12, "seed": 2**32 - 1, "evals": 100_000,
+    "threads_per_worker": 1024, "timeout_s": 1e8, "checkpoint_every_s": 1e8,
+    "straggler_factor": 1e6, "slowdown": 1e6, "data.batch_size": 1e7, "optim.lr": 1e6,
+    "optim.eps": 1.0, "optim.weight_decay": 1e6, "network.latency_ms": 1e7,
+    "network.worker_latency_ms": 1e7,
+}
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

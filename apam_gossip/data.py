@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,6 +71,20 @@ _APT_HINT = "install them with `apt-get install dataset-fashion-mnist`"
 # --------------------------------------------------------------------------- Dataset
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """How raw images became model inputs: ``x = (raw / scale - mean_c) / std_c`` per
+    channel ``c`` (the statistics of the training split). Saved with a model so that it
+    can be applied to new images."""
+
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "mean": list(self.mean), "std": list(self.std)}
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class Dataset:
     """A whole dataset in memory (see the module docstring for dtypes and normalization)."""
@@ -80,6 +95,7 @@ class Dataset:
     x_test: Tensor  # float32 [M, C, H, W], normalized with the train statistics
     y_test: Tensor  # int64 [M]
     n_classes: int
+    normalization: Normalization | None = None
 
     def __post_init__(self) -> None:
         for split, x, y in (
@@ -115,7 +131,7 @@ class Dataset:
         so that sharing a subset does not share the whole parent storage."""
         x_tr, y_tr = _prefix(self.x_train, self.y_train, n_train, "n_train")
         x_te, y_te = _prefix(self.x_test, self.y_test, n_test, "n_test")
-        return Dataset(self.name, x_tr, y_tr, x_te, y_te, self.n_classes)
+        return Dataset(self.name, x_tr, y_tr, x_te, y_te, self.n_classes, self.normalization)
 
     def __repr__(self) -> str:
         return (
@@ -303,8 +319,8 @@ def _load_idx_dataset(name: str, files: list[Path]) -> Dataset:
         if labels.max() > 9:
             raise DataError(f"{lab_path}: label {int(labels.max())} out of range 0..9")
         arrays += [images[:, None], labels]
-    x_tr, x_te = _normalize(arrays[0], arrays[2], 255.0)
-    return Dataset(name, x_tr, _labels(arrays[1]), x_te, _labels(arrays[3]), 10)
+    x_tr, x_te, norm = _normalize(arrays[0], arrays[2], 255.0)
+    return Dataset(name, x_tr, _labels(arrays[1]), x_te, _labels(arrays[3]), 10, norm)
 
 
 def _idx_folder_error(name: str, root: Path, torch_folder: str, note: str = "") -> str:
@@ -355,14 +371,32 @@ def _load_mnist(data_dir: Path | None) -> Dataset:
 # --------------------------------------------------------------------------- CIFAR-10
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds (a dict of bytes/str, lists, ints and
+    numpy arrays): any other class or function named in the file is refused, so a crafted
+    batch in a shared data folder cannot run code (plain ``pickle.load`` would)."""
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    })
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch "
+                                     "holds only arrays, lists, numbers and strings")
+
+
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = _CifarUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except Exception as e:  # noqa: BLE001 - unpickling can fail in many ways
-        raise DataError(f"{path}: corrupt CIFAR-10 batch ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: corrupt or unsafe CIFAR-10 batch "
+                        f"({type(e).__name__}: {e})") from None
     if not isinstance(entry, dict):
         raise DataError(f"{path}: corrupt CIFAR-10 batch (not a dict)")
     entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
@@ -383,9 +417,8 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def read_cifar10_batches(
     folder: str | Path,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Read ``data_batch_1..5`` and ``test_batch`` of a ``cifar-10-batches-py`` folder with
-    pickle, without torchvision (and without its md5 check).  Unpickling runs code from
-    the files: only point it at trusted data (as with torchvision itself).
+    """Read ``data_batch_1..5`` and ``test_batch`` of a ``cifar-10-batches-py`` folder
+    with a restricted unpickler that admits only what a CIFAR batch holds (never code).
 
     Returns ``(x_train, y_train, x_test, y_test)``: uint8 ``[N, 3, 32, 32]`` and int64 ``[N]``.
     """
@@ -397,26 +430,10 @@ def read_cifar10_batches(
     return x_tr, y_tr, x_te, y_te
 
 
-def _read_cifar10_torchvision(tv: ModuleType, folder: Path):
-    """Read through ``torchvision.datasets.CIFAR10`` (md5-checks every batch file)."""
-    out = []
-    for train in (True, False):
-        try:
-            ds = tv.datasets.CIFAR10(str(folder.parent), train=train, download=False)
-        except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError
-            raise DataError(
-                f"cifar10: torchvision rejected {folder} ({e}): a file is missing or fails the "
-                f"md5 check; re-extract cifar-10-python.tar.gz there"
-            ) from None
-        x = np.ascontiguousarray(np.asarray(ds.data, dtype=np.uint8).transpose(0, 3, 1, 2))
-        out += [x, np.asarray(ds.targets, dtype=np.int64)]
-    return tuple(out)
-
-
-def load_cifar10(data_dir: str | Path | None = None, use_torchvision: bool = True) -> Dataset:
+def load_cifar10(data_dir: str | Path | None = None) -> Dataset:
     """CIFAR-10 from ``data_dir/cifar-10-batches-py/`` (or ``data_dir`` being that folder;
-    ``./data`` if None).  Read with torchvision (md5-checked) when ``use_torchvision`` and
-    torchvision imports, else with :func:`read_cifar10_batches`."""
+    ``./data`` if None), read by :func:`read_cifar10_batches` (not torchvision, whose
+    reader unpickles the files with plain pickle)."""
     root = DEFAULT_DATA_DIR if data_dir is None else Path(data_dir)
     folder = root if root.name == _CIFAR_FOLDER else root / _CIFAR_FOLDER
     names = [*_CIFAR_TRAIN, _CIFAR_TEST]
@@ -429,15 +446,11 @@ def load_cifar10(data_dir: str | Path | None = None, use_torchvision: bool = Tru
             f"torchvision.datasets.CIFAR10(ROOT, download=True)) and pass --data-dir ROOT "
             f"(the torchvision layout ROOT/{_CIFAR_FOLDER}/)"
         )
-    tv = import_torchvision() if use_torchvision and folder.name == _CIFAR_FOLDER else None
-    if tv is not None:
-        x_tr, y_tr, x_te, y_te = _read_cifar10_torchvision(tv, folder)
-    else:
-        x_tr, y_tr, x_te, y_te = read_cifar10_batches(folder)
+    x_tr, y_tr, x_te, y_te = read_cifar10_batches(folder)
     if len(x_tr) == 0 or len(x_te) == 0:
         raise DataError(f"cifar10: empty train or test split in {folder}")
-    xt, xe = _normalize(x_tr, x_te, 255.0)
-    return Dataset("cifar10", xt, _labels(y_tr), xe, _labels(y_te), 10)
+    xt, xe, norm = _normalize(x_tr, x_te, 255.0)
+    return Dataset("cifar10", xt, _labels(y_tr), xe, _labels(y_te), 10, norm)
 
 
 # --------------------------------------------------------------------------- digits
@@ -453,14 +466,15 @@ def _load_digits() -> Dataset:
     x_tr, x_te, y_tr, y_te = train_test_split(
         images, labels, test_size=0.2, random_state=0, stratify=labels
     )
-    xt, xe = _normalize(x_tr, x_te, 16.0)
-    return Dataset("digits", xt, _labels(y_tr), xe, _labels(y_te), 10)
+    xt, xe, norm = _normalize(x_tr, x_te, 16.0)
+    return Dataset("digits", xt, _labels(y_tr), xe, _labels(y_te), 10, norm)
 
 
 # --------------------------------------------------------------------------- common
 
 
-def _normalize(train: np.ndarray, test: np.ndarray, scale: float) -> tuple[Tensor, Tensor]:
+def _normalize(train: np.ndarray, test: np.ndarray,
+               scale: float) -> tuple[Tensor, Tensor, Normalization]:
     """float32 ``x / scale``, then ``(x - mean_c) / std_c`` with per-channel train stats."""
     xs = []
     for a in (train, test):
@@ -471,7 +485,8 @@ def _normalize(train: np.ndarray, test: np.ndarray, scale: float) -> tuple[Tenso
     std = x_tr.std(dim=(0, 2, 3))  # NaN for a single value per channel
     std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant channel: only center
     m, s = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
-    return x_tr.sub_(m).div_(s).contiguous(), x_te.sub_(m).div_(s).contiguous()
+    norm = Normalization(scale, tuple(mean.tolist()), tuple(std.tolist()))
+    return x_tr.sub_(m).div_(s).contiguous(), x_te.sub_(m).div_(s).contiguous(), norm
 
 
 def _labels(y: np.ndarray) -> Tensor:

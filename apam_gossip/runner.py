@@ -114,6 +114,20 @@ def run(config: RunConfig, *, dataset: Dataset | None = None,
         torch.set_num_threads(old_threads)
 
 
+def check_runnable(cfg: RunConfig) -> None:
+    """Raise the :class:`ConfigError` a run of ``cfg`` would raise at its start, without
+    starting it (``compare`` and ``bench`` check every mode before the first run)."""
+    cfg.validate()
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was requested but torch.cuda.is_available() is False; "
+                          "use --device auto or cpu")
+    if cfg.mode in ("decentralized", "dpsgd") and cfg.transport != "mpi":
+        from .topology import make_topology, validate_topology
+
+        validate_topology(make_topology(cfg.topology, cfg.workers, seed=cfg.seed), cfg.workers)
+    resolve_transport(cfg)
+
+
 def resolve_transport(cfg: RunConfig) -> str:
     """``shm`` or ``mpi``: ``auto`` picks MPI when started by mpirun with more than one rank."""
     from .transport.mpi import launched_by_mpi
@@ -276,7 +290,8 @@ def _run_centralized(cfg: RunConfig, dataset: Dataset, cb: Callback,
     with ProcessGroup(tolerate=lambda name: name.startswith("worker ")) as group, \
             stop_requested:
         group.start("master", apam.master_main,
-                    (star.master_end(), x0, cfg.optim, total, eval_at, snaps, checkpoint, ckpt),
+                    (star.master_end(), x0, cfg.optim, total, eval_at, snaps, checkpoint, ckpt,
+                     cfg.timeout_s),
                     threads=1)
         for i in range(cfg.workers):
             group.start(f"worker {i}", apam.worker_main,
@@ -399,12 +414,47 @@ def decentralized_result(cfg: RunConfig, stats: dict[int, dict[str, Any]], wall:
     )
 
 
-def audit_error(cfg: RunConfig, x0: torch.Tensor, xs: torch.Tensor,
-                stats: dict[int, dict[str, Any]]) -> float:
-    """Relative error of sum_i x_i(end) == n x0 + sum of all local steps (see --audit)."""
+@dataclass
+class AuditBase:
+    """The starting point of ``--audit``: sum_i x_i and, with a tracked second moment,
+    sum_i (u_i - vhat_i), in float64 (see :mod:`apam_gossip.algorithms.adpsgd`)."""
+
+    x_sum: torch.Tensor
+    u_minus_vhat: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, xs: torch.Tensor, us: torch.Tensor | None = None,
+           vhats: torch.Tensor | None = None) -> AuditBase:
+        uv = None
+        if us is not None:
+            uv = us.double().sum(0) - (vhats.double().sum(0) if vhats is not None else 0.0)
+        return cls(xs.double().sum(0), uv)
+
+
+def audit_errors(base: AuditBase, xs: torch.Tensor, us: torch.Tensor | None,
+                 stats: dict[int, dict[str, Any]]) -> dict[str, float]:
+    """Relative errors of the gossip invariants at the end of a run (see --audit):
+    ``audit_error``: sum_i x_i(end) vs the start plus every local step; with a tracked u,
+    ``audit_u_error``: sum_i (u_i - vhat_i)(end) vs the start."""
     steps = sum(torch.from_numpy(s["audit"]) for s in stats.values())
-    expect = cfg.workers * x0.double() + steps
-    return float((xs.double().sum(0) - expect).norm() / expect.norm())
+    expect = base.x_sum + steps
+    out = {"audit_error": float((xs.double().sum(0) - expect).norm() / expect.norm())}
+    if us is not None and base.u_minus_vhat is not None:
+        vhats = torch.stack([torch.from_numpy(s["audit_vhat"]) for s in stats.values()])
+        u_sum = us.double().sum(0)
+        err = (u_sum - vhats.sum(0) - base.u_minus_vhat).norm() / u_sum.norm().clamp(min=1e-300)
+        out["audit_u_error"] = float(err)
+        # how far apart the workers' u (gossiped) and vhat (private) are: mixing makes
+        # u_spread much smaller than vhat_spread
+        out["u_spread"] = _spread(us.double())
+        out["vhat_spread"] = _spread(vhats)
+    return out
+
+
+def _spread(rows: torch.Tensor) -> float:
+    """mean_i |r_i - mean r|^2 / |mean r|^2."""
+    mean = rows.mean(0)
+    return float(((rows - mean) ** 2).sum(1).mean() / (mean**2).sum().clamp(min=1e-300))
 
 
 LOCK_TIMEOUT_S = 120.0
@@ -443,18 +493,21 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback,
         gossip.counters[2] = int(ckpt["averages"])
         gossip.done_by.copy_(ckpt["done_by"])
         points = [p for p in points if p > int(ckpt["completed"])]
+    # the audit starts from the models the workers start from (the checkpoint's, if any)
+    audit_base = AuditBase.of(gossip.x, gossip.u, gossip.opt_state.get("vhat")) \
+        if cfg.audit else None
     wcfg = cfg.replace(seed=cfg.seed + 1_000_003 * resumes) if resumes else cfg
     last_ckpt = time.monotonic()
 
     def save_checkpoint_now() -> None:
         from .checkpoint import save_checkpoint
 
-        xs, us, states = gossip.consistent_copy(LOCK_TIMEOUT_S, with_opt_state=True)
+        # models, optimizer states and counters all from one instant (under every lock)
+        c = gossip.consistent_copy(LOCK_TIMEOUT_S, with_opt_state=True)
         save_checkpoint(cfg.checkpoint, {
-            "config": cfg.to_dict(), "mode": "decentralized", "x": xs, "u": us,
-            "opt_state": states, "completed": int(gossip.counters[1]),
-            "averages": int(gossip.counters[2]), "done_by": gossip.done_by.clone(),
-            "wall_time": time.monotonic() - t0, "resumes": resumes,
+            "config": cfg.to_dict(), "mode": "decentralized", "x": c.x, "u": c.u,
+            "opt_state": c.opt_state, "completed": c.completed, "averages": c.averages,
+            "done_by": c.done_by, "wall_time": time.monotonic() - t0, "resumes": resumes,
         })
 
     evals: list[EvalRecord] = []
@@ -468,17 +521,16 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback,
     def evaluate(final: bool = False) -> torch.Tensor:
         """Score the models now; returns the average model x_bar."""
         nonlocal last_loss
-        done = int(gossip.counters[1])
         wall = (max(s["finished_at"] for s in stats.values()) if final else time.monotonic()) - t0
-        xs, _, _ = gossip.consistent_copy(LOCK_TIMEOUT_S)
+        c = gossip.consistent_copy(LOCK_TIMEOUT_S)
+        xs, done = c.x, c.completed
         if dead:  # the average and the worst worker are over the living
             xs = xs[[i for i in range(cfg.workers) if i not in dead]]
         losses = gossip.losses.clone()
         d = losses - last_loss
         last_loss = losses
         train_loss = float(d[:, 0].sum() / d[:, 1].sum()) if d[:, 1].sum() > 0 else None
-        rec, xbar = gossip_eval_record(cfg, evaluator, xs, wall, done, train_loss,
-                                       int(gossip.counters[2]))
+        rec, xbar = gossip_eval_record(cfg, evaluator, xs, wall, done, train_loss, c.averages)
         evals.append(rec)
         cb(Event("eval", rec.samples, total_samples, rec))
         return xbar
@@ -544,8 +596,8 @@ def _run_decentralized(cfg: RunConfig, dataset: Dataset, cb: Callback,
             raise ChildFailed(", ".join(group.alive()), "did not exit after the run finished")
 
     wall = max(s["finished_at"] for s in stats.values()) - t0
-    if cfg.audit and not dead:  # a death mid-average breaks the invariant by design
-        evals[-1].extra["audit_error"] = audit_error(cfg, x0, gossip.x, stats)
+    if audit_base is not None and not dead:  # a death mid-average breaks it by design
+        evals[-1].extra.update(audit_errors(audit_base, gossip.x, gossip.u, stats))
     for w in dead:
         n_done = int(gossip.done_by[w])
         stats[w] = {"updates": n_done, "samples": n_done * cfg.data.batch_size,

@@ -129,7 +129,8 @@ def _centralized(cfg: RunConfig, dataset: Dataset, cb, comm, rank: int,
     checkpoint = None if cfg.checkpoint is None else {
         "path": cfg.checkpoint, "every_s": cfg.checkpoint_every_s,
         "config": cfg.replace(transport="auto").to_dict(), "resumes": resumes}
-    apam.master_main(sink, end, x0, cfg.optim, total, eval_at, snaps, checkpoint, ckpt)
+    apam.master_main(sink, end, x0, cfg.optim, total, eval_at, snaps, checkpoint, ckpt,
+                     cfg.timeout_s)
     worker_stats = {}
     for r in range(1, comm.Get_size()):
         st = comm.recv(source=r, tag=tmpi.T_STATS)
@@ -161,6 +162,8 @@ def _decentralized(cfg: RunConfig, dataset: Dataset, cb, comm, rank: int,
                    lrank: int) -> RunResult | None:
     from .topology import make_topology, neighbor_probabilities, validate_topology
 
+    tmpi.require_thread_multiple("decentralized mode over MPI (a server thread serves "
+                                 "averages beside the training thread)")
     if cfg.checkpoint is not None:
         raise ConfigError("checkpoints of the decentralized mode are written on one machine "
                           "only so far; under mpirun use --mode centralized or drop "
@@ -220,10 +223,14 @@ def _decentralized(cfg: RunConfig, dataset: Dataset, cb, comm, rank: int,
     devices = comm.gather(str(device), root=0)
     xs = torch.zeros(cfg.workers, x0.numel()) if rank == 0 else None
     comm.Gather(g.x.contiguous(), xs, root=0)
+    us = None
+    if cfg.audit and g.u is not None:
+        us = torch.zeros(cfg.workers, x0.numel()) if rank == 0 else None
+        comm.Gather(g.u.contiguous(), us, root=0)
     if rank != 0:
         return None
 
-    from .runner import Event, audit_error, decentralized_result, gossip_eval_record
+    from .runner import AuditBase, Event, audit_errors, decentralized_result, gossip_eval_record
 
     evaluator = Evaluator(cfg.model, dataset, device)
     evals: list[EvalRecord] = []
@@ -238,8 +245,10 @@ def _decentralized(cfg: RunConfig, dataset: Dataset, cb, comm, rank: int,
     rec, xbar = gossip_eval_record(cfg, evaluator, xs, wall, total,
                                    loss_sum / loss_n if loss_n else None,
                                    sum(s["averages"] for s in all_stats))
-    if cfg.audit:
-        rec.extra["audit_error"] = audit_error(cfg, x0, xs, stats_by)
+    if cfg.audit:  # every rank started from x0, u = vhat = 0
+        base = AuditBase.of(x0.expand(cfg.workers, -1),
+                            torch.zeros(1, x0.numel()) if us is not None else None)
+        rec.extra.update(audit_errors(base, xs, us, stats_by))
     evals.append(rec)
     cb(Event("eval", rec.samples, total_samples, rec))
     return decentralized_result(cfg, stats_by, wall, devices, evals, xbar, x0.numel(), "mpi")

@@ -10,6 +10,9 @@
 #   the old rmaps_base_oversubscribe setting) over shared memory (pml ob1, btl self,sm).
 #   With a hostfile the TCP transport is added so ranks on different hosts can talk.
 # * as root, OpenMPI refuses to start unless OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1: set here.
+# * OpenMPI's shared-memory segments (16 MB per rank) go to a folder of this job's own,
+#   removed when the job ends however it ends (an aborted or killed job leaves nothing in
+#   /dev/shm).
 # Everything after the options is passed to apam-gossip.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -48,4 +51,24 @@ if [ -n "$HOSTFILE" ]; then
 else
     export OMPI_MCA_btl="${OMPI_MCA_btl:-self,sm}"
 fi
-exec "$MPIRUN" "${ARGS[@]}" "$APAM" "$@"
+SHM_BASE=/dev/shm
+[ -d "$SHM_BASE" ] && [ -w "$SHM_BASE" ] || SHM_BASE="${TMPDIR:-/tmp}"
+JOB_SHM="$(mktemp -d "$SHM_BASE/apam-mpi-XXXXXX")"
+export OMPI_MCA_btl_sm_backing_directory="$JOB_SHM"
+PID=""
+cleanup() { rm -rf "$JOB_SHM"; }
+forward() { [ -n "$PID" ] && kill -"$1" "$PID" 2>/dev/null; }
+trap cleanup EXIT
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+"$MPIRUN" "${ARGS[@]}" "$APAM" "$@" &
+PID=$!
+# wait returns early when a trapped signal arrives: keep waiting for mpirun to finish
+while true; do
+    set +e
+    wait "$PID"
+    RC=$?
+    set -e
+    kill -0 "$PID" 2>/dev/null || break
+done
+exit "$RC"

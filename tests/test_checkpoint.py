@@ -37,7 +37,8 @@ def _cfg(tmp_path, **kw) -> RunConfig:
 
 @pytest.mark.parametrize("mode", ["centralized", "decentralized"])
 def test_sigterm_checkpoints_and_resume_reaches_the_target(tmp_path, digits, mode):
-    cfg = _cfg(tmp_path, mode=mode, optim={"lr": 2e-3 if mode == "centralized" else 4e-3})
+    cfg = _cfg(tmp_path, mode=mode, optim={"lr": 2e-3 if mode == "centralized" else 4e-3},
+               audit=mode == "decentralized")
     sent = []
 
     def term_at_40_percent(ev):
@@ -64,8 +65,13 @@ def test_sigterm_checkpoints_and_resume_reaches_the_target(tmp_path, digits, mod
     if mode == "centralized":
         assert r.updates == total
         assert sum(r.staleness.values()) == total  # the histogram carried over
+        # and the resumed updates' staleness continues from the checkpoint's version: a
+        # worker's first gradient after the resume is not counted as `done` versions old
+        assert max(r.staleness) < 50 < done, sorted(r.staleness.items())[-3:]
     else:
         assert sum(w.updates for w in r.workers) == total - done
+        # the audit starts from the checkpoint's models, not the fresh initial model
+        assert r.evals[-1].extra["audit_error"] <= 1e-5
     assert r.final_accuracy >= 0.95
     assert r.evals[0].updates >= done  # the resumed run continues, not restarts
 
@@ -76,6 +82,27 @@ def test_periodic_checkpoints(tmp_path, digits):
     ck = load_checkpoint(cfg.checkpoint)
     assert 0 < ck["version"] <= r.updates
     assert RunConfig.from_dict(ck["config"]) == cfg
+
+
+def test_decentralized_periodic_checkpoints_agree_with_their_counters(tmp_path, digits):
+    """Checkpoints written during a run, loaded as they appear: the update count, the
+    per-worker counts and the optimizer states' step counters describe the same instant
+    (a resume would otherwise redo or skip updates)."""
+    cfg = _cfg(tmp_path, mode="decentralized", epochs=20, checkpoint_every_s=0.05,
+               slowdown=[], data={"batch_size": 8}, optim={"lr": 4e-3})
+    seen: list[tuple[int, int, int]] = []
+
+    def inspect(ev):
+        if os.path.exists(cfg.checkpoint):
+            ck = load_checkpoint(cfg.checkpoint)
+            seen.append((ck["completed"], int(ck["done_by"].sum()),
+                         int(ck["opt_state"]["step"].sum())))
+
+    run(cfg, dataset=digits, callback=inspect)
+    distinct = set(seen)
+    bad = [s for s in distinct if len(set(s)) != 1]
+    assert len(distinct) >= 5, f"only {len(distinct)} checkpoints seen"
+    assert not bad, f"{len(bad)} of {len(distinct)} checkpoints inconsistent: {bad[:3]}"
 
 
 _WRITER = """

@@ -30,11 +30,23 @@ pytestmark = pytest.mark.timeout(120)
     (["train", "--dataset", "mnist", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
     (["train", "--model", "lenet5", "--dataset", "digits"], "lenet5 needs images"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["train", "--seed", "-1"], "seed must be >= 0"),
+    (["train", "--seed", "100000000000000000000000"], "seed must be <= 4294967295"),
+    (["train", "--threads-per-worker", "100000"], "threads_per_worker must be <= 1024"),
+    (["train", "--timeout", "1e300"], "timeout_s must be <="),
+    (["train", "--lr", "1e300"], "optim.lr must be <="),
+    (["train", "--slow", "0=1e300"], "slowdown must be <="),
+    (["compare", "--modes", "centralized,gossip"], "unknown mode 'gossip'"),
+    (["compare", "--modes", "centralized,decentralized", "--workers", "4", "--topology",
+      "topologies/ring8.edgelist"], "8 nodes but there are 4 workers"),
+    (["compare", "--resume", "x.ckpt"], "unrecognized arguments: --resume"),
+    (["compare", "--save-model", "m.pt"], "unrecognized arguments: --save-model"),
+    (["compare", "--checkpoint", "c.ckpt"], "unrecognized arguments: --checkpoint"),
 ])
 def test_bad_input_one_line_exit_2(argv, needle, capsys, tmp_path):
     out = tmp_path / "r.json"
     with pytest.raises(SystemExit) as e:
-        code = main([*argv, "-o", str(out)] if argv[0] == "train" else argv)
+        code = main([*argv, "-o", str(out)] if argv[0] in ("train", "compare") else argv)
         raise SystemExit(code)
     assert e.value.code == 2
     err = capsys.readouterr().err
@@ -82,10 +94,25 @@ def test_train_writes_result_json_via_console_entry(tmp_path):
     assert sum(d["staleness"].values()) == 60
     assert [w["worker"] for w in d["workers"]] == [0, 1]
     assert "final test accuracy" in p.stdout and str(out) in p.stdout
-    import torch
+    # not on a terminal: plain progress lines, starting with the start-up
+    assert "starting the worker processes" in p.stderr
+    # outputs get the usual mode (0666 less the umask), not mkstemp's 0600
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~mask
+    assert (model.stat().st_mode & 0o777) == 0o666 & ~mask
+    # the saved model is a ready nn.Module that scores what the run reported
+    from apam_gossip import load_model
+    from apam_gossip.data import load_dataset
+    from apam_gossip.model_io import read_saved_model
 
-    saved = torch.load(model, weights_only=True)
-    assert saved["params"].numel() == d["n_params"]
+    net = load_model(model)
+    ds = load_dataset("digits")
+    acc = float((net(ds.x_test).argmax(1) == ds.y_test).float().mean())
+    assert acc == pytest.approx(d["final_accuracy"], abs=1e-6)
+    meta = read_saved_model(model)
+    assert meta["model"] == "mlp" and meta["model_args"]["in_shape"] == [1, 8, 8]
+    assert meta["normalization"]["scale"] == 16.0 and len(meta["normalization"]["mean"]) == 1
 
 
 def test_help_is_fast_and_clean():
@@ -143,3 +170,46 @@ def test_topology_command_describes_and_draws(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "16 workers" in out and "spectral gap" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_refuses_training_flags_it_would_ignore(tmp_path, capsys):
+    from apam_gossip.checkpoint import save_checkpoint
+    from apam_gossip.config import RunConfig
+
+    ck = tmp_path / "c.ckpt"
+    save_checkpoint(ck, {"config": RunConfig().to_dict()})
+    out = tmp_path / "r.json"
+    assert main(["train", "--resume", str(ck), "--epochs", "3", "--lr", "0.1",
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "drop --epochs, --lr" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--mode", "centralized", "--topology", "ring", "--audit"],
+     "--topology (applies to the decentralized and dpsgd modes); --audit (applies to the "
+     "decentralized mode)"),
+    (["--data-dir", "/somewhere"], "--data-dir (digits ships with scikit-learn)"),
+    (["--momentum", "0.9"], "--momentum (applies to --optimizer sgd)"),
+])
+def test_flags_that_do_not_apply_are_named_in_one_warning(tmp_path, capsys, argv, needle):
+    out = tmp_path / "r.json"
+    assert main(["train", *argv, "--workers", "1", "--steps", "5", "-q", "-o", str(out)]) == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and needle in warnings[0], warnings
+    assert warnings[0].startswith("apam-gossip: warning: ignored: ")
+
+
+def test_plain_progress_lines_when_not_on_a_terminal(capsys):
+    from apam_gossip.cli import _ProgressUI
+    from apam_gossip.runner import Event
+
+    ui = _ProgressUI(quiet=False, plain=True, every_s=0.0)
+    ui(Event("start", 0, 1000))
+    for k in range(1, 4):
+        ui(Event("progress", 250 * k, 1000))
+    ui.close()
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("  starting the worker processes")
+    assert [ln.split()[1] for ln in err[1:]] == ["25.0%", "50.0%", "75.0%"]

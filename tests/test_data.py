@@ -321,14 +321,14 @@ def test_cifar10_fallback_reader(tmp_path):
     row = batches["data_batch_2"][0][1]
     assert x_tr[5, 1, 2, 5] == row[1024 + 2 * 32 + 5]
     assert y_tr.tolist()[4:8] == batches["data_batch_2"][1]
-    ds = load_cifar10(tmp_path, use_torchvision=False)
+    ds = load_cifar10(tmp_path)
     assert ds.name == "cifar10"
     _check_normalized(ds, (3, 32, 32), 20, 4)
     raw = torch.from_numpy(x_tr.astype(np.float32) / 255)
     mean, std = raw.mean(dim=(0, 2, 3)), raw.std(dim=(0, 2, 3))
     torch.testing.assert_close(ds.x_train, (raw - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
     # the folder itself can be given
-    assert torch.equal(load_cifar10(folder, use_torchvision=False).x_test, ds.x_test)
+    assert torch.equal(load_cifar10(folder).x_test, ds.x_test)
 
 
 @pytest.mark.timeout(60)
@@ -375,27 +375,41 @@ def test_import_torchvision_shim():
 
 
 @pytest.mark.timeout(60)
-def test_cifar10_via_torchvision(tmp_path, monkeypatch):
+def test_cifar10_reader_agrees_with_torchvision(tmp_path, monkeypatch):
+    """Our restricted reader and torchvision's CIFAR10 see the same images and labels."""
     tv = data.import_torchvision()
     if tv is None:
         pytest.skip("torchvision does not import here")
     _tiny_cifar(tmp_path)
-    # the tiny batches fail torchvision's md5 check: reported as a DataError
-    with pytest.raises(DataError, match="md5"):
-        load_cifar10(tmp_path)
-    # accept them by checking existence only, then both readers must agree
     import torchvision.datasets.cifar as tv_cifar
 
+    # the tiny batches fail torchvision's md5 check: accept them by existence only
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
-    via_tv = load_dataset("cifar10", tmp_path)
-    fallback = load_cifar10(tmp_path, use_torchvision=False)
-    for a, b in (
-        (via_tv.x_train, fallback.x_train),
-        (via_tv.y_train, fallback.y_train),
-        (via_tv.x_test, fallback.x_test),
-        (via_tv.y_test, fallback.y_test),
-    ):
-        assert torch.equal(a, b)
+    x_tr, y_tr, x_te, y_te = read_cifar10_batches(tmp_path / "cifar-10-batches-py")
+    for train, x, y in ((True, x_tr, y_tr), (False, x_te, y_te)):
+        ref = tv.datasets.CIFAR10(str(tmp_path), train=train, download=False)
+        assert np.array_equal(np.asarray(ref.data).transpose(0, 3, 1, 2), x)
+        assert list(ref.targets) == y.tolist()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/apam-gossip-cifar-pwned",))
+
+
+@pytest.mark.timeout(60)
+def test_cifar10_reader_refuses_a_batch_that_would_run_code(tmp_path):
+    folder, _ = _tiny_cifar(tmp_path)
+    marker = Path("/tmp/apam-gossip-cifar-pwned")
+    marker.unlink(missing_ok=True)
+    entry = {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1], "x": _Evil()}
+    (folder / "data_batch_2").write_bytes(pickle.dumps(entry))
+    with pytest.raises(DataError, match=r"data_batch_2.*refusing to load posix\.system"):
+        read_cifar10_batches(folder)
+    assert not marker.exists()
+    # a well-formed batch still loads (numpy arrays pass the restriction)
+    (folder / "data_batch_2").write_bytes(pickle.dumps({"data": entry["data"], "labels": [0, 1]}))
+    assert read_cifar10_batches(folder)[0].shape == (18, 3, 32, 32)
 
 
 # ----------------------------------------------------------------------------- partition

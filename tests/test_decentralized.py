@@ -106,3 +106,33 @@ def test_audit_no_local_step_is_lost_to_a_concurrent_average(digits, adaptive_st
                  adaptive_state=adaptive_state, data={"batch_size": 8}), dataset=digits)
     err = r.evals[-1].extra["audit_error"]
     assert err <= 1e-5, f"sum of models is off by a relative {err}"
+
+
+def test_an_average_mixes_the_tracked_second_moment_too():
+    """In-process, on the shared-memory transport: x and u of both workers become their
+    means, and the versions and the average counter move (a transport that left u out of
+    the average would fail here)."""
+    from apam_gossip.transport.shm import ShmGossip
+
+    g = ShmGossip(3, 5, tracked=True, dtype=torch.float64)
+    g.x.copy_(torch.arange(15, dtype=torch.float64).view(3, 5))
+    g.u.copy_(torch.arange(15, dtype=torch.float64).view(3, 5) ** 2)
+    x0, u0 = g.x.clone(), g.u.clone()
+    g.end(2, 5.0).average_with(0)
+    for buf, start in ((g.x, x0), (g.u, u0)):
+        mean = (start[0] + start[2]) / 2
+        assert torch.equal(buf[0], mean) and torch.equal(buf[2], mean)
+        assert torch.equal(buf[1], start[1])
+    assert g.versions.tolist() == [1, 0, 1] and int(g.counters[2]) == 1
+
+
+def test_tracked_run_keeps_the_sum_of_u_equal_to_the_sum_of_vhat(digits):
+    """A real tracked run: averages conserve sum_i u_i and each local step moves u_i and
+    vhat_i by the same amount, so sum_i u_i(end) == sum_i vhat_i(end) (both start at 0).
+    And u really is mixed: the workers' u end up far closer together than their vhat."""
+    r = run(_cfg(workers=4, topology="ring", steps=400, audit=True, adaptive_state="tracked",
+                 data={"batch_size": 8}), dataset=digits)
+    extra = r.evals[-1].extra
+    assert extra["audit_u_error"] <= 1e-5, extra
+    assert extra["audit_error"] <= 1e-5, extra
+    assert extra["u_spread"] < 0.5 * extra["vhat_spread"], extra

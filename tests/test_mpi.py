@@ -26,11 +26,17 @@ ENV = {
     "OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "self,sm,tcp", "OMPI_MCA_osc": "sm,rdma",
     "PYTHONUNBUFFERED": "1",
 }
+# TCP only, on loopback: the path ranks on different hosts take
+TCP_ENV = {**ENV, "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo"}
 
 
-def mpirun(n: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [str(MPIRUN), "-n", str(n), "--map-by", ":OVERSUBSCRIBE", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+def mpirun(n: int, *args: str, timeout: float = 180,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """mpirun as the benchmarks start it: a private folder for OpenMPI's shared-memory
+    segments, removed after the job; on a timeout the whole job is ended, then raised."""
+    from apam_gossip.mpirun import run_mpirun
+
+    return run_mpirun(n, list(args), timeout=timeout, env=env or ENV)
 
 
 def cli(*args: str) -> list[str]:
@@ -126,6 +132,32 @@ def test_sync_baselines_over_mpi(tmp_path, mode):
     assert d["workers"][1]["sleep_s"] > d["workers"][1]["compute_s"]
 
 
+@pytest.mark.parametrize("mode", ["centralized", "decentralized"])
+def test_both_modes_over_tcp_only(tmp_path, mode):
+    """btl self,tcp on loopback: no shared memory between ranks, as across hosts."""
+    out = tmp_path / "t.json"
+    p = mpirun(3, *cli("train", "--mode", mode, "--topology", "ring", "--steps", "300",
+                       "--lr", "2e-3", "--evals", "2", "--audit", "-o", str(out), "-q"),
+               env=TCP_ENV)
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(out.read_text())
+    assert d["transport"] == "mpi" and d["updates"] == 300
+    assert d["final_accuracy"] >= 0.85
+    if mode == "decentralized":
+        assert d["evals"][-1]["extra"]["audit_error"] <= 1e-5
+
+
+def test_gossip_refuses_mpi_below_thread_multiple(tmp_path):
+    out = tmp_path / "never.json"
+    p = mpirun(2, *cli("train", "--mode", "decentralized", "--steps", "50", "-o", str(out)),
+               env={**ENV, "MPI4PY_RC_THREAD_LEVEL": "serialized"}, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("apam-gossip: error:")]
+    assert lines and all("needs MPI_THREAD_MULTIPLE but MPI was initialised with "
+                         "MPI_THREAD_SERIALIZED" in ln for ln in lines), p.stderr
+    assert not out.exists()
+
+
 def _rank_pid(rank: int, marker: str) -> int | None:
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -156,8 +188,11 @@ def test_a_killed_rank_aborts_in_bounded_time_and_leaves_a_usable_checkpoint(tmp
            *cli("train", "--mode", "centralized", "--epochs", "400", "--lr", "2e-3",
                 "--slow", "0=3", "--slow", "1=3", "--slow", "2=3", "--evals", "2",
                 "--checkpoint", str(ckpt), "--checkpoint-every", "0.2", "-o", str(out))]
+    from apam_gossip.mpirun import job_shm_dir, stop_job
+
+    shm = job_shm_dir()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=ENV)
+                         env={**ENV, **shm.__enter__()}, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         while not ckpt.exists() and time.monotonic() < deadline:
@@ -173,8 +208,8 @@ def test_a_killed_rank_aborts_in_bounded_time_and_leaves_a_usable_checkpoint(tmp
         assert time.monotonic() - t < 30  # bounded: the job ends, no rank waits forever
     finally:
         if p.poll() is None:
-            p.kill()
-            p.communicate()
+            stop_job(p)
+        shm.__exit__(None, None, None)  # a killed rank's segment goes with the folder
     assert not out.exists()
     ck = load_checkpoint(ckpt)
     assert ck["version"] > 0 and ck["mode"] == "centralized"

@@ -26,7 +26,11 @@ Adaptive state (``RunConfig.adaptive_state``):
 With ``RunConfig.audit`` every worker also sums the exact changes its local steps made,
 and the coordinator checks the invariant of pairwise averaging at the end:
 ``sum_i x_i(end) == sum_i x_i(0) + sum of all local steps`` (a lost step, or an average
-that overwrote one, breaks it); the relative error is reported as ``audit_error``.
+that overwrote one, breaks it); the relative error is reported as ``audit_error``. With a
+tracked ``u``, averages leave ``sum_i u_i`` unchanged and a local step moves ``u_i`` and
+``vhat_i`` by the same amount, so ``sum_i (u_i - vhat_i)`` never changes (it is 0 from a
+fresh start): its relative error is ``audit_u_error``. (A run resumed from a checkpoint
+audits from the checkpoint's models on.)
 
 Staleness here is the number of writes to x_i (averages by either side) between the
 snapshot and the local step.
@@ -122,7 +126,6 @@ def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Da
             averages += 1
 
         v1 = end.update_local(partial(_local_step, opt, g, state, tracked, audit))
-        end.completed()
         staleness[v1 - v0 - 1 - (1 if j is not None else 0)] += 1
         updates += 1
         samples += n
@@ -136,6 +139,10 @@ def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Da
         # by value (numpy pickles its bytes): a torch tensor would travel as a shared-memory
         # handle that this exiting process could no longer serve
         "audit": audit.numpy() if audit is not None else None,
+        # tracked state: this worker's final running max, for the audit of u (only this
+        # worker's local steps change vhat_i, so it is final now)
+        "audit_vhat": state["vhat"].double().numpy().copy()
+        if audit is not None and tracked else None,
     }))
 
 

@@ -57,6 +57,7 @@ def total_updates(cfg: RunConfig, n_train: int) -> int:
 
 def eval_points(total: int, evals: int) -> list[int]:
     """Update counts at which to evaluate: 0, then ``evals`` evenly spaced up to ``total``."""
+    evals = min(evals, total)  # no more evaluation points than updates
     pts = sorted({round(total * j / evals) for j in range(1, evals + 1)} | {0})
     return pts
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 # message tags
 T_META, T_TENSOR = 11, 12  # star
 T_REQ, T_DATA, T_REPLY, T_SNAP_REPLY, T_CLAIM_REPLY = 21, 22, 23, 24, 25  # gossip
@@ -56,6 +58,24 @@ def world():
 
     comm = MPI.COMM_WORLD
     return comm, comm.Get_rank(), comm.Get_size()
+
+
+THREAD_LEVELS = ("MPI_THREAD_SINGLE", "MPI_THREAD_FUNNELED", "MPI_THREAD_SERIALIZED",
+                 "MPI_THREAD_MULTIPLE")
+
+
+def require_thread_multiple(what: str) -> None:
+    """Raise a :class:`UserError` unless MPI runs with ``MPI_THREAD_MULTIPLE``: ``what``
+    calls MPI from several threads at once, undefined behaviour at any lower level."""
+    from mpi4py import MPI
+
+    level = MPI.Query_thread()
+    if level < MPI.THREAD_MULTIPLE:
+        name = THREAD_LEVELS[level] if 0 <= level < len(THREAD_LEVELS) else str(level)
+        raise UserError(
+            f"{what} needs MPI_THREAD_MULTIPLE but MPI was initialised with {name}: unset "
+            "MPI4PY_RC_THREAD_LEVEL (mpi4py asks for 'multiple' by default) or use an MPI "
+            "library built with thread support")
 
 
 def node_placement(comm) -> tuple[int, int]:
@@ -120,7 +140,10 @@ class MpiStarMaster:
         self.meta = np.zeros((self.n_workers, 5))
         self.grad = _host_buffer(numel)
         self.reqs = [self._post(w) for w in range(self.n_workers)]
-        self.ready_set: list[int] = []
+        # workers whose metadata has arrived but was not taken by recv yet: Testsome
+        # reports a completed request once, and ready() must keep reporting it (as a pipe
+        # with unread data does) until recv takes it
+        self.arrived: set[int] = set()
         self.outstanding = [False] * self.n_workers  # params sent, gradient not yet received
 
     def _post(self, w: int):
@@ -132,9 +155,9 @@ class MpiStarMaster:
         deadline = time.monotonic() + timeout
         poll = _Poll()
         while True:
-            idx = MPI.Request.Testsome(self.reqs)
-            if idx:
-                return sorted(idx)
+            self.arrived.update(MPI.Request.Testsome(self.reqs) or ())
+            if self.arrived:
+                return sorted(self.arrived)
             poll.pause()
             if time.monotonic() > deadline:
                 return []
@@ -147,6 +170,7 @@ class MpiStarMaster:
             self.comm.Recv(self.grad, source=worker + 1, tag=T_TENSOR)
             meta = ("g", int(m[1]), int(m[2]), float(m[3]), float(m[4]))
         self.outstanding[worker] = False
+        self.arrived.discard(worker)
         self.reqs[worker] = self._post(worker)
         return meta, self.grad
 
@@ -215,6 +239,7 @@ class MpiGossip:
     """
 
     def __init__(self, comm, x0: Tensor, tracked: bool, total: int, timeout: float) -> None:
+        require_thread_multiple("gossip over MPI (a server thread beside the training thread)")
         self.comm = comm
         self.rank = comm.Get_rank()
         self.worker = self.rank
@@ -313,9 +338,6 @@ class MpiGossip:
         req = self.comm.Irecv(ans, source=0, tag=T_CLAIM_REPLY)
         _wait(req, self.timeout, f"rank {self.rank}: the budget from rank 0")
         return bool(ans[0])
-
-    def completed(self) -> None:
-        pass  # rank 0 counts claims; nothing to send
 
     def report_loss(self, loss: float) -> None:
         self.losses[0] += loss

@@ -11,6 +11,7 @@ whichever is ready.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -161,9 +162,11 @@ class ShmGossip:
         return freed
 
     def consistent_copy(self, lock_timeout: float, with_opt_state: bool = False
-                        ) -> tuple[Tensor, Tensor | None, dict[str, Tensor] | None]:
-        """All workers' parameters, u and (when asked, for a checkpoint) optimizer states
-        at one instant: takes every lock in order."""
+                        ) -> GossipCopy:
+        """All workers' parameters, u, progress counters and (when asked, for a checkpoint
+        or an audit) optimizer states at one instant: takes every lock in order. Every
+        write to them happens under the writing worker's lock, so the counters agree
+        with the models (``completed == done_by.sum()``)."""
         taken = []
         try:
             for i, lk in enumerate(self.locks):
@@ -173,10 +176,24 @@ class ShmGossip:
                 taken.append(lk)
             states = {k: v.clone() for k, v in self.opt_state.items()} if with_opt_state \
                 else None
-            return self.x.clone(), (self.u.clone() if self.u is not None else None), states
+            return GossipCopy(self.x.clone(), self.u.clone() if self.u is not None else None,
+                              states, int(self.counters[1]), int(self.counters[2]),
+                              self.done_by.clone())
         finally:
             for lk in reversed(taken):
                 lk.release()
+
+
+@dataclass
+class GossipCopy:
+    """Every worker's state at one instant (see :meth:`ShmGossip.consistent_copy`)."""
+
+    x: Tensor
+    u: Tensor | None
+    opt_state: dict[str, Tensor] | None
+    completed: int  # local steps applied, all workers
+    averages: int
+    done_by: Tensor  # local steps applied, per worker
 
 
 class ShmGossipEnd:
@@ -228,11 +245,6 @@ class ShmGossipEnd:
             self.counters[0] += 1
             return True
 
-    def completed(self) -> None:
-        with self.counter_lock:
-            self.counters[1] += 1
-        self.done_by[self.worker] += 1
-
     def report_loss(self, loss: float) -> None:
         row = self.losses[self.worker]
         row[0] += loss
@@ -263,21 +275,26 @@ class ShmGossipEnd:
                     buf[j].copy_(buf[i])
                 self.versions[i] += 1
                 self.versions[j] += 1
+                with self.counter_lock:  # counted under the locks: see consistent_copy
+                    self.counters[2] += 1
             finally:
                 self._release(b)
         finally:
             self._release(a)
-        with self.counter_lock:
-            self.counters[2] += 1
 
     def update_local(self, fn) -> int:
         """Run ``fn(x_i, u_i)`` under this worker's lock (a local step never interleaves
-        with an average, so neither is lost); returns the new version."""
+        with an average, so neither is lost) and count it as a completed update in the
+        same critical section, so a consistent copy never sees a step without its count
+        (or a count without its step); returns the new version."""
         i = self.worker
         self._acquire(i)
         try:
             fn(self.x[i], self.u[i] if self.u is not None else None)
             self.versions[i] += 1
+            self.done_by[i] += 1
+            with self.counter_lock:
+                self.counters[1] += 1
             return int(self.versions[i])
         finally:
             self._release(i)
