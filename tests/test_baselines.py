@@ -69,10 +69,15 @@ def test_sync_baselines_learn_digits(digits, mode):
 
 
 def test_async_sgd_is_the_centralized_mode_with_sgd(digits):
-    r = run(_cfg(mode="centralized", workers=3, epochs=10, optim={"name": "sgd", "lr": 0.05,
+    """Asynchronous SGD through the APAM master learns. The step is small enough for the
+    staleness of 3 workers on a loaded 2-core machine: with lr 0.05 and momentum 0.9 (an
+    effective step of 0.5) 3 of 5 seeds diverged to chance (10%); with lr 0.02 five
+    seeds reached 97.2-98.1%."""
+    r = run(_cfg(mode="centralized", workers=3, epochs=10, optim={"name": "sgd", "lr": 0.02,
                                                                    "momentum": 0.9}),
             dataset=digits)
-    assert r.final_accuracy >= 0.9
+    assert r.final_accuracy >= 0.9, [e.test_acc for e in r.evals]
+    assert r.config["optim"]["name"] == "sgd" and max(r.staleness) >= 1
 
 
 @pytest.mark.parametrize("topology", ["ring", "complete", "star", "exponential"])

@@ -57,11 +57,13 @@ def test_centralized_over_mpi_converges_on_digits(tmp_path):
     assert p.stdout.count("result written to") == 1  # only rank 0 reports
 
 
-def test_decentralized_over_mpi_converges_and_loses_nothing(tmp_path):
+@pytest.mark.parametrize("adaptive_state", ["local", "tracked"])
+def test_decentralized_over_mpi_converges_and_loses_nothing(tmp_path, adaptive_state):
     out = tmp_path / "d.json"
     p = mpirun(4, *cli("train", "--mode", "decentralized", "--topology",
                        str(HERE.parent / "topologies" / "ring4.edgelist"), "--epochs", "15",
-                       "--lr", "2e-3", "--evals", "3", "--audit", "-o", str(out)))
+                       "--lr", "2e-3", "--evals", "3", "--audit", "--adaptive-state",
+                       adaptive_state, "-o", str(out)))
     assert p.returncode == 0, p.stdout + p.stderr
     d = json.loads(out.read_text())
     assert d["transport"] == "mpi" and d["config"]["workers"] == 4
@@ -70,6 +72,9 @@ def test_decentralized_over_mpi_converges_and_loses_nothing(tmp_path):
     assert last["audit_error"] <= 1e-5
     assert last["averages"] == d["updates"]
     assert last["worst_worker_acc"] >= 0.9
+    if adaptive_state == "tracked":  # the servers average u with x: sum u == sum vhat
+        assert last["audit_u_error"] <= 1e-5
+        assert last["u_spread"] < 0.5 * last["vhat_spread"], last
 
 
 @pytest.mark.parametrize("topology", ["complete", "ring"])
