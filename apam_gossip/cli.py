@@ -39,7 +39,7 @@ def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True,
     from .config import ADAPTIVE_STATES, DEVICES, MODES, PARTITIONS
     from .data import DATASETS
     from .models import MODELS
-    from .optim import OPTIMIZERS
+    from .optim import OPTIMIZERS, SCHEDULES
 
     p.add_argument("--config", metavar="FILE", help="TOML or JSON config; flags override it")
     if with_mode:
@@ -78,6 +78,8 @@ def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True,
     p.add_argument("--amsgrad-variant", choices=("practical", "paper"),
                    help="practical: Adam bias correction (= torch Adam(amsgrad=True)); "
                         "paper: the APAM paper's update without bias correction")
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning rate over the budget: "
+                   "constant (default), cosine or linear decay towards 0")
     p.add_argument("--momentum", type=float, help="SGD momentum")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--seed", type=int)
@@ -119,7 +121,8 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
     data = ("dataset", "data_dir", "partition", "dirichlet_alpha", "batch_size",
             "train_limit", "test_limit")
     optim = {"optim_name": "name", "lr": "lr", "beta1": "beta1", "beta2": "beta2",
-             "eps": "eps", "momentum": "momentum", "weight_decay": "weight_decay"}
+             "eps": "eps", "momentum": "momentum", "weight_decay": "weight_decay",
+             "schedule": "schedule"}
     d = {k: getattr(a, k) for k in data if getattr(a, k) is not None}
     o = {v: getattr(a, k) for k, v in optim.items() if getattr(a, k) is not None}
     if a.amsgrad_variant is not None:
@@ -149,7 +152,7 @@ _RUN_DESTS = ("config", "mode", "workers", "model", "epochs", "steps", "seed", "
               "audit", "transport", "checkpoint", "checkpoint_every_s", "dataset", "data_dir",
               "partition", "dirichlet_alpha", "batch_size", "train_limit", "test_limit",
               "optim_name", "lr", "beta1", "beta2", "eps", "momentum", "weight_decay",
-              "amsgrad_variant", "slow")
+              "schedule", "amsgrad_variant", "slow")
 
 
 def _given(a: argparse.Namespace, dests) -> list[str]:
@@ -284,7 +287,9 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
         slow = ", ".join(f"worker {i} x{s:g}" for i, s in enumerate(cfg.slowdown) if s > 1)
         n_workers = 1 if cfg.mode == "sequential" else cfg.workers
         print(f"{cfg.mode}: {n_workers} worker(s), {cfg.model} on {cfg.data.dataset}, "
-              f"{cfg.optim.name} lr={cfg.optim.lr:g}, batch {cfg.data.batch_size}"
+              f"{cfg.optim.name} lr={cfg.optim.lr:g}"
+              + (f" ({cfg.optim.schedule})" if cfg.optim.schedule != "constant" else "")
+              + f", batch {cfg.data.batch_size}"
               + (f", slowed: {slow}" if slow else ""))
     try:
         result = run(cfg, dataset=dataset, callback=ui, resume=resume)
@@ -561,7 +566,10 @@ def summary_text(r) -> str:
 
 DEMO = {
     "mode": "centralized", "workers": 4, "model": "mlp", "epochs": 15, "evals": 5,
-    "data": {"dataset": "digits", "batch_size": 32}, "optim": {"lr": 2e-3},
+    "data": {"dataset": "digits", "batch_size": 32},
+    # a cosine decay: the demo ends at (or within a few tenths of) its best evaluation
+    # (constant lr: 5 seeds ended 0.3-2.4 points below their best)
+    "optim": {"lr": 2e-3, "schedule": "cosine"},
     "slowdown": [1, 1, 1, 4],
 }
 

@@ -19,7 +19,7 @@ from typing import Any
 from .data import DATASETS
 from .errors import UserError
 from .models import MODELS
-from .optim import OPTIMIZERS, Optimizer
+from .optim import OPTIMIZERS, SCHEDULES, Optimizer
 
 MODES: tuple[str, ...] = ("centralized", "decentralized", "sequential", "allreduce", "dpsgd")
 ASYNC_MODES: tuple[str, ...] = ("centralized", "decentralized")
@@ -50,6 +50,7 @@ class OptimConfig:
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
+    schedule: str = "constant"  # learning rate over the budget: constant, cosine, linear
 
     def build(self) -> Optimizer:
         return Optimizer(**dataclasses.asdict(self))
@@ -243,6 +244,7 @@ class RunConfig:
             if val is not None and val < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {val}")
         _choice("optim.name", o.name, OPTIMIZERS)
+        _choice("optim.schedule", o.schedule, SCHEDULES)
         if not o.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
         for name in ("beta1", "beta2"):

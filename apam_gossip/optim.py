@@ -45,6 +45,21 @@ from torch import Tensor
 OptState = dict[str, Tensor]
 
 OPTIMIZERS: tuple[str, ...] = ("amsgrad", "adam", "sgd")
+SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
+
+
+def scheduled_lr(lr: float, schedule: str, step: int, total: int) -> float:
+    """The learning rate of update ``step`` (1-based) of ``total``: ``constant``; ``cosine``
+    decays from ``lr`` towards 0 along half a cosine; ``linear`` decays linearly. The
+    decay ends one step past ``total``, so the last update still moves the model."""
+    if schedule == "constant" or total <= 0:
+        return lr
+    frac = min(max(step - 1, 0) / total, 1.0)
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if schedule == "linear":
+        return lr * (1.0 - frac)
+    raise AssertionError(f"unknown schedule {schedule!r}")
 
 
 def _moments(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float,
@@ -187,6 +202,11 @@ class Optimizer:
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
+    schedule: str = "constant"
+
+    def lr_at(self, step: int, total: int) -> float:
+        """The learning rate of update ``step`` of ``total`` (see :func:`scheduled_lr`)."""
+        return scheduled_lr(self.lr, self.schedule, step, total)
 
     def init(self, params: Tensor) -> OptState:
         """A fresh state for ``params`` (a 1-D tensor), on its device and dtype."""

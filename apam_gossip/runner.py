@@ -189,7 +189,7 @@ def _run_sequential(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResult
     for k in range(1, total + 1):
         t = time.perf_counter()
         loss, n, _ = w.gradient()
-        opt.update(w.flat.params, w.flat.grads, state)
+        opt.update(w.flat.params, w.flat.grads, state, lr=opt.lr_at(k, total))
         train_time += time.perf_counter() - t
         samples += n
         loss_sum += loss

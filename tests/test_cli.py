@@ -213,3 +213,16 @@ def test_plain_progress_lines_when_not_on_a_terminal(capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("  starting the worker processes")
     assert [ln.split()[1] for ln in err[1:]] == ["25.0%", "50.0%", "75.0%"]
+
+
+def test_the_readme_demo_runs_and_ends_near_its_best(tmp_path):
+    """The front door: `apam-gossip demo` on the embedded digits, real processes."""
+    out = tmp_path / "demo.json"
+    p = subprocess.run([sys.executable, "-m", "apam_gossip", "demo", "-o", str(out)],
+                       capture_output=True, text=True, timeout=110)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(out.read_text())
+    accs = [e["test_acc"] for e in d["evals"]]
+    assert d["final_accuracy"] >= 0.95, accs
+    assert accs[-1] >= max(accs) - 0.01, accs  # a first impression should not end on a drop
+    assert "demo: centralized APAM" in p.stdout and "final test accuracy" in p.stdout

@@ -162,3 +162,20 @@ def test_damsgrad_matches_hand_reference_in_float64(bias_correction):
     assert (x - torch.tensor(xr, dtype=torch.float64)).abs().max().item() <= 1e-6
     assert clamped > 0  # the clamp was exercised
     assert (x - x0).abs().max().item() > 0.1
+
+
+def test_learning_rate_schedules():
+    from apam_gossip.optim import scheduled_lr
+
+    assert [scheduled_lr(0.1, "constant", k, 4) for k in (1, 4)] == [0.1, 0.1]
+    cos = [scheduled_lr(0.1, "cosine", k, 4) for k in range(1, 5)]
+    assert cos[0] == pytest.approx(0.1) and cos[2] == pytest.approx(0.05)
+    assert all(a > b > 0 for a, b in zip(cos, cos[1:], strict=False))  # decays, never 0
+    lin = [scheduled_lr(0.1, "linear", k, 4) for k in range(1, 5)]
+    assert lin == pytest.approx([0.1, 0.075, 0.05, 0.025])
+    opt = Optimizer("sgd", lr=0.1, schedule="linear")
+    x, g = torch.zeros(3), torch.ones(3)
+    st = opt.init(x)
+    for k in range(1, 5):
+        opt.update(x, g, st, lr=opt.lr_at(k, 4))
+    assert torch.allclose(x, torch.full((3,), -0.25))

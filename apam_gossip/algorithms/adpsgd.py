@@ -78,11 +78,11 @@ def _neighbors_rng(neighbors: list[int], probs: list[float], seed: int, alive=No
     return pick
 
 
-def _local_step(opt, g: Tensor, state, tracked: bool, audit: Tensor | None, x: Tensor,
-                u: Tensor | None) -> None:
+def _local_step(opt, g: Tensor, state, tracked: bool, audit: Tensor | None, lr: float,
+                x: Tensor, u: Tensor | None) -> None:
     if audit is not None:
         audit.sub_(x)
-    opt.update(x, g, state, tracked=u if tracked else None)
+    opt.update(x, g, state, lr=lr, tracked=u if tracked else None)
     if audit is not None:
         audit.add_(x)  # audit accumulates x_after - x_before: exactly this step
 
@@ -112,7 +112,7 @@ def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Da
         raise TimeoutError(f"worker {i}: the coordinator did not start the run within "
                            f"{GO_TIMEOUT_S:g} s")
     t0 = time.monotonic()
-    while end.claim(total):
+    while k := end.claim(total):  # k: this update's place in the global budget
         v0 = end.snapshot(w.flat.params)
         loss, n, _ = w.gradient()
         g = w.flat.grads
@@ -125,7 +125,8 @@ def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Da
             end.average_with(j)
             averages += 1
 
-        v1 = end.update_local(partial(_local_step, opt, g, state, tracked, audit))
+        v1 = end.update_local(partial(_local_step, opt, g, state, tracked, audit,
+                                      opt.lr_at(k, total)))
         staleness[v1 - v0 - 1 - (1 if j is not None else 0)] += 1
         updates += 1
         samples += n

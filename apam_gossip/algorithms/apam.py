@@ -204,7 +204,8 @@ class _Master:
                     self.lost(i)
                     continue
                 _, v_from, n_samples, loss, _compute_s = meta
-                self.opt.update(self.x, grad, self.state)
+                self.opt.update(self.x, grad, self.state,
+                                lr=self.opt.lr_at(p.version + 1, self.total))
                 p.record(i, v_from, n_samples)
                 self.loss_sum += loss
                 self.loss_n += 1

@@ -80,7 +80,7 @@ def sync_worker_main(ctrl: Connection, end, cfg: RunConfig, dataset: Dataset, sh
             end.allreduce_mean(g_cpu)
             if g_cpu is not w.flat.grads:
                 w.flat.grads.copy_(g_cpu)
-            opt.update(w.flat.params, w.flat.grads, state)
+            opt.update(w.flat.params, w.flat.grads, state, lr=opt.lr_at(k, steps))
         else:
             if x_cpu is not w.flat.params:
                 x_cpu.copy_(w.flat.params)
@@ -89,7 +89,7 @@ def sync_worker_main(ctrl: Connection, end, cfg: RunConfig, dataset: Dataset, sh
             end.mix(x_cpu, mix_weights, on_all=see, gather=want)
             if x_cpu is not w.flat.params:
                 w.flat.params.copy_(x_cpu)
-            opt.update(w.flat.params, w.flat.grads, state)
+            opt.update(w.flat.params, w.flat.grads, state, lr=opt.lr_at(k, steps))
         loss_sum += loss
         loss_n += 1
         if i == 0:

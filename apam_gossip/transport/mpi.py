@@ -314,11 +314,12 @@ class MpiGossip:
                     with self.lock:
                         snap = self.x.clone()
                     self.comm.Send(snap, dest=src, tag=T_SNAP_REPLY)
-                elif kind == R_CLAIM:
-                    ok = self.claimed < self.total
-                    if ok:
+                elif kind == R_CLAIM:  # reply with the update's index, 0 when none is left
+                    index = 0
+                    if self.claimed < self.total:
                         self.claimed += 1
-                    self.comm.Send(np.array([1 if ok else 0], dtype=np.int64), dest=src,
+                        index = self.claimed
+                    self.comm.Send(np.array([index], dtype=np.int64), dest=src,
                                    tag=T_CLAIM_REPLY)
                 else:
                     raise AssertionError(f"unknown gossip request {kind} from rank {src}")
@@ -331,13 +332,15 @@ class MpiGossip:
             raise RuntimeError(f"rank {self.rank}: gossip server failed: {self.error}")
 
     # -- the training thread --------------------------------------------------------
-    def claim(self, total: int) -> bool:
+    def claim(self, total: int) -> int:
+        """Claim one of the ``total`` updates from rank 0: its index 1..total, or 0 when
+        none is left."""
         self._check()
         self.comm.Send(np.array([R_CLAIM, 0], dtype=np.int64), dest=0, tag=T_REQ)
         ans = np.zeros(1, dtype=np.int64)
         req = self.comm.Irecv(ans, source=0, tag=T_CLAIM_REPLY)
         _wait(req, self.timeout, f"rank {self.rank}: the budget from rank 0")
-        return bool(ans[0])
+        return int(ans[0])
 
     def report_loss(self, loss: float) -> None:
         self.losses[0] += loss

@@ -236,14 +236,14 @@ class ShmGossipEnd:
             return None
         return {k: v[self.worker] for k, v in self.shared_opt_state.items()}
 
-    def claim(self, total: int) -> bool:
-        """Claim one of ``total`` updates; False once all are claimed or the coordinator
-        asked to stop (time to stop)."""
+    def claim(self, total: int) -> int:
+        """Claim one of ``total`` updates: its index 1..total, or 0 once all are claimed
+        or the coordinator asked to stop (time to stop)."""
         with self.counter_lock:
             if self.counters[0] >= total or int(self.stop[0]):
-                return False
+                return 0
             self.counters[0] += 1
-            return True
+            return int(self.counters[0])
 
     def report_loss(self, loss: float) -> None:
         row = self.losses[self.worker]
