@@ -19,9 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
+from .files import atomic_write_bytes, atomic_write_text
 from .mpirun import run_mpirun
 
 
@@ -171,7 +174,6 @@ def plot_profile(profile, results: dict, path: Path) -> tuple[Path, Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .result import atomic_write_bytes
 
     acc_png = path.with_name(path.stem + "-accuracy.png")
     thr_png = path.with_name(path.stem + "-throughput.png")
@@ -220,7 +222,6 @@ def bench_profile(profile, out: Path, quiet: bool = False, callback_factory=None
     JSON (table rows + all RunResults) and two PNGs next to ``out``."""
     from .compare import fair_share
     from .data import load_dataset
-    from .result import atomic_write_text
     from .runner import check_runnable, run
 
     base = profile.base
@@ -329,3 +330,75 @@ def bench_scaling(modes: list[str], max_workers: int, base: dict, repeats: int =
             rows.append({"mode": mode, "workers": n, "samples_per_s": thr[n],
                          "efficiency": thr[n] / (n * thr[1])})
     return rows
+
+
+# ------------------------------------------------ the micro-benchmarks of `apam-gossip bench`
+def _modes_flag(a, allowed: tuple[str, ...] = ("centralized", "decentralized")) -> list[str]:
+    modes = [m.strip() for m in (a.modes or ",".join(allowed)).split(",") if m.strip()]
+    for m in modes:
+        if m not in allowed:
+            raise UserError(f"--modes: {m!r} is not one of {', '.join(allowed)}")
+    return modes
+
+
+def _cli_pairwise(a) -> Iterator[str]:
+    if not a.size_mb > 0 or a.reps < 1:
+        raise UserError("--size-mb must be > 0 and --reps >= 1")
+    r = bench_pairwise(a.size_mb, a.reps)
+    yield (f"pairwise average of {a.size_mb:g} MB over MPI: {1e3 * r['pairwise_average_s']:.3f}"
+           f" ms; ping-pong of {a.size_mb:g} MB: {1e3 * r['pingpong_s']:.3f} ms; ratio "
+           f"{r['ratio_average_to_pingpong']:.2f}x (memcpy {1e3 * r['memcpy_s']:.3f} ms)")
+    yield json.dumps(r)
+
+
+def _cli_master(a) -> Iterator[str]:
+    r = bench_master()
+    yield (f"APAM master, {r['numel']:,} parameters: {r['updates_per_s']:.0f} updates/s "
+           f"({1e3 * r['update_s']:.2f} ms each); memory-bandwidth bound "
+           f"{r['bound_updates_per_s']:.0f}/s at {r['memcpy_bandwidth_gb_s']:.1f} GB/s: "
+           f"{100 * r['fraction_of_bound']:.0f}% of the bound")
+    yield json.dumps(r)
+
+
+def _cli_scaling(a) -> Iterator[str]:
+    from .algorithms.common import available_cores
+
+    # one torch thread per worker at every N: the 1-worker run must not use all cores
+    base = {"model": "lenet5", "epochs": 1, "evals": 1, "topology": "complete",
+            "threads_per_worker": 1,
+            "data": {"dataset": "fashion-mnist", "train_limit": 12000, "test_limit": 500}}
+    rows = bench_scaling(_modes_flag(a), a.max_workers or available_cores(), base,
+                         repeats=a.repeats)
+    for r in rows:
+        yield (f"{r['mode']:<14} {r['workers']:>2} workers: {r['samples_per_s']:8.0f} "
+               f"samples/s, efficiency {100 * r['efficiency']:.0f}%")
+    yield json.dumps(rows)
+
+
+def _cli_shm_pairwise(a) -> Iterator[str]:
+    r = bench_shm_pairwise()
+    yield (f"shared-memory pairwise average of {r['numel'] * 4 / 2**20:g} MB: "
+           f"{1e3 * r['average_s']:.3f} ms; memcpy {1e3 * r['memcpy_s']:.3f} ms; ratio "
+           f"{r['ratio_average_to_memcpy']:.2f}x")
+    yield json.dumps(r)
+
+
+def _cli_transport(a) -> Iterator[str]:
+    import shlex
+
+    if a.workers < 1 or a.repeats < 1:
+        raise UserError("--workers and --repeats must be >= 1")
+    for mode in _modes_flag(a):
+        r = bench_transport(mode, a.workers, shlex.split(a.train_args), a.repeats)
+        shm = ", ".join(f"{v:.0f}" for v in r["shm_samples_per_s"])
+        mpi = ", ".join(f"{v:.0f}" for v in r["mpi_samples_per_s"])
+        yield (f"{mode}, {a.workers} workers: samples/s shm [{shm}]  mpi [{mpi}]  "
+               f"MPI/shm (medians) {r['ratio_median']:.3f}")
+        yield json.dumps(r)
+
+
+# name -> lines to print (a summary, then the JSON), from the parsed `bench` flags
+MICRO_BENCHMARKS: dict[str, Callable[[Any], Iterator[str]]] = {
+    "pairwise": _cli_pairwise, "master": _cli_master, "scaling": _cli_scaling,
+    "shm-pairwise": _cli_shm_pairwise, "transport": _cli_transport,
+}

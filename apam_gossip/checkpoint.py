@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .result import atomic_write_bytes
+from .files import atomic_write_bytes
 
 FORMAT = 1
 

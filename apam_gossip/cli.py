@@ -19,8 +19,35 @@ PROG = "apam-gossip"
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage too)
-        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"{PROG}: error: {message}{self._suggestion(message)} "
+                  f"(see '{self.prog} --help')\n")
+
+    def _suggestion(self, message: str) -> str:
+        """'did you mean --lr?' for an unrecognized or misspelt flag."""
+        import difflib
+
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = {o for parser in self._all_parsers() for act in parser._actions
+                 for o in act.option_strings}
+        for word in message.split(":", 1)[1].split():
+            if word.startswith("--"):
+                near = difflib.get_close_matches(word.split("=")[0], sorted(known), n=1)
+                if near:
+                    return f"; did you mean {near[0]}?"
+        return ""
+
+    def _all_parsers(self) -> list[argparse.ArgumentParser]:
+        out: list[argparse.ArgumentParser] = [self]
+        for act in self._actions:
+            if isinstance(act, argparse._SubParsersAction):
+                out += list(act.choices.values())
+        return out
 
 
 def _slow(text: str) -> tuple[int, float]:
@@ -32,155 +59,182 @@ def _slow(text: str) -> tuple[int, float]:
             f"invalid --slow value {text!r}: use WORKER=FACTOR, e.g. --slow 0=10") from None
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid list {text!r}: give numbers separated by commas, e.g. 1,1,4") from None
+
+
+def _json_value(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: give JSON, e.g. '[[0, 1, 5.0, 1.0]]'") from None
+
+
+class _SetKey(argparse.Action):
+    """Stores a flag's value under its config key (``ns._cfg``) and remembers which
+    flag set it (``ns._flag``), so an error about the key can name the flag typed."""
+
+    def __init__(self, option_strings, dest, key: str, const_value: Any = None, **kw) -> None:
+        self.key, self.const_value = key, const_value
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, ns, values, option_string=None) -> None:
+        value = self.const_value if self.nargs == 0 else values
+        ns._cfg = {**getattr(ns, "_cfg", {}), self.key: value}
+        ns._flag = {**getattr(ns, "_flag", {}), self.key: option_string}
+
+
+_GROUPS = {"data": "data", "optim": "optimizer", "network": "emulated network"}
+_HETEROGENEITY = ("slowdown", "straggler_prob", "straggler_factor")
+_SINGLE_RUN_KEYS = ("checkpoint", "checkpoint_every_s")  # compare runs several
+
+
+def _default_text(v: Any) -> str:
+    if v is None or v == ():
+        return ""
+    if isinstance(v, bool):
+        return " (default: on)" if v else " (default: off)"
+    return f" (default: {v:g})" if isinstance(v, float) else f" (default: {v})"
+
+
 def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True,
                    single_run: bool = True) -> None:
-    """The flags of a run; ``single_run`` adds those that only make sense for one run
-    (--checkpoint, --resume, --save-model), which compare does not take."""
-    from .config import ADAPTIVE_STATES, DEVICES, MODES, PARTITIONS
-    from .data import DATASETS
-    from .models import MODELS
-    from .optim import OPTIMIZERS, SCHEDULES
+    """The flags of a run, generated from the config schema (:mod:`apam_gossip.config`):
+    every key is a flag (``--optim.lr``), plus its short aliases (``--lr``). ``single_run``
+    adds those that only make sense for one run (--checkpoint, --resume, --save-model),
+    which compare does not take."""
+    from .config import schema_fields
+
+    groups: dict[str, Any] = {}
+
+    def group(title: str):
+        if title not in groups:
+            groups[title] = p.add_argument_group(title)
+        return groups[title]
 
     p.add_argument("--config", metavar="FILE", help="TOML or JSON config; flags override it")
-    if with_mode:
-        p.add_argument("--mode", choices=MODES, help="centralized (APAM master/worker), "
-                       "decentralized (gossip), sequential (one-process reference), "
-                       "allreduce or dpsgd (synchronous baselines); default centralized")
-    p.add_argument("--topology", metavar="FILE_OR_NAME", help="decentralized: a graph file "
-                   "(see topologies/README.md) or ring, torus, exponential, complete, star, "
-                   "regular:D, bipartite, chain")
-    p.add_argument("--transport", choices=("auto", "shm", "mpi"), help="auto: MPI when "
-                   "started by mpirun with several ranks, else shared memory")
-    p.add_argument("--audit", action="store_true", default=None, help="decentralized: "
-                   "check at the end that sum_i x_i = sum_i x_i(0) + all local steps")
-    p.add_argument("--adaptive-state", choices=ADAPTIVE_STATES, help="decentralized: local "
-                   "AMSGrad moments, or tracked (a second moment gossiped with the model)")
-    p.add_argument("--workers", type=int, help="number of worker processes")
-    p.add_argument("--model", choices=MODELS)
-    p.add_argument("--dataset", choices=DATASETS)
-    p.add_argument("--data-dir", metavar="DIR", help="folder with dataset files "
-                   "(torchvision layout); fashion-mnist also reads the Debian package's files")
-    p.add_argument("--partition", choices=PARTITIONS, help="how training data is split "
-                   "over workers")
-    p.add_argument("--alpha", type=float, dest="dirichlet_alpha",
-                   help="Dirichlet concentration for --partition dirichlet (smaller = more skewed)")
-    p.add_argument("--batch-size", type=int, help="per-worker mini-batch size")
-    p.add_argument("--train-limit", type=int, metavar="N", help="use only N training samples")
-    p.add_argument("--test-limit", type=int, metavar="N", help="use only N test samples")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=float, help="sample budget in passes over the data")
-    budget.add_argument("--steps", type=int, help="sample budget in model updates")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, dest="optim_name")
-    p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("--beta1", type=float)
-    p.add_argument("--beta2", type=float)
-    p.add_argument("--eps", type=float)
-    p.add_argument("--amsgrad-variant", choices=("practical", "paper"),
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as TOML and exit")
+    for spec in schema_fields():
+        if spec.path == "mode" and not with_mode:
+            continue
+        if spec.path in _SINGLE_RUN_KEYS and not single_run:
+            continue
+        section = spec.path.split(".")[0] if "." in spec.path else ""
+        title = _GROUPS.get(section) or ("heterogeneity" if spec.path in _HETEROGENEITY
+                                         else "run")
+        g = group(title)
+        names = [spec.flag, *spec.flags]
+        help_text = spec.help + _default_text(spec.default)
+        ann = str(spec.annotation)
+        if spec.annotation is bool:
+            g.add_argument(*names, action=_SetKey, key=spec.path, nargs=0, const_value=True,
+                           default=argparse.SUPPRESS, help=help_text)
+            g.add_argument("--no-" + spec.flag[2:], action=_SetKey, key=spec.path, nargs=0,
+                           const_value=False, default=argparse.SUPPRESS,
+                           help=f"turn {spec.flag} off")
+            continue
+        kw: dict[str, Any] = {"action": _SetKey, "key": spec.path,
+                              "default": argparse.SUPPRESS, "help": help_text}
+        if spec.choices:
+            kw["choices"] = spec.choices
+        elif spec.path == "network.links":
+            kw.update(type=_json_value, metavar="JSON")
+        elif "tuple" in ann:
+            kw.update(type=_floats, metavar="X,X,...")
+        elif "int" in ann:
+            kw.update(type=int, metavar="N")
+        elif "float" in ann:
+            kw.update(type=float, metavar="X")
+        else:
+            kw["metavar"] = {"data.data_dir": "DIR", "checkpoint": "PATH",
+                             "topology": "FILE_OR_NAME"}.get(spec.path, "TEXT")
+        g.add_argument(*names, **kw)
+    h = group("heterogeneity")
+    h.add_argument("--slow", type=_slow, action="append", metavar="WORKER=FACTOR",
+                   help="make a worker FACTOR times slower (repeatable), e.g. --slow 0=10; "
+                   "sets slowdown")
+    o = group("optimizer")
+    o.add_argument("--amsgrad-variant", choices=("practical", "paper"),
                    help="practical: Adam bias correction (= torch Adam(amsgrad=True)); "
-                        "paper: the APAM paper's update without bias correction")
-    p.add_argument("--schedule", choices=SCHEDULES, help="learning rate over the budget: "
-                   "constant (default), cosine or linear decay towards 0")
-    p.add_argument("--momentum", type=float, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--slow", type=_slow, action="append", metavar="WORKER=FACTOR",
-                   help="make a worker FACTOR times slower (repeatable), e.g. --slow 0=10")
-    p.add_argument("--evals", type=int, help="number of test evaluations during the run")
-    p.add_argument("--device", choices=DEVICES, help="auto: cuda:(worker mod n_gpus) when "
-                   "CUDA is available, else cpu")
-    p.add_argument("--threads-per-worker", type=int,
-                   help="torch threads per worker (default: cores / workers)")
-    p.add_argument("--timeout", type=float, dest="timeout_s",
-                   help="abort the run after this many seconds")
-    p.add_argument("--output", "-o", metavar="PATH",
-                   help="RunResult JSON path (default runs/<time>-<mode>-<model>-<dataset>.json)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or eval lines")
-    p.set_defaults(_flag_of={act.dest: act.option_strings[0] for act in p._actions
-                             if act.option_strings})
+                   "paper: the APAM paper's update; sets optim.bias_correction")
+    out = group("output")
+    out.add_argument("--output", "-o", metavar="PATH",
+                     help="RunResult JSON path (default runs/<time>-<mode>-<model>-<dataset>"
+                     ".json)")
+    out.add_argument("--quiet", "-q", action="store_true",
+                     help="no progress bar or eval lines")
     if not single_run:
         return
-    p.add_argument("--save-model", metavar="PATH", help="also save the final model: a "
-                   "state_dict plus what rebuilds it; apam_gossip.load_model(PATH) returns "
-                   "the nn.Module")
-    p.add_argument("--checkpoint", metavar="PATH", help="centralized and decentralized: "
-                   "write a checkpoint here periodically and on SIGTERM/Ctrl-C (atomic: "
-                   "write, then rename)")
-    p.add_argument("--checkpoint-every", type=float, dest="checkpoint_every_s", metavar="S",
-                   help="seconds between checkpoints (default 60)")
-    p.add_argument("--resume", metavar="PATH", help="continue the run saved in this "
-                   "checkpoint (its config is used; other training flags are ignored)")
+    out.add_argument("--save-model", metavar="PATH", help="also save the final model: a "
+                     "state_dict plus what rebuilds it; apam_gossip.load_model(PATH) returns "
+                     "the nn.Module")
+    out.add_argument("--resume", metavar="PATH", help="continue the run saved in this "
+                     "checkpoint, with the settings saved in it")
 
 
-def _overrides(a: argparse.Namespace) -> dict[str, Any]:
-    """Nested config overrides from the flags that were given."""
-    top = ("mode", "workers", "model", "epochs", "steps", "seed", "evals", "device",
-           "threads_per_worker", "timeout_s", "topology", "adaptive_state", "audit",
-           "transport", "checkpoint", "checkpoint_every_s")
-    out: dict[str, Any] = {k: getattr(a, k) for k in top
-                           if getattr(a, k, None) is not None}
-    data = ("dataset", "data_dir", "partition", "dirichlet_alpha", "batch_size",
-            "train_limit", "test_limit")
-    optim = {"optim_name": "name", "lr": "lr", "beta1": "beta1", "beta2": "beta2",
-             "eps": "eps", "momentum": "momentum", "weight_decay": "weight_decay",
-             "schedule": "schedule"}
-    d = {k: getattr(a, k) for k in data if getattr(a, k) is not None}
-    o = {v: getattr(a, k) for k, v in optim.items() if getattr(a, k) is not None}
+def _overrides(a: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """The config keys the flags set (flat dotted keys) and, per key, the flag used."""
+    values: dict[str, Any] = dict(getattr(a, "_cfg", {}))
+    flags: dict[str, str] = dict(getattr(a, "_flag", {}))
+    if "epochs" in values and "steps" in values:
+        raise UserError(f"{flags['epochs']} and {flags['steps']} both set the budget; give one")
+    if "epochs" in values:
+        values["steps"] = None  # epochs given: a config file's steps must not win
     if a.amsgrad_variant is not None:
-        o["bias_correction"] = a.amsgrad_variant == "practical"
-    if a.epochs is not None:
-        out["steps"] = None
-    if d:
-        out["data"] = d
-    if o:
-        out["optim"] = o
+        values["optim.bias_correction"] = a.amsgrad_variant == "practical"
+        flags["optim.bias_correction"] = "--amsgrad-variant"
     if a.slow:
-        n = out.get("workers")
         factors: dict[int, float] = dict(a.slow)
-        size = max(max(factors) + 1, 0)
-        if n is not None and size > n:
+        n = values.get("workers")
+        if n is not None and max(factors) >= n:
             raise UserError(f"--slow names worker {max(factors)} but --workers is {n} "
                             "(workers are numbered from 0)")
         if min(factors) < 0:
             raise UserError(f"--slow names worker {min(factors)}: workers are numbered from 0")
-        out["slowdown"] = [factors.get(i, 1.0) for i in range(size)]
-    return out
+        values["slowdown"] = [factors.get(i, 1.0) for i in range(max(factors) + 1)]
+        flags["slowdown"] = "--slow"
+    return values, flags
 
 
-# flags that shape the training run (everything but output, display and resume)
-_RUN_DESTS = ("config", "mode", "workers", "model", "epochs", "steps", "seed", "evals",
-              "device", "threads_per_worker", "timeout_s", "topology", "adaptive_state",
-              "audit", "transport", "checkpoint", "checkpoint_every_s", "dataset", "data_dir",
-              "partition", "dirichlet_alpha", "batch_size", "train_limit", "test_limit",
-              "optim_name", "lr", "beta1", "beta2", "eps", "momentum", "weight_decay",
-              "schedule", "amsgrad_variant", "slow")
-
-
-def _given(a: argparse.Namespace, dests) -> list[str]:
-    """The flags among ``dests`` that were given on the command line."""
-    flag_of = getattr(a, "_flag_of", {})
-    return [flag_of.get(d, d) for d in dests if getattr(a, d, None) not in (None, False, [])]
+def _given(a: argparse.Namespace) -> list[str]:
+    """The flags given on the command line that shape the run (config keys, --config,
+    --slow, --amsgrad-variant)."""
+    _, flags = _overrides(a)
+    extra = ["--config"] if getattr(a, "config", None) else []
+    return extra + sorted(set(flags.values()))
 
 
 def _ignored_flags(a: argparse.Namespace, cfg, modes: list[str]) -> list[str]:
     """Flags given on the command line that have no effect on a run of ``cfg`` in any of
     ``modes``, each with the reason (one warning line names them all)."""
+    _, flags = _overrides(a)
     checks = [
         (("topology",), {"decentralized", "dpsgd"}.isdisjoint(modes),
          "applies to the decentralized and dpsgd modes"),
         (("adaptive_state", "audit"), "decentralized" not in modes,
          "applies to the decentralized mode"),
-        (("data_dir",), cfg.data.dataset == "digits", "digits ships with scikit-learn"),
-        (("momentum",), cfg.optim.name != "sgd", "applies to --optimizer sgd"),
-        (("beta1", "beta2", "eps"), cfg.optim.name == "sgd", "applies to amsgrad and adam"),
-        (("amsgrad_variant",), cfg.optim.name != "amsgrad", "applies to amsgrad"),
+        (("data.data_dir",), cfg.data.dataset == "digits", "digits ships with scikit-learn"),
+        (("optim.momentum", "optim.nesterov"), cfg.optim.name != "sgd",
+         "applies to --optimizer sgd"),
+        (("optim.beta1", "optim.beta2", "optim.eps"), cfg.optim.name == "sgd",
+         "applies to amsgrad and adam"),
+        (("optim.bias_correction",), cfg.optim.name != "amsgrad", "applies to amsgrad"),
         (("checkpoint_every_s",), cfg.checkpoint is None, "applies with --checkpoint"),
-        (("dirichlet_alpha",), cfg.data.partition != "dirichlet",
+        (("data.dirichlet_alpha",), cfg.data.partition != "dirichlet",
          "applies to --partition dirichlet"),
     ]
     out = []
-    for dests, ignored, why in checks:
+    for keys, ignored, why in checks:
         if ignored:
-            out += [f"{flag} ({why})" for flag in _given(a, dests)]
+            out += [f"{flags[k]} ({why})" for k in keys if k in flags]
     return out
 
 
@@ -191,15 +245,31 @@ def _warn_ignored(a: argparse.Namespace, cfg, modes: list[str]) -> None:
 
 
 def _build_config(a: argparse.Namespace, base: dict[str, Any] | None = None):
-    from .config import RunConfig, load_config
+    """The run's config: ``base`` (the demo's), the --config file, then the flags. An
+    invalid value that came from a flag is reported with the flag's name."""
+    import re
 
-    over = _overrides(a)
-    if base:
-        from .config import _merge
-        over = _merge(base, over)
-    if a.config:
-        return load_config(a.config, over)
-    return RunConfig.from_dict(over)
+    from .config import ConfigError, RunConfig, load_config, merge, nest
+
+    values, flags = _overrides(a)
+    over = merge(base or {}, nest(values))
+    try:
+        if a.config:
+            return load_config(a.config, over)
+        return RunConfig.from_dict(over)
+    except ConfigError as e:
+        key = re.sub(r"\[\d+\]$", "", e.key or "")
+        if e.problem and key in flags and not e.problem.startswith("is not a config key"):
+            which = f" ({e.key})" if e.key != key else ""  # an element: slowdown[3]
+            raise UserError(f"{flags[key]}{which} {e.problem}") from None
+        raise
+
+
+def _print_config(cfg) -> int:
+    from .config import to_toml
+
+    print(to_toml(cfg.to_dict()), end="")
+    return 0
 
 
 def _mpi_rank(cfg) -> tuple[int, int]:
@@ -259,7 +329,7 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
         from .checkpoint import load_checkpoint
         from .config import RunConfig
 
-        given = _given(a, _RUN_DESTS)
+        given = _given(a)
         if given:
             raise UserError(f"--resume continues the checkpoint's run with the settings "
                             f"saved in it; drop {', '.join(given)} (or start a new run)")
@@ -267,6 +337,8 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     else:
         cfg = _build_config(a, base)
         _warn_ignored(a, cfg, [cfg.mode])
+    if a.print_config:
+        return _print_config(cfg)
     out = Path(a.output) if a.output else _default_output(cfg)
     _check_output(out)
     if a.save_model:
@@ -321,6 +393,8 @@ def _compare(a: argparse.Namespace) -> int:
     if not modes:
         raise UserError("--modes is empty; give e.g. --modes centralized,decentralized")
     cfg = _build_config(a)
+    if a.print_config:
+        return _print_config(cfg)
     from .compare import mode_configs
 
     mode_configs(cfg, modes)  # every mode's config is valid before the first run starts
@@ -358,74 +432,15 @@ def _compare(a: argparse.Namespace) -> int:
 
 
 def _bench(a: argparse.Namespace) -> int:
-    import json
-    import shlex
-
-    from .bench import bench_pairwise, bench_profile, bench_transport, profile_table
-
-    if a.what == "pairwise":
-        if not a.size_mb > 0 or a.reps < 1:
-            raise UserError("--size-mb must be > 0 and --reps >= 1")
-        r = bench_pairwise(a.size_mb, a.reps)
-        print(f"pairwise average of {a.size_mb:g} MB over MPI: {1e3 * r['pairwise_average_s']:.3f}"
-              f" ms; ping-pong of {a.size_mb:g} MB: {1e3 * r['pingpong_s']:.3f} ms; ratio "
-              f"{r['ratio_average_to_pingpong']:.2f}x (memcpy {1e3 * r['memcpy_s']:.3f} ms)")
-        print(json.dumps(r))
-        return 0
-    if a.what == "master":
-        from .bench import bench_master
-
-        r = bench_master()
-        print(f"APAM master, {r['numel']:,} parameters: {r['updates_per_s']:.0f} updates/s "
-              f"({1e3 * r['update_s']:.2f} ms each); memory-bandwidth bound "
-              f"{r['bound_updates_per_s']:.0f}/s at {r['memcpy_bandwidth_gb_s']:.1f} GB/s: "
-              f"{100 * r['fraction_of_bound']:.0f}% of the bound")
-        print(json.dumps(r))
-        return 0
-    if a.what == "scaling":
-        from .algorithms.common import available_cores
-        from .bench import bench_scaling
-
-        n_max = a.max_workers or available_cores()
-        # one torch thread per worker at every N: the 1-worker run must not use all cores
-        base = {"model": "lenet5", "epochs": 1, "evals": 1, "topology": "complete",
-                "threads_per_worker": 1,
-                "data": {"dataset": "fashion-mnist", "train_limit": 12000,
-                         "test_limit": 500}}
-        modes = [m.strip() for m in (a.modes or "centralized,decentralized").split(",")]
-        rows = bench_scaling(modes, n_max, base, repeats=a.repeats)
-        for r in rows:
-            print(f"{r['mode']:<14} {r['workers']:>2} workers: {r['samples_per_s']:8.0f} "
-                  f"samples/s, efficiency {100 * r['efficiency']:.0f}%")
-        print(json.dumps(rows))
-        return 0
-    if a.what == "shm-pairwise":
-        from .bench import bench_shm_pairwise
-
-        r = bench_shm_pairwise()
-        print(f"shared-memory pairwise average of {r['numel'] * 4 / 2**20:g} MB: "
-              f"{1e3 * r['average_s']:.3f} ms; memcpy {1e3 * r['memcpy_s']:.3f} ms; ratio "
-              f"{r['ratio_average_to_memcpy']:.2f}x")
-        print(json.dumps(r))
-        return 0
-    if a.what == "transport":
-        if a.workers < 1 or a.repeats < 1:
-            raise UserError("--workers and --repeats must be >= 1")
-        for mode in [m.strip() for m in (a.modes or "centralized,decentralized").split(",")
-                     if m.strip()]:
-            if mode not in ("centralized", "decentralized"):
-                raise UserError(f"--modes: {mode!r} is not centralized or decentralized")
-            r = bench_transport(mode, a.workers, shlex.split(a.train_args), a.repeats)
-            shm = ", ".join(f"{v:.0f}" for v in r["shm_samples_per_s"])
-            mpi = ", ".join(f"{v:.0f}" for v in r["mpi_samples_per_s"])
-            print(f"{mode}, {a.workers} workers: samples/s shm [{shm}]  mpi [{mpi}]  "
-                  f"MPI/shm (medians) {r['ratio_median']:.3f}")
-            print(json.dumps(r))
-        return 0
     from dataclasses import replace
 
+    from .bench import MICRO_BENCHMARKS, bench_profile, profile_table
     from .profiles import load_profile
 
+    if a.what in MICRO_BENCHMARKS:
+        for line in MICRO_BENCHMARKS[a.what](a):
+            print(line)
+        return 0
     profile = load_profile(a.what, smoke=a.smoke)
     if a.modes:
         modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
@@ -544,6 +559,8 @@ def summary_text(r) -> str:
         lines.append(f"averaged model x_bar: {100 * r.final_accuracy:.2f}%; worst worker "
                      f"{100 * x['worst_worker_acc']:.2f}%; consensus distance "
                      f"{x['consensus_distance']:.3e}; {x['averages']} pairwise averages"
+                     + (f" ({x['refused_averages']} refused: the peer was mid-average)"
+                        if x.get("refused_averages") else "")
                      + (f"; audit: sum of models off by {x['audit_error']:.1e} (relative)"
                         if "audit_error" in x else "")
                      + (f", sum of u - vhat off by {x['audit_u_error']:.1e}"
@@ -577,13 +594,18 @@ DEMO = {
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Asynchronous distributed training: centralized APAM "
                 "(async AMSGrad master/worker) and decentralized gossip (AD-PSGD).")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    t = sub.add_parser("train", help="train a model", description="Train a model.")
+    t = sub.add_parser("train", help="train a model", description="Train a model.",
+                       usage=f"{PROG} train [options]")
     _add_run_flags(t)
     c = sub.add_parser("compare", help="run several modes on the same model, data, seed "
                        "and budget; print a table and plot accuracy curves",
                        description="Run centralized, decentralized and the sequential "
-                       "reference on the same model, data, seed and sample budget.")
+                       "reference on the same model, data, seed and sample budget.",
+                       usage=f"{PROG} compare [options]")
     _add_run_flags(c, with_mode=False, single_run=False)
     c.add_argument("--modes", default="centralized,decentralized,sequential",
                    help="comma-separated modes to run (default: all three)")

@@ -11,7 +11,8 @@ from .algorithms.common import available_cores
 from .config import MODES, RunConfig
 from .data import Dataset
 from .errors import UserError
-from .result import RunResult, atomic_write_bytes, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text
+from .result import RunResult
 from .runner import Callback, check_runnable, run
 
 

@@ -1,76 +1,124 @@
-"""One frozen dataclass tree describing a run; :meth:`RunConfig.validate` names bad fields.
+"""The one schema of a run: config files, command-line flags and validation all come
+from the models below.
 
-A config is built from defaults, a TOML/JSON file (:func:`load_config`) and overrides,
-always through :meth:`RunConfig.from_dict`, which rejects unknown keys and wrong types
-with a :class:`ConfigError` naming the field (``optim.lr``, ``data.batch_size``, ...).
+A config is a frozen tree of pydantic models (pydantic v2: the constraints are declared
+next to each field instead of written out as checks; strict types, so ``"4"`` is not a
+number and ``"no"`` not a boolean; unknown keys refused). It is built from defaults, a
+TOML/JSON file (:func:`load_config`) and overrides, always through
+:meth:`RunConfig.from_dict`. Every problem is a :class:`ConfigError` of one line that
+names the key (``optim.lr must be > 0, got 0``); the command line names the flag
+instead when the value came from one. The command line is generated from these fields
+(:mod:`apam_gossip.cli`): every key is a flag (``--optim.lr``, ``--data.batch-size``,
+``--timeout-s``), plus the short aliases declared here (``--lr``, ``--batch-size``,
+``--timeout``), with the defaults in ``--help``.
+
+This module imports no torch, so ``apam-gossip --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import json
 import tomllib
-import types
-import typing
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
-from .data import DATASETS
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+
 from .errors import UserError
-from .models import MODELS
-from .optim import OPTIMIZERS, SCHEDULES, Optimizer
 
-MODES: tuple[str, ...] = ("centralized", "decentralized", "sequential", "allreduce", "dpsgd")
+# -- the vocabulary ---------------------------------------------------------------------
+Mode = Literal["centralized", "decentralized", "sequential", "allreduce", "dpsgd"]
+ModelName = Literal["mlp", "lenet5", "allcnn"]
+DatasetName = Literal["digits", "fashion-mnist", "mnist", "cifar10"]
+OptimizerName = Literal["amsgrad", "adam", "sgd"]
+ScheduleName = Literal["constant", "cosine", "linear"]
+Partition = Literal["iid", "dirichlet"]
+Device = Literal["auto", "cpu", "cuda"]
+Transport = Literal["auto", "shm", "mpi"]
+AdaptiveState = Literal["local", "tracked"]
+
+MODES: tuple[str, ...] = get_args(Mode)
 ASYNC_MODES: tuple[str, ...] = ("centralized", "decentralized")
-PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-TRANSPORTS: tuple[str, ...] = ("auto", "shm", "mpi")
-ADAPTIVE_STATES: tuple[str, ...] = ("local", "tracked")
+MODELS: tuple[str, ...] = get_args(ModelName)
+DATASETS: tuple[str, ...] = get_args(DatasetName)
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
+PARTITIONS: tuple[str, ...] = get_args(Partition)
+DEVICES: tuple[str, ...] = get_args(Device)
+TRANSPORTS: tuple[str, ...] = get_args(Transport)
+ADAPTIVE_STATES: tuple[str, ...] = get_args(AdaptiveState)
+
+# lists come from TOML/JSON as lists: accept those for tuples, but keep the elements strict
+Floats = Annotated[tuple[Annotated[float, Strict()], ...], Field(strict=False)]
+Links = Annotated[tuple[Annotated[tuple[Annotated[float, Strict()], ...], Field(strict=False)],
+                        ...], Field(strict=False)]
+
+
+def _f(default: Any, help: str, *flags: str, **constraints: Any) -> Any:
+    """A field with its ``--help`` text and its short command-line aliases."""
+    return Field(default, description=help, json_schema_extra={"flags": list(flags)},
+                 **constraints)
 
 
 class ConfigError(UserError):
-    """An invalid configuration value; the message names the field."""
+    """An invalid configuration value; ``key`` is the offending key (``optim.lr``) when
+    known and ``problem`` the rest of the message (``must be > 0, got 0``)."""
+
+    def __init__(self, message: str, key: str | None = None, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.key, self.problem = key, problem
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    """The optimizer (see :mod:`apam_gossip.optim` for the variants' formulas).
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise config_error(e, type(self)) from None
+
+
+class OptimConfig(_Section):
+    """The optimizer (see :mod:`apam_gossip.optim` for the variants' formulas);
+    :class:`apam_gossip.optim.Optimizer` takes it as its hyper-parameters.
 
     ``bias_correction=False`` is the APAM paper's AMSGrad, ``True`` the practical one
-    (= ``torch.optim.Adam(amsgrad=True)``).
-    """
+    (= ``torch.optim.Adam(amsgrad=True)``)."""
 
-    name: str = "amsgrad"
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    bias_correction: bool = True
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # learning rate over the budget: constant, cosine, linear
-
-    def build(self) -> Optimizer:
-        return Optimizer(**dataclasses.asdict(self))
+    name: OptimizerName = _f("amsgrad", "optimizer", "--optimizer")
+    lr: float = _f(1e-3, "learning rate", "--lr", gt=0, le=1e6)
+    beta1: float = _f(0.9, "first-moment decay (amsgrad, adam)", "--beta1", ge=0, lt=1)
+    beta2: float = _f(0.999, "second-moment decay (amsgrad, adam)", "--beta2", ge=0, lt=1)
+    eps: float = _f(1e-8, "denominator guard (amsgrad, adam)", "--eps", ge=0, le=1)
+    bias_correction: bool = _f(True, "amsgrad: Adam's bias correction (practical, = torch "
+                               "Adam(amsgrad=True)); off is the APAM paper's update")
+    momentum: float = _f(0.0, "SGD momentum", "--momentum", ge=0, lt=1)
+    nesterov: bool = _f(False, "SGD: Nesterov momentum", "--nesterov")
+    weight_decay: float = _f(0.0, "L2 weight decay", "--weight-decay", ge=0, le=1e6)
+    schedule: ScheduleName = _f("constant", "learning rate over the budget (cosine and "
+                                "linear decay towards 0)", "--schedule")
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """Dataset, its per-worker partition and the per-worker mini-batch size."""
 
-    dataset: str = "digits"
-    data_dir: str | None = None
-    partition: str = "iid"
-    dirichlet_alpha: float = 0.5
-    batch_size: int = 32
-    train_limit: int | None = None  # use only the first N training samples (quick runs)
-    test_limit: int | None = None
+    dataset: DatasetName = _f("digits", "dataset (all read from local files)", "--dataset")
+    data_dir: str | None = _f(None, "folder with dataset files (torchvision layout); "
+                              "fashion-mnist also reads Debian's package", "--data-dir")
+    partition: Partition = _f("iid", "how the training data is split over workers",
+                              "--partition")
+    dirichlet_alpha: float = _f(0.5, "Dirichlet concentration for partition dirichlet "
+                                "(smaller = more skewed)", "--alpha", gt=0)
+    batch_size: int = _f(32, "per-worker mini-batch size", "--batch-size", ge=1, le=10**7)
+    train_limit: int | None = _f(None, "use only the first N training samples",
+                                 "--train-limit", ge=1)
+    test_limit: int | None = _f(None, "use only the first N test samples", "--test-limit",
+                                ge=1)
 
 
-@dataclass(frozen=True)
-class NetworkConfig:
+class NetworkConfig(_Section):
     """Emulated links: a transfer of ``B`` bytes between workers ``i`` and ``j`` (``-1`` is
     the master) sleeps ``latency + B / bandwidth`` where latency is ``latency_ms`` plus the
     larger of the two workers' extra ``worker_latency_ms`` and bandwidth the smallest of
@@ -78,11 +126,11 @@ class NetworkConfig:
     ``links`` overrides single links: ``[i, j, latency_ms, bandwidth_gbps]``.
     """
 
-    latency_ms: float = 0.0
-    bandwidth_gbps: float = 0.0
-    worker_latency_ms: tuple[float, ...] = ()
-    worker_bandwidth_gbps: tuple[float, ...] = ()
-    links: tuple[tuple[float, ...], ...] = ()
+    latency_ms: float = _f(0.0, "latency of every link (ms)", ge=0, le=1e7)
+    bandwidth_gbps: float = _f(0.0, "bandwidth of every link (Gbit/s, 0 = unlimited)", ge=0)
+    worker_latency_ms: Floats = _f((), "extra latency of each worker's links (ms)")
+    worker_bandwidth_gbps: Floats = _f((), "bandwidth cap of each worker's links (Gbit/s)")
+    links: Links = _f((), "single links [i, j, latency_ms, bandwidth_gbps] (-1 = master)")
 
     @property
     def active(self) -> bool:
@@ -90,8 +138,7 @@ class NetworkConfig:
                     or any(self.worker_bandwidth_gbps) or self.links)
 
 
-@dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Section):
     """Everything that determines a run.
 
     The sample budget is ``epochs`` passes over the training set, or exactly ``steps``
@@ -113,187 +160,218 @@ class RunConfig:
     a graph file (see :mod:`apam_gossip.topology`); ``adaptive_state`` is ``local``
     (each worker's AMSGrad moments stay private) or ``tracked`` (DAMSGrad-style: a
     second-moment estimate is gossiped along with the parameters).
+
+    Upper bounds keep every value inside what a run can represent (float32 parameters,
+    ``time.sleep``, torch's thread pool, one machine's process table): past them a value
+    is a typo, not a setting.
     """
 
-    mode: str = "centralized"
-    workers: int = 4
-    model: str = "mlp"
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    epochs: float = 1.0
-    steps: int | None = None
-    seed: int = 0
-    slowdown: tuple[float, ...] = ()
-    evals: int = 10
-    device: str = "auto"
-    threads_per_worker: int | None = None
-    transport: str = "auto"
-    timeout_s: float = 3600.0
-    topology: str = "ring"
-    adaptive_state: str = "local"
-    audit: bool = False  # decentralized: check sum_i x_i == sum_i x_i(0) + all local steps
-    straggler_prob: float = 0.0  # each gradient: with this probability ...
-    straggler_factor: float = 1.0  # ... the worker is this many times slower
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    checkpoint: str | None = None  # write a checkpoint here (asynchronous modes) ...
-    checkpoint_every_s: float = 60.0  # ... this often, and on SIGTERM
+    mode: Mode = _f("centralized", "centralized (APAM master/worker), decentralized "
+                    "(gossip), sequential (one-process reference), allreduce or dpsgd "
+                    "(synchronous baselines)")
+    workers: int = _f(4, "number of workers (under mpirun: taken from the ranks)", ge=1,
+                      le=4096)
+    model: ModelName = _f("mlp", "model")
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    epochs: float = _f(1.0, "sample budget in passes over the training data", gt=0, le=1e6)
+    steps: int | None = _f(None, "sample budget in model updates (instead of epochs)", ge=1,
+                           le=10**12)
+    seed: int = _f(0, "seed of the initial model, the data split and order", ge=0,
+                   le=2**32 - 1)
+    slowdown: Floats = _f((), "per worker: sleep (factor - 1) x its compute time after each "
+                          "gradient (1 = full speed)")
+    evals: int = _f(10, "number of test evaluations during the run", ge=1, le=100_000)
+    device: Device = _f("auto", "auto: cuda:(worker mod n_gpus) when CUDA is available")
+    threads_per_worker: int | None = _f(None, "torch threads per worker (default: cores / "
+                                        "workers)", ge=1, le=1024)
+    transport: Transport = _f("auto", "auto: MPI when started by mpirun with several ranks, "
+                              "else shared memory")
+    timeout_s: float = _f(3600.0, "abort the run after this many seconds", "--timeout",
+                          gt=0, le=1e8)
+    topology: str = _f("ring", "decentralized/dpsgd: a graph file (see topologies/README.md) "
+                       "or ring, torus, exponential, complete, star, regular:D, bipartite, "
+                       "chain", min_length=1)
+    adaptive_state: AdaptiveState = _f("local", "decentralized: local AMSGrad moments, or "
+                                       "tracked (a second moment gossiped with the model)")
+    audit: bool = _f(False, "decentralized: check at the end that sum_i x_i = sum_i x_i(0) "
+                     "+ all local steps")
+    straggler_prob: float = _f(0.0, "each gradient is a straggler with this probability",
+                               ge=0, le=1)
+    straggler_factor: float = _f(1.0, "... and then this many times slower", ge=1, le=1e6)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    checkpoint: str | None = _f(None, "centralized and decentralized: write a checkpoint "
+                                "here periodically and on SIGTERM/Ctrl-C (atomic)")
+    checkpoint_every_s: float = _f(60.0, "seconds between checkpoints", "--checkpoint-every",
+                                   gt=0, le=1e8)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        """The rules that tie several fields together."""
+        if self.adaptive_state == "tracked" and self.optim.name != "amsgrad":
+            raise _rule("adaptive_state", f"tracked needs optim.name amsgrad, got "
+                        f"{self.optim.name!r}")
+        if len(self.slowdown) > self.workers:
+            raise _rule("slowdown", f"has {len(self.slowdown)} entries but there are only "
+                        f"{self.workers} workers")
+        for i, s in enumerate(self.slowdown):
+            if not 1.0 <= s <= 1e6:
+                raise _rule(f"slowdown[{i}]", f"must be in [1, 1e6] (1 = full speed), got {s:g}")
+        if self.checkpoint is not None and self.mode not in ASYNC_MODES:
+            raise _rule("checkpoint", "only the centralized and decentralized modes write "
+                        f"checkpoints so far (mode is {self.mode})")
+        net = self.network
+        for name in ("worker_latency_ms", "worker_bandwidth_gbps"):
+            vals = getattr(net, name)
+            if len(vals) > self.workers:
+                raise _rule(f"network.{name}", f"has {len(vals)} entries but there are only "
+                            f"{self.workers} workers")
+            for i, v in enumerate(vals):
+                if not 0 <= v <= 1e7:
+                    raise _rule(f"network.{name}[{i}]", f"must be in [0, 1e7], got {v:g}")
+        for k, link in enumerate(net.links):
+            if len(link) != 4:
+                raise _rule(f"network.links[{k}]", "must be [i, j, latency_ms, "
+                            f"bandwidth_gbps], got {list(link)}")
+            i, j, lat, bw = link
+            for end in (i, j):
+                if end != int(end) or not -1 <= end < self.workers:
+                    raise _rule(f"network.links[{k}]", f"{end:g} is not a worker "
+                                f"(0..{self.workers - 1}) or -1 (the master)")
+            if not (0 <= lat <= 1e7 and bw >= 0):
+                raise _rule(f"network.links[{k}]", "latency must be in [0, 1e7] and "
+                            "bandwidth >= 0")
+        return self
 
     # -- construction -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+    def from_dict(cls, d: Any) -> RunConfig:
         """Build and validate a config from nested plain data (file or JSON result)."""
-        cfg = _from_dict(cls, d, prefix="")
-        cfg.validate()
-        return cfg
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a table, got {_short(d)}", "config")
+        try:
+            return cls.model_validate(d)
+        except ValidationError as e:
+            raise config_error(e, cls) from None
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["slowdown"] = list(self.slowdown)
-        return d
+        """Plain nested data (lists, not tuples): JSON and TOML as they are read."""
+        return json.loads(self.model_dump_json())
 
     def replace(self, **changes: Any) -> RunConfig:
-        """A copy with top-level fields changed; ``data``/``optim`` may be dicts."""
-        d = self.to_dict()
-        for k, v in changes.items():
-            if k in ("data", "optim") and isinstance(v, dict):
-                d[k].update(v)
-            else:
-                d[k] = v
-        return RunConfig.from_dict(d)
+        """A copy with top-level fields changed; ``data``/``optim``/``network`` may be
+        dicts of the keys to change."""
+        return RunConfig.from_dict(merge(self.to_dict(), changes))
+
+    def validate(self) -> None:  # type: ignore[override]
+        """Raise :class:`ConfigError` if invalid (a constructed config always is valid;
+        kept for callers that check explicitly)."""
+        RunConfig.from_dict(self.to_dict())
 
     def slowdown_of(self, worker: int) -> float:
         return self.slowdown[worker] if worker < len(self.slowdown) else 1.0
 
-    # -- validation ---------------------------------------------------------------
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first invalid field."""
-        self._check_upper_bounds()
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
-        _choice("mode", self.mode, MODES)
-        _choice("model", self.model, MODELS)
-        _choice("device", self.device, DEVICES)
-        _choice("transport", self.transport, TRANSPORTS)
-        _choice("adaptive_state", self.adaptive_state, ADAPTIVE_STATES)
-        if self.adaptive_state == "tracked" and self.optim.name != "amsgrad":
-            raise ConfigError(f"adaptive_state tracked needs optim.name amsgrad, "
-                              f"got {self.optim.name!r}")
-        if not self.topology:
-            raise ConfigError("topology must name a generator (ring, complete, ...) or a file")
-        if self.workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {self.workers}")
-        if not self.epochs > 0:
-            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.evals < 1:
-            raise ConfigError(f"evals must be >= 1, got {self.evals}")
-        if len(self.slowdown) > self.workers:
-            raise ConfigError(
-                f"slowdown has {len(self.slowdown)} entries but there are only "
-                f"{self.workers} workers"
-            )
-        for i, s in enumerate(self.slowdown):
-            if not s >= 1.0:
-                raise ConfigError(f"slowdown[{i}] must be >= 1 (1 = full speed), got {s}")
-        if not self.checkpoint_every_s > 0:
-            raise ConfigError(f"checkpoint_every_s must be > 0, got {self.checkpoint_every_s}")
-        if self.checkpoint is not None and self.mode not in ASYNC_MODES:
-            raise ConfigError("checkpoint: only the centralized and decentralized modes "
-                              f"write checkpoints so far (mode is {self.mode})")
-        if not 0 <= self.straggler_prob <= 1:
-            raise ConfigError(f"straggler_prob must be in [0, 1], got {self.straggler_prob}")
-        if not self.straggler_factor >= 1:
-            raise ConfigError(f"straggler_factor must be >= 1, got {self.straggler_factor}")
-        net = self.network
-        for name in ("latency_ms", "bandwidth_gbps"):
-            if not getattr(net, name) >= 0:
-                raise ConfigError(f"network.{name} must be >= 0, got {getattr(net, name)}")
-        for name in ("worker_latency_ms", "worker_bandwidth_gbps"):
-            vals = getattr(net, name)
-            if len(vals) > self.workers:
-                raise ConfigError(f"network.{name} has {len(vals)} entries but there are only "
-                                  f"{self.workers} workers")
-            for i, v in enumerate(vals):
-                if not v >= 0:
-                    raise ConfigError(f"network.{name}[{i}] must be >= 0, got {v}")
-        for k, link in enumerate(net.links):
-            if len(link) != 4:
-                raise ConfigError(f"network.links[{k}] must be [i, j, latency_ms, "
-                                  f"bandwidth_gbps], got {list(link)}")
-            i, j, lat, bw = link
-            for end in (i, j):
-                if end != int(end) or not -1 <= end < self.workers:
-                    raise ConfigError(f"network.links[{k}]: {end:g} is not a worker "
-                                      f"(0..{self.workers - 1}) or -1 (the master)")
-            if not (lat >= 0 and bw >= 0):
-                raise ConfigError(f"network.links[{k}]: latency and bandwidth must be >= 0")
-        if self.threads_per_worker is not None and self.threads_per_worker < 1:
-            raise ConfigError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
-        d, o = self.data, self.optim
-        _choice("data.dataset", d.dataset, DATASETS)
-        _choice("data.partition", d.partition, PARTITIONS)
-        if not d.dirichlet_alpha > 0:
-            raise ConfigError(f"data.dirichlet_alpha must be > 0, got {d.dirichlet_alpha}")
-        if d.batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")
-        for name in ("train_limit", "test_limit"):
-            val = getattr(d, name)
-            if val is not None and val < 1:
-                raise ConfigError(f"data.{name} must be >= 1, got {val}")
-        _choice("optim.name", o.name, OPTIMIZERS)
-        _choice("optim.schedule", o.schedule, SCHEDULES)
-        if not o.lr > 0:
-            raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
-        for name in ("beta1", "beta2"):
-            val = getattr(o, name)
-            if not 0 <= val < 1:
-                raise ConfigError(f"optim.{name} must be in [0, 1), got {val}")
-        if not o.eps >= 0:
-            raise ConfigError(f"optim.eps must be >= 0, got {o.eps}")
-        if not 0 <= o.momentum < 1:
-            raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
-        if not o.weight_decay >= 0:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+
+# -- errors -------------------------------------------------------------------------------
+class _Rule(ValueError):
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key, self.problem = key, problem
 
 
-    def _check_upper_bounds(self) -> None:
-        values: list[tuple[str, Any]] = [(k, getattr(self, k)) for k in _UPPER
-                                         if "." not in k and k != "slowdown"]
-        values += [(f"data.{k}", getattr(self.data, k)) for k in ("batch_size",)]
-        values += [(f"optim.{k}", getattr(self.optim, k)) for k in ("lr", "eps",
-                                                                     "weight_decay")]
-        values += [(f"network.{k}", getattr(self.network, k)) for k in ("latency_ms",)]
-        values += [("network.worker_latency_ms", v) for v in self.network.worker_latency_ms]
-        values += [("slowdown", v) for v in self.slowdown]
-        for name, v in values:
-            if v is not None and v > _UPPER[name]:
-                raise ConfigError(f"{name} must be <= {_num(_UPPER[name])}, got {_num(v)}")
+def _rule(key: str, problem: str) -> _Rule:
+    return _Rule(key, problem)
 
 
-def _num(v: float) -> str:
-    """A bound or value as a person writes it: 4294967295, 1e+08, 0.5."""
-    return str(int(v)) if float(v).is_integer() and abs(v) < 1e13 else f"{v:g}"
+def _short(v: Any, limit: int = 60) -> str:
+    s = repr(v)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
-# Upper bounds that keep every value inside what a run can represent (float32 parameters,
-# time.sleep, torch's thread pool, one machine's process table): past them a value is a
-# typo, not a setting.
-_UPPER: dict[str, float] = {
-    "workers": 4096, "epochs": 1e6, "steps": 1e12, "seed": 2**32 - 1, "evals": 100_000,
-    "threads_per_worker": 1024, "timeout_s": 1e8, "checkpoint_every_s": 1e8,
-    "straggler_factor": 1e6, "slowdown": 1e6, "data.batch_size": 1e7, "optim.lr": 1e6,
-    "optim.eps": 1.0, "optim.weight_decay": 1e6, "network.latency_ms": 1e7,
-    "network.worker_latency_ms": 1e7,
-}
+def _num(v: Any) -> str:
+    """A bound as a person writes it: 4294967295, 1e+08, 0.5."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(int(v)) if float(v).is_integer() and abs(v) < 1e13 else f"{v:g}"
+    return str(v)
 
 
+def _section_of(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that holds the key at ``loc`` (for "valid keys" and did-you-mean)."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type)
+                                 and issubclass(field.annotation, BaseModel)):
+            return None
+        cls = field.annotation
+    return cls
+
+
+def config_error(e: ValidationError, model: type[BaseModel]) -> ConfigError:
+    """The first problem of a pydantic error as one line naming the key."""
+    err = e.errors(include_url=False)[0]
+    loc = tuple(err.get("loc", ()))
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    typ, ctx, value = err.get("type", ""), err.get("ctx") or {}, err.get("input")
+    got = f", got {_short(value)}"
+    inner = ctx.get("error")
+    if typ == "value_error" and isinstance(inner, (_Rule, ConfigError)) and inner.problem:
+        # a rule of the model at ``loc``, or the error of a nested section (pydantic runs
+        # the sections' own __init__, which raises ConfigError): prefix its key with loc
+        full = ".".join(k for k in (key, inner.key) if k)
+        return _error(full, inner.problem)
+    if typ == "extra_forbidden":
+        section = _section_of(model, loc)
+        valid = sorted(section.model_fields) if section is not None else []
+        near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        return _error(key, f"{UNKNOWN_KEY}; {hint}valid keys: {', '.join(valid)}")
+    bounds = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
+              "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
+    if typ in bounds:
+        name, op = bounds[typ]
+        problem = f"must be {op} {_num(ctx.get(name))}{got}"
+    elif typ == "literal_error":
+        problem = f"must be one of {ctx.get('expected', '').replace(chr(39), '')}{got}"
+    elif typ in ("int_type", "int_from_float"):
+        problem = f"must be an integer{got}"
+    elif typ in ("float_type", "float_parsing"):
+        problem = f"must be a number{got}"
+    elif typ == "finite_number":
+        problem = f"must be finite{got}"
+    elif typ == "bool_type":
+        problem = f"must be true or false{got}"
+    elif typ == "string_type":
+        problem = f"must be a string{got}"
+    elif typ == "string_too_short":
+        problem = f"must not be empty{got}"
+    elif typ in ("tuple_type", "list_type"):
+        problem = f"must be a list{got}"
+    elif typ in ("model_type", "model_attributes_type", "dict_type"):
+        problem = f"must be a table{got}"
+    elif typ == "missing":
+        problem = "is required"
+    else:
+        problem = f"{err.get('msg', 'is invalid')}{got}"
+    return _error(key, problem)
+
+
+UNKNOWN_KEY = "is not a config key"
+
+
+def _error(key: str, problem: str) -> ConfigError:
+    if problem.startswith(UNKNOWN_KEY):
+        return ConfigError(f"unknown config key {key}{problem[len(UNKNOWN_KEY):]}", key,
+                           problem)
+    return ConfigError(f"{key} {problem}", key, problem)
+
+
+# -- files ---------------------------------------------------------------------------------
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a TOML (``.toml``) or JSON (``.json``) config file, apply ``overrides``.
 
-    Overrides are nested dicts like the file (``{"optim": {"lr": 0.01}}``).
+    Overrides are nested dicts like the file (``{"optim": {"lr": 0.01}}``). A RunResult
+    JSON is accepted too: its config is rerun.
     """
     p = Path(path)
     try:
@@ -316,80 +394,90 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ConfigError(f"config file {p} must hold a table/object at top level")
     if "config" in d and isinstance(d["config"], dict) and "mode" in d["config"]:
         d = d["config"]  # a RunResult JSON: rerun its config
-    merged = _merge(d, overrides or {})
     try:
-        return RunConfig.from_dict(merged)
+        return RunConfig.from_dict(merge(d, overrides or {}))
     except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
+        raise ConfigError(f"{p}: {e}", e.key, e.problem) from None
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``over``, nested tables merged key by key."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge(out[k], v)
         else:
             out[k] = v
     return out
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+def to_toml(d: dict[str, Any]) -> str:
+    """``d`` (a config's plain data) as TOML that :func:`load_config` reads back; None
+    values are left out (they are the defaults)."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in d.items() if v is not None and not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {value(vv)}" for kk, vv in v.items()
+                                       if vv is not None]
+    return "\n".join(lines) + "\n"
 
 
-def _from_dict(cls: type, d: Any, prefix: str) -> Any:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; valid keys: {', '.join(sorted(known))}"
-        )
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in d:
+# -- the schema, walked (for the command line and the profiles' short keys) -----------------
+class FieldSpec:
+    """One leaf key of the schema: its dotted ``path``, type, default, help and aliases."""
+
+    def __init__(self, path: str, annotation: Any, default: Any, help: str,
+                 flags: list[str]) -> None:
+        self.path, self.annotation, self.default, self.help, self.flags = (
+            path, annotation, default, help, flags)
+
+    @property
+    def choices(self) -> tuple[Any, ...] | None:
+        args = get_args(self.annotation)
+        return args if args and all(isinstance(a, str) for a in args) else None
+
+    @property
+    def flag(self) -> str:
+        """The long flag: the key with dashes, sections joined by dots."""
+        return "--" + self.path.replace("_", "-")
+
+
+def schema_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[FieldSpec]:
+    """Every leaf key of ``model`` in declaration order (sections flattened)."""
+    out: list[FieldSpec] = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += schema_fields(ann, f"{prefix}{name}.")
             continue
-        kwargs[f.name] = _coerce(f"{prefix}{f.name}", hints[f.name], d[f.name])
-    return cls(**kwargs)
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        flags = list(extra.get("flags", []))  # type: ignore[arg-type]
+        out.append(FieldSpec(prefix + name, ann, f.get_default(call_default_factory=True),
+                             f.description or "", flags))
+    return out
 
 
-def _coerce(name: str, tp: Any, value: Any) -> Any:
-    """Check ``value`` against annotation ``tp``; ints are accepted for floats."""
-    if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, prefix=f"{name}.")
-    origin = typing.get_origin(tp)
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            return _coerce(name, a, value)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        (elem,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
-        return tuple(_coerce(f"{name}[{i}]", elem, v) for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{name} must be finite, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return value
-    raise AssertionError(f"unsupported config annotation {tp!r} for {name}")
+def short_keys() -> dict[str, str]:
+    """The short aliases as plain keys (``lr`` -> ``optim.lr``, ``batch_size`` ->
+    ``data.batch_size``): what a profile's [run] table may use besides the full keys."""
+    return {a.lstrip("-").replace("-", "_"): spec.path for spec in schema_fields()
+            for a in spec.flags}
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"optim.lr": 0.1, "workers": 2}`` -> ``{"optim": {"lr": 0.1}, "workers": 2}``."""
+    out: dict[str, Any] = {}
+    for path, v in flat.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import DATASETS, PARTITIONS  # the names live with the schema
 from .errors import DataError, UserError
 
 __all__ = [
@@ -50,8 +51,7 @@ __all__ = [
     "write_idx",
 ]
 
-DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "mnist", "cifar10")
-PARTITION_SCHEMES: tuple[str, ...] = ("iid", "dirichlet")
+PARTITION_SCHEMES: tuple[str, ...] = PARTITIONS
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_DATA_DIR = Path("data")  # relative to the working directory (mnist, cifar10)
 
@@ -164,6 +164,12 @@ def import_torchvision() -> ModuleType | None:
     yet ``torchvision._meta_registrations`` registers fake kernels for ``nms``/``qnms``.  In
     that case the two schemas are defined here (no kernels: calling ``ops.nms`` still fails,
     but datasets/transforms work) and the import is retried.
+
+    Why keep it: the package itself reads every dataset without torchvision (the IDX and
+    restricted CIFAR readers). It is kept for what the readers cannot give: a user's
+    torchvision model or dataset named by import string (``torchvision.models:resnet18``)
+    must import on a machine with the CPU torch, where no CPU build of torchvision can be
+    installed from the registries (project machines, CI).
     """
     global _TORCHVISION_SHIM
     try:

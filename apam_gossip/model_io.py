@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
+from .files import atomic_write_bytes
 from .flat import flatten
 from .models import MODELS, build_model
-from .result import atomic_write_bytes
 
 FORMAT = "apam_gossip.model/1"
 

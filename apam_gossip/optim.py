@@ -37,15 +37,15 @@ Weight decay is the classic L2 form (``g = g + wd*x``) as in ``torch.optim.Adam`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .config import OptimConfig
+
 OptState = dict[str, Tensor]
 
-OPTIMIZERS: tuple[str, ...] = ("amsgrad", "adam", "sgd")
-SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 
 
 def scheduled_lr(lr: float, schedule: str, step: int, total: int) -> float:
@@ -185,34 +185,37 @@ def sgd_step(
     param.add_(grad, alpha=-lr)
 
 
-@dataclass(frozen=True)
 class Optimizer:
-    """An init/update pair over flat tensors, built by :func:`make_optimizer`.
+    """An init/update pair over flat tensors.
 
-    ``name`` is one of :data:`OPTIMIZERS`; the other fields are that optimizer's
-    hyper-parameters (unused ones are ignored).
+    Its hyper-parameters are an :class:`~apam_gossip.config.OptimConfig` (the same record
+    a run's config holds, so they are declared once): ``Optimizer(cfg.optim)``, or
+    ``Optimizer("sgd", lr=0.1, momentum=0.9)`` for short. ``name`` is one of
+    :data:`OPTIMIZERS`; fields another optimizer uses are ignored.
     """
 
-    name: str = "amsgrad"
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    bias_correction: bool = True
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "constant"
+    __slots__ = ("hp",)
+
+    def __init__(self, hp: OptimConfig | str = "amsgrad", **fields: Any) -> None:
+        if isinstance(hp, str):
+            hp = OptimConfig(name=hp, **fields)
+        elif fields:
+            raise TypeError("give an OptimConfig or a name with keyword fields, not both")
+        self.hp = hp
+
+    def __repr__(self) -> str:
+        return f"Optimizer({self.hp!r})"
 
     def lr_at(self, step: int, total: int) -> float:
         """The learning rate of update ``step`` of ``total`` (see :func:`scheduled_lr`)."""
-        return scheduled_lr(self.lr, self.schedule, step, total)
+        return scheduled_lr(self.hp.lr, self.hp.schedule, step, total)
 
     def init(self, params: Tensor) -> OptState:
         """A fresh state for ``params`` (a 1-D tensor), on its device and dtype."""
+        hp = self.hp
         state: OptState = {"step": torch.zeros((), dtype=torch.int64)}
-        names = {"amsgrad": ("m", "v", "vhat"), "adam": ("m", "v"), "sgd": ("buf",)}[self.name]
-        if self.name == "sgd" and not self.momentum:
+        names = {"amsgrad": ("m", "v", "vhat"), "adam": ("m", "v"), "sgd": ("buf",)}[hp.name]
+        if hp.name == "sgd" and not hp.momentum:
             names = ()
         for n in names:
             state[n] = torch.zeros_like(params)
@@ -220,36 +223,28 @@ class Optimizer:
 
     def update(self, params: Tensor, grad: Tensor, state: OptState,
                lr: float | None = None, tracked: Tensor | None = None) -> None:
-        """Apply one step to ``params`` in place; ``lr`` overrides ``self.lr`` (schedules).
+        """Apply one step to ``params`` in place; ``lr`` overrides ``hp.lr`` (schedules).
 
         ``tracked`` (AMSGrad only) is the gossiped second moment ``u`` of
         :func:`damsgrad_step`; it is updated in place too.
         """
+        hp = self.hp
         state["step"] += 1
         step = int(state["step"])
-        lr = self.lr if lr is None else lr
+        lr = hp.lr if lr is None else lr
+        adaptive = dict(step=step, lr=lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
+                        weight_decay=hp.weight_decay)
         if tracked is not None:
-            assert self.name == "amsgrad", "a tracked second moment needs AMSGrad"
-            damsgrad_step(
-                params, grad, state["m"], state["v"], state["vhat"], tracked, step=step, lr=lr,
-                beta1=self.beta1, beta2=self.beta2, eps=self.eps,
-                bias_correction=self.bias_correction, weight_decay=self.weight_decay,
-            )
-        elif self.name == "amsgrad":
-            amsgrad_step(
-                params, grad, state["m"], state["v"], state["vhat"], step=step, lr=lr,
-                beta1=self.beta1, beta2=self.beta2, eps=self.eps,
-                bias_correction=self.bias_correction, weight_decay=self.weight_decay,
-            )
-        elif self.name == "adam":
-            adam_step(
-                params, grad, state["m"], state["v"], step=step, lr=lr, beta1=self.beta1,
-                beta2=self.beta2, eps=self.eps, weight_decay=self.weight_decay,
-            )
-        elif self.name == "sgd":
-            sgd_step(
-                params, grad, state.get("buf"), step=step, lr=lr, momentum=self.momentum,
-                nesterov=self.nesterov, weight_decay=self.weight_decay,
-            )
+            assert hp.name == "amsgrad", "a tracked second moment needs AMSGrad"
+            damsgrad_step(params, grad, state["m"], state["v"], state["vhat"], tracked,
+                          bias_correction=hp.bias_correction, **adaptive)
+        elif hp.name == "amsgrad":
+            amsgrad_step(params, grad, state["m"], state["v"], state["vhat"],
+                         bias_correction=hp.bias_correction, **adaptive)
+        elif hp.name == "adam":
+            adam_step(params, grad, state["m"], state["v"], **adaptive)
+        elif hp.name == "sgd":
+            sgd_step(params, grad, state.get("buf"), step=step, lr=lr, momentum=hp.momentum,
+                     nesterov=hp.nesterov, weight_decay=hp.weight_decay)
         else:  # validated in config; reaching here is a programming error
-            raise AssertionError(f"unknown optimizer {self.name!r}")
+            raise AssertionError(f"unknown optimizer {hp.name!r}")

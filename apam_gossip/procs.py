@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.multiprocessing as tmp
 
+from .messages import ChildError, Died
+
 CTX = tmp.get_context("spawn")
 
 
@@ -89,7 +91,7 @@ def _child_main(name: str, target: Callable[..., None], args: tuple, ctrl: Conne
         target(ctrl, *args)
     except BaseException as e:  # noqa: BLE001 - report everything, then exit non-zero
         try:
-            ctrl.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+            ctrl.send(ChildError(f"{type(e).__name__}: {e}", traceback.format_exc()))
         except (OSError, EOFError, BrokenPipeError):
             pass
         ctrl.close()
@@ -102,7 +104,7 @@ class ProcessGroup:
 
     def __init__(self, tolerate: Callable[[str], bool] | None = None) -> None:
         """``tolerate(name)``: True for children whose death by a signal (SIGKILL, OOM
-        killer, ...) the run survives; :meth:`poll` then reports ``(name, ("died", how))``
+        killer, ...) the run survives; :meth:`poll` then reports ``(name, Died(how))``
         instead of raising. An exception a child reports is never tolerated."""
         self.procs: dict[str, Any] = {}
         self.ctrls: dict[str, Connection] = {}
@@ -149,8 +151,8 @@ class ProcessGroup:
                 try:
                     while obj.poll():
                         msg = obj.recv()
-                        if isinstance(msg, tuple) and msg and msg[0] == "error":
-                            raise ChildFailed(name, msg[1], msg[2])
+                        if isinstance(msg, ChildError):
+                            raise ChildFailed(name, msg.message, msg.details)
                         out.append((name, msg))
                 except (EOFError, OSError):
                     out += self._check_exit(name)
@@ -169,7 +171,7 @@ class ProcessGroup:
         if p.exitcode != 0:
             how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
             if p.exitcode < 0 and self.tolerate(name):
-                return [(name, ("died", how))]
+                return [(name, Died(how))]
             raise ChildFailed(name, f"process died ({how})")
         return []
 

@@ -13,12 +13,13 @@ Benchmark mode names: ``sequential``, ``allreduce-amsgrad``, ``allreduce-sgd``, 
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, merge, nest, short_keys
 
 BENCH_MODES: dict[str, dict[str, Any]] = {
     "sequential": {"mode": "sequential"},
@@ -29,9 +30,9 @@ BENCH_MODES: dict[str, dict[str, Any]] = {
     "centralized": {"mode": "centralized"},
     "decentralized": {"mode": "decentralized"},
 }
-RUN_KEYS = {"model", "dataset", "data_dir", "epochs", "steps", "batch_size", "lr", "sgd_lr",
-            "momentum", "topology", "target", "modes", "lr_overrides", "evals", "seed",
-            "train_limit", "test_limit", "timeout_s", "threads_per_worker"}
+# [run] keys of the benchmark itself; every other [run] key is a run config key (as in a
+# config file: ``epochs``, ``[run.optim]``, ...) or its short alias (``lr``, ``dataset``)
+BENCH_KEYS = ("target", "modes", "lr_overrides", "sgd_lr", "momentum")
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,7 @@ def _build(d: dict, p: Path, smoke: bool) -> ClusterProfile:
     for k in set(compute) - {"slowdown", "straggler_prob", "straggler_factor"}:
         raise ConfigError(f"unknown [compute] key {k!r}; valid: slowdown, straggler_prob, "
                           "straggler_factor")
-    for k in set(run) - RUN_KEYS:
-        raise ConfigError(f"unknown [run] key {k!r}; valid: {', '.join(sorted(RUN_KEYS))}")
+    run_config = _run_config(run)
     modes = run.get("modes", list(BENCH_MODES))
     if not isinstance(modes, list) or not modes or any(m not in BENCH_MODES for m in modes):
         raise ConfigError(f"[run] modes must be a non-empty list of {', '.join(BENCH_MODES)}; "
@@ -104,17 +104,11 @@ def _build(d: dict, p: Path, smoke: bool) -> ClusterProfile:
     if not isinstance(lr_over, dict) or any(k not in BENCH_MODES for k in lr_over):
         raise ConfigError(f"[run] lr_overrides must map mode names to learning rates, got "
                           f"{lr_over!r}")
-    cfg: dict[str, Any] = {
-        "workers": d.get("workers", 4),
-        "network": network,
-        "data": {k: run[k] for k in ("dataset", "data_dir", "batch_size", "train_limit",
-                                      "test_limit") if k in run},
-        "optim": {"lr": run["lr"]} if "lr" in run else {},
+    cfg = merge(run_config, {
+        "workers": d.get("workers", 4), "network": network,
         **{k: compute[k] for k in ("slowdown", "straggler_prob", "straggler_factor")
            if k in compute},
-        **{k: run[k] for k in ("model", "epochs", "steps", "topology", "evals", "seed",
-                               "timeout_s", "threads_per_worker") if k in run},
-    }
+    })
     base = RunConfig.from_dict(cfg)
     for k, v in lr_over.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
@@ -128,3 +122,25 @@ def _build(d: dict, p: Path, smoke: bool) -> ClusterProfile:
                           target=float(target), lr_overrides={k: float(v) for k, v in
                                                               lr_over.items()},
                           sgd_lr=float(sgd_lr), momentum=float(momentum))
+
+
+def _run_config(run: dict[str, Any]) -> dict[str, Any]:
+    """The run config keys of a [run] table (its bench keys left out), short aliases
+    expanded: ``lr`` -> ``optim.lr``."""
+    aliases = short_keys()
+    top = set(RunConfig.model_fields)
+    flat: dict[str, Any] = {}
+    for k, v in run.items():
+        if k in BENCH_KEYS:
+            continue
+        if k in top:
+            flat[k] = v
+        elif k in aliases:
+            flat[aliases[k]] = v
+        else:
+            valid = sorted(top | set(aliases) | set(BENCH_KEYS))
+            near = difflib.get_close_matches(k, valid, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise ConfigError(f"unknown [run] key {k!r}; {hint}valid: {', '.join(valid)}")
+    nested = {k: v for k, v in flat.items() if "." not in k}
+    return merge(nested, nest({k: v for k, v in flat.items() if "." in k}))

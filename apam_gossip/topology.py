@@ -47,12 +47,12 @@ message naming it and how to fix it.
 from __future__ import annotations
 
 import ast
+import io
 import json
 import math
 import numbers
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ import networkx as nx
 import numpy as np
 
 from .errors import UserError
+from .files import atomic_write_bytes
 
 __all__ = [
     "FILE_FORMATS",
@@ -181,13 +182,13 @@ def _simple_undirected(g: nx.Graph) -> nx.Graph:
 # --------------------------------------------------------------------------- generators
 
 
-def _ring(n: int, closed: bool = True) -> nx.Graph:
-    g = nx.Graph()
-    g.add_nodes_from(range(n))
-    g.add_edges_from((i, i + 1) for i in range(n - 1))
-    if closed and n > 2:
-        g.add_edge(n - 1, 0)
-    return g
+def _ranks(g: nx.Graph) -> nx.Graph:
+    """A plain simple graph on the nodes 0..n-1 (networkx generators may label nodes
+    with tuples or use other graph classes)."""
+    out = nx.Graph()
+    out.add_nodes_from(range(g.number_of_nodes()))
+    out.add_edges_from((u, v) for u, v in g.edges() if u != v)
+    return out
 
 
 def _torus(n: int) -> nx.Graph:
@@ -197,48 +198,21 @@ def _torus(n: int) -> nx.Graph:
         raise TopologyError(f"no 2-D torus has {n} nodes ({why}); use a composite number of "
                             f"workers (4, 6, 8, 9, ...) or another topology such as 'ring'")
     cols = n // rows
-    g = nx.Graph()
-    g.add_nodes_from(range(n))
-    for r in range(rows):
-        for c in range(cols):
-            i = r * cols + c
-            g.add_edge(i, r * cols + (c + 1) % cols)
-            g.add_edge(i, ((r + 1) % rows) * cols + c)
-    return g
+    grid = nx.grid_2d_graph(rows, cols, periodic=True)  # nodes (r, c) -> rank r * cols + c
+    return _ranks(nx.relabel_nodes(grid, {(r, c): r * cols + c for r, c in grid}))
 
 
 def _exponential(n: int) -> nx.Graph:
-    g = nx.Graph()
-    g.add_nodes_from(range(n))
-    k = 1
-    while k < n:
-        for i in range(n):
-            for j in ((i + k) % n, (i - k) % n):
-                if j != i:
-                    g.add_edge(i, j)
-        k *= 2
-    return g
-
-
-def _complete(n: int) -> nx.Graph:
-    g = nx.Graph()
-    g.add_nodes_from(range(n))
-    g.add_edges_from((i, j) for i in range(n) for j in range(i + 1, n))
-    return g
-
-
-def _star(n: int) -> nx.Graph:
-    g = nx.Graph()
-    g.add_nodes_from(range(n))
-    g.add_edges_from((0, j) for j in range(1, n))
-    return g
+    """Every worker linked to the ones 1, 2, 4, ... ranks away (both ways)."""
+    offsets = [1 << k for k in range(max(1, (n - 1).bit_length())) if 1 << k < n]
+    return _ranks(nx.circulant_graph(n, offsets))
 
 
 def _bipartite(n: int) -> nx.Graph:
-    g = nx.Graph()
-    g.add_nodes_from(range(n))
-    g.add_edges_from((i, j) for i in range(0, n, 2) for j in range(1, n, 2))
-    return g
+    """Complete bipartite between the even and the odd ranks (AD-PSGD's active/passive)."""
+    g = nx.complete_bipartite_graph((n + 1) // 2, n // 2)  # sides 0..a-1 and a..n-1
+    a = (n + 1) // 2
+    return _ranks(nx.relabel_nodes(g, {k: 2 * k if k < a else 2 * (k - a) + 1 for k in g}))
 
 
 def _regular(n: int, param: str | None, seed: int) -> nx.Graph:
@@ -252,7 +226,7 @@ def _regular(n: int, param: str | None, seed: int) -> nx.Graph:
         if d != 0:
             raise TopologyError(f"regular:{d} needs more than {d} workers; one worker has no "
                                 f"neighbours (use regular:0 or 'ring')")
-        return _ring(1)
+        return _ranks(nx.empty_graph(1))
     if d >= n:
         raise TopologyError(f"regular:{d} needs more than {d} workers, there are {n}; use a "
                             f"degree below {n}")
@@ -267,10 +241,7 @@ def _regular(n: int, param: str | None, seed: int) -> nx.Graph:
     for _ in range(_REGULAR_TRIES):
         g = nx.random_regular_graph(d, n, seed=rng)
         if nx.is_connected(g):
-            out = nx.Graph()
-            out.add_nodes_from(range(n))
-            out.add_edges_from(g.edges())
-            return out
+            return _ranks(g)
     raise TopologyError(f"no connected random {d}-regular graph on {n} workers in "
                         f"{_REGULAR_TRIES} draws; use a larger degree or 'ring'")
 
@@ -280,17 +251,17 @@ def _generate(name: str, param: str | None, n: int, seed: int) -> nx.Graph:
         raise TopologyError(f"generator {name!r} takes no parameter (got {name}:{param}); "
                             f"use plain {name!r}")
     if name == "ring":
-        return _ring(n)
+        return _ranks(nx.cycle_graph(n))
     if name in ("chain", "path"):
-        return _ring(n, closed=False)
+        return _ranks(nx.path_graph(n))
     if name == "torus":
         return _torus(n)
     if name == "exponential":
         return _exponential(n)
     if name == "complete":
-        return _complete(n)
+        return _ranks(nx.complete_graph(n))
     if name == "star":
-        return _star(n)
+        return _ranks(nx.star_graph(n - 1))  # rank 0 in the centre
     if name == "bipartite":
         return _bipartite(n)
     assert name == "regular"
@@ -435,22 +406,14 @@ def load_topology(path: str | os.PathLike[str]) -> nx.Graph:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temp file next to ``path``, then rename it."""
+    """``write(file_object)`` into memory, then :func:`~apam_gossip.files.atomic_write_bytes`."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise TopologyError(f"cannot write {path}: folder {folder} does not exist; create it "
                             f"first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    buf = io.BytesIO()
+    write(buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _format_weight(w: Any) -> str:

@@ -1,7 +1,9 @@
-"""Shared fixtures: every test is checked for leaked child processes and /dev/shm segments."""
+"""Shared fixtures: the digits data, and every test is checked for leaked child processes
+and /dev/shm segments."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -64,7 +66,18 @@ def no_leaks():
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    # every new entry: torch's and ours, OpenMPI's sm_segment.* and anything else
+    # every new entry: torch's and ours, OpenMPI's sm_segment.* and anything else. The
+    # garbage is collected first: a semaphore freed with its (unreachable) owner is not a
+    # leak, one that outlives every owner is
+    gc.collect()
     new_shm = sorted(_shm() - before_shm)
     assert not leaked, f"test leaked child processes {sorted(leaked)}"
     assert not new_shm, f"test leaked shared memory segments {new_shm}"
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's real 8x8 digits (the offline default), loaded once per session."""
+    from apam_gossip.data import load_dataset
+
+    return load_dataset("digits")

@@ -9,37 +9,28 @@ import pytest
 import torch
 
 from apam_gossip.algorithms.common import LocalWorker, initial_model
-from apam_gossip.config import NetworkConfig, RunConfig
-from apam_gossip.data import load_dataset, partition
+from apam_gossip.config import NetworkConfig
+from apam_gossip.data import partition
 from apam_gossip.emulation import MASTER, LinkModel
+from apam_gossip.optim import Optimizer
 from apam_gossip.runner import run
 from apam_gossip.topology import make_topology, metropolis_hastings_weights
+
+from helpers import make_cfg
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-def _cfg(**kw) -> RunConfig:
-    base = {"model": "mlp", "evals": 2, "data": {"dataset": "digits", "batch_size": 16},
-            "optim": {"lr": 1e-2}, "topology": "ring"}
-    base.update(kw)
-    return RunConfig.from_dict(base)
-
-
 def test_allreduce_equals_an_in_process_simulation(digits):
     """4 processes with all-reduce == one process averaging the 4 workers' gradients."""
-    cfg = _cfg(mode="allreduce", workers=4, steps=120)
+    cfg = make_cfg(mode="allreduce", workers=4, steps=120)
     r = run(cfg, dataset=digits)
     assert r.updates == 30 and r.samples == 120 * 16
     torch.set_num_threads(1)
     shards = partition(digits.y_train, 4, "iid", 0.5, cfg.seed)
     ws = [LocalWorker.build(cfg, digits, shards[i], i, torch.device("cpu")) for i in range(4)]
     x = initial_model(cfg, digits)
-    opt = cfg.optim.build()
+    opt = Optimizer(cfg.optim)
     st = opt.init(x)
     for _ in range(30):
         gs = []
@@ -54,14 +45,14 @@ def test_allreduce_equals_an_in_process_simulation(digits):
 
 @pytest.mark.parametrize("mode", ["allreduce", "dpsgd"])
 def test_one_worker_sync_equals_sequential(digits, mode):
-    a = run(_cfg(mode=mode, workers=1, steps=60), dataset=digits)
-    s = run(_cfg(mode="sequential", workers=1, steps=60), dataset=digits)
+    a = run(make_cfg(mode=mode, workers=1, steps=60), dataset=digits)
+    s = run(make_cfg(mode="sequential", workers=1, steps=60), dataset=digits)
     assert (a.final_params - s.final_params).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("mode", ["allreduce", "dpsgd"])
 def test_sync_baselines_learn_digits(digits, mode):
-    r = run(_cfg(mode=mode, workers=4, epochs=15, evals=3, optim={"lr": 2e-3},
+    r = run(make_cfg(mode=mode, workers=4, epochs=15, evals=3, optim={"lr": 2e-3},
                  data={"batch_size": 32}), dataset=digits)
     assert r.final_accuracy >= 0.93, [e.test_acc for e in r.evals]
     if mode == "dpsgd":
@@ -73,7 +64,7 @@ def test_async_sgd_is_the_centralized_mode_with_sgd(digits):
     staleness of 3 workers on a loaded 2-core machine: with lr 0.05 and momentum 0.9 (an
     effective step of 0.5) 3 of 5 seeds diverged to chance (10%); with lr 0.02 five
     seeds reached 97.2-98.1%."""
-    r = run(_cfg(mode="centralized", workers=3, epochs=10, optim={"name": "sgd", "lr": 0.02,
+    r = run(make_cfg(mode="centralized", workers=3, epochs=10, optim={"name": "sgd", "lr": 0.02,
                                                                    "momentum": 0.9}),
             dataset=digits)
     assert r.final_accuracy >= 0.9, [e.test_acc for e in r.evals]
@@ -106,12 +97,12 @@ def test_link_model():
 
 
 def test_random_straggler_sleeps(digits):
-    cfg = _cfg(straggler_prob=1.0, straggler_factor=4.0)
+    cfg = make_cfg(straggler_prob=1.0, straggler_factor=4.0)
     w = LocalWorker.build(cfg, digits, torch.arange(200), 0, torch.device("cpu"))
     for _ in range(5):
         w.gradient()
     assert w.sleep_s == pytest.approx(3 * w.compute_s, rel=1e-6)
-    cfg = _cfg(straggler_prob=0.0, straggler_factor=4.0)
+    cfg = make_cfg(straggler_prob=0.0, straggler_factor=4.0)
     w = LocalWorker.build(cfg, digits, torch.arange(200), 0, torch.device("cpu"))
     w.gradient()
     assert w.sleep_s == 0.0
@@ -119,8 +110,8 @@ def test_random_straggler_sleeps(digits):
 
 @pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce", "dpsgd"])
 def test_slow_links_slow_every_mode(digits, mode):
-    fast = run(_cfg(mode=mode, workers=2, steps=40), dataset=digits)
-    slow_cfg = _cfg(mode=mode, workers=2, steps=40, network={"latency_ms": 25.0})
+    fast = run(make_cfg(mode=mode, workers=2, steps=40), dataset=digits)
+    slow_cfg = make_cfg(mode=mode, workers=2, steps=40, network={"latency_ms": 25.0})
     t = time.monotonic()
     slow = run(slow_cfg, dataset=digits)
     assert time.monotonic() - t > 0.4

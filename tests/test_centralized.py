@@ -6,35 +6,20 @@ import pytest
 import torch
 
 from apam_gossip.config import RunConfig
-from apam_gossip.data import load_dataset
 from apam_gossip.procs import ChildFailed
 from apam_gossip.runner import RunTimeout, run
 
+from helpers import make_cfg
+
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-def _cfg(**kw) -> RunConfig:
-    base = {"model": "mlp", "evals": 2, "data": {"dataset": "digits", "batch_size": 16},
-            "optim": {"lr": 1e-2}}
-    for k, v in kw.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = {**base[k], **v}
-        else:
-            base[k] = v
-    return RunConfig.from_dict(base)
 
 
 @pytest.mark.parametrize("variant", ["practical", "paper"])
 def test_one_worker_equals_sequential_amsgrad(digits, variant):
     """With one worker APAM is sequential AMSGrad on the same batches: same trajectory."""
     optim = {"bias_correction": variant == "practical"}
-    cen = run(_cfg(mode="centralized", workers=1, steps=200, optim=optim), dataset=digits)
-    seq = run(_cfg(mode="sequential", workers=1, steps=200, optim=optim), dataset=digits)
+    cen = run(make_cfg(mode="centralized", workers=1, steps=200, optim=optim), dataset=digits)
+    seq = run(make_cfg(mode="sequential", workers=1, steps=200, optim=optim), dataset=digits)
     assert cen.updates == seq.updates == 200
     assert cen.staleness == {0: 200}
     diff = (cen.final_params - seq.final_params).abs().max().item()
@@ -55,7 +40,7 @@ def test_slow_worker_does_not_block_fast_ones(digits):
     oversubscribe 2 cores: otherwise the OS scheduler's unfairness among CPU-bound
     processes (+-20% here), not the master, would decide who gets served.
     """
-    cfg = _cfg(mode="centralized", workers=4, steps=1000, slowdown=[2, 2, 2, 20],
+    cfg = make_cfg(mode="centralized", workers=4, steps=1000, slowdown=[2, 2, 2, 20],
                data={"batch_size": 256})
     r = run(cfg, dataset=digits)
     updates = [w.updates for w in r.workers]
@@ -70,7 +55,7 @@ def test_slow_worker_does_not_block_fast_ones(digits):
 
 
 def test_four_workers_reach_95_percent_on_digits(digits):
-    cfg = _cfg(mode="centralized", workers=4, epochs=15, evals=3,
+    cfg = make_cfg(mode="centralized", workers=4, epochs=15, evals=3,
                data={"batch_size": 32}, optim={"lr": 2e-3})
     r = run(cfg, dataset=digits)
     assert r.final_accuracy >= 0.95, r.evals
@@ -82,7 +67,7 @@ def test_four_workers_reach_95_percent_on_digits(digits):
 def test_result_json_round_trip(digits, tmp_path):
     from apam_gossip.result import RunResult
 
-    r = run(_cfg(mode="centralized", workers=2, steps=50), dataset=digits)
+    r = run(make_cfg(mode="centralized", workers=2, steps=50), dataset=digits)
     p = tmp_path / "r.json"
     r.save(p)
     back = RunResult.load(p)
@@ -94,7 +79,7 @@ def test_result_json_round_trip(digits, tmp_path):
 def test_worker_error_is_reported_and_everything_reaped(digits, monkeypatch):
     """A worker that raises makes run() raise ChildFailed naming it; nothing leaks (the
     autouse no_leaks fixture checks processes and /dev/shm)."""
-    cfg = _cfg(mode="centralized", workers=2, steps=100)
+    cfg = make_cfg(mode="centralized", workers=2, steps=100)
     bad = digits.subset(None, None)
     # labels out of range make cross_entropy raise inside the worker processes
     bad = type(bad)(bad.name, bad.x_train, bad.y_train + 100, bad.x_test, bad.y_test,
@@ -104,7 +89,7 @@ def test_worker_error_is_reported_and_everything_reaped(digits, monkeypatch):
 
 
 def test_timeout_aborts_and_reaps(digits):
-    cfg = _cfg(mode="centralized", workers=2, steps=10_000, slowdown=[50, 50], timeout_s=4.0)
+    cfg = make_cfg(mode="centralized", workers=2, steps=10_000, slowdown=[50, 50], timeout_s=4.0)
     with pytest.raises(RunTimeout, match="timeout_s=4"):
         run(cfg, dataset=digits)
 
@@ -115,4 +100,4 @@ def test_cuda_request_without_cuda_is_a_config_error(digits):
     from apam_gossip.config import ConfigError
 
     with pytest.raises(ConfigError, match="device cuda"):
-        run(_cfg(mode="centralized", workers=1, steps=5, device="cuda"), dataset=digits)
+        run(make_cfg(mode="centralized", workers=1, steps=5, device="cuda"), dataset=digits)

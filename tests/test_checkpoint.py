@@ -15,24 +15,20 @@ import torch
 from apam_gossip.checkpoint import load_checkpoint, save_checkpoint
 from apam_gossip.cli import main
 from apam_gossip.config import RunConfig
-from apam_gossip.data import load_dataset
 from apam_gossip.errors import UserError
 from apam_gossip.runner import RunInterrupted, run
+
+from helpers import make_cfg
 
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+RUN = {"mode": "centralized", "workers": 4, "epochs": 40, "evals": 4, "slowdown": [3, 3, 3, 3],
+       "data": {"batch_size": 32}, "optim": {"lr": 2e-3}}
 
 
 def _cfg(tmp_path, **kw) -> RunConfig:
-    base = {"mode": "centralized", "workers": 4, "model": "mlp", "epochs": 40, "evals": 4,
-            "slowdown": [3, 3, 3, 3], "checkpoint": str(tmp_path / "run.ckpt"),
-            "data": {"dataset": "digits", "batch_size": 32}, "optim": {"lr": 2e-3}}
-    base.update(kw)
-    return RunConfig.from_dict(base)
+    return make_cfg(RUN, {"checkpoint": str(tmp_path / "run.ckpt")}, **kw)
 
 
 @pytest.mark.parametrize("mode", ["centralized", "decentralized"])

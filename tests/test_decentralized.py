@@ -5,29 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apam_gossip.algorithms.adpsgd import gossip_consensus
 from apam_gossip.config import RunConfig
-from apam_gossip.data import load_dataset
+from apam_gossip.modes import gossip_consensus
 from apam_gossip.runner import run
 from apam_gossip.topology import make_topology, validate_topology
+
+from helpers import make_cfg
 
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+RUN = {"mode": "decentralized", "evals": 3, "data": {"batch_size": 32}, "optim": {"lr": 2e-3}}
 
 
 def _cfg(**kw) -> RunConfig:
-    base = {"mode": "decentralized", "model": "mlp", "evals": 3,
-            "data": {"dataset": "digits", "batch_size": 32}, "optim": {"lr": 2e-3}}
-    for k, v in kw.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = {**base[k], **v}
-        else:
-            base[k] = v
-    return RunConfig.from_dict(base)
+    return make_cfg(RUN, **kw)
 
 
 @pytest.mark.parametrize("topology", ["complete", "ring"])

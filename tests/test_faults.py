@@ -9,25 +9,18 @@ import signal
 import pytest
 
 from apam_gossip.config import RunConfig
-from apam_gossip.data import load_dataset
 from apam_gossip.procs import ChildFailed
 from apam_gossip.runner import run
+
+from helpers import make_cfg
 
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
 def _cfg(mode: str, **kw) -> RunConfig:
-    base = {"mode": mode, "workers": 8, "model": "mlp", "epochs": 40, "evals": 4,
-            "slowdown": [4] * 8, "topology": "ring",
-            "data": {"dataset": "digits", "batch_size": 32},
-            "optim": {"lr": 2e-3 if mode == "centralized" else 4e-3}}
-    base.update(kw)
-    return RunConfig.from_dict(base)
+    return make_cfg({"mode": mode, "workers": 8, "epochs": 40, "evals": 4, "slowdown": [4] * 8,
+                     "data": {"batch_size": 32},
+                     "optim": {"lr": 2e-3 if mode == "centralized" else 4e-3}}, **kw)
 
 
 class KillAt:

@@ -70,7 +70,8 @@ def test_decentralized_over_mpi_converges_and_loses_nothing(tmp_path, adaptive_s
     assert d["final_accuracy"] >= 0.95
     last = d["evals"][-1]["extra"]
     assert last["audit_error"] <= 1e-5
-    assert last["averages"] == d["updates"]
+    # one average per local step, unless every try found the peer mid-average (MPI)
+    assert 0.6 * d["updates"] <= last["averages"] <= d["updates"]
     assert last["worst_worker_acc"] >= 0.9
     if adaptive_state == "tracked":  # the servers average u with x: sum u == sum vhat
         assert last["audit_u_error"] <= 1e-5

@@ -42,7 +42,6 @@ import os
 import time
 from collections import Counter
 from functools import partial
-from multiprocessing.connection import Connection
 
 import numpy as np
 import torch
@@ -51,10 +50,15 @@ from torch import Tensor
 from ..config import RunConfig
 from ..data import Dataset
 from ..emulation import LinkModel
-from ..transport.shm import ShmGossip, ShmGossipEnd
+from ..messages import Hello, WorkerReport
+from ..optim import Optimizer
+from ..transport import Control, GossipEnd
 from .common import LocalWorker, worker_seed
 
 GO_TIMEOUT_S = 300.0
+# an average the peer refuses (MPI: it was mid-average) is tried again with a fresh
+# neighbour, this many tries in all, before the step goes on without one
+AVERAGE_TRIES = 3
 
 
 def _neighbors_rng(neighbors: list[int], probs: list[float], seed: int, alive=None):
@@ -87,31 +91,29 @@ def _local_step(opt, g: Tensor, state, tracked: bool, audit: Tensor | None, lr: 
         audit.add_(x)  # audit accumulates x_after - x_before: exactly this step
 
 
-def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Dataset,
+def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, dataset: Dataset,
                 shard: Tensor, device: str, neighbors: list[int], probs: list[float],
                 total: int) -> None:
     """One gossip worker: gradient on a snapshot, pairwise average, local step."""
     i = end.worker
     w = LocalWorker.build(cfg, dataset, shard, i, torch.device(device))
-    opt = cfg.optim.build()
-    shared = getattr(end, "optimizer_state", lambda: None)()
-    # shared (shm): the coordinator can checkpoint it; the local step runs under our lock
-    state = shared if shared is not None else opt.init(torch.zeros(w.flat.numel))
+    opt = Optimizer(cfg.optim)
+    # where the transport keeps it (shm: shared, so the coordinator can checkpoint it; the
+    # local step runs under this worker's lock), else private
+    state = end.optimizer_state() or opt.init(torch.zeros(w.flat.numel))
     grad_cpu = torch.zeros(w.flat.numel) if w.device.type != "cpu" else None
-    alive = getattr(end, "is_alive", None)
-    pick = _neighbors_rng(neighbors, probs, worker_seed(cfg.seed, i) + 1, alive) \
+    pick = _neighbors_rng(neighbors, probs, worker_seed(cfg.seed, i) + 1, end.is_alive) \
         if neighbors else None
     tracked = cfg.adaptive_state == "tracked"
     link = LinkModel(cfg.network, 4 * w.flat.numel * (2 if tracked else 1))
     # audit: the sum of this worker's local steps, to check that none was lost
     audit = torch.zeros(w.flat.numel, dtype=torch.float64) if cfg.audit else None
     staleness: Counter[int] = Counter()
-    loss_sum, updates, samples, averages = 0.0, 0, 0, 0
-    ctrl.send(("hello", i))
-    if not end.go.wait(GO_TIMEOUT_S):
+    loss_sum, updates, samples, averages, refused = 0.0, 0, 0, 0, 0
+    ctrl.send(Hello(i))
+    if not end.wait_start(GO_TIMEOUT_S):
         raise TimeoutError(f"worker {i}: the coordinator did not start the run within "
                            f"{GO_TIMEOUT_S:g} s")
-    t0 = time.monotonic()
     while k := end.claim(total):  # k: this update's place in the global budget
         v0 = end.snapshot(w.flat.params)
         loss, n, _ = w.gradient()
@@ -119,81 +121,50 @@ def worker_main(ctrl: Connection, end: ShmGossipEnd, cfg: RunConfig, dataset: Da
         if grad_cpu is not None:
             grad_cpu.copy_(g)
             g = grad_cpu
-        j = pick() if pick is not None else None
-        if j is not None:  # None: every neighbour died; keep training alone
+        averaged = False
+        for _ in range(AVERAGE_TRIES):
+            j = pick() if pick is not None else None
+            if j is None:  # every neighbour died: keep training alone
+                break
             link.sleep(2 * link.seconds(i, j))  # emulated link: model there and back
-            end.average_with(j)
-            averages += 1
-
+            averaged = end.average_with(j)  # False: j was mid-average and refused
+            if averaged:
+                break
+            refused += 1
+        averages += averaged
         v1 = end.update_local(partial(_local_step, opt, g, state, tracked, audit,
                                       opt.lr_at(k, total)))
-        staleness[v1 - v0 - 1 - (1 if j is not None else 0)] += 1
+        staleness[v1 - v0 - 1 - averaged] += 1
         updates += 1
         samples += n
         loss_sum += loss
         end.report_loss(loss)
-    ctrl.send(("stats", {
-        "worker": i, "device": str(w.device), "compute_s": w.compute_s, "sleep_s": w.sleep_s,
-        "updates": updates, "samples": samples, "averages": averages,
-        "staleness": dict(staleness), "active_s": time.monotonic() - t0,
-        "finished_at": time.monotonic(), "loss_mean": loss_sum / updates if updates else None,
-        # by value (numpy pickles its bytes): a torch tensor would travel as a shared-memory
-        # handle that this exiting process could no longer serve
-        "audit": audit.numpy() if audit is not None else None,
+    ctrl.send(w.report(
+        updates=updates, samples=samples, averages=averages, refused_averages=refused,
+        staleness=dict(staleness),
+        finished_at=time.monotonic(), train_loss=(loss_sum, updates),
+        # numpy (pickled by value), never a torch tensor (see apam_gossip.messages)
+        audit=audit.numpy() if audit is not None else None,
         # tracked state: this worker's final running max, for the audit of u (only this
         # worker's local steps change vhat_i, so it is final now)
-        "audit_vhat": state["vhat"].double().numpy().copy()
-        if audit is not None and tracked else None,
-    }))
+        audit_vhat=state["vhat"].double().numpy().copy() if audit is not None and tracked
+        else None,
+    ))
 
 
-def gossip_worker_main(ctrl: Connection, end: ShmGossipEnd, neighbors: list[int],
+def gossip_worker_main(ctrl: Control, end: GossipEnd, neighbors: list[int],
                        probs: list[float], averages: int, seed: int) -> None:
     """Gossip only (no gradients): ``averages`` pairwise averages with random neighbours."""
     pick = _neighbors_rng(neighbors, probs, seed) if neighbors else None
-    ctrl.send(("hello", end.worker))
-    if not end.go.wait(GO_TIMEOUT_S):
+    ctrl.send(Hello(end.worker))
+    if not end.wait_start(GO_TIMEOUT_S):
         raise TimeoutError(f"worker {end.worker}: no start signal within {GO_TIMEOUT_S:g} s")
     for _ in range(averages if pick is not None else 0):
         end.average_with(pick())
         # stands in for the gradient computation between averages; without it a worker
         # would do hundreds of averages with the same neighbours in one time slice
         os.sched_yield()
-    ctrl.send(("stats", {"worker": end.worker}))
+    ctrl.send(WorkerReport(end.worker, "cpu", 0.0, 0.0))
 
 
-def gossip_consensus(graph, x0: Tensor, averages_per_worker: int, seed: int = 0,
-                     timeout_s: float = 120.0) -> Tensor:
-    """Run real gossip processes on ``graph`` from initial rows ``x0`` ([n, d]) with no
-    gradient steps; return the final rows. Pairwise averaging is doubly stochastic, so
-    the mean of the rows is conserved and the rows converge to it."""
-    from ..procs import ProcessGroup
-    from ..topology import neighbor_probabilities
-
-    n = x0.shape[0]
-    g = ShmGossip(n, x0.shape[1], dtype=x0.dtype)
-    g.x.copy_(x0)
-    nbp = neighbor_probabilities(graph)
-    with ProcessGroup() as group:
-        for i in range(n):
-            nb, p = nbp[i]
-            group.start(f"worker {i}", gossip_worker_main,
-                        (g.end(i, timeout_s), nb, p, averages_per_worker, seed * 1000 + i))
-        hello, done = set(), set()
-        deadline = time.monotonic() + timeout_s
-        while len(done) < n:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gossip did not finish in {timeout_s:g} s; waiting for "
-                                   f"workers {sorted(set(range(n)) - done)}")
-            for _, msg in group.poll(0.2):
-                if msg[0] == "hello":
-                    hello.add(msg[1])
-                    if len(hello) == n:
-                        g.go.set()
-                elif msg[0] == "stats":
-                    done.add(msg[1]["worker"])
-        group.join(10.0)
-    return g.x.clone()
-
-
-__all__ = ["worker_main", "gossip_worker_main", "gossip_consensus", "ShmGossip"]
+__all__ = ["worker_main", "gossip_worker_main"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
@@ -38,7 +37,19 @@ from ..checkpoint import save_checkpoint
 from ..config import OptimConfig, RunConfig
 from ..data import Dataset
 from ..emulation import MASTER, LinkModel
-from ..transport import MasterEnd, PeerGone, WorkerEnd
+from ..messages import (
+    Grad,
+    Hello,
+    Interrupted,
+    MasterSummary,
+    Params,
+    Progress,
+    Snapshot,
+    Stop,
+    StopRequest,
+)
+from ..optim import Optimizer
+from ..transport import Control, MasterEnd, PeerGone, WorkerEnd
 from .common import LocalWorker
 
 HELLO_TIMEOUT_S = 300.0
@@ -77,17 +88,38 @@ class MasterProgress:
         self.samples_of[worker] += n_samples
 
 
-class _Master:
-    """The master's loop (see the module docstring); :func:`master_main` runs it."""
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """Where and how often the master checkpoints; ``config`` and ``resumes`` go into
+    every checkpoint (see :mod:`apam_gossip.checkpoint`)."""
 
-    def __init__(self, ctrl: Connection, end: MasterEnd, x0: Tensor, optim: OptimConfig,
+    path: str
+    every_s: float
+    config: dict[str, Any]
+    resumes: int
+
+
+class ApamMaster:
+    """The master's loop (see the module docstring), in named steps: :meth:`hello`,
+    :meth:`apply`, :meth:`snapshot`, :meth:`save`, :meth:`stop_workers`; :meth:`run`
+    strings them together.
+
+    ``snaps[j]`` receives the model at the j-th evaluation point (``eval_at[j]``
+    updates) and, last, the final model; each is announced with a :class:`Snapshot`.
+    A :class:`StopRequest` from the coordinator saves a checkpoint (with ``checkpoint``)
+    and stops early with :class:`Interrupted`. ``resume``: a loaded checkpoint to go on
+    from. At the end the master waits up to ``drain_timeout`` s for the gradients still
+    being computed (see :meth:`stop_workers`).
+    """
+
+    def __init__(self, ctrl: Control, end: MasterEnd, x0: Tensor, optim: OptimConfig,
                  total: int, eval_at: list[int], snaps: Tensor,
-                 checkpoint: dict[str, Any] | None, resume: dict[str, Any] | None,
-                 drain_timeout: float) -> None:
+                 checkpoint: CheckpointSpec | None = None,
+                 resume: dict[str, Any] | None = None, drain_timeout: float = 3600.0) -> None:
         self.ctrl, self.end, self.total, self.snaps = ctrl, end, total, snaps
         self.checkpoint, self.drain_timeout = checkpoint, drain_timeout
         self.n = end.n_workers
-        self.opt = optim.build()
+        self.opt = Optimizer(optim)
         self.x = x0.clone()
         self.state = self.opt.init(self.x)
         self.progress = MasterProgress.fresh(self.n)
@@ -115,39 +147,18 @@ class _Master:
         if len(self.gone) == self.n:
             raise RuntimeError(f"all {self.n} workers died; nothing left to train with")
 
-    def send(self, i: int, params: Tensor | None, meta: tuple) -> None:
+    def send(self, i: int, params: Tensor | None, msg: Params | Stop) -> None:
         try:
-            self.end.send(i, params, meta)
+            self.end.send(i, params, msg)
         except PeerGone:
             self.lost(i)
 
     def wall(self) -> float:
         return time.monotonic() - self.t0
 
-    def snapshot(self, final: bool = False) -> None:
-        p = self.progress
-        self.snaps[self.slot].copy_(self.x)
-        train_loss = self.loss_sum / self.loss_n if self.loss_n else None
-        self.ctrl.send(("snap", self.slot, self.wall(), p.samples, p.version, train_loss,
-                        final))
-        self.slot += 1
-        self.loss_sum, self.loss_n = 0.0, 0
-
-    def save(self) -> None:
-        assert self.checkpoint is not None
-        p = self.progress
-        save_checkpoint(self.checkpoint["path"], {
-            "config": self.checkpoint["config"], "mode": "centralized", "x": self.x.clone(),
-            "opt_state": {k: v.clone() for k, v in self.state.items()},
-            "version": p.version, "samples": p.samples,
-            "staleness": {int(k): int(v) for k, v in p.staleness.items()},
-            "updates_of": list(p.updates_of), "samples_of": list(p.samples_of),
-            "wall_time": self.wall(), "resumes": self.checkpoint["resumes"],
-            "rng_torch": torch.get_rng_state(),
-        })
-
-    # -- phases -------------------------------------------------------------------
-    def wait_for_hellos(self) -> None:
+    # -- the steps ----------------------------------------------------------------
+    def hello(self) -> None:
+        """Wait until every worker has its data and model (or died meanwhile)."""
         waiting = set(range(self.n))
         deadline = time.monotonic() + HELLO_TIMEOUT_S
         while waiting:
@@ -156,12 +167,43 @@ class _Master:
                     f"workers {sorted(waiting)} did not start within {HELLO_TIMEOUT_S:g} s")
             for i in self.end.ready(1.0):
                 try:
-                    meta, _ = self.end.recv(i)
+                    msg, _ = self.end.recv(i)
                 except PeerGone:
                     self.lost(i)
                 else:
-                    assert meta[0] == "hello", meta
+                    assert isinstance(msg, Hello), msg
                 waiting.discard(i)
+
+    def apply(self, i: int, msg: Grad, grad: Tensor) -> None:
+        """One AMSGrad (or other) step with worker ``i``'s gradient."""
+        p = self.progress
+        self.opt.update(self.x, grad, self.state, lr=self.opt.lr_at(p.version + 1, self.total))
+        p.record(i, msg.version, msg.samples)
+        self.loss_sum += msg.loss
+        self.loss_n += 1
+
+    def snapshot(self, final: bool = False) -> None:
+        """Copy the model into the next snapshot slot and announce it."""
+        p = self.progress
+        self.snaps[self.slot].copy_(self.x)
+        train_loss = self.loss_sum / self.loss_n if self.loss_n else None
+        self.ctrl.send(Snapshot(self.slot, self.wall(), p.samples, p.version, train_loss,
+                                final))
+        self.slot += 1
+        self.loss_sum, self.loss_n = 0.0, 0
+
+    def save(self) -> None:
+        assert self.checkpoint is not None
+        p = self.progress
+        save_checkpoint(self.checkpoint.path, {
+            "config": self.checkpoint.config, "mode": "centralized", "x": self.x.clone(),
+            "opt_state": {k: v.clone() for k, v in self.state.items()},
+            "version": p.version, "samples": p.samples,
+            "staleness": {int(k): int(v) for k, v in p.staleness.items()},
+            "updates_of": list(p.updates_of), "samples_of": list(p.samples_of),
+            "wall_time": self.wall(), "resumes": self.checkpoint.resumes,
+            "rng_torch": torch.get_rng_state(),
+        })
 
     def stop_workers(self, idle: set[int]) -> None:
         """Tell every live worker to stop, without leaving one mid-message: a worker still
@@ -169,7 +211,7 @@ class _Master:
         taken (and dropped: the budget is spent), so it never sends into a closed
         connection, however slow it is."""
         for i in idle & self.live():
-            self.send(i, None, ("stop",))
+            self.send(i, None, Stop())
         busy = self.live() - idle
         deadline = time.monotonic() + self.drain_timeout
         while busy:
@@ -183,15 +225,16 @@ class _Master:
                 except PeerGone:
                     self.lost(i)
                     continue
-                self.send(i, None, ("stop",))
+                self.send(i, None, Stop())
             busy &= self.live()
 
+    # -- the loop -----------------------------------------------------------------
     def run(self) -> None:
-        self.wait_for_hellos()
+        self.hello()
         p = self.progress
         self.t0 = time.monotonic() - p.wall_before
         for i in self.live():
-            self.send(i, self.x, ("x", p.version))
+            self.send(i, self.x, Params(p.version))
         if self.next_eval == 0:
             self.snapshot()
             self.next_eval = next(self.eval_points, None)
@@ -199,39 +242,33 @@ class _Master:
         while p.version < self.total:
             for i in self.end.ready(1.0):
                 try:
-                    meta, grad = self.end.recv(i)
+                    msg, grad = self.end.recv(i)
                 except PeerGone:  # died while computing: its gradient never comes
                     self.lost(i)
                     continue
-                _, v_from, n_samples, loss, _compute_s = meta
-                self.opt.update(self.x, grad, self.state,
-                                lr=self.opt.lr_at(p.version + 1, self.total))
-                p.record(i, v_from, n_samples)
-                self.loss_sum += loss
-                self.loss_n += 1
+                self.apply(i, msg, grad)
                 if p.version >= self.total:
                     self.finish(idle={i})
                     return
-                self.send(i, self.x, ("x", p.version))
+                self.send(i, self.x, Params(p.version))
                 if p.version == self.next_eval:
                     self.snapshot()
                     self.next_eval = next(self.eval_points, None)
             now = time.monotonic()
             if now - last_progress > PROGRESS_EVERY_S:
-                self.ctrl.send(("progress", p.samples, p.version))
+                self.ctrl.send(Progress(p.samples, p.version))
                 last_progress = now
-            if self.checkpoint is not None and now - last_ckpt > self.checkpoint["every_s"]:
+            if self.checkpoint is not None and now - last_ckpt > self.checkpoint.every_s:
                 self.save()
                 last_ckpt = time.monotonic()
             if self.ctrl.poll():  # the coordinator asks to stop (SIGTERM): save, then stop
                 msg = self.ctrl.recv()
-                assert msg[0] == "stop", msg
+                assert isinstance(msg, StopRequest), msg
                 if self.checkpoint is not None:
                     self.save()
                 self.stop_workers(idle=set())  # every live worker holds a model: busy
-                self.ctrl.send(("interrupted",
-                                self.checkpoint["path"] if self.checkpoint else None,
-                                p.version))
+                self.ctrl.send(Interrupted(self.checkpoint.path if self.checkpoint else None,
+                                           p.version))
                 return
         self.finish(idle=set())  # reached only when the budget was already spent
 
@@ -240,50 +277,32 @@ class _Master:
         wall = self.wall()
         self.snapshot(final=True)  # scored while the last gradients drain
         self.stop_workers(idle)
-        self.ctrl.send(("done", {
-            "wall_time": wall, "updates": p.version, "samples": p.samples,
-            "staleness": dict(p.staleness), "updates_of": p.updates_of,
-            "samples_of": p.samples_of, "failed_workers": sorted(self.gone),
-        }))
+        self.ctrl.send(MasterSummary(wall, p.version, p.samples, dict(p.staleness),
+                                     list(p.updates_of), list(p.samples_of),
+                                     sorted(self.gone)))
 
 
-def master_main(ctrl: Connection, end: MasterEnd, x0: Tensor, optim: OptimConfig,
-                total: int, eval_at: list[int], snaps: Tensor,
-                checkpoint: dict[str, Any] | None = None,
-                resume: dict[str, Any] | None = None, drain_timeout: float = 3600.0) -> None:
-    """Run the master until ``total`` updates; report snapshots and a summary on ``ctrl``.
-
-    ``snaps[j]`` receives the model at the j-th evaluation point (``eval_at[j]`` updates)
-    and, last, the final model; each is announced with a ``("snap", j, ...)`` message.
-
-    ``checkpoint`` = {"path", "every_s", "config", "resumes"}: write a checkpoint that often
-    and when the coordinator sends ``("stop",)`` (then stop early and report
-    ``("interrupted", path)``). ``resume``: a loaded checkpoint to continue from.
-    At the end the master waits up to ``drain_timeout`` s for the gradients still being
-    computed (see :meth:`_Master.stop_workers`).
-    """
-    _Master(ctrl, end, x0, optim, total, eval_at, snaps, checkpoint, resume,
-            drain_timeout).run()
+def master_main(ctrl: Control, end: MasterEnd, *args: Any, **kwargs: Any) -> None:
+    """The master process: :class:`ApamMaster` ``(ctrl, end, *args, **kwargs).run()``."""
+    ApamMaster(ctrl, end, *args, **kwargs).run()
 
 
-def worker_main(ctrl: Connection, end: WorkerEnd, cfg: RunConfig, dataset: Dataset,
+def worker_main(ctrl: Control, end: WorkerEnd, cfg: RunConfig, dataset: Dataset,
                 shard: Tensor, device: str) -> None:
     """Receive x, compute one gradient at it, send it; until the master says stop."""
     w = LocalWorker.build(cfg, dataset, shard, end.worker, torch.device(device))
     link = LinkModel(cfg.network, 4 * w.flat.numel)
     to_master = link.seconds(end.worker, MASTER)  # emulated link: down and up per update
-    end.send(None, ("hello",))
+    end.send(None, Hello(end.worker))
     first = True
     while True:
-        meta = end.recv(w.flat.params, timeout=cfg.timeout_s)
-        if meta[0] == "stop":
+        msg = end.recv(w.flat.params, timeout=cfg.timeout_s)
+        if isinstance(msg, Stop):
             break
         if not first:
             link.sleep(to_master)
         first = False
-        version = meta[1]
         loss, n_samples, dt = w.gradient()
         link.sleep(to_master)
-        end.send(w.flat.grads, ("g", version, n_samples, loss, dt))
-    ctrl.send(("stats", {"worker": w.index, "device": str(w.device), "compute_s": w.compute_s,
-                         "sleep_s": w.sleep_s, "batches": w.batches}))
+        end.send(w.flat.grads, Grad(msg.version, n_samples, loss, dt))
+    ctrl.send(w.report())

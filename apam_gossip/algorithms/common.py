@@ -7,11 +7,11 @@ A 1-worker asynchronous run therefore sees exactly the batches of the sequential
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..data import BatchStream, Dataset
 from ..flat import FlatParams, flatten
+from ..messages import WorkerReport
 from ..models import build_model
 
 
@@ -46,13 +47,6 @@ def device_for(cfg: RunConfig, worker: int) -> torch.device:
     if cfg.device != "cpu" and torch.cuda.is_available():
         return torch.device("cuda", worker % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-def total_updates(cfg: RunConfig, n_train: int) -> int:
-    """The run's budget in model updates (``steps``, or ``epochs`` passes of the data)."""
-    if cfg.steps is not None:
-        return cfg.steps
-    return max(1, math.ceil(cfg.epochs * n_train / cfg.data.batch_size))
 
 
 def eval_points(total: int, evals: int) -> list[int]:
@@ -110,6 +104,12 @@ class LocalWorker:
         return cls(index, device, model, flat, stream, cfg.slowdown_of(index),
                    cfg.straggler_prob, cfg.straggler_factor,
                    random.Random(worker_seed(cfg.seed, index) + 17))
+
+    def report(self, **fields: Any) -> WorkerReport:
+        """This worker's :class:`~apam_gossip.messages.WorkerReport` (its timing, plus
+        the mode's ``fields``)."""
+        return WorkerReport(self.index, str(self.device), self.compute_s, self.sleep_s,
+                            **fields)
 
     def gradient(self) -> tuple[float, int, float]:
         """One mini-batch gradient into ``flat.grads``: (loss, n_samples, compute seconds).

@@ -15,7 +15,6 @@ Both run the same number of samples as the asynchronous modes: ``steps`` rounds 
 from __future__ import annotations
 
 import time
-from multiprocessing.connection import Connection
 
 import torch
 from torch import Tensor
@@ -23,14 +22,17 @@ from torch import Tensor
 from ..config import RunConfig
 from ..data import Dataset
 from ..emulation import LinkModel
+from ..messages import Progress, Snapshot
+from ..optim import Optimizer
+from ..transport import Control, SyncEnd
 from .common import LocalWorker
 
 PROGRESS_EVERY_S = 0.25
 
 
-def sync_worker_main(ctrl: Connection, end, cfg: RunConfig, dataset: Dataset, shard: Tensor,
-                     device: str, x0: Tensor, steps: int, eval_at: list[int], snaps: Tensor,
-                     mix_weights: list[tuple[int, float]] | None,
+def sync_worker_main(ctrl: Control, end: SyncEnd, cfg: RunConfig, dataset: Dataset,
+                     shard: Tensor, device: str, x0: Tensor, steps: int, eval_at: list[int],
+                     snaps: Tensor, mix_weights: list[tuple[int, float]] | None,
                      neighbors: list[int]) -> None:
     """One worker of ``allreduce`` (``mix_weights`` None) or ``dpsgd``. Worker 0 reports
     snapshots of the model (allreduce: the common replica; dpsgd: the mean of all models,
@@ -39,7 +41,7 @@ def sync_worker_main(ctrl: Connection, end, cfg: RunConfig, dataset: Dataset, sh
     n = end.n_workers
     w = LocalWorker.build(cfg, dataset, shard, i, torch.device(device))
     w.flat.params.copy_(x0)
-    opt = cfg.optim.build()
+    opt = Optimizer(cfg.optim)
     state = opt.init(w.flat.params)
     x_cpu = w.flat.params if w.device.type == "cpu" else torch.zeros(w.flat.numel)
     g_cpu = w.flat.grads if w.device.type == "cpu" else torch.zeros(w.flat.numel)
@@ -56,8 +58,8 @@ def sync_worker_main(ctrl: Connection, end, cfg: RunConfig, dataset: Dataset, sh
     def snapshot(k: int, xbar: Tensor, extra: dict, final: bool = False) -> None:
         nonlocal loss_sum, loss_n, slot
         snaps[slot].copy_(xbar)
-        ctrl.send(("snap", slot, time.monotonic() - t0, k * n * cfg.data.batch_size, k,
-                   loss_sum / loss_n if loss_n else None, final, extra))
+        ctrl.send(Snapshot(slot, time.monotonic() - t0, k * n * cfg.data.batch_size, k,
+                           loss_sum / loss_n if loss_n else None, final, extra))
         slot += 1
         loss_sum, loss_n = 0.0, 0
 
@@ -97,7 +99,7 @@ def sync_worker_main(ctrl: Connection, end, cfg: RunConfig, dataset: Dataset, sh
                 snapshot(k, w.flat.params.detach().cpu(), {})
             now = time.monotonic()
             if now - last_progress > PROGRESS_EVERY_S:
-                ctrl.send(("progress", k * n * cfg.data.batch_size, k))
+                ctrl.send(Progress(k * n * cfg.data.batch_size, k))
                 last_progress = now
     wall = time.monotonic() - t0
     if mix_weights is None:
@@ -107,6 +109,4 @@ def sync_worker_main(ctrl: Connection, end, cfg: RunConfig, dataset: Dataset, sh
         if x_cpu is not w.flat.params:
             x_cpu.copy_(w.flat.params)
         end.mix(x_cpu, [(i, 1.0)], on_all=on_all(steps, True) if i == 0 else None, gather=True)
-    ctrl.send(("stats", {"worker": i, "device": str(w.device), "compute_s": w.compute_s,
-                         "sleep_s": w.sleep_s, "updates": steps, "samples": samples,
-                         "wall_time": wall}))
+    ctrl.send(w.report(updates=steps, samples=samples, wall_time=wall))

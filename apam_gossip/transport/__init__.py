@@ -1,14 +1,19 @@
 """Transports move flat tensors and small metadata between processes.
 
-They know nothing of optimizers or models: the centralized algorithm talks to a
-:class:`MasterEnd` (one per run) and :class:`WorkerEnd` s (one per worker), whatever
-carries the bytes (shared memory on one machine; MPI across machines).
+They know nothing of optimizers or models. Each algorithm talks to the ends below, and
+whatever carries the bytes implements them: :mod:`.shm` (shared memory, one machine) and
+:mod:`.mpi` (across machines). The algorithm code is the same on both.
 
-Messages are small tuples; tensors travel separately through the transport's buffers.
+* star (centralized): one :class:`MasterEnd`, a :class:`WorkerEnd` per worker;
+* gossip (decentralized): a :class:`GossipEnd` per worker;
+* sync (the synchronous baselines): a :class:`SyncEnd` per worker;
+* every process also has a :class:`Control` end towards the coordinator (a pipe on one
+  machine, an in-process outbox under MPI) for the messages of :mod:`apam_gossip.messages`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from torch import Tensor
@@ -18,17 +23,30 @@ class PeerGone(RuntimeError):
     """The other end of a connection went away (its process exited or was killed)."""
 
 
+class Control(Protocol):
+    """A process's line to the coordinator."""
+
+    def send(self, msg: Any) -> None: ...
+
+    def poll(self) -> bool:
+        """True when the coordinator has sent something (a stop request)."""
+
+    def recv(self) -> Any: ...
+
+
 class MasterEnd(Protocol):
     """The master's side of a star: gradients in from any worker, parameters out."""
 
     n_workers: int
 
     def ready(self, timeout: float) -> list[int]:
-        """Workers whose message has arrived (waits up to ``timeout`` s for one)."""
+        """Workers whose message has arrived and was not taken yet (waits up to
+        ``timeout`` s for one). Level-triggered: a worker stays listed until
+        :meth:`recv` takes its message."""
 
     def recv(self, worker: int) -> tuple[Any, Tensor]:
         """Take worker's message; returns (meta, gradient). The tensor is valid until
-        the next :meth:`send` to that worker."""
+        the next :meth:`send` to that worker. Raises :class:`PeerGone` if it died."""
 
     def send(self, worker: int, params: Tensor | None, meta: Any) -> None:
         """Send ``meta`` (and ``params`` unless None) to ``worker`` only."""
@@ -44,3 +62,57 @@ class WorkerEnd(Protocol):
 
     def recv(self, params_out: Tensor, timeout: float) -> Any:
         """Wait for the master's message, copy parameters into ``params_out``; return meta."""
+
+
+class GossipEnd(Protocol):
+    """A gossip worker's view of every worker's model (AD-PSGD).
+
+    Every write to the worker's model (and tracked second moment ``u``) happens inside
+    one of the atomic operations below, so no local step is lost to an average."""
+
+    worker: int
+    n_workers: int
+
+    def wait_start(self, timeout: float) -> bool:
+        """Wait until every worker is ready to train; False on timeout."""
+
+    def claim(self, total: int) -> int:
+        """Claim one of the ``total`` updates of the run: its index 1..total, or 0 when
+        none is left (or a stop was requested)."""
+
+    def snapshot(self, out: Tensor) -> int:
+        """Copy this worker's model into ``out``; returns its version."""
+
+    def average_with(self, j: int) -> bool:
+        """Atomically set x_i, x_j (and u_i, u_j) to their mean; False when ``j``
+        refused (it was averaging with another worker) and nothing changed."""
+
+    def update_local(self, fn: Callable[[Tensor, Tensor | None], None]) -> int:
+        """Apply ``fn(x_i, u_i)`` atomically (a local step), count it; returns the new
+        version."""
+
+    def report_loss(self, loss: float) -> None: ...
+
+    def is_alive(self, j: int) -> bool:
+        """False once worker ``j``'s process is known dead (never choose it again)."""
+
+    def optimizer_state(self) -> dict[str, Tensor] | None:
+        """This worker's optimizer state where the transport keeps it (so a checkpoint
+        can copy it consistently), or None to keep it privately."""
+
+
+class SyncEnd(Protocol):
+    """A worker's side of the synchronous collectives (every worker calls each)."""
+
+    worker: int
+    n_workers: int
+
+    def barrier(self) -> None: ...
+
+    def allreduce_mean(self, t: Tensor) -> None:
+        """``t`` <- the mean of every worker's ``t`` (in place)."""
+
+    def mix(self, x: Tensor, weights: list[tuple[int, float]],
+            on_all: Callable[[Tensor], None] | None = None, gather: bool = False) -> None:
+        """``x`` <- sum_j w_j x_j over (worker, weight) pairs, self included;
+        ``on_all(models)`` sees every worker's model before the mix when ``gather``."""

@@ -9,10 +9,13 @@ Gossip (decentralized): every rank is a worker and runs a *server thread* beside
 training thread (MPI_THREAD_MULTIPLE). To average with neighbour j, worker i sends x_i to
 j's server; the server, holding j's local lock, sets x_j <- (x_i_sent + x_j)/2 and replies
 with that average; worker i then applies it as a delta, x_i += avg - x_i_sent, so a local
-step or another average that touched x_i meanwhile is kept (no update is lost, and the sum
-of all models changes only by local steps). A training thread waits only for servers, and
-a server waits only for its own short local lock, never for another rank, so no cycle of
-waits can form: deadlock-free on any connected graph. All progress is ordinary two-sided
+step that touched x_i meanwhile is kept (no update is lost, and the sum of all models
+changes only by local steps). While i's own average is in flight its server does not mix
+another rank's model into x_i: an average asked by a higher rank waits until i's is done,
+one asked by a lower rank is refused (and the asker tries another neighbour). Every
+average is therefore exact (a convex combination: the tracked second moment stays >= 0),
+and a blocking wait only ever goes from a higher rank to a lower one, so no cycle of waits
+can form: deadlock-free on any connected graph. All progress is ordinary two-sided
 point-to-point messages driven by a thread that is always in MPI, so it works between
 hosts over any network MPI supports (no reliance on shared-memory one-sided progress).
 Rank 0's server also hands out the shared update budget (one claim per update).
@@ -33,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..messages import Grad, Hello, Params, Stop
 
 # message tags
 T_META, T_TENSOR = 11, 12  # star
@@ -115,12 +119,13 @@ class _Poll:
             time.sleep(NAP_S)
 
 
-def _wait(req, timeout: float, what: str, patient: bool = False) -> None:
+def _wait(req, timeout: float, what: str, patient: bool = False, status=None) -> None:
     """Wait for one request with a timeout, yielding the CPU while it is pending
-    (``patient``: no rush, nap 1 ms at a time and leave the CPU to the server thread)."""
+    (``patient``: no rush, nap 1 ms at a time and leave the CPU to the server thread);
+    ``status`` receives the completed request's status."""
     deadline = time.monotonic() + timeout
     poll = _Poll()
-    while not req.Test():
+    while not req.Test(status):
         if patient:
             time.sleep(0.001)
         else:
@@ -165,17 +170,17 @@ class MpiStarMaster:
     def recv(self, worker: int) -> tuple[Any, Tensor]:
         m = self.meta[worker].copy()
         if m[0] == K_HELLO:
-            meta: tuple = ("hello",)
+            meta: Hello | Grad = Hello(worker)
         else:
             self.comm.Recv(self.grad, source=worker + 1, tag=T_TENSOR)
-            meta = ("g", int(m[1]), int(m[2]), float(m[3]), float(m[4]))
+            meta = Grad(int(m[1]), int(m[2]), float(m[3]), float(m[4]))
         self.outstanding[worker] = False
         self.arrived.discard(worker)
         self.reqs[worker] = self._post(worker)
         return meta, self.grad
 
-    def send(self, worker: int, params: Tensor | None, meta: Any) -> None:
-        if meta[0] == "stop":
+    def send(self, worker: int, params: Tensor | None, meta: Params | Stop) -> None:
+        if isinstance(meta, Stop):
             if self.outstanding[worker]:  # it is computing: take (and drop) its gradient
                 _wait(self.reqs[worker], self.timeout, f"worker {worker}'s last gradient")
                 self.recv(worker)
@@ -183,7 +188,7 @@ class MpiStarMaster:
             self.reqs[worker].Wait()
             self.comm.Send(np.array([K_STOP, 0, 0, 0, 0.0]), dest=worker + 1, tag=T_META)
             return
-        self.comm.Send(np.array([K_PARAMS, float(meta[1]), 0, 0, 0.0]), dest=worker + 1,
+        self.comm.Send(np.array([K_PARAMS, float(meta.version), 0, 0, 0.0]), dest=worker + 1,
                        tag=T_META)
         assert params is not None
         self.comm.Send(params, dest=worker + 1, tag=T_TENSOR)
@@ -199,13 +204,12 @@ class MpiStarWorker:
         self.host = _host_buffer(numel)
         self.meta = np.zeros(5)
 
-    def send(self, grad: Tensor | None, meta: Any) -> None:
-        if meta[0] == "hello":
+    def send(self, grad: Tensor | None, meta: Hello | Grad) -> None:
+        if isinstance(meta, Hello):
             self.comm.Send(np.array([K_HELLO, 0, 0, 0, 0.0]), dest=0, tag=T_META)
             return
-        _, version, n, loss, dt = meta
-        self.comm.Send(np.array([K_GRAD, version, n, loss, dt], dtype=np.float64), dest=0,
-                       tag=T_META)
+        self.comm.Send(np.array([K_GRAD, meta.version, meta.samples, meta.loss,
+                                 meta.compute_s], dtype=np.float64), dest=0, tag=T_META)
         assert grad is not None
         if grad.device.type != "cpu":
             self.host.copy_(grad)
@@ -221,13 +225,13 @@ class MpiStarWorker:
             req.Wait()
             raise
         if self.meta[0] == K_STOP:
-            return ("stop",)
+            return Stop()
         if params_out.device.type == "cpu":
             self.comm.Recv(params_out, source=0, tag=T_TENSOR)
         else:
             self.comm.Recv(self.host, source=0, tag=T_TENSOR)
             params_out.copy_(self.host, non_blocking=True)
-        return ("x", int(self.meta[1]))
+        return Params(int(self.meta[1]))
 
 
 # --------------------------------------------------------------------------- gossip
@@ -258,6 +262,9 @@ class MpiGossip:
         self._recv_buf = _host_buffer(x0.numel() * (2 if tracked else 1))
         self._srv_buf = _host_buffer(x0.numel() * (2 if tracked else 1))
         self.averages = 0
+        self.refused = 0  # averages this rank asked for and its peer refused (busy)
+        self.in_flight = False  # this rank's own average is on its way (under self.lock)
+        self._busy = _host_buffer(1)  # the refusal: a 1-element reply
         self.snapshots: list[tuple[float, int, Tensor]] = []  # rank 0: (wall, claimed, xs)
         self.snap_at: list[int] = []
         self.t0 = 0.0
@@ -276,19 +283,27 @@ class MpiGossip:
     def _serve(self) -> None:
         """Serve requests until told to stop. Two receives stay posted: small headers
         (snapshot, claim, stop) and averaging payloads, so an average is one message
-        each way."""
+        each way.
+
+        While this rank's own average is in flight, an average asked by a higher rank
+        waits (it is served as soon as this rank's average is done) and one asked by a
+        lower rank is refused (a 1-element reply). So every average is exact, and a
+        blocking wait only ever goes from a higher rank to a lower one: no cycle of
+        waits, no deadlock."""
         from mpi4py import MPI
 
         hdr = np.zeros(2, dtype=np.int64)
         status = MPI.Status()
-        n = self.x.numel()
         buf = self._srv_buf
+        waiting: list[tuple[int, Tensor]] = []  # (rank, its payload) deferred
         reqs = [self.comm.Irecv(hdr, source=MPI.ANY_SOURCE, tag=T_REQ),
                 self.comm.Irecv(buf, source=MPI.ANY_SOURCE, tag=T_DATA)]
         try:
             while True:
                 poll = _Poll()
                 while True:
+                    if waiting:
+                        waiting = self._serve_waiting(waiting)
                     idx, done = MPI.Request.Testany(reqs, status)
                     if done and idx != MPI.UNDEFINED:
                         break
@@ -296,13 +311,15 @@ class MpiGossip:
                 src = status.Get_source()
                 if idx == 1:  # an average: x <- (x + x_src) / 2, reply with it
                     with self.lock:
-                        torch.lerp(self.x, buf[:n], 0.5, out=self.x)
-                        buf[:n].copy_(self.x)
-                        if self.u is not None:
-                            torch.lerp(self.u, buf[n:], 0.5, out=self.u)
-                            buf[n:].copy_(self.u)
-                        self.version += 1
-                    self.comm.Send(buf, dest=src, tag=T_REPLY)
+                        busy = self.in_flight
+                        if not busy:
+                            self._blend(buf)
+                    if not busy:
+                        self.comm.Send(buf, dest=src, tag=T_REPLY)
+                    elif src > self.rank:  # wait until this rank's average is done
+                        waiting.append((src, buf.clone()))
+                    else:  # refuse: its model stays as it is
+                        self.comm.Send(self._busy, dest=src, tag=T_REPLY)
                     reqs[1] = self.comm.Irecv(buf, source=MPI.ANY_SOURCE, tag=T_DATA)
                     continue
                 kind = int(hdr[0])
@@ -327,6 +344,29 @@ class MpiGossip:
         except BaseException as e:  # noqa: BLE001 - surfaced by the training thread
             self.error = e
 
+    def _blend(self, payload: Tensor) -> None:
+        """Under the lock: x (and u) <- the mean with the payload's, written back into
+        the payload as the reply."""
+        n = self.x.numel()
+        torch.lerp(self.x, payload[:n], 0.5, out=self.x)
+        payload[:n].copy_(self.x)
+        if self.u is not None:
+            torch.lerp(self.u, payload[n:], 0.5, out=self.u)
+            payload[n:].copy_(self.u)
+        self.version += 1
+
+    def _serve_waiting(self, waiting: list[tuple[int, Tensor]]) -> list[tuple[int, Tensor]]:
+        """Serve the deferred averages once this rank's own is done; returns what still
+        waits."""
+        with self.lock:
+            if self.in_flight:
+                return waiting
+            for _, payload in waiting:
+                self._blend(payload)
+        for src, payload in waiting:
+            self.comm.Send(payload, dest=src, tag=T_REPLY)
+        return []
+
     def _check(self) -> None:
         if self.error is not None:
             raise RuntimeError(f"rank {self.rank}: gossip server failed: {self.error}")
@@ -346,26 +386,56 @@ class MpiGossip:
         self.losses[0] += loss
         self.losses[1] += 1
 
+    def wait_start(self, timeout: float) -> bool:
+        return True  # the ranks pass a barrier before training starts
+
+    def is_alive(self, j: int) -> bool:
+        return True  # a dead rank ends the whole job (no ULFM)
+
+    def optimizer_state(self) -> dict[str, Tensor] | None:
+        return None  # each rank keeps its own (no checkpoints of gossip under MPI)
+
     def snapshot(self, out: Tensor) -> int:
         with self.lock:
             out.copy_(self.x)
             return self.version
 
-    def average_with(self, j: int) -> None:
+    def average_with(self, j: int) -> bool:
+        """Average with rank ``j``; False if ``j`` refused because its own average was in
+        flight (nothing changed on either side; the caller goes on).
+
+        While this rank's average is in flight its server refuses incoming averages, so
+        every average that happens is exact: neither side's model changes between its
+        copy and the result (a concurrently served average would make the delta below an
+        affine, not a convex, combination: the tracked second moment could go negative
+        and the step blow up). No rank waits for another's cooperation, so no deadlock."""
+        from mpi4py import MPI
+
         self._check()
         n = self.x.numel()
         with self.lock:
+            self.in_flight = True
             sent = self._pack(self._send_buf)
-        req = self.comm.Irecv(self._recv_buf, source=j, tag=T_REPLY)
-        self.comm.Send(sent, dest=j, tag=T_DATA)
-        _wait(req, self.timeout, f"rank {self.rank}: rank {j}'s answer to an average")
-        delta = self._recv_buf.sub_(sent)  # avg - sent
-        with self.lock:  # as a delta: keep whatever touched x_i since it was sent
-            self.x.add_(delta[:n])
-            if self.u is not None:
-                self.u.add_(delta[n:])
-            self.version += 1
-        self.averages += 1
+        try:
+            req = self.comm.Irecv(self._recv_buf, source=j, tag=T_REPLY)
+            self.comm.Send(sent, dest=j, tag=T_DATA)
+            status = MPI.Status()
+            _wait(req, self.timeout, f"rank {self.rank}: rank {j}'s answer to an average",
+                  status=status)
+            if status.Get_count(MPI.FLOAT) == 1:  # refused: j is averaging with another
+                self.refused += 1
+                return False
+            delta = self._recv_buf.sub_(sent)  # avg - sent
+            with self.lock:  # as a delta: keep whatever touched x_i since it was sent
+                self.x.add_(delta[:n])
+                if self.u is not None:
+                    self.u.add_(delta[n:])
+                self.version += 1
+            self.averages += 1
+            return True
+        finally:
+            with self.lock:
+                self.in_flight = False
 
     def update_local(self, fn) -> int:
         with self.lock:

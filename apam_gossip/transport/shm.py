@@ -230,6 +230,9 @@ class ShmGossipEnd:
     def is_alive(self, j: int) -> bool:
         return bool(self.alive[j])
 
+    def wait_start(self, timeout: float) -> bool:
+        return bool(self.go.wait(timeout))
+
     def optimizer_state(self) -> dict[str, Tensor] | None:
         """This worker's rows of the shared optimizer state (views), if shared."""
         if not self.shared_opt_state:
@@ -260,8 +263,9 @@ class ShmGossipEnd:
         finally:
             self._release(i)
 
-    def average_with(self, j: int) -> None:
-        """Atomically set x_i, x_j (and u_i, u_j) to their mean (mixing weight 1/2)."""
+    def average_with(self, j: int) -> bool:
+        """Atomically set x_i, x_j (and u_i, u_j) to their mean (mixing weight 1/2);
+        always done here (both locks are taken), so always True."""
         i = self.worker
         a, b = (i, j) if i < j else (j, i)
         self._acquire(a)
@@ -281,6 +285,7 @@ class ShmGossipEnd:
                 self._release(b)
         finally:
             self._release(a)
+        return True
 
     def update_local(self, fn) -> int:
         """Run ``fn(x_i, u_i)`` under this worker's lock (a local step never interleaves

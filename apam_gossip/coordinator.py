@@ -1,0 +1,129 @@
+"""The one coordinator loop of every multi-process mode on one machine.
+
+The calling process starts the children of a mode (:class:`Mode.start`), then
+:class:`Coordinator` polls their control pipes and hands each typed message
+(:mod:`apam_gossip.messages`) to the mode; between polls the mode may act on time
+(:meth:`Mode.tick`: evaluation points, checkpoints). The coordinator owns what every
+mode needs the same way: the run's deadline, SIGTERM/SIGINT (asking the mode to stop in
+order, once; a second signal aborts), joining the children at the end and reporting
+a child that failed or would not exit. A mode is only: how its children start, what its
+messages mean, when it is finished and what result it builds.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any, Protocol
+
+from .messages import Interrupted
+from .procs import ChildFailed
+
+
+class RunTimeout(RuntimeError):
+    """The run exceeded ``config.timeout_s``."""
+
+
+class RunInterrupted(RuntimeError):
+    """SIGTERM/SIGINT stopped the run; ``checkpoint`` is where it was saved (or None)."""
+
+    def __init__(self, checkpoint: str | None, updates: int) -> None:
+        where = (f"checkpoint written to {checkpoint}; continue with --resume {checkpoint}"
+                 if checkpoint else "no --checkpoint was given, so nothing was saved")
+        super().__init__(f"run interrupted after {updates} updates; {where}")
+        self.checkpoint = checkpoint
+
+
+class Group(Protocol):
+    """What the coordinator needs of a process group (see :class:`~apam_gossip.procs.
+    ProcessGroup`; tests drive the coordinator with a fake one)."""
+
+    def poll(self, timeout: float) -> list[tuple[str, Any]]: ...
+
+    def alive(self) -> list[str]: ...
+
+    def join(self, timeout: float) -> bool: ...
+
+
+class Mode(Protocol):
+    """A mode's part of the loop."""
+
+    poll_s: float  # how long one poll may wait (the mode's reaction time)
+    interrupted: Interrupted | None  # set when the run stopped early on request
+
+    def handle(self, name: str, msg: Any) -> None:
+        """Act on one message from child ``name``."""
+
+    def tick(self) -> None:
+        """Called after every poll (time-driven work)."""
+
+    def finished(self) -> bool: ...
+
+    def finish(self) -> None:
+        """Called once :meth:`finished`, before the children are joined (the last
+        evaluation, the last checkpoint)."""
+
+    def request_stop(self) -> None:
+        """SIGTERM/SIGINT: checkpoint if configured and stop soon, then set
+        :attr:`interrupted` and report :meth:`finished`."""
+
+
+class SignalStop:
+    """While active (a context manager; only the main thread can install handlers),
+    SIGTERM and SIGINT set :attr:`flag` instead of killing the process; a second signal
+    raises KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __enter__(self) -> SignalStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Coordinator:
+    """Runs ``mode`` over ``group`` until it is finished, then joins the children."""
+
+    JOIN_TIMEOUT_S = 30.0
+    JOIN_AFTER_STOP_S = 10.0
+
+    def __init__(self, group: Group, mode: Mode, timeout_s: float) -> None:
+        self.group, self.mode, self.timeout_s = group, mode, timeout_s
+
+    def run(self) -> None:
+        """Raises :class:`RunTimeout` past the deadline, :class:`RunInterrupted` after an
+        orderly stop, :class:`~apam_gossip.procs.ChildFailed` for a failed child."""
+        deadline = time.monotonic() + self.timeout_s
+        stop_sent = False
+        with SignalStop() as stop:
+            while not self.mode.finished():
+                if stop.flag and not stop_sent:
+                    self.mode.request_stop()
+                    stop_sent = True
+                if time.monotonic() > deadline:
+                    raise RunTimeout(f"run exceeded timeout_s={self.timeout_s:g} s; still "
+                                     f"running: {', '.join(self.group.alive()) or 'none'}")
+                for name, msg in self.group.poll(self.mode.poll_s):
+                    self.mode.handle(name, msg)
+                self.mode.tick()
+            self.mode.finish()
+        stopped = self.mode.interrupted
+        if stopped is not None:
+            self.group.join(self.JOIN_AFTER_STOP_S)
+            raise RunInterrupted(stopped.checkpoint, stopped.updates)
+        if not self.group.join(self.JOIN_TIMEOUT_S):
+            raise ChildFailed(", ".join(self.group.alive()),
+                              "did not exit after the run finished")

@@ -1,0 +1,161 @@
+"""The control messages between worker processes and the coordinator, one class each.
+
+They travel through a control pipe on one machine (pickled; so they hold only plain
+Python and numpy data, never torch tensors: a tensor would travel as a shared-memory
+handle that an exiting sender could no longer serve) and stay in-process under MPI
+(:class:`LocalOutbox`). Models travel separately, through the transports' buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+# -- worker/master -> coordinator ----------------------------------------------------
+@dataclass(frozen=True)
+class Hello:
+    """A gossip worker has loaded its data and built its model."""
+
+    worker: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far training is (for progress display)."""
+
+    samples: int
+    updates: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A model to score is in slot ``slot`` of the shared snapshot buffer.
+
+    ``wall`` is training seconds, ``samples``/``updates`` what the model has seen,
+    ``train_loss`` the mean training loss since the previous snapshot, ``final`` marks
+    the model at the end of the run, ``extra`` mode-specific measures (consensus)."""
+
+    slot: int
+    wall: float
+    samples: int
+    updates: int
+    train_loss: float | None
+    final: bool = False
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MasterSummary:
+    """The APAM master at the end: what it applied, from whom, how stale."""
+
+    wall_time: float
+    updates: int
+    samples: int
+    staleness: dict[int, int]
+    updates_of: list[int]
+    samples_of: list[int]
+    failed_workers: list[int]
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """The master stopped early on request; ``checkpoint`` is where it saved (or None)."""
+
+    checkpoint: str | None
+    updates: int
+
+
+@dataclass
+class WorkerReport:
+    """One worker's account at its end, the same record in every mode.
+
+    ``updates``/``samples``: what it computed (centralized: the master counts what it
+    applied); ``wall_time``: its training seconds (synchronous modes); ``finished_at``:
+    the monotonic time it finished (gossip); ``staleness``: gossip's per-step staleness
+    histogram; ``audit``/``audit_vhat``: the sums ``--audit`` checks (gossip)."""
+
+    worker: int
+    device: str
+    compute_s: float
+    sleep_s: float
+    updates: int = 0
+    samples: int = 0
+    wall_time: float = 0.0
+    finished_at: float = 0.0
+    averages: int = 0
+    refused_averages: int = 0  # gossip over MPI: the peer was mid-average, none happened
+    staleness: dict[int, int] = field(default_factory=dict)
+    train_loss: tuple[float, int] = (0.0, 0)  # (sum, count) of its training losses
+    audit: np.ndarray | None = None
+    audit_vhat: np.ndarray | None = None
+
+
+# -- star (centralized) data plane: each travels with a model or a gradient ----------------
+@dataclass(frozen=True)
+class Params:
+    """Master -> worker: the model (in the transport's buffer) at ``version``."""
+
+    version: int
+
+
+@dataclass(frozen=True)
+class Grad:
+    """Worker -> master: a gradient (in the transport's buffer) computed at ``version``."""
+
+    version: int
+    samples: int
+    loss: float
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Master -> worker: the run is over."""
+
+
+# -- coordinator -> master ------------------------------------------------------------
+@dataclass(frozen=True)
+class StopRequest:
+    """Checkpoint (if configured) and stop now (the job got SIGTERM or Ctrl-C)."""
+
+
+# -- process group -> coordinator -----------------------------------------------------
+@dataclass(frozen=True)
+class ChildError:
+    """A child raised: its message and traceback (never tolerated)."""
+
+    message: str
+    details: str
+
+
+@dataclass(frozen=True)
+class Died:
+    """A child whose death the run tolerates was killed (``how``: "killed by signal 9")."""
+
+    how: str
+
+
+class LocalOutbox:
+    """Stands in for a control pipe when the coordinator is in the same process (MPI):
+    messages are kept in order; ``live(msg)`` may consume one at once (returns True)."""
+
+    def __init__(self, live: Callable[[Any], bool] | None = None) -> None:
+        self.messages: list[Any] = []
+        self.live = live
+
+    def send(self, msg: Any) -> None:
+        if self.live is None or not self.live(msg):
+            self.messages.append(msg)
+
+    def poll(self) -> bool:  # nothing arrives from a coordinator in-process
+        return False
+
+    def recv(self) -> Any:
+        raise EOFError("nothing is sent to an in-process outbox")
+
+    def of_type(self, cls: type) -> list[Any]:
+        return [m for m in self.messages if isinstance(m, cls)]

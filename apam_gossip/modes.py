@@ -1,0 +1,431 @@
+"""The multi-process modes on one machine (shared-memory transport), as
+:class:`~apam_gossip.coordinator.Mode` s: how each starts its processes, what its
+messages mean, when it is finished and what it returns. The loop itself is
+:class:`~apam_gossip.coordinator.Coordinator`'s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .algorithms import adpsgd, apam, sync
+from .algorithms.apam import CheckpointSpec
+from .algorithms.common import device_for, threads_per_worker
+from .checkpoint import save_checkpoint
+from .config import RunConfig
+from .coordinator import Coordinator, RunInterrupted
+from .data import Dataset
+from .evaluate import Evaluator
+from .messages import (
+    Died,
+    Hello,
+    Interrupted,
+    MasterSummary,
+    Progress,
+    Snapshot,
+    StopRequest,
+    WorkerReport,
+)
+from .optim import Optimizer
+from .plan import RunPlan, worker_config
+from .procs import ChildFailed, ProcessGroup
+from .reporting import (
+    AuditBase,
+    Callback,
+    Event,
+    SnapshotScorer,
+    audit_errors,
+    centralized_result,
+    decentralized_result,
+    gossip_eval_record,
+    sync_result,
+)
+from .result import EvalRecord, RunResult
+from .sequential import eval_device
+from .topology import neighbor_probabilities
+from .transport.shm import ShmGossip, ShmStar, ShmSync
+
+LOCK_TIMEOUT_S = 120.0
+
+
+def _worker_index(name: str) -> int:
+    return int(name.split()[1])  # children are named "worker <i>"
+
+
+def tolerate_workers(name: str) -> bool:
+    """The asynchronous modes survive a worker's death by a signal (not the master's)."""
+    return name.startswith("worker ")
+
+
+class ShmMode:
+    """What every mode on one machine sets up the same way: the plan, the data in shared
+    memory (workers map it instead of each holding a copy), the evaluator, each worker's
+    device and torch threads."""
+
+    poll_s = 0.5
+    tolerate = staticmethod(tolerate_workers)
+    # what each message means: the name of the method that takes it (a table on the
+    # class, not bound methods on the instance, so a mode is no reference cycle and its
+    # shared memory and semaphores are freed as soon as the run drops it)
+    HANDLERS: dict[type, str] = {Progress: "progress", WorkerReport: "report", Died: "died"}
+
+    def __init__(self, cfg: RunConfig, dataset: Dataset, cb: Callback) -> None:
+        torch.set_num_threads(1)  # the coordinator only evaluates; leave cores to workers
+        self.cfg, self.dataset, self.cb = cfg, dataset, cb
+        self.plan = RunPlan.of(cfg, dataset)
+        dataset.share_memory_()
+        self.evaluator = Evaluator(cfg.model, dataset, eval_device(cfg))
+        self.threads = threads_per_worker(cfg, cfg.workers)
+        self.devices = [str(device_for(cfg, i)) for i in range(cfg.workers)]
+        self.reports: dict[int, WorkerReport] = {}
+        self.dead: set[int] = set()
+        self.interrupted: Interrupted | None = None
+
+    def start(self, group: ProcessGroup) -> None:
+        raise NotImplementedError
+
+    def handle(self, name: str, msg: Any) -> None:
+        method = self.HANDLERS.get(type(msg))
+        if method is None:
+            raise AssertionError(f"unexpected message from {name}: {msg!r}")
+        getattr(self, method)(name, msg)
+
+    def tick(self) -> None:
+        pass
+
+    def finished(self) -> bool:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        pass
+
+    def request_stop(self) -> None:
+        raise NotImplementedError
+
+    def result(self) -> RunResult:
+        raise NotImplementedError
+
+    # the handlers every mode shares
+    def progress(self, name: str, msg: Progress) -> None:
+        self.cb(Event("progress", msg.samples, self.plan.total_samples))
+
+    def report(self, name: str, msg: WorkerReport) -> None:
+        self.reports[msg.worker] = msg
+
+    def died(self, name: str, msg: Died) -> None:
+        """A worker was killed; the run goes on without it."""
+        self.dead.add(_worker_index(name))
+        self.cb(Event("died", 0, self.plan.total_samples, None, f"{name} died ({msg.how})"))
+
+    def all_reported(self) -> bool:
+        return len(set(self.reports) | self.dead) >= self.cfg.workers
+
+
+class CentralizedMode(ShmMode):
+    """APAM: a master process and N worker processes (shared-memory star)."""
+
+    HANDLERS = {**ShmMode.HANDLERS, Snapshot: "snapshot", MasterSummary: "summarize",
+                Interrupted: "stopped"}
+
+    def __init__(self, cfg: RunConfig, dataset: Dataset, cb: Callback,
+                 ckpt: dict[str, Any] | None = None) -> None:
+        super().__init__(cfg, dataset, cb)
+        self.ckpt = ckpt
+        self.resumes = int(ckpt["resumes"]) + 1 if ckpt is not None else 0
+        self.snaps = torch.zeros(len(self.plan.eval_at) + 1, self.plan.numel).share_memory_()
+        self.scorer = SnapshotScorer(self.evaluator, self.snaps, self.plan.total_samples, cb)
+        self.summary: MasterSummary | None = None
+        self.group: ProcessGroup | None = None
+        # the transport lives as long as the mode: its semaphores and pipes must outlast
+        # the children's start-up (spawn unpickles them in the child later)
+        self.star = ShmStar(cfg.workers, self.plan.numel)
+
+    def start(self, group: ProcessGroup) -> None:
+        cfg, plan, star = self.cfg, self.plan, self.star
+        self.group = group
+        checkpoint = None if cfg.checkpoint is None else CheckpointSpec(
+            cfg.checkpoint, cfg.checkpoint_every_s, cfg.to_dict(), self.resumes)
+        group.start("master", apam.master_main,
+                    (star.master_end(), plan.x0, cfg.optim, plan.total, plan.eval_at,
+                     self.snaps, checkpoint, self.ckpt, cfg.timeout_s), threads=1)
+        wcfg = worker_config(cfg, self.resumes)
+        for i in range(cfg.workers):
+            group.start(f"worker {i}", apam.worker_main,
+                        (star.worker_end(i), wcfg, self.dataset, plan.shards[i],
+                         self.devices[i]), threads=self.threads)
+        star.close_parent_copies()
+        self.cb(Event("start", 0, plan.total_samples))
+
+    def snapshot(self, name: str, msg: Snapshot) -> None:
+        self.scorer(msg)
+
+    def summarize(self, name: str, msg: MasterSummary) -> None:
+        self.summary = msg
+
+    def stopped(self, name: str, msg: Interrupted) -> None:
+        self.interrupted = msg
+
+    def request_stop(self) -> None:
+        assert self.group is not None
+        self.group.send("master", StopRequest())
+
+    def finished(self) -> bool:
+        return self.interrupted is not None or (self.summary is not None
+                                                and self.all_reported())
+
+    def result(self) -> RunResult:
+        assert self.summary is not None
+        return centralized_result(self.cfg, self.summary, self.reports, self.devices,
+                                  self.scorer, self.plan.numel, "shm", failed=self.dead)
+
+
+class DecentralizedMode(ShmMode):
+    """AD-PSGD-style gossip: N worker processes, no master.
+
+    The coordinator only watches: at each evaluation point it copies all workers' models
+    at one instant (all locks, in order), and scores the average model x_bar and every
+    worker's own model; the consensus distance is mean_i |x_i - x_bar|^2.
+    """
+
+    poll_s = 0.02  # evaluation points are taken close to their update counts
+    HANDLERS = {**ShmMode.HANDLERS, Hello: "ready"}
+
+    def __init__(self, cfg: RunConfig, dataset: Dataset, cb: Callback,
+                 ckpt: dict[str, Any] | None = None) -> None:
+        super().__init__(cfg, dataset, cb)
+        plan = self.plan
+        self.gossip = g = ShmGossip(cfg.workers, plan.numel,
+                                    tracked=cfg.adaptive_state == "tracked")
+        g.x.copy_(plan.x0)  # every worker starts from the same model
+        g.share_optimizer_state(Optimizer(cfg.optim).init(torch.zeros(plan.numel)))
+        self.resumes, self.wall_before = 0, 0.0
+        self.points = [p for p in plan.eval_at if p < plan.total]  # the end is scored apart
+        if ckpt is not None:  # continue where the checkpoint left off
+            self.resumes, self.wall_before = int(ckpt["resumes"]) + 1, float(ckpt["wall_time"])
+            g.x.copy_(ckpt["x"])
+            if g.u is not None:
+                g.u.copy_(ckpt["u"])
+            for k, v in g.opt_state.items():
+                v.copy_(ckpt["opt_state"][k])
+            g.counters[0] = g.counters[1] = int(ckpt["completed"])
+            g.counters[2] = int(ckpt["averages"])
+            g.done_by.copy_(ckpt["done_by"])
+            self.points = [p for p in self.points if p > int(ckpt["completed"])]
+        # the audit starts from the models the workers start from (the checkpoint's)
+        self.audit_base = AuditBase.of(g.x, g.u, g.opt_state.get("vhat")) if cfg.audit \
+            else None
+        self.hello: set[int] = set()
+        self.t0 = 0.0
+        self.evals: list[EvalRecord] = []
+        self.last_loss = torch.zeros(cfg.workers, 2, dtype=torch.float64)
+        self.last_ckpt = self.last_progress = time.monotonic()
+        self.stopping = False
+        self.final_params: torch.Tensor | None = None
+
+    def start(self, group: ProcessGroup) -> None:
+        cfg, plan = self.cfg, self.plan
+        wcfg = worker_config(cfg, self.resumes)
+        for i in range(cfg.workers):
+            nb, p = plan.neighbors(i)
+            group.start(f"worker {i}", adpsgd.worker_main,
+                        (self.gossip.end(i, LOCK_TIMEOUT_S), wcfg, self.dataset,
+                         plan.shards[i], self.devices[i], nb, p, plan.total),
+                        threads=self.threads)
+        self.cb(Event("start", 0, plan.total_samples))
+
+    def ready(self, name: str, msg: Hello) -> None:
+        self.hello.add(msg.worker)
+        if len(self.hello) == self.cfg.workers:  # all ready: the clock starts
+            self.t0 = time.monotonic() - self.wall_before
+            self.gossip.go.set()
+
+    def died(self, name: str, msg: Died) -> None:
+        """Its neighbours stop choosing it and the locks it held are freed."""
+        super().died(name, msg)
+        self.gossip.recover(_worker_index(name))
+        if len(self.dead) == self.cfg.workers:
+            raise ChildFailed("workers", "all workers died")
+
+    def tick(self) -> None:
+        if not self.gossip.go.is_set() or self.stopping:
+            return
+        now = time.monotonic()
+        if self.cfg.checkpoint is not None and now - self.last_ckpt > self.cfg.checkpoint_every_s:
+            self.save()
+            self.last_ckpt = time.monotonic()
+        done = int(self.gossip.counters[1])
+        if self.points and self.points[0] <= done:
+            self.evaluate(now - self.t0)
+            while self.points and self.points[0] <= done:
+                self.points.pop(0)
+        elif now - self.last_progress > 0.25:
+            total = self.plan.total_samples
+            self.cb(Event("progress", done * self.cfg.data.batch_size, total))
+            self.last_progress = now
+
+    def request_stop(self) -> None:
+        self.gossip.stop[0] = 1  # workers finish their current update and exit
+        self.stopping = True
+
+    def finished(self) -> bool:
+        return self.all_reported()
+
+    def finish(self) -> None:
+        if self.stopping:  # every worker has stopped: the copy is consistent
+            if self.cfg.checkpoint is not None:
+                self.save()
+            self.interrupted = Interrupted(self.cfg.checkpoint, int(self.gossip.counters[1]))
+        else:
+            wall = max(r.finished_at for r in self.reports.values()) - self.t0
+            self.final_params = self.evaluate(wall)
+
+    def save(self) -> None:
+        # models, optimizer states and counters all from one instant (under every lock)
+        c = self.gossip.consistent_copy(LOCK_TIMEOUT_S, with_opt_state=True)
+        save_checkpoint(self.cfg.checkpoint, {
+            "config": self.cfg.to_dict(), "mode": "decentralized", "x": c.x, "u": c.u,
+            "opt_state": c.opt_state, "completed": c.completed, "averages": c.averages,
+            "done_by": c.done_by, "wall_time": time.monotonic() - self.t0,
+            "resumes": self.resumes,
+        })
+
+    def evaluate(self, wall: float) -> torch.Tensor:
+        """Score the models now (the living workers'); returns the average model."""
+        c = self.gossip.consistent_copy(LOCK_TIMEOUT_S)
+        xs = c.x
+        if self.dead:
+            xs = xs[[i for i in range(self.cfg.workers) if i not in self.dead]]
+        losses = self.gossip.losses.clone()
+        d = losses - self.last_loss
+        self.last_loss = losses
+        train_loss = float(d[:, 0].sum() / d[:, 1].sum()) if d[:, 1].sum() > 0 else None
+        rec, xbar = gossip_eval_record(self.cfg, self.evaluator, xs, wall, c.completed,
+                                       train_loss, c.averages)
+        self.evals.append(rec)
+        self.cb(Event("eval", rec.samples, self.plan.total_samples, rec))
+        return xbar
+
+    def result(self) -> RunResult:
+        cfg = self.cfg
+        wall = max(r.finished_at for r in self.reports.values()) - self.t0
+        if self.audit_base is not None and not self.dead:  # a death mid-average breaks it
+            self.evals[-1].extra.update(audit_errors(self.audit_base, self.gossip.x,
+                                                     self.gossip.u, self.reports))
+        for w in self.dead:  # what it did before it died
+            n = int(self.gossip.done_by[w])
+            self.reports[w] = WorkerReport(w, self.devices[w], 0.0, 0.0, updates=n,
+                                           samples=n * cfg.data.batch_size)
+        return decentralized_result(cfg, self.reports, wall, self.devices, self.evals,
+                                    self.final_params, self.plan.numel, "shm",
+                                    failed=self.dead)
+
+
+class SyncMode(ShmMode):
+    """The synchronous baselines (allreduce, dpsgd): N worker processes in lockstep.
+
+    The budget is the same number of gradients as the asynchronous modes, in rounds of
+    one gradient per worker: rounds = ceil(total updates / workers)."""
+
+    tolerate = staticmethod(lambda name: False)  # a lost worker stalls every round
+    HANDLERS = {**ShmMode.HANDLERS, Snapshot: "snapshot"}
+
+    def __init__(self, cfg: RunConfig, dataset: Dataset, cb: Callback) -> None:
+        super().__init__(cfg, dataset, cb)
+        self.snaps = torch.zeros(len(self.plan.eval_at) + 1, self.plan.numel).share_memory_()
+        self.scorer = SnapshotScorer(self.evaluator, self.snaps, self.plan.total_samples, cb)
+        self.sync = ShmSync(cfg.workers, self.plan.numel)  # outlasts the children's start
+
+    def snapshot(self, name: str, msg: Snapshot) -> None:
+        self.scorer(msg)
+
+    def start(self, group: ProcessGroup) -> None:
+        cfg, plan, state = self.cfg, self.plan, self.sync
+        for i in range(cfg.workers):
+            weights, nbrs = plan.mixing(i)
+            group.start(f"worker {i}", sync.sync_worker_main,
+                        (state.end(i, cfg.timeout_s), cfg, self.dataset, plan.shards[i],
+                         self.devices[i], plan.x0, plan.rounds, plan.eval_at, self.snaps,
+                         weights, nbrs), threads=self.threads)
+        self.cb(Event("start", 0, plan.total_samples))
+
+    def finished(self) -> bool:
+        return self.all_reported()
+
+    def request_stop(self) -> None:  # no checkpoints in lockstep modes: stop at once
+        raise RunInterrupted(None, max((r.updates for r in self.reports.values()), default=0))
+
+    def result(self) -> RunResult:
+        return sync_result(self.cfg, self.reports, self.devices, self.scorer,
+                           self.plan.rounds, self.plan.numel, "shm")
+
+
+class ConsensusMode:
+    """Gossip with no gradients (learning rate 0): ``averages`` pairwise averages per
+    worker from the rows of ``x0`` ([n, d]) on ``graph``; for tests and benchmarks of the
+    averaging itself. Pairwise averaging is doubly stochastic, so the mean of the rows is
+    conserved and the rows converge to it."""
+
+    poll_s = 0.2
+    interrupted = None
+
+    def __init__(self, graph, x0: torch.Tensor, averages: int, seed: int,
+                 lock_timeout: float) -> None:
+        self.n = x0.shape[0]
+        self.gossip = ShmGossip(self.n, x0.shape[1], dtype=x0.dtype)
+        self.gossip.x.copy_(x0)
+        self.nbp = neighbor_probabilities(graph)
+        self.averages, self.seed, self.lock_timeout = averages, seed, lock_timeout
+        self.hello: set[int] = set()
+        self.done: set[int] = set()
+
+    def start(self, group: ProcessGroup) -> None:
+        for i in range(self.n):
+            nb, p = self.nbp[i]
+            group.start(f"worker {i}", adpsgd.gossip_worker_main,
+                        (self.gossip.end(i, self.lock_timeout), nb, p, self.averages,
+                         self.seed * 1000 + i))
+
+    def handle(self, name: str, msg: Any) -> None:
+        if isinstance(msg, Hello):
+            self.hello.add(msg.worker)
+            if len(self.hello) == self.n:
+                self.gossip.go.set()
+        elif isinstance(msg, WorkerReport):
+            self.done.add(msg.worker)
+        else:
+            raise AssertionError(f"unexpected message from {name}: {msg!r}")
+
+    def tick(self) -> None:
+        pass
+
+    def finished(self) -> bool:
+        return len(self.done) == self.n
+
+    def finish(self) -> None:
+        pass
+
+    def request_stop(self) -> None:
+        raise RunInterrupted(None, 0)
+
+
+def run_mode(mode: Any, timeout_s: float) -> None:
+    """Start ``mode``'s processes and coordinate them to the end (always reaped)."""
+    with ProcessGroup(tolerate=getattr(mode, "tolerate", None)) as group:
+        mode.start(group)
+        Coordinator(group, mode, timeout_s).run()
+
+
+def gossip_consensus(graph, x0: torch.Tensor, averages_per_worker: int, seed: int = 0,
+                     timeout_s: float = 120.0) -> torch.Tensor:
+    """Run real gossip processes on ``graph`` from the rows of ``x0`` with no gradient
+    steps (see :class:`ConsensusMode`); returns the final rows."""
+    mode = ConsensusMode(graph, x0, averages_per_worker, seed, timeout_s)
+    run_mode(mode, timeout_s)
+    return mode.gossip.x.clone()
+
+
+__all__ = ["CentralizedMode", "DecentralizedMode", "SyncMode", "ConsensusMode", "run_mode",
+           "gossip_consensus"]

@@ -1,0 +1,208 @@
+"""What every runner reports, written once: progress events, snapshot scoring, worker
+statistics, the RunResult of each mode, and the gossip audit.
+
+Both the shared-memory runner (:mod:`apam_gossip.modes`) and the MPI runner
+(:mod:`apam_gossip.runner_mpi`) build their results here, so a RunResult means the same
+whichever transport produced it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .evaluate import Evaluator
+from .messages import MasterSummary, Snapshot, WorkerReport
+from .result import EvalRecord, RunResult, WorkerStats
+
+WORKER_EVAL_SAMPLES = 2000  # test samples used to score each gossip worker's own model
+
+
+@dataclass
+class Event:
+    """Progress notifications for a UI: ``kind`` is "start", "progress", "eval" or "died"
+    (a worker process died and the run goes on without it; ``message`` says which)."""
+
+    kind: str
+    samples: int = 0
+    total_samples: int = 0
+    record: EvalRecord | None = None
+    message: str = ""
+
+
+Callback = Callable[[Event], None]
+
+
+def no_callback(ev: Event) -> None:
+    """The callback of a run nobody watches."""
+
+
+class SnapshotScorer:
+    """Scores the models that :class:`~apam_gossip.messages.Snapshot` messages announce
+    (the model sits in ``snaps[msg.slot]``) into EvalRecords, and keeps the final model.
+
+    The final snapshot of a run whose last evaluation point already scored the same
+    model (same update count) is not scored twice."""
+
+    def __init__(self, evaluator: Evaluator, snaps: torch.Tensor, total_samples: int,
+                 cb: Callback) -> None:
+        self.evaluator, self.snaps, self.total_samples, self.cb = (
+            evaluator, snaps, total_samples, cb)
+        self.evals: list[EvalRecord] = []
+        self.final_params: torch.Tensor | None = None
+
+    def __call__(self, msg: Snapshot) -> None:
+        params = self.snaps[msg.slot]
+        if msg.final:
+            self.final_params = params.clone()
+            if self.evals and self.evals[-1].updates == msg.updates:
+                return
+        loss, acc = self.evaluator(params)
+        rec = EvalRecord(msg.wall, msg.samples, msg.updates, msg.train_loss, loss, acc,
+                         extra=dict(msg.extra))
+        self.evals.append(rec)
+        self.cb(Event("eval", msg.samples, self.total_samples, rec))
+
+
+def worker_stats(cfg: RunConfig, reports: dict[int, WorkerReport], devices: list[str],
+                 wall: float, updates_of: list[int] | None = None,
+                 samples_of: list[int] | None = None) -> list[WorkerStats]:
+    """One WorkerStats per worker, in worker order. ``updates_of``/``samples_of`` (the
+    centralized master's counts of what it applied) replace the workers' own counts; a
+    worker with no report (it died) has zero timing."""
+    out = []
+    for i in range(cfg.workers):
+        r = reports.get(i) or WorkerReport(i, devices[i], 0.0, 0.0)
+        updates = updates_of[i] if updates_of is not None else r.updates
+        samples = samples_of[i] if samples_of is not None else r.samples
+        out.append(WorkerStats(worker=i, device=devices[i], slowdown=cfg.slowdown_of(i),
+                               updates=updates, samples=samples,
+                               samples_per_s=samples / wall if wall else 0.0,
+                               compute_s=r.compute_s, sleep_s=r.sleep_s))
+    return out
+
+
+def centralized_result(cfg: RunConfig, summary: MasterSummary,
+                       reports: dict[int, WorkerReport], devices: list[str],
+                       scorer: SnapshotScorer, n_params: int, transport: str,
+                       failed: Iterable[int] = ()) -> RunResult:
+    """The RunResult of APAM from the master's summary and the workers' reports."""
+    wall = summary.wall_time
+    return RunResult(
+        config=cfg.to_dict(), mode="centralized", transport=transport, n_params=n_params,
+        wall_time=wall, updates=summary.updates, samples=summary.samples, evals=scorer.evals,
+        staleness=dict(summary.staleness),
+        workers=worker_stats(cfg, reports, devices, wall, summary.updates_of,
+                             summary.samples_of),
+        final_params=scorer.final_params,
+        failed_workers=sorted(set(failed) | set(summary.failed_workers)),
+    )
+
+
+def sync_result(cfg: RunConfig, reports: dict[int, WorkerReport], devices: list[str],
+                scorer: SnapshotScorer, rounds: int, n_params: int,
+                transport: str) -> RunResult:
+    """The RunResult of a synchronous baseline (allreduce, dpsgd)."""
+    wall = max(r.wall_time for r in reports.values())
+    workers = worker_stats(cfg, reports, devices, wall)
+    return RunResult(
+        config=cfg.to_dict(), mode=cfg.mode, transport=transport, n_params=n_params,
+        wall_time=wall, updates=rounds, samples=sum(w.samples for w in workers),
+        evals=scorer.evals, staleness={0: rounds}, workers=workers,
+        final_params=scorer.final_params,
+    )
+
+
+def decentralized_result(cfg: RunConfig, reports: dict[int, WorkerReport], wall: float,
+                         devices: list[str], evals: list[EvalRecord],
+                         final_params: torch.Tensor | None, n_params: int, transport: str,
+                         failed: Iterable[int] = ()) -> RunResult:
+    """The RunResult of gossip from the workers' reports."""
+    staleness: dict[int, int] = {}
+    for r in reports.values():
+        for k, v in r.staleness.items():
+            staleness[int(k)] = staleness.get(int(k), 0) + v
+    workers = worker_stats(cfg, reports, devices, wall)
+    return RunResult(
+        config=cfg.to_dict(), mode="decentralized", transport=transport, n_params=n_params,
+        wall_time=wall, updates=sum(w.updates for w in workers),
+        samples=sum(w.samples for w in workers), evals=evals, staleness=staleness,
+        workers=workers, final_params=final_params, failed_workers=sorted(failed),
+    )
+
+
+def gossip_eval_record(cfg: RunConfig, evaluator: Evaluator, xs: torch.Tensor, wall: float,
+                       done: int, train_loss: float | None,
+                       averages: int | None) -> tuple[EvalRecord, torch.Tensor]:
+    """Score the average model x_bar and each worker's model; returns (record, x_bar)."""
+    xbar = xs.mean(0)
+    consensus = float(((xs - xbar) ** 2).sum(1).mean())
+    loss, acc = evaluator(xbar)
+    # each worker's own model on a slice of the test set: n full evaluations per point
+    # would steal the workers' CPU on a small machine
+    n_test = min(WORKER_EVAL_SAMPLES, len(evaluator.y))
+    accs = [evaluator(xs[i], limit=n_test)[1] for i in range(len(xs))] if len(xs) > 1 \
+        else [acc]
+    extra: dict[str, Any] = {
+        "consensus_distance": consensus, "worst_worker_acc": min(accs),
+        "mean_worker_acc": sum(accs) / len(accs), "worker_eval_samples": n_test,
+    }
+    if averages is not None:
+        extra["averages"] = averages
+    rec = EvalRecord(wall, done * cfg.data.batch_size, done, train_loss, loss, acc,
+                     extra=extra)
+    return rec, xbar
+
+
+def mean_train_loss(reports: Iterable[WorkerReport]) -> float | None:
+    total = [r.train_loss for r in reports]
+    n = sum(c for _, c in total)
+    return sum(s for s, _ in total) / n if n else None
+
+
+# ------------------------------------------------------------------ the gossip audit
+@dataclass
+class AuditBase:
+    """The starting point of ``--audit``: sum_i x_i and, with a tracked second moment,
+    sum_i (u_i - vhat_i), in float64 (see :mod:`apam_gossip.algorithms.adpsgd`)."""
+
+    x_sum: torch.Tensor
+    u_minus_vhat: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, xs: torch.Tensor, us: torch.Tensor | None = None,
+           vhats: torch.Tensor | None = None) -> AuditBase:
+        uv = None
+        if us is not None:
+            uv = us.double().sum(0) - (vhats.double().sum(0) if vhats is not None else 0.0)
+        return cls(xs.double().sum(0), uv)
+
+
+def audit_errors(base: AuditBase, xs: torch.Tensor, us: torch.Tensor | None,
+                 reports: dict[int, WorkerReport]) -> dict[str, float]:
+    """Relative errors of the gossip invariants at the end of a run (see --audit):
+    ``audit_error``: sum_i x_i(end) vs the start plus every local step; with a tracked u,
+    ``audit_u_error``: sum_i (u_i - vhat_i)(end) vs the start, and how far apart the
+    workers' u (``u_spread``, gossiped) and vhat (``vhat_spread``, private) are."""
+    steps = sum(torch.from_numpy(r.audit) for r in reports.values() if r.audit is not None)
+    expect = base.x_sum + steps
+    out = {"audit_error": float((xs.double().sum(0) - expect).norm() / expect.norm())}
+    if us is not None and base.u_minus_vhat is not None:
+        vhats = torch.stack([torch.from_numpy(r.audit_vhat) for r in reports.values()
+                             if r.audit_vhat is not None])
+        u_sum = us.double().sum(0)
+        err = (u_sum - vhats.sum(0) - base.u_minus_vhat).norm() / u_sum.norm().clamp(min=1e-300)
+        out["audit_u_error"] = float(err)
+        out["u_spread"] = _spread(us.double())
+        out["vhat_spread"] = _spread(vhats)
+    return out
+
+
+def _spread(rows: torch.Tensor) -> float:
+    """mean_i |r_i - mean r|^2 / |mean r|^2."""
+    mean = rows.mean(0)
+    return float(((rows - mean) ** 2).sum(1).mean() / (mean**2).sum().clamp(min=1e-300))

@@ -1,0 +1,72 @@
+"""The sequential reference: one process, the same optimizer, data and seed as the
+parallel modes (a 1-worker asynchronous run sees exactly its batches)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .algorithms.common import LocalWorker, device_for, threads_per_worker
+from .config import RunConfig
+from .data import Dataset
+from .evaluate import Evaluator
+from .optim import Optimizer
+from .plan import RunPlan
+from .reporting import Callback, Event
+from .result import EvalRecord, RunResult, WorkerStats
+
+
+def eval_device(cfg: RunConfig) -> torch.device:
+    """Where the coordinator (or rank 0) scores models: the first GPU if wanted and
+    present, else the CPU."""
+    return torch.device("cuda", 0) if cfg.device != "cpu" and torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def run_sequential(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResult:
+    """Plain sequential training; evaluation pauses the clock, so ``wall_time`` is
+    training time only."""
+    torch.set_num_threads(threads_per_worker(cfg, 1))
+    plan = RunPlan.of(cfg, dataset, n_shards=1)
+    w = LocalWorker.build(cfg, dataset, plan.shards[0], 0, device_for(cfg, 0))
+    w.flat.params.copy_(plan.x0)
+    opt = Optimizer(cfg.optim)
+    state = opt.init(w.flat.params)
+    evaluator = Evaluator(cfg.model, dataset, eval_device(cfg))
+    total, total_samples = plan.total, plan.total_samples
+    points = set(plan.eval_at)
+    evals: list[EvalRecord] = []
+    train_time, samples, loss_sum, loss_n = 0.0, 0, 0.0, 0
+    cb(Event("start", 0, total_samples))
+    last_progress = time.monotonic()
+
+    def evaluate(k: int) -> None:
+        nonlocal loss_sum, loss_n
+        loss, acc = evaluator(w.flat.params)
+        rec = EvalRecord(train_time, samples, k, loss_sum / loss_n if loss_n else None, loss, acc)
+        evals.append(rec)
+        loss_sum, loss_n = 0.0, 0
+        cb(Event("eval", samples, total_samples, rec))
+
+    evaluate(0)
+    for k in range(1, total + 1):
+        t = time.perf_counter()
+        loss, n, _ = w.gradient()
+        opt.update(w.flat.params, w.flat.grads, state, lr=opt.lr_at(k, total))
+        train_time += time.perf_counter() - t
+        samples += n
+        loss_sum += loss
+        loss_n += 1
+        if k in points:
+            evaluate(k)
+        elif time.monotonic() - last_progress > 0.25:
+            cb(Event("progress", samples, total_samples))
+            last_progress = time.monotonic()
+    stats = WorkerStats(0, str(w.device), w.slowdown, total, samples,
+                        samples / train_time if train_time else 0.0, w.compute_s, w.sleep_s)
+    return RunResult(
+        config=cfg.to_dict(), mode="sequential", transport="none", n_params=w.flat.numel,
+        wall_time=train_time, updates=total, samples=samples, evals=evals, staleness={0: total},
+        workers=[stats], final_params=w.flat.params.detach().cpu().clone(),
+    )
