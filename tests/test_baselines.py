@@ -50,6 +50,7 @@ def test_one_worker_sync_equals_sequential(digits, mode):
     assert (a.final_params - s.final_params).abs().max().item() <= 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["allreduce", "dpsgd"])
 def test_sync_baselines_learn_digits(digits, mode):
     r = run(make_cfg(mode=mode, workers=4, epochs=15, evals=3, optim={"lr": 2e-3},
@@ -59,6 +60,7 @@ def test_sync_baselines_learn_digits(digits, mode):
         assert r.evals[-1].extra["consensus_distance"] < 0.1
 
 
+@pytest.mark.slow
 def test_async_sgd_is_the_centralized_mode_with_sgd(digits):
     """Asynchronous SGD through the APAM master learns. The step is small enough for the
     staleness of 3 workers on a loaded 2-core machine: with lr 0.05 and momentum 0.9 (an
@@ -108,6 +110,7 @@ def test_random_straggler_sleeps(digits):
     assert w.sleep_s == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce", "dpsgd"])
 def test_slow_links_slow_every_mode(digits, mode):
     fast = run(make_cfg(mode=mode, workers=2, steps=40), dataset=digits)

@@ -71,6 +71,7 @@ def test_bad_profiles_are_one_line_errors(tmp_path, capsys, content, needle):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(170)
 def test_bench_smoke_runs_every_mode(tmp_path):
     """The CI smoke size: every mode of the 8-worker one-slow-worker profile, real

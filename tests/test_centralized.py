@@ -33,6 +33,7 @@ def cen_cfg(result) -> RunConfig:
     return RunConfig.from_dict(result.config)
 
 
+@pytest.mark.slow
 def test_slow_worker_does_not_block_fast_ones(digits):
     """Worker 3 is 10x slower than the others: the master keeps serving the fast ones.
 

@@ -31,6 +31,7 @@ def _cfg(tmp_path, **kw) -> RunConfig:
     return make_cfg(RUN, {"checkpoint": str(tmp_path / "run.ckpt")}, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["centralized", "decentralized"])
 def test_sigterm_checkpoints_and_resume_reaches_the_target(tmp_path, digits, mode):
     cfg = _cfg(tmp_path, mode=mode, optim={"lr": 2e-3 if mode == "centralized" else 4e-3},
@@ -72,6 +73,7 @@ def test_sigterm_checkpoints_and_resume_reaches_the_target(tmp_path, digits, mod
     assert r.evals[0].updates >= done  # the resumed run continues, not restarts
 
 
+@pytest.mark.slow
 def test_periodic_checkpoints(tmp_path, digits):
     cfg = _cfg(tmp_path, epochs=15, checkpoint_every_s=0.05)
     r = run(cfg, dataset=digits)
@@ -112,6 +114,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_checkpoint_survives_a_kill_during_its_own_write(tmp_path):
     path = tmp_path / "c.ckpt"
     save_checkpoint(path, {"config": {}, "k": 0, "x": torch.zeros(3_000_000)})

@@ -124,6 +124,7 @@ def test_help_is_fast_and_clean():
     assert p.returncode == 0 and "train" in p.stdout and "demo" in p.stdout
 
 
+@pytest.mark.slow
 def test_compare_prints_table_and_writes_plot(tmp_path):
     out, plot = tmp_path / "cmp.json", tmp_path / "cmp.png"
     p = subprocess.run(

@@ -22,6 +22,7 @@ def _cfg(**kw) -> RunConfig:
     return make_cfg(RUN, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topology", ["complete", "ring"])
 def test_gossip_conserves_the_mean_and_reaches_consensus(topology):
     """Learning rate 0 (gossip only), 8 different random models: pairwise averaging is
@@ -39,6 +40,7 @@ def test_gossip_conserves_the_mean_and_reaches_consensus(topology):
     assert dist <= 1e-6 * dist0, f"consensus distance {dist} vs initial {dist0}"
 
 
+@pytest.mark.slow
 def test_no_hang_repeated_complete_graph_8_workers(digits):
     """Heavy contention: 8 workers all averaging with each other. Every run must finish
     within its timeout (a deadlock would trip timeout_s and fail the test)."""
@@ -56,7 +58,7 @@ def test_no_hang_repeated_complete_graph_8_workers(digits):
 
 @pytest.mark.parametrize("adaptive_state,optim", [
     ("local", {"name": "amsgrad"}),
-    ("tracked", {"name": "amsgrad"}),
+    pytest.param("tracked", {"name": "amsgrad"}, marks=pytest.mark.slow),
 ])
 def test_ring_of_4_learns_digits(digits, adaptive_state, optim):
     r = run(_cfg(workers=4, topology="ring", epochs=15, adaptive_state=adaptive_state,
@@ -70,6 +72,7 @@ def test_ring_of_4_learns_digits(digits, adaptive_state, optim):
     assert sum(r.staleness.values()) == r.updates
 
 
+@pytest.mark.slow
 def test_plain_sgd_adpsgd_learns(digits):
     r = run(_cfg(workers=4, topology="ring", epochs=15,
                  optim={"name": "sgd", "lr": 0.05, "momentum": 0.9}), dataset=digits)
@@ -90,7 +93,8 @@ def test_topology_file_with_wrong_node_count_is_a_user_error(digits):
         run(_cfg(workers=4, topology="topologies/ring8.edgelist", steps=10), dataset=digits)
 
 
-@pytest.mark.parametrize("adaptive_state", ["local", "tracked"])
+@pytest.mark.parametrize("adaptive_state", [pytest.param("local", marks=pytest.mark.slow),
+                                            "tracked"])
 def test_audit_no_local_step_is_lost_to_a_concurrent_average(digits, adaptive_state):
     """sum_i x_i(end) must equal sum_i x_i(0) plus every local step ever applied: an
     average that overwrote a concurrent step (or a dropped step) would break it."""

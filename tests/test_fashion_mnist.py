@@ -10,6 +10,7 @@ from apam_gossip.runner import run
 
 pytestmark = [
     pytest.mark.timeout(300),
+    pytest.mark.slow,
     pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
                        reason="needs Debian's dataset-fashion-mnist (launch/setup.sh installs it)"),
 ]

@@ -14,7 +14,7 @@ from apam_gossip.runner import run
 
 from helpers import make_cfg
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
 def _cfg(mode: str, **kw) -> RunConfig:

@@ -19,7 +19,7 @@ from apam_gossip.errors import UserError
 from apam_gossip.profiles import load_profile
 from apam_gossip.topology import TopologyError, load_topology, validate_topology
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 N = 1000
 SETTINGS = settings(max_examples=N, deadline=None, database=None,
                     suppress_health_check=list(HealthCheck))

@@ -57,7 +57,9 @@ def test_centralized_over_mpi_converges_on_digits(tmp_path):
     assert p.stdout.count("result written to") == 1  # only rank 0 reports
 
 
-@pytest.mark.parametrize("adaptive_state", ["local", "tracked"])
+@pytest.mark.slow
+@pytest.mark.parametrize("adaptive_state", ["local", pytest.param("tracked",
+                                                                   marks=pytest.mark.slow)])
 def test_decentralized_over_mpi_converges_and_loses_nothing(tmp_path, adaptive_state):
     out = tmp_path / "d.json"
     p = mpirun(4, *cli("train", "--mode", "decentralized", "--topology",
@@ -78,6 +80,7 @@ def test_decentralized_over_mpi_converges_and_loses_nothing(tmp_path, adaptive_s
         assert last["u_spread"] < 0.5 * last["vhat_spread"], last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topology", ["complete", "ring"])
 def test_conservation_over_mpi(tmp_path, topology):
     out = tmp_path / "x.pt"
@@ -93,6 +96,7 @@ def test_conservation_over_mpi(tmp_path, topology):
     assert d <= 1e-6 * d0, (d, d0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["centralized", "decentralized"])
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, mode):
     out = tmp_path / "f.json"
@@ -103,6 +107,7 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, mode):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_readme_launch_script(tmp_path):
     out = tmp_path / "l.json"
     script = HERE.parent / "launch" / "mpirun.sh"
@@ -116,6 +121,7 @@ def test_readme_launch_script(tmp_path):
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "-n N" in p.stderr
 
 
+@pytest.mark.slow
 def test_shm_transport_is_refused_under_mpirun(tmp_path):
     p = mpirun(2, *cli("train", "--transport", "shm", "--steps", "10",
                        "-o", str(tmp_path / "s.json")), timeout=120)
@@ -123,6 +129,7 @@ def test_shm_transport_is_refused_under_mpirun(tmp_path):
     assert "would start 2 separate runs" in p.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["allreduce", "dpsgd"])
 def test_sync_baselines_over_mpi(tmp_path, mode):
     out = tmp_path / "s.json"
@@ -138,6 +145,7 @@ def test_sync_baselines_over_mpi(tmp_path, mode):
     assert d["workers"][1]["sleep_s"] > d["workers"][1]["compute_s"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["centralized", "decentralized"])
 def test_both_modes_over_tcp_only(tmp_path, mode):
     """btl self,tcp on loopback: no shared memory between ranks, as across hosts."""
@@ -178,6 +186,7 @@ def _rank_pid(rank: int, marker: str) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_killed_rank_aborts_in_bounded_time_and_leaves_a_usable_checkpoint(tmp_path):
     """OpenMPI here has no fault-tolerance extensions: a dead rank ends the job. The master
     checkpoints periodically, so the run resumes from the last checkpoint."""
