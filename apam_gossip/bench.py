@@ -23,9 +23,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .algorithms.common import available_cores
+from .compare import fair_share
+from .config import RunConfig
+from .data import load_dataset
 from .errors import UserError
 from .files import atomic_write_bytes, atomic_write_text
 from .mpirun import run_mpirun
+from .optim import Optimizer
+from .runner import check_runnable, run
+from .transport.mpi import MpiGossip, _wait, world
+from .transport.shm import ShmGossip
 
 
 def _run_cli(args: list[str], n_mpi: int | None, timeout: float) -> dict:
@@ -60,7 +68,6 @@ def pairwise_worker(size_mb: float, reps: int) -> None:
     """Body of ``bench pairwise`` under ``mpirun -n 2``: rank 0 prints a JSON line."""
     import torch
 
-    from .transport.mpi import MpiGossip, _wait, world
 
     comm, rank, size = world()
     if size != 2:
@@ -220,9 +227,6 @@ def plot_profile(profile, results: dict, path: Path) -> tuple[Path, Path]:
 def bench_profile(profile, out: Path, quiet: bool = False, callback_factory=None) -> dict:
     """Run every mode of ``profile`` on the same model, data, seed and budget; write the
     JSON (table rows + all RunResults) and two PNGs next to ``out``."""
-    from .compare import fair_share
-    from .data import load_dataset
-    from .runner import check_runnable, run
 
     base = profile.base
     # every mode checked before the first run, all with the same core budget rule
@@ -269,7 +273,6 @@ def bench_master(numel: int = 1_000_000, reps: int = 50) -> dict:
     x; copy x into the slot) at the bandwidth of a large memcpy measured here."""
     import torch
 
-    from .optim import Optimizer
 
     torch.set_num_threads(1)
     opt = Optimizer("amsgrad")
@@ -298,7 +301,6 @@ def bench_shm_pairwise(numel: int = 2**20, reps: int = 50) -> dict:
     """One shared-memory pairwise average (both locks, blend, copy back) vs a memcpy."""
     import torch
 
-    from .transport.shm import ShmGossip
 
     torch.set_num_threads(1)
     g = ShmGossip(2, numel)
@@ -313,9 +315,6 @@ def bench_shm_pairwise(numel: int = 2**20, reps: int = 50) -> dict:
 
 def bench_scaling(modes: list[str], max_workers: int, base: dict, repeats: int = 1) -> list:
     """Homogeneous scaling: samples/s with N workers / (N x samples/s with 1 worker)."""
-    from .config import RunConfig
-    from .data import load_dataset
-    from .runner import run
 
     cfg0 = RunConfig.from_dict(base)
     dataset = load_dataset(cfg0.data.dataset, cfg0.data.data_dir)
@@ -361,7 +360,6 @@ def _cli_master(a) -> Iterator[str]:
 
 
 def _cli_scaling(a) -> Iterator[str]:
-    from .algorithms.common import available_cores
 
     # one torch thread per worker at every N: the 1-worker run must not use all cores
     base = {"model": "lenet5", "epochs": 1, "evals": 1, "topology": "complete",

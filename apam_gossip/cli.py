@@ -1,8 +1,10 @@
-"""Command line: ``apam-gossip train | compare | topology | demo``.
+"""Command line: ``apam-gossip train | compare | topology | bench | demo``.
 
 Every user mistake (flag, file, config value, missing data) ends in one line on stderr,
 ``apam-gossip: error: ...``, and exit code 2, without a traceback and without writing a
-partial output file.
+partial output file. The run flags are generated from the config schema
+(:mod:`apam_gossip.config`). Each command imports the heavy modules it needs (torch, the
+runners) when it runs, so ``apam-gossip --help`` stays well under a second.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import __version__
+from .config import ConfigError, RunConfig, load_config, merge, nest, schema_fields, to_toml
 from .errors import UserError
 
 PROG = "apam-gossip"
@@ -110,7 +114,6 @@ def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True,
     every key is a flag (``--optim.lr``), plus its short aliases (``--lr``). ``single_run``
     adds those that only make sense for one run (--checkpoint, --resume, --save-model),
     which compare does not take."""
-    from .config import schema_fields
 
     groups: dict[str, Any] = {}
 
@@ -249,7 +252,6 @@ def _build_config(a: argparse.Namespace, base: dict[str, Any] | None = None):
     invalid value that came from a flag is reported with the flag's name."""
     import re
 
-    from .config import ConfigError, RunConfig, load_config, merge, nest
 
     values, flags = _overrides(a)
     over = merge(base or {}, nest(values))
@@ -266,7 +268,6 @@ def _build_config(a: argparse.Namespace, base: dict[str, Any] | None = None):
 
 
 def _print_config(cfg) -> int:
-    from .config import to_toml
 
     print(to_toml(cfg.to_dict()), end="")
     return 0
@@ -327,7 +328,6 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     resume = getattr(a, "resume", None)
     if resume:
         from .checkpoint import load_checkpoint
-        from .config import RunConfig
 
         given = _given(a)
         if given:
@@ -594,7 +594,6 @@ DEMO = {
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Asynchronous distributed training: centralized APAM "
                 "(async AMSGrad master/worker) and decentralized gossip (AD-PSGD).")
-    from . import __version__
 
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)

@@ -230,3 +230,35 @@ def test_the_readme_demo_runs_and_ends_near_its_best(tmp_path):
     assert d["final_accuracy"] >= 0.95, accs
     assert accs[-1] >= max(accs) - 0.01, accs  # a first impression should not end on a drop
     assert "demo: centralized APAM" in p.stdout and "final test accuracy" in p.stdout
+
+
+def test_print_config_round_trips_and_flags_are_the_keys(tmp_path, capsys):
+    """Every config key is a flag; --print-config writes TOML that --config reads back."""
+    from apam_gossip.config import RunConfig, load_config, schema_fields
+
+    argv = ["train", "--workers", "3", "--optim.lr", "0.01", "--batch-size", "8",
+            "--network.latency-ms", "2.5", "--slowdown", "1,2,3", "--no-optim.bias-correction",
+            "--straggler-prob", "0.1", "--network.links", "[[0, 1, 5, 1]]", "--print-config"]
+    assert main(argv) == 0
+    path = tmp_path / "printed.toml"
+    path.write_text(capsys.readouterr().out)
+    cfg = load_config(path)
+    assert cfg == RunConfig.from_dict({
+        "workers": 3, "optim": {"lr": 0.01, "bias_correction": False},
+        "data": {"batch_size": 8}, "slowdown": [1, 2, 3], "straggler_prob": 0.1,
+        "network": {"latency_ms": 2.5, "links": [[0, 1, 5, 1]]}})
+    from apam_gossip.cli import build_parser
+
+    flags = {o for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+             for o in a.option_strings}
+    assert {spec.flag for spec in schema_fields()} <= flags  # no key without its flag
+
+
+def test_version_and_defaults_in_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("apam-gossip 0.1.0")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--optim.lr X, --lr X" in out and "(default: 0.001)" in out
