@@ -14,15 +14,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["run", "RunConfig", "DataConfig", "OptimConfig", "RunResult", "UserError",
-           "load_model", "__version__"]
+__all__ = ["run", "compare", "RunConfig", "DataConfig", "OptimConfig", "RunResult",
+           "Metric", "UserError", "load_model", "__version__"]
 
 if TYPE_CHECKING:
+    from .compare import compare
     from .config import DataConfig, OptimConfig, RunConfig
     from .errors import UserError
     from .model_io import load_model
     from .result import RunResult
     from .runner import run
+    from .task import Metric
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import apam_gossip` stays cheap until used
@@ -38,6 +40,14 @@ def __getattr__(name: str) -> Any:  # lazy: `import apam_gossip` stays cheap unt
         from .result import RunResult
 
         return RunResult
+    if name == "compare":
+        from .compare import compare
+
+        return compare
+    if name == "Metric":
+        from .task import Metric
+
+        return Metric
     if name == "load_model":
         from .model_io import load_model
 

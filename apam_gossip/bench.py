@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from .algorithms.common import available_cores
-from .compare import fair_share
+from .compare import fair_share, metric_axis
 from .config import RunConfig
 from .data import load_dataset
 from .errors import UserError
 from .files import atomic_write_bytes, atomic_write_text
 from .mpirun import run_mpirun
 from .optim import Optimizer
+from .result import format_metric
 from .runner import check_runnable, run
 from .transport.mpi import MpiGossip, _wait, world
 from .transport.shm import ShmGossip
@@ -134,19 +135,21 @@ def isolated_ceiling(r) -> float:
 
 
 def profile_rows(profile, results: dict, n_train: int) -> list[dict]:
-    """Per mode: time and epochs to target, final accuracy, samples/s, speed-up over the
+    """Per mode: time and epochs to target, the final metric, samples/s, speed-up over the
     synchronous all-reduce (AMSGrad) baseline, and throughput as a fraction of the ceiling."""
     base = results.get("allreduce-amsgrad")
-    base_t = base.time_to_accuracy(profile.target) if base is not None else None
+    base_t = base.time_to_target(profile.target) if base is not None else None
     rows = []
     for name, r in results.items():
-        t = r.time_to_accuracy(profile.target)
-        s = next((e.samples for e in r.evals if e.test_acc >= profile.target), None)
+        reached = r.first_reaching(profile.target)
+        t = reached.wall_time if reached else None
+        s = reached.samples if reached else None
         ceiling = isolated_ceiling(r)
         rows.append({
             "mode": name, "workers": len(r.workers), "time_to_target_s": t,
             "samples_to_target": s,
             "epochs_to_target": s / n_train if s is not None else None,
+            "metric": r.metric, "final_metric": r.final_metric,
             "final_acc": r.final_accuracy, "samples_per_s": r.samples_per_s,
             "speedup_vs_allreduce": (base_t / t) if (base_t and t) else None,
             "throughput_fraction_of_ceiling": r.samples_per_s / ceiling if ceiling else None,
@@ -159,14 +162,17 @@ def profile_table(profile, rows: list[dict]) -> str:
     def f(v, fmt):
         return format(v, fmt) if v is not None else "-"
 
-    head = (f"{'mode':<18}{'workers':>8}{'time to ' + format(profile.target, '.0%'):>13}"
-            f"{'epochs to':>10}{'final acc':>10}{'samples/s':>11}{'speed-up':>9}"
+    metric = rows[0]["metric"] if rows else "accuracy"
+    head = (f"{'mode':<18}{'workers':>8}{'time to target':>15}"
+            f"{'epochs to':>10}{'final ' + metric:>15}{'samples/s':>11}{'speed-up':>9}"
             f"{'of ceiling':>11}")
-    lines = [f"profile {profile.name} ({profile.path})", head, "-" * len(head)]
+    lines = [f"profile {profile.name} ({profile.path}), target {profile.target:g}", head,
+             "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['mode']:<18}{r['workers']:>8}{f(r['time_to_target_s'], '.2f'):>13}"
-            f"{f(r['epochs_to_target'], '.2f'):>10}{100 * r['final_acc']:>9.2f}%"
+            f"{r['mode']:<18}{r['workers']:>8}{f(r['time_to_target_s'], '.2f'):>15}"
+            f"{f(r['epochs_to_target'], '.2f'):>10}"
+            f"{format_metric(r['metric'], r['final_metric']):>15}"
             f"{r['samples_per_s']:>11.0f}{f(r['speedup_vs_allreduce'], '.2f'):>9}"
             f"{f(r['throughput_fraction_of_ceiling'], '.0%'):>11}")
     lines.append("speed-up: time to target of allreduce-amsgrad / this mode's; of ceiling: "
@@ -187,13 +193,14 @@ def plot_profile(profile, results: dict, path: Path) -> tuple[Path, Path]:
     fig = Figure(figsize=(8, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
+    scale, ylabel = metric_axis(next(iter(results.values())))
     for name, r in results.items():
-        ax.plot([e.wall_time for e in r.evals], [100 * e.test_acc for e in r.evals],
+        ax.plot([e.wall_time for e in r.evals], [scale * e.test_metric for e in r.evals],
                 marker="o", ms=3, label=name)
-    ax.axhline(100 * profile.target, color="grey", ls="--", lw=0.8)
+    ax.axhline(scale * profile.target, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("wall time (s, training only)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{profile.name}: accuracy vs time")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{profile.name}: {ylabel.split(' (')[0]} vs time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .config import ConfigError, RunConfig, load_config, merge, nest, schema_fields, to_toml
 from .errors import UserError
+from .result import format_metric
 
 PROG = "apam-gossip"
 
@@ -137,7 +138,7 @@ def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True,
         names = [spec.flag, *spec.flags]
         help_text = spec.help + _default_text(spec.default)
         ann = str(spec.annotation)
-        if spec.annotation is bool:
+        if spec.is_bool:
             g.add_argument(*names, action=_SetKey, key=spec.path, nargs=0, const_value=True,
                            default=argparse.SUPPRESS, help=help_text)
             g.add_argument("--no-" + spec.flag[2:], action=_SetKey, key=spec.path, nargs=0,
@@ -306,7 +307,24 @@ def _rank_prefix() -> str:
 
 def _default_output(cfg) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{cfg.mode}-{cfg.model}-{cfg.data.dataset}.json"
+    return Path("runs") / _file_name(f"{stamp}-{cfg.mode}-{cfg.model}-{cfg.data.dataset}.json")
+
+
+def _file_name(name: str) -> str:
+    """A file name from names that may be import strings (``pkg.nets:make``)."""
+    import re
+
+    return re.sub(r"[^\w.-]+", "_", name)
+
+
+def check_target(flag: str, target: float, metric: str) -> None:
+    """A target accuracy is in (0, 1]; other metrics' targets are any finite number."""
+    import math
+
+    if metric == "accuracy" and not 0 < target <= 1:
+        raise UserError(f"{flag} must be an accuracy in (0, 1], got {target}")
+    if not math.isfinite(target):
+        raise UserError(f"{flag} must be a finite number, got {target}")
 
 
 def _check_output(path: Path) -> None:
@@ -320,9 +338,7 @@ def _check_output(path: Path) -> None:
 
 def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
            banner: str | None = None) -> int:
-
-
-    from .data import load_dataset
+    from .data import load_data
     from .runner import run
 
     resume = getattr(a, "resume", None)
@@ -343,7 +359,7 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     _check_output(out)
     if a.save_model:
         _check_output(Path(a.save_model))
-    dataset = load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    dataset = load_data(cfg)
     rank, size = _mpi_rank(cfg)
     if rank != 0:
         a.quiet = True
@@ -354,7 +370,7 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
         cfg = cfg.replace(workers=n)
     if banner and not a.quiet:
         print(banner)
-    ui = _ProgressUI(quiet=a.quiet)
+    ui = _ProgressUI(quiet=a.quiet, metric=cfg.metric)
     if not a.quiet:
         slow = ", ".join(f"worker {i} x{s:g}" for i, s in enumerate(cfg.slowdown) if s > 1)
         n_workers = 1 if cfg.mode == "sequential" else cfg.workers
@@ -372,10 +388,10 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     result.save(out)
     if a.save_model:
         from .model_io import save_model
+        from .runner import make_task
 
         norm = dataset.normalization
-        save_model(a.save_model, result.final_params, model=cfg.model,
-                   in_shape=dataset.in_shape, n_classes=dataset.n_classes,
+        save_model(a.save_model, result.final_params, make_task(cfg, dataset, check=False),
                    dataset=cfg.data.dataset, normalization=norm.to_dict() if norm else None)
     if not a.quiet:
         print(summary_text(result))
@@ -385,14 +401,13 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
 
 def _compare(a: argparse.Namespace) -> int:
     from .compare import compare, comparison_table, plot_comparison, save_comparison
-    from .data import load_dataset
+    from .data import load_data
 
-    if not 0 < a.target <= 1:
-        raise UserError(f"--target must be an accuracy in (0, 1], got {a.target}")
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     if not modes:
         raise UserError("--modes is empty; give e.g. --modes centralized,decentralized")
     cfg = _build_config(a)
+    check_target("--target", a.target, cfg.metric)
     if a.print_config:
         return _print_config(cfg)
     from .compare import mode_configs
@@ -400,12 +415,12 @@ def _compare(a: argparse.Namespace) -> int:
     mode_configs(cfg, modes)  # every mode's config is valid before the first run starts
     _warn_ignored(a, cfg, modes)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(a.output) if a.output else Path("runs") / f"{stamp}-compare-{cfg.model}-" \
-        f"{cfg.data.dataset}.json"
+    out = Path(a.output) if a.output else Path("runs") / _file_name(
+        f"{stamp}-compare-{cfg.model}-{cfg.data.dataset}.json")
     plot = Path(a.plot) if a.plot else out.with_suffix(".png")
     _check_output(out)
     _check_output(plot)
-    dataset = load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    dataset = load_data(cfg)
 
     def announce(r) -> None:
         if not a.quiet:
@@ -417,7 +432,7 @@ def _compare(a: argparse.Namespace) -> int:
             print(f"--- {m}: {cfg.workers if m != 'sequential' else 1} worker(s), {cfg.model} "
                   f"on {cfg.data.dataset}" + (f", topology {cfg.topology}"
                                               if m == "decentralized" else ""))
-        ui = _ProgressUI(quiet=a.quiet)
+        ui = _ProgressUI(quiet=a.quiet, metric=cfg.metric)
         try:
             results += compare(cfg, [m], dataset=dataset, callback=ui, on_result=announce)
         finally:
@@ -452,8 +467,9 @@ def _bench(a: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(a.output) if a.output else Path("runs") / f"bench-{profile.name}-{stamp}.json"
     _check_output(out)
+    metric = profile.base.metric
     r = bench_profile(profile, out, quiet=a.quiet,
-                      callback_factory=lambda: _ProgressUI(quiet=a.quiet))
+                      callback_factory=lambda: _ProgressUI(quiet=a.quiet, metric=metric))
     print(profile_table(profile, r["rows"]))
     print(f"results written to {out}; plots: {r['pngs'][0]}, {r['pngs'][1]}")
     return 0
@@ -493,8 +509,9 @@ class _ProgressUI:
     where a bar cannot redraw, a plain line every ``every_s`` seconds. Evaluations are
     printed as lines either way."""
 
-    def __init__(self, quiet: bool, plain: bool | None = None, every_s: float = 10.0) -> None:
-        self.quiet = quiet
+    def __init__(self, quiet: bool, plain: bool | None = None, every_s: float = 10.0,
+                 metric: str = "accuracy") -> None:
+        self.quiet, self.metric = quiet, metric
         self.plain = (not sys.stderr.isatty()) if plain is None else plain
         self.every_s = every_s
         self.bar = None
@@ -533,7 +550,8 @@ class _ProgressUI:
             r = ev.record
             loss = f"{r.train_loss:.4f}" if r.train_loss is not None else "  -   "
             self._write(f"  t={r.wall_time:7.2f}s  samples={r.samples:>9}  "
-                        f"train_loss={loss}  test_acc={100 * r.test_acc:6.2f}%")
+                        f"train_loss={loss}  test_{self.metric}="
+                        f"{format_metric(self.metric, r.test_metric):>7}")
             self.last_line = time.monotonic()
 
     def _write(self, text: str) -> None:
@@ -552,12 +570,13 @@ def summary_text(r) -> str:
     lines = [
         f"{r.mode} ({r.transport}): {r.updates} updates, {r.samples} samples in "
         f"{r.wall_time:.2f} s ({r.samples_per_s:.0f} samples/s); "
-        f"final test accuracy {100 * r.final_accuracy:.2f}%",
+        f"final test {r.metric} {format_metric(r.metric, r.final_metric)}",
     ]
     if r.mode == "decentralized" and r.evals:
         x = r.evals[-1].extra
-        lines.append(f"averaged model x_bar: {100 * r.final_accuracy:.2f}%; worst worker "
-                     f"{100 * x['worst_worker_acc']:.2f}%; consensus distance "
+        lines.append(f"averaged model x_bar: {format_metric(r.metric, r.final_metric)}; worst "
+                     f"worker {format_metric(r.metric, x['worst_worker_metric'])}; consensus "
+                     f"distance "
                      f"{x['consensus_distance']:.3e}; {x['averages']} pairwise averages"
                      + (f" ({x['refused_averages']} refused: the peer was mid-average)"
                         if x.get("refused_averages") else "")
@@ -609,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--modes", default="centralized,decentralized,sequential",
                    help="comma-separated modes to run (default: all three)")
     c.add_argument("--target", type=float, default=0.9,
-                   help="target test accuracy in [0, 1] for the time-to-accuracy column")
+                   help="the test metric to reach, for the time-to-target column (accuracy: a "
+                   "fraction in (0, 1]; a lower-is-better metric is reached at or below it)")
     c.add_argument("--plot", metavar="PNG", help="plot path (default: next to --output)")
     g = sub.add_parser("topology", help="describe (and draw) a gossip topology",
                        description="Load or generate a topology, validate it for N workers, "

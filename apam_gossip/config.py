@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from .errors import UserError
+from .imports import is_import_string
 
 # -- the vocabulary ---------------------------------------------------------------------
 Mode = Literal["centralized", "decentralized", "sequential", "allreduce", "dpsgd"]
@@ -48,6 +49,17 @@ PARTITIONS: tuple[str, ...] = get_args(Partition)
 DEVICES: tuple[str, ...] = get_args(Device)
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
 ADAPTIVE_STATES: tuple[str, ...] = get_args(AdaptiveState)
+LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "l1")
+METRICS: tuple[str, ...] = ("accuracy", "mse", "mae", "rmse")
+
+
+def _builtin_or_import(key: str, value: str, builtins: tuple[str, ...]) -> None:
+    """A built-in name or an import string (imported when the run starts, in the process
+    that needs it, not here)."""
+    if value not in builtins and not is_import_string(value):
+        names = f"one of {', '.join(builtins)} or " if builtins else ""
+        raise _rule(key, f"must be {names}an import string 'package.module:attribute', "
+                    f"got {value!r}")
 
 # lists come from TOML/JSON as lists: accept those for tuples, but keep the elements strict
 Floats = Annotated[tuple[Annotated[float, Strict()], ...], Field(strict=False)]
@@ -104,7 +116,10 @@ class OptimConfig(_Section):
 class DataConfig(_Section):
     """Dataset, its per-worker partition and the per-worker mini-batch size."""
 
-    dataset: DatasetName = _f("digits", "dataset (all read from local files)", "--dataset")
+    dataset: str = _f("digits", "a built-in dataset (digits, fashion-mnist, mnist, cifar10: all "
+                      "read from local files) or an import string 'package.module:function' "
+                      "naming a function that returns (train, test) datasets",
+                      "--dataset", "--data")
     data_dir: str | None = _f(None, "folder with dataset files (torchvision layout); "
                               "fashion-mnist also reads Debian's package", "--data-dir")
     partition: Partition = _f("iid", "how the training data is split over workers",
@@ -116,6 +131,17 @@ class DataConfig(_Section):
                                  "--train-limit", ge=1)
     test_limit: int | None = _f(None, "use only the first N test samples", "--test-limit",
                                 ge=1)
+    num_workers: int = _f(0, "a user's datasets: DataLoader worker processes per worker",
+                          ge=0, le=64)
+    collate_fn: str | None = _f(None, "a user's datasets: the DataLoader's collate_fn, as an "
+                                "import string")
+
+    @model_validator(mode="after")
+    def _names(self) -> DataConfig:
+        _builtin_or_import("dataset", self.dataset, DATASETS)
+        if self.collate_fn is not None:
+            _builtin_or_import("collate_fn", self.collate_fn, ())
+        return self
 
 
 class NetworkConfig(_Section):
@@ -171,7 +197,17 @@ class RunConfig(_Section):
                     "(synchronous baselines)")
     workers: int = _f(4, "number of workers (under mpirun: taken from the ranks)", ge=1,
                       le=4096)
-    model: ModelName = _f("mlp", "model")
+    model: str = _f("mlp", "a built-in model (mlp, lenet5, allcnn) or an import string "
+                    "'package.module:factory' naming a zero-argument function or class that "
+                    "returns a torch.nn.Module")
+    loss: str = _f("cross_entropy", "cross_entropy, mse, l1, or an import string naming "
+                   "loss(output, target) -> scalar tensor")
+    metric: str = _f("accuracy", "the test metric: accuracy (higher is better), mse, mae, rmse "
+                     "(lower is better), or an import string naming metric(outputs, targets) "
+                     "-> float or a Metric")
+    metric_higher_is_better: bool | None = _f(None, "which way the metric improves (default: "
+                                              "the built-in metric's own; a user's function: "
+                                              "higher)")
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     epochs: float = _f(1.0, "sample budget in passes over the training data", gt=0, le=1e6)
@@ -208,6 +244,9 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         """The rules that tie several fields together."""
+        _builtin_or_import("model", self.model, MODELS)
+        _builtin_or_import("loss", self.loss, LOSSES)
+        _builtin_or_import("metric", self.metric, METRICS)
         if self.adaptive_state == "tracked" and self.optim.name != "amsgrad":
             raise _rule("adaptive_state", f"tracked needs optim.name amsgrad, got "
                         f"{self.optim.name!r}")
@@ -432,6 +471,11 @@ def to_toml(d: dict[str, Any]) -> str:
 # -- the schema, walked (for the command line and the profiles' short keys) -----------------
 class FieldSpec:
     """One leaf key of the schema: its dotted ``path``, type, default, help and aliases."""
+
+    @property
+    def is_bool(self) -> bool:
+        """A switch (``bool``, or ``bool | None`` where None means "the default")."""
+        return self.annotation is bool or set(get_args(self.annotation)) == {bool, type(None)}
 
     def __init__(self, path: str, annotation: Any, default: Any, help: str,
                  flags: list[str]) -> None:

@@ -3,14 +3,18 @@
 ``apam-gossip train --save-model PATH`` (and :func:`save_model`) writes a file that
 ``torch.load(PATH, weights_only=True)`` reads without running code from it::
 
-    {"format": "apam_gossip.model/1",
-     "model": "lenet5", "model_args": {"in_shape": [1, 28, 28], "n_classes": 10},
-     "state_dict": {...},                      # tensors, as nn.Module.state_dict()
+    {"format": "apam_gossip.model/2",
+     "model": "lenet5",                         # a built-in name or an import string
+     "model_args": {"in_shape": [1, 28, 28], "n_classes": 10},   # built-in models only
+     "seed": 0,                                 # the run's seed (frozen parameters)
+     "state_dict": {...},                       # tensors, as nn.Module.state_dict()
      "dataset": "fashion-mnist",
-     "normalization": {"scale": 255.0, "mean": [...], "std": [...]}}
+     "normalization": {"scale": 255.0, "mean": [...], "std": [...]} or None}
 
-:func:`load_model` returns the ready ``nn.Module`` (in eval mode); the normalization says
-how raw images become its inputs: ``x = (raw / scale - mean_c) / std_c``.
+:func:`load_model` returns the ready ``nn.Module`` (in eval mode): a built-in model by
+name, a user's model by calling its factory again (its import string must import where
+the model is loaded). The normalization says how raw images become the built-in datasets'
+inputs: ``x = (raw / scale - mean_c) / std_c``.
 """
 
 from __future__ import annotations
@@ -25,39 +29,35 @@ from torch import Tensor, nn
 from .errors import UserError
 from .files import atomic_write_bytes
 from .flat import flatten
+from .imports import is_import_string
 from .models import MODELS, build_model
+from .task import Task
 
-FORMAT = "apam_gossip.model/1"
-
-
-def model_from_flat(name: str, in_shape: tuple[int, int, int], n_classes: int,
-                    params: Tensor) -> nn.Module:
-    """Build model ``name`` and load the flat parameter vector ``params`` into it."""
-    model = build_model(name, in_shape, n_classes)
-    flat = flatten(model, "cpu")
-    if params.numel() != flat.numel:
-        raise ValueError(f"{name} has {flat.numel} parameters but the vector has "
-                         f"{params.numel()}")
-    flat.params.copy_(params.detach().to("cpu", flat.params.dtype))
-    for p in model.parameters():  # plain parameters again, not views of the flat buffer
-        p.data = p.data.clone()
-        p.grad = None
-    return model
+FORMAT = "apam_gossip.model/2"
+FORMATS = (FORMAT, "apam_gossip.model/1")
 
 
-def save_model(path: str | Path, params: Tensor, *, model: str,
-               in_shape: tuple[int, int, int], n_classes: int, dataset: str = "",
+def save_model(path: str | Path, state: Tensor, task: Task, *, dataset: str = "",
                normalization: dict[str, Any] | None = None) -> None:
-    """Write the model with flat parameters ``params`` to ``path`` (atomically)."""
-    module = model_from_flat(model, in_shape, n_classes, params)
-    state = {
-        "format": FORMAT, "model": model,
-        "model_args": {"in_shape": list(in_shape), "n_classes": int(n_classes)},
+    """Write the model whose state vector ``[params | buffers]`` is ``state`` to ``path``
+    (atomically)."""
+    module = task.build_model()
+    flat = flatten(module, "cpu", who=f"model {task.model_name}")
+    if state.numel() != flat.numel:
+        raise ValueError(f"model {task.model_name} has a state of {flat.numel} values but "
+                         f"the vector has {state.numel()}")
+    flat.state.copy_(state.detach().to("cpu", flat.state.dtype))
+    builtin = isinstance(task.model, str) and task.model in MODELS
+    saved = {
+        "format": FORMAT, "model": task.model_name,
+        "model_args": {"in_shape": list(task.in_shape or ()), "n_classes": task.n_classes}
+        if builtin else {},
+        "seed": task.seed,
         "state_dict": {k: v.detach().clone() for k, v in module.state_dict().items()},
         "dataset": dataset, "normalization": normalization,
     }
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(saved, buf)
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
@@ -72,20 +72,24 @@ def read_saved_model(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file is a user error
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read saved model {p}: {msg[:200]}") from None
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
+    if not isinstance(d, dict) or d.get("format") not in FORMATS:
         raise UserError(f"{p} is not a model saved by apam_gossip ({FORMAT}); "
                         "write one with 'apam-gossip train --save-model PATH'")
-    if d.get("model") not in MODELS:
-        raise UserError(f"{p}: unknown model {d.get('model')!r}")
+    if d.get("model") not in MODELS and not is_import_string(d.get("model")):
+        raise UserError(f"{p}: the model {d.get('model')!r} was given as a Python object, "
+                        "not an import string; rebuild it with your code and "
+                        "load_state_dict(read_saved_model(path)['state_dict'])")
     return d
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """The ``nn.Module`` saved at ``path``, weights loaded, in eval mode. Its inputs are
-    normalized as ``read_saved_model(path)["normalization"]`` says."""
+    """The ``nn.Module`` saved at ``path``, weights loaded, in eval mode."""
     d = read_saved_model(path)
-    args = d["model_args"]
-    model = build_model(d["model"], tuple(args["in_shape"]), int(args["n_classes"]))
+    args = d.get("model_args") or {}
+    if d["model"] in MODELS:
+        model = build_model(d["model"], tuple(args["in_shape"]), int(args["n_classes"]))
+    else:
+        model = Task(d["model"], seed=int(d.get("seed", 0))).build_model()
     try:
         model.load_state_dict(d["state_dict"])
     except (RuntimeError, KeyError, TypeError) as e:

@@ -17,7 +17,6 @@ from .algorithms.common import device_for, threads_per_worker
 from .checkpoint import save_checkpoint
 from .config import RunConfig
 from .coordinator import Coordinator, RunInterrupted
-from .data import Dataset
 from .evaluate import Evaluator
 from .messages import (
     Died,
@@ -45,6 +44,7 @@ from .reporting import (
 )
 from .result import EvalRecord, RunResult
 from .sequential import eval_device
+from .task import Task
 from .topology import neighbor_probabilities
 from .transport.shm import ShmGossip, ShmStar, ShmSync
 
@@ -72,12 +72,12 @@ class ShmMode:
     # shared memory and semaphores are freed as soon as the run drops it)
     HANDLERS: dict[type, str] = {Progress: "progress", WorkerReport: "report", Died: "died"}
 
-    def __init__(self, cfg: RunConfig, dataset: Dataset, cb: Callback) -> None:
+    def __init__(self, cfg: RunConfig, task: Task, data: Any, cb: Callback) -> None:
         torch.set_num_threads(1)  # the coordinator only evaluates; leave cores to workers
-        self.cfg, self.dataset, self.cb = cfg, dataset, cb
-        self.plan = RunPlan.of(cfg, dataset)
-        dataset.share_memory_()
-        self.evaluator = Evaluator(cfg.model, dataset, eval_device(cfg))
+        self.cfg, self.task, self.data, self.cb = cfg, task, data, cb
+        self.plan = RunPlan.of(cfg, data, task)
+        data.share_memory_()
+        self.evaluator = Evaluator(task, data, eval_device(cfg))
         self.threads = threads_per_worker(cfg, cfg.workers)
         self.devices = [str(device_for(cfg, i)) for i in range(cfg.workers)]
         self.reports: dict[int, WorkerReport] = {}
@@ -130,9 +130,9 @@ class CentralizedMode(ShmMode):
     HANDLERS = {**ShmMode.HANDLERS, Snapshot: "snapshot", MasterSummary: "summarize",
                 Interrupted: "stopped"}
 
-    def __init__(self, cfg: RunConfig, dataset: Dataset, cb: Callback,
+    def __init__(self, cfg: RunConfig, task: Task, data: Any, cb: Callback,
                  ckpt: dict[str, Any] | None = None) -> None:
-        super().__init__(cfg, dataset, cb)
+        super().__init__(cfg, task, data, cb)
         self.ckpt = ckpt
         self.resumes = int(ckpt["resumes"]) + 1 if ckpt is not None else 0
         self.snaps = torch.zeros(len(self.plan.eval_at) + 1, self.plan.numel).share_memory_()
@@ -150,11 +150,12 @@ class CentralizedMode(ShmMode):
             cfg.checkpoint, cfg.checkpoint_every_s, cfg.to_dict(), self.resumes)
         group.start("master", apam.master_main,
                     (star.master_end(), plan.x0, cfg.optim, plan.total, plan.eval_at,
-                     self.snaps, checkpoint, self.ckpt, cfg.timeout_s), threads=1)
+                     self.snaps, checkpoint, self.ckpt, cfg.timeout_s, plan.n_params),
+                    threads=1)
         wcfg = worker_config(cfg, self.resumes)
         for i in range(cfg.workers):
             group.start(f"worker {i}", apam.worker_main,
-                        (star.worker_end(i), wcfg, self.dataset, plan.shards[i],
+                        (star.worker_end(i), wcfg, self.task, self.data, plan.shards[i],
                          self.devices[i]), threads=self.threads)
         star.close_parent_copies()
         self.cb(Event("start", 0, plan.total_samples))
@@ -179,7 +180,7 @@ class CentralizedMode(ShmMode):
     def result(self) -> RunResult:
         assert self.summary is not None
         return centralized_result(self.cfg, self.summary, self.reports, self.devices,
-                                  self.scorer, self.plan.numel, "shm", failed=self.dead)
+                                  self.scorer, self.plan.n_params, "shm", failed=self.dead)
 
 
 class DecentralizedMode(ShmMode):
@@ -193,14 +194,15 @@ class DecentralizedMode(ShmMode):
     poll_s = 0.02  # evaluation points are taken close to their update counts
     HANDLERS = {**ShmMode.HANDLERS, Hello: "ready"}
 
-    def __init__(self, cfg: RunConfig, dataset: Dataset, cb: Callback,
+    def __init__(self, cfg: RunConfig, task: Task, data: Any, cb: Callback,
                  ckpt: dict[str, Any] | None = None) -> None:
-        super().__init__(cfg, dataset, cb)
+        super().__init__(cfg, task, data, cb)
         plan = self.plan
         self.gossip = g = ShmGossip(cfg.workers, plan.numel,
-                                    tracked=cfg.adaptive_state == "tracked")
+                                    tracked=cfg.adaptive_state == "tracked",
+                                    n_tracked=plan.n_params)
         g.x.copy_(plan.x0)  # every worker starts from the same model
-        g.share_optimizer_state(Optimizer(cfg.optim).init(torch.zeros(plan.numel)))
+        g.share_optimizer_state(Optimizer(cfg.optim).init(torch.zeros(plan.n_params)))
         self.resumes, self.wall_before = 0, 0.0
         self.points = [p for p in plan.eval_at if p < plan.total]  # the end is scored apart
         if ckpt is not None:  # continue where the checkpoint left off
@@ -231,7 +233,7 @@ class DecentralizedMode(ShmMode):
         for i in range(cfg.workers):
             nb, p = plan.neighbors(i)
             group.start(f"worker {i}", adpsgd.worker_main,
-                        (self.gossip.end(i, LOCK_TIMEOUT_S), wcfg, self.dataset,
+                        (self.gossip.end(i, LOCK_TIMEOUT_S), wcfg, self.task, self.data,
                          plan.shards[i], self.devices[i], nb, p, plan.total),
                         threads=self.threads)
         self.cb(Event("start", 0, plan.total_samples))
@@ -319,7 +321,7 @@ class DecentralizedMode(ShmMode):
             self.reports[w] = WorkerReport(w, self.devices[w], 0.0, 0.0, updates=n,
                                            samples=n * cfg.data.batch_size)
         return decentralized_result(cfg, self.reports, wall, self.devices, self.evals,
-                                    self.final_params, self.plan.numel, "shm",
+                                    self.final_params, self.plan.n_params, "shm",
                                     failed=self.dead)
 
 
@@ -332,8 +334,8 @@ class SyncMode(ShmMode):
     tolerate = staticmethod(lambda name: False)  # a lost worker stalls every round
     HANDLERS = {**ShmMode.HANDLERS, Snapshot: "snapshot"}
 
-    def __init__(self, cfg: RunConfig, dataset: Dataset, cb: Callback) -> None:
-        super().__init__(cfg, dataset, cb)
+    def __init__(self, cfg: RunConfig, task: Task, data: Any, cb: Callback) -> None:
+        super().__init__(cfg, task, data, cb)
         self.snaps = torch.zeros(len(self.plan.eval_at) + 1, self.plan.numel).share_memory_()
         self.scorer = SnapshotScorer(self.evaluator, self.snaps, self.plan.total_samples, cb)
         self.sync = ShmSync(cfg.workers, self.plan.numel)  # outlasts the children's start
@@ -346,7 +348,7 @@ class SyncMode(ShmMode):
         for i in range(cfg.workers):
             weights, nbrs = plan.mixing(i)
             group.start(f"worker {i}", sync.sync_worker_main,
-                        (state.end(i, cfg.timeout_s), cfg, self.dataset, plan.shards[i],
+                        (state.end(i, cfg.timeout_s), cfg, self.task, self.data, plan.shards[i],
                          self.devices[i], plan.x0, plan.rounds, plan.eval_at, self.snaps,
                          weights, nbrs), threads=self.threads)
         self.cb(Event("start", 0, plan.total_samples))
@@ -359,7 +361,7 @@ class SyncMode(ShmMode):
 
     def result(self) -> RunResult:
         return sync_result(self.cfg, self.reports, self.devices, self.scorer,
-                           self.plan.rounds, self.plan.numel, "shm")
+                           self.plan.rounds, self.plan.n_params, "shm")
 
 
 class ConsensusMode:

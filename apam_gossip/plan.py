@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import networkx as nx
 import torch
 
-from .algorithms.common import eval_points, initial_model
+from .algorithms.common import eval_points
 from .config import RunConfig
-from .data import Dataset, partition
+from .data import partition
+from .task import Task
 from .topology import (
     make_topology,
     metropolis_hastings_weights,
@@ -51,25 +53,32 @@ def total_updates(cfg: RunConfig, n_train: int) -> int:
 class RunPlan:
     """The seeded set-up of a run.
 
-    ``total``: the budget in updates (gradients); the synchronous modes spend it in
-    ``rounds`` of one gradient per worker. ``eval_at``: update counts (rounds for the
-    synchronous modes) at which to evaluate."""
+    ``x0``: the initial state ``[params | buffers]`` every worker starts from, of which
+    the first ``n_params`` entries are trained. ``total``: the budget in updates
+    (gradients); the synchronous modes spend it in ``rounds`` of one gradient per worker.
+    ``eval_at``: update counts (rounds for the synchronous modes) at which to evaluate."""
 
     cfg: RunConfig
     x0: torch.Tensor
+    n_params: int
     shards: list[torch.Tensor]
     total: int
 
     @classmethod
-    def of(cls, cfg: RunConfig, dataset: Dataset, n_shards: int | None = None) -> RunPlan:
+    def of(cls, cfg: RunConfig, data: Any, task: Task, n_shards: int | None = None) -> RunPlan:
         """``n_shards``: split the data that many ways (default: one per worker)."""
-        shards = partition(dataset.y_train, n_shards or cfg.workers, cfg.data.partition,
+        n = data.train_size()
+        # labels only where the split needs them (reading a user's dataset costs a pass)
+        labels = data.train_labels() if cfg.data.partition == "dirichlet" \
+            else torch.zeros(n, dtype=torch.int64)
+        shards = partition(labels, n_shards or cfg.workers, cfg.data.partition,
                            cfg.data.dirichlet_alpha, cfg.seed)
-        return cls(cfg, initial_model(cfg, dataset), shards,
-                   total_updates(cfg, len(dataset.y_train)))
+        x0, n_params = task.initial_state()
+        return cls(cfg, x0, n_params, shards, total_updates(cfg, n))
 
     @property
     def numel(self) -> int:
+        """Length of the state vector (what transports move)."""
         return self.x0.numel()
 
     @property

@@ -122,7 +122,9 @@ class ProcessGroup:
         parent_end, child_end = CTX.Pipe(duplex=True)
         p = CTX.Process(
             target=_child_main, name=name,
-            args=(name, target, args, child_end, threads, os.getpid()), daemon=True,
+            # not daemonic: a worker may start processes of its own (a DataLoader with
+            # num_workers > 0); it is reaped by close() and dies with us (PDEATHSIG)
+            args=(name, target, args, child_end, threads, os.getpid()), daemon=False,
         )
         with _main_module_hidden():
             p.start()

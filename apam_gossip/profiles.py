@@ -14,6 +14,7 @@ Benchmark mode names: ``sequential``, ``allreduce-amsgrad``, ``allreduce-sgd``, 
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +99,9 @@ def _build(d: dict, p: Path, smoke: bool) -> ClusterProfile:
         raise ConfigError(f"[run] modes must be a non-empty list of {', '.join(BENCH_MODES)}; "
                           f"got {modes!r}")
     target = run.get("target", 0.9)
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
-        raise ConfigError(f"[run] target must be an accuracy in (0, 1], got {target!r}")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) \
+            or not math.isfinite(target):
+        raise ConfigError(f"[run] target must be a number, got {target!r}")
     lr_over = run.get("lr_overrides", {})
     if not isinstance(lr_over, dict) or any(k not in BENCH_MODES for k in lr_over):
         raise ConfigError(f"[run] lr_overrides must map mode names to learning rates, got "
@@ -110,6 +112,8 @@ def _build(d: dict, p: Path, smoke: bool) -> ClusterProfile:
            if k in compute},
     })
     base = RunConfig.from_dict(cfg)
+    if base.metric == "accuracy" and not 0 < target <= 1:
+        raise ConfigError(f"[run] target must be an accuracy in (0, 1], got {target!r}")
     for k, v in lr_over.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ConfigError(f"[run] lr_overrides.{k} must be > 0, got {v!r}")

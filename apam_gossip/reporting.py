@@ -18,6 +18,7 @@ from .config import RunConfig
 from .evaluate import Evaluator
 from .messages import MasterSummary, Snapshot, WorkerReport
 from .result import EvalRecord, RunResult, WorkerStats
+from .task import Task
 
 WORKER_EVAL_SAMPLES = 2000  # test samples used to score each gossip worker's own model
 
@@ -86,6 +87,15 @@ def worker_stats(cfg: RunConfig, reports: dict[int, WorkerReport], devices: list
     return out
 
 
+def with_task(result: RunResult, task: Task) -> RunResult:
+    """Record on ``result`` what was trained: the metric, its direction, the model and
+    loss (their import strings or names)."""
+    info = task.describe()
+    result.metric, result.higher_is_better, result.task = (
+        info["metric"], info["higher_is_better"], info)
+    return result
+
+
 def centralized_result(cfg: RunConfig, summary: MasterSummary,
                        reports: dict[int, WorkerReport], devices: list[str],
                        scorer: SnapshotScorer, n_params: int, transport: str,
@@ -138,19 +148,34 @@ def decentralized_result(cfg: RunConfig, reports: dict[int, WorkerReport], wall:
 def gossip_eval_record(cfg: RunConfig, evaluator: Evaluator, xs: torch.Tensor, wall: float,
                        done: int, train_loss: float | None,
                        averages: int | None) -> tuple[EvalRecord, torch.Tensor]:
-    """Score the average model x_bar and each worker's model; returns (record, x_bar)."""
+    """Score the average model x_bar and each worker's model; returns (record, x_bar).
+
+    The consensus distance mean_i |x_i - x_bar|^2 is over the parameters; a model with
+    buffers (BatchNorm statistics) also gets ``buffer_consensus``, the same over its
+    buffers, with both relative to |x_bar|^2 as ``*_relative``."""
     xbar = xs.mean(0)
-    consensus = float(((xs - xbar) ** 2).sum(1).mean())
+    n = evaluator.flat.n_params
+    dev = ((xs - xbar) ** 2)
+    consensus = float(dev[:, :n].sum(1).mean())
     loss, acc = evaluator(xbar)
     # each worker's own model on a slice of the test set: n full evaluations per point
     # would steal the workers' CPU on a small machine
-    n_test = min(WORKER_EVAL_SAMPLES, len(evaluator.y))
+    n_test = min(WORKER_EVAL_SAMPLES, evaluator.test_size)
     accs = [evaluator(xs[i], limit=n_test)[1] for i in range(len(xs))] if len(xs) > 1 \
         else [acc]
+    worst = min(accs) if evaluator.metric.higher_is_better else max(accs)
     extra: dict[str, Any] = {
-        "consensus_distance": consensus, "worst_worker_acc": min(accs),
-        "mean_worker_acc": sum(accs) / len(accs), "worker_eval_samples": n_test,
+        "consensus_distance": consensus, "worst_worker_metric": worst,
+        "mean_worker_metric": sum(accs) / len(accs), "worker_eval_samples": n_test,
     }
+    if evaluator.metric.name == "accuracy":  # the names results had before metrics
+        extra["worst_worker_acc"], extra["mean_worker_acc"] = worst, sum(accs) / len(accs)
+    if xs.shape[1] > n:
+        buffer_consensus = float(dev[:, n:].sum(1).mean())
+        extra["buffer_consensus"] = buffer_consensus
+        extra["consensus_relative"] = consensus / max(float((xbar[:n] ** 2).sum()), 1e-30)
+        extra["buffer_consensus_relative"] = buffer_consensus / max(
+            float((xbar[n:] ** 2).sum()), 1e-30)
     if averages is not None:
         extra["averages"] = averages
     rec = EvalRecord(wall, done * cfg.data.batch_size, done, train_loss, loss, acc,

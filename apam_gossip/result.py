@@ -10,25 +10,32 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .files import atomic_write_text
 
+if TYPE_CHECKING:
+    import torch
+
 
 @dataclass
 class EvalRecord:
-    """One evaluation of the model during a run."""
+    """One evaluation of the model during a run: the task's loss and metric on the test
+    set (``test_metric``; accuracy by default)."""
 
     wall_time: float
     samples: int
     updates: int
     train_loss: float | None
     test_loss: float
-    test_acc: float
+    test_metric: float
     extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def test_acc(self) -> float:
+        """The metric under its default name (accuracy unless the task says otherwise)."""
+        return self.test_metric
 
 
 @dataclass
@@ -59,23 +66,41 @@ class RunResult:
     evals: list[EvalRecord]
     staleness: dict[int, int]
     workers: list[WorkerStats]
-    final_params: torch.Tensor | None = None
+    final_params: torch.Tensor | None = None  # the final model state [params | buffers]
     failed_workers: list[int] = field(default_factory=list)  # died mid-run; run went on
+    # the task: its metric, which way it improves, and what was trained with what
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+    task: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_metric(self) -> float:
+        return self.evals[-1].test_metric if self.evals else float("nan")
 
     @property
     def final_accuracy(self) -> float:
-        return self.evals[-1].test_acc if self.evals else float("nan")
+        """The final metric when it is accuracy (the default), else NaN."""
+        return self.final_metric if self.metric == "accuracy" else float("nan")
 
     @property
     def samples_per_s(self) -> float:
         return self.samples / self.wall_time if self.wall_time > 0 else 0.0
 
+    def reached(self, value: float, target: float) -> bool:
+        """``value`` of the metric is at ``target`` or better."""
+        return value >= target if self.higher_is_better else value <= target
+
+    def first_reaching(self, target: float) -> EvalRecord | None:
+        """The first evaluation whose metric reached ``target``, else None."""
+        return next((e for e in self.evals if self.reached(e.test_metric, target)), None)
+
+    def time_to_target(self, target: float) -> float | None:
+        """Wall time of the first evaluation that reached ``target``, else None."""
+        e = self.first_reaching(target)
+        return e.wall_time if e is not None else None
+
     def time_to_accuracy(self, target: float) -> float | None:
-        """Wall time of the first evaluation at or above ``target``, else None."""
-        for e in self.evals:
-            if e.test_acc >= target:
-                return e.wall_time
-        return None
+        return self.time_to_target(target)
 
     def staleness_mean(self) -> float:
         n = sum(self.staleness.values())
@@ -85,7 +110,11 @@ class RunResult:
         d = asdict(self)
         d.pop("final_params")
         d["staleness"] = {str(k): v for k, v in sorted(self.staleness.items())}
-        d["final_accuracy"] = self.final_accuracy
+        d["final_metric"] = self.final_metric
+        if self.metric == "accuracy":  # the names results had before metrics were chosen
+            d["final_accuracy"] = self.final_metric
+            for e in d["evals"]:
+                e["test_acc"] = e["test_metric"]
         d["samples_per_s"] = self.samples_per_s
         d["staleness_mean"] = self.staleness_mean()
         return d
@@ -100,9 +129,15 @@ class RunResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunResult:
         d = dict(d)
-        for k in ("final_accuracy", "samples_per_s", "staleness_mean"):
+        for k in ("final_accuracy", "final_metric", "samples_per_s", "staleness_mean"):
             d.pop(k, None)
-        d["evals"] = [EvalRecord(**e) for e in d["evals"]]
+        evals = []
+        for e in d["evals"]:
+            e = dict(e)
+            metric = e.pop("test_acc", None)  # written by older versions, or an alias
+            e.setdefault("test_metric", metric)
+            evals.append(EvalRecord(**e))
+        d["evals"] = evals
         d["workers"] = [WorkerStats(**w) for w in d["workers"]]
         d["staleness"] = {int(k): v for k, v in d["staleness"].items()}
         return cls(**d)
@@ -113,3 +148,17 @@ class RunResult:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot read run result {path}: {e}") from None
+
+
+def format_metric(name: str, value: float | None) -> str:
+    """A metric value as people read it: accuracy in percent, the others plainly."""
+    if value is None or value != value:
+        return "-"
+    return f"{100 * value:.2f}%" if name == "accuracy" else f"{value:.4g}"
+
+
+def target_text(name: str, higher_is_better: bool, target: float) -> str:
+    """``acc>=90%`` or ``mse<=0.3``: a target and which side of it counts."""
+    short = "acc" if name == "accuracy" else name
+    return f"{short}{'>=' if higher_is_better else '<='}{format_metric(name, target)}"
+

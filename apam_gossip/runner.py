@@ -16,60 +16,87 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import ConfigError, RunConfig
 from .coordinator import RunInterrupted, RunTimeout
-from .data import Dataset, load_dataset
+from .data import Dataset, UserData, load_data
+from .models import MODELS
 from .modes import CentralizedMode, DecentralizedMode, SyncMode, run_mode
 from .plan import topology_of
-from .reporting import Callback, Event, no_callback
+from .reporting import Callback, Event, no_callback, with_task
 from .result import RunResult
 from .runner_mpi import run_mpi
 from .sequential import run_sequential
+from .task import Task, preflight
 from .transport.mpi import launched_by_mpi, world
 
 
-def run(config: RunConfig, *, dataset: Dataset | None = None,
-        callback: Callback | None = None, resume: str | None = None) -> RunResult | None:
+def run(config: RunConfig | None = None, *, model: Any = None, train_data: Any = None,
+        test_data: Any = None, loss: Any = None, metric: Any = None,
+        dataset: Dataset | UserData | None = None, callback: Callback | None = None,
+        resume: str | None = None) -> RunResult | None:
     """Train as ``config`` says and return the :class:`RunResult`.
 
-    Under ``mpirun`` (``transport`` ``auto`` or ``mpi``) every rank calls this; rank 0
-    returns the RunResult and the other ranks return None.
+    A user's own work (see :mod:`apam_gossip.task`): ``model`` a zero-argument callable
+    returning an ``nn.Module`` (or an import string), ``train_data``/``test_data`` any
+    map-style ``torch.utils.data.Dataset``, ``loss(output, target) -> scalar``,
+    ``metric`` a :class:`~apam_gossip.task.Metric` or ``metric(outputs, targets) ->
+    float``. Each replaces what the config names (``config.model``, ``config.data.dataset``,
+    ``config.loss``, ``config.metric``: built-in names or import strings).
+
+    Under ``mpirun`` (``transport`` ``auto`` or ``mpi``) every rank calls this with the
+    same arguments; rank 0 returns the RunResult and the other ranks return None.
 
     ``dataset`` skips loading (tests, repeated runs); ``callback`` receives
-    :class:`~apam_gossip.reporting.Event` s for progress display.
-
-    ``resume``: a checkpoint written by ``config.checkpoint``; the run continues from it
-    with the checkpoint's config (``config`` may then be None). SIGTERM or SIGINT during
-    an asynchronous run makes it checkpoint (with ``config.checkpoint``) and stop:
+    :class:`~apam_gossip.reporting.Event` s for progress display. ``resume``: a
+    checkpoint written by ``config.checkpoint``; the run continues from it with the
+    checkpoint's config (``config`` may then be None). SIGTERM or SIGINT during an
+    asynchronous run makes it checkpoint (with ``config.checkpoint``) and stop:
     :class:`RunInterrupted`.
     """
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
         config = RunConfig.from_dict(ckpt["config"])
+    if config is None:
+        config = RunConfig()
     check_runnable(config, topology=False)
-    if dataset is None:
-        dataset = load_dataset(config.data.dataset, config.data.data_dir)
-    dataset = dataset.subset(config.data.train_limit, config.data.test_limit)
-    if config.workers > len(dataset.y_train):
-        raise ConfigError(f"workers ({config.workers}) exceeds the {len(dataset.y_train)} "
+    data = dataset if dataset is not None else load_data(config, train_data, test_data)
+    data = data.subset(config.data.train_limit, config.data.test_limit)
+    if config.workers > data.train_size():
+        raise ConfigError(f"workers ({config.workers}) exceeds the {data.train_size()} "
                           "training samples")
+    task = make_task(config, data, model=model, loss=loss, metric=metric)
     cb = callback or no_callback
     old_threads = torch.get_num_threads()
     try:
         if resolve_transport(config) == "mpi":
-            return run_mpi(config, dataset, cb, ckpt)
-        if config.mode == "sequential":
-            return run_sequential(config, dataset, cb)
-        mode: Any
-        if config.mode == "centralized":
-            mode = CentralizedMode(config, dataset, cb, ckpt)
-        elif config.mode == "decentralized":
-            mode = DecentralizedMode(config, dataset, cb, ckpt)
+            result = run_mpi(config, task, data, cb, ckpt)
+        elif config.mode == "sequential":
+            result = run_sequential(config, task, data, cb)
         else:
-            mode = SyncMode(config, dataset, cb)
-        run_mode(mode, config.timeout_s)
-        return mode.result()
+            mode: Any
+            if config.mode == "centralized":
+                mode = CentralizedMode(config, task, data, cb, ckpt)
+            elif config.mode == "decentralized":
+                mode = DecentralizedMode(config, task, data, cb, ckpt)
+            else:
+                mode = SyncMode(config, task, data, cb)
+            run_mode(mode, config.timeout_s)
+            result = mode.result()
     finally:
         torch.set_num_threads(old_threads)
+    return with_task(result, task) if result is not None else None
+
+
+def make_task(cfg: RunConfig, data: Any, *, model: Any = None, loss: Any = None,
+              metric: Any = None, check: bool = True) -> Task:
+    """The run's :class:`~apam_gossip.task.Task`; with ``check``, tried on two training
+    samples (see :func:`~apam_gossip.task.preflight`) before any process starts."""
+    spec = model if model is not None else cfg.model
+    builtin = isinstance(spec, str) and spec in MODELS
+    task = Task.of(cfg, data.in_shape if builtin else None,
+                   data.n_classes if builtin else None, model=model, loss=loss, metric=metric)
+    if check:
+        preflight(task, data)
+    return task
 
 
 def check_runnable(cfg: RunConfig, topology: bool = True) -> None:

@@ -26,7 +26,6 @@ from .algorithms import adpsgd, apam, sync
 from .algorithms.apam import CheckpointSpec
 from .algorithms.common import device_for, threads_per_worker
 from .config import ConfigError, RunConfig
-from .data import Dataset
 from .evaluate import Evaluator
 from .messages import LocalOutbox, MasterSummary, Progress, Snapshot, WorkerReport
 from .plan import RunPlan, worker_config
@@ -44,15 +43,16 @@ from .reporting import (
 )
 from .result import EvalRecord, RunResult
 from .sequential import run_sequential
+from .task import Task
 from .topology import neighbor_probabilities
 from .transport import mpi as tmpi
 
 
-def run_mpi(cfg: RunConfig, dataset: Dataset, cb: Callback,
+def run_mpi(cfg: RunConfig, task: Task, data: Any, cb: Callback,
             ckpt: dict | None = None) -> RunResult | None:
     comm, rank, size = tmpi.world()
     if cfg.mode == "sequential":
-        return run_sequential(cfg, dataset, cb) if rank == 0 else None
+        return run_sequential(cfg, task, data, cb) if rank == 0 else None
     n = size - 1 if cfg.mode == "centralized" else size
     if n < 1:
         raise ConfigError("centralized mode over MPI needs at least 2 ranks (a master and a "
@@ -70,7 +70,7 @@ def run_mpi(cfg: RunConfig, dataset: Dataset, cb: Callback,
                               "drop --checkpoint")
     lrank, on_node = tmpi.node_placement(comm)
     torch.set_num_threads(threads_per_worker(cfg, on_node))
-    ctx = _RankContext(cfg, dataset, cb, comm, rank, device_for(cfg, lrank))
+    ctx = _RankContext(cfg, task, data, cb, comm, rank, device_for(cfg, lrank))
     if cfg.mode == "centralized":
         return _centralized(ctx, ckpt)
     if cfg.mode in ("allreduce", "dpsgd"):
@@ -81,11 +81,12 @@ def run_mpi(cfg: RunConfig, dataset: Dataset, cb: Callback,
 class _RankContext:
     """One rank's view of the run: the plan, its device, and rank 0's reporting."""
 
-    def __init__(self, cfg: RunConfig, dataset: Dataset, cb: Callback, comm, rank: int,
+    def __init__(self, cfg: RunConfig, task: Task, data: Any, cb: Callback, comm, rank: int,
                  device: torch.device) -> None:
-        self.cfg, self.dataset, self.cb, self.comm, self.rank = cfg, dataset, cb, comm, rank
+        self.cfg, self.task, self.data, self.cb = cfg, task, data, cb
+        self.comm, self.rank = comm, rank
         self.device = device
-        self.plan = RunPlan.of(cfg, dataset)
+        self.plan = RunPlan.of(cfg, data, task)
 
     def progress_outbox(self) -> LocalOutbox:
         """An outbox that shows progress live (on rank 0) and keeps everything else."""
@@ -106,7 +107,7 @@ class _RankContext:
 
     def scorer(self, snaps: torch.Tensor) -> SnapshotScorer:
         """Scores snapshots after training (their wall times were taken live)."""
-        evaluator = Evaluator(self.cfg.model, self.dataset, self.device)
+        evaluator = Evaluator(self.task, self.data, self.device)
         return SnapshotScorer(evaluator, snaps, self.plan.total_samples, self.cb)
 
 
@@ -121,7 +122,7 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
     outbox = ctx.progress_outbox()
     if ctx.rank != 0:
         end = tmpi.MpiStarWorker(comm, plan.numel)
-        apam.worker_main(outbox, end, worker_config(cfg, resumes), ctx.dataset,
+        apam.worker_main(outbox, end, worker_config(cfg, resumes), ctx.task, ctx.data,
                          plan.shards[ctx.rank - 1], str(ctx.device))
         comm.send(outbox.of_type(WorkerReport)[-1], dest=0, tag=tmpi.T_STATS)
         comm.Barrier()
@@ -133,7 +134,7 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
         cfg.checkpoint, cfg.checkpoint_every_s, cfg.replace(transport="auto").to_dict(),
         resumes)
     apam.master_main(outbox, end, plan.x0, cfg.optim, plan.total, plan.eval_at, snaps,
-                     checkpoint, ckpt, cfg.timeout_s)
+                     checkpoint, ckpt, cfg.timeout_s, plan.n_params)
     reports = {}
     for r in range(1, comm.Get_size()):
         rep = comm.recv(source=r, tag=tmpi.T_STATS)
@@ -143,14 +144,14 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
     for msg in outbox.of_type(Snapshot):
         scorer(msg)
     summary = outbox.of_type(MasterSummary)[-1]
-    return centralized_result(cfg, summary, reports, devices, scorer, plan.numel, "mpi")
+    return centralized_result(cfg, summary, reports, devices, scorer, plan.n_params, "mpi")
 
 
 def _decentralized(ctx: _RankContext) -> RunResult | None:
     cfg, plan, comm, rank = ctx.cfg, ctx.plan, ctx.comm, ctx.rank
     nb, probs = plan.neighbors(rank)
     g = tmpi.MpiGossip(comm, plan.x0, cfg.adaptive_state == "tracked", plan.total,
-                       cfg.timeout_s)
+                       cfg.timeout_s, n_tracked=plan.n_params)
     points = [p for p in plan.eval_at if p < plan.total]
     monitor = None
     stop_monitor = threading.Event()
@@ -180,7 +181,8 @@ def _decentralized(ctx: _RankContext) -> RunResult | None:
         monitor.start()
     outbox = LocalOutbox()
     try:
-        adpsgd.worker_main(outbox, g, cfg, ctx.dataset, plan.shards[rank], str(ctx.device),
+        adpsgd.worker_main(outbox, g, cfg, ctx.task, ctx.data, plan.shards[rank],
+                           str(ctx.device),
                            nb, probs, plan.total)
     finally:
         stop_monitor.set()
@@ -194,12 +196,12 @@ def _decentralized(ctx: _RankContext) -> RunResult | None:
     comm.Gather(g.x.contiguous(), xs, root=0)
     us = None
     if cfg.audit and g.u is not None:
-        us = torch.zeros(cfg.workers, plan.numel) if rank == 0 else None
+        us = torch.zeros(cfg.workers, plan.n_params) if rank == 0 else None
         comm.Gather(g.u.contiguous(), us, root=0)
     if rank != 0:
         return None
 
-    evaluator = Evaluator(cfg.model, ctx.dataset, ctx.device)
+    evaluator = Evaluator(ctx.task, ctx.data, ctx.device)
     evals: list[EvalRecord] = []
     for wall_s, claimed, snap in snaps:
         rec, _ = gossip_eval_record(cfg, evaluator, snap, wall_s, claimed, None, None)
@@ -212,11 +214,12 @@ def _decentralized(ctx: _RankContext) -> RunResult | None:
     rec.extra["refused_averages"] = sum(r.refused_averages for r in reports)
     if cfg.audit:  # every rank started from x0, u = vhat = 0
         base = AuditBase.of(plan.x0.expand(cfg.workers, -1),
-                            torch.zeros(1, plan.numel) if us is not None else None)
+                            torch.zeros(1, plan.n_params) if us is not None else None)
         rec.extra.update(audit_errors(base, xs, us, by_worker))
     evals.append(rec)
     ctx.cb(Event("eval", rec.samples, plan.total_samples, rec))
-    return decentralized_result(cfg, by_worker, wall, devices, evals, xbar, plan.numel, "mpi")
+    return decentralized_result(cfg, by_worker, wall, devices, evals, xbar, plan.n_params,
+                                "mpi")
 
 
 def _sync(ctx: _RankContext) -> RunResult | None:
@@ -227,7 +230,8 @@ def _sync(ctx: _RankContext) -> RunResult | None:
     end = tmpi.MpiSync(comm, plan.numel, nbrs, cfg.timeout_s)
     ctx.start_event()
     outbox = ctx.progress_outbox()
-    sync.sync_worker_main(outbox, end, cfg, ctx.dataset, plan.shards[rank], str(ctx.device),
+    sync.sync_worker_main(outbox, end, cfg, ctx.task, ctx.data, plan.shards[rank],
+                          str(ctx.device),
                           plan.x0, plan.rounds, plan.eval_at, snaps, weights, nbrs)
     reports = comm.gather(outbox.of_type(WorkerReport)[-1], root=0)
     devices = comm.gather(str(ctx.device), root=0)
@@ -237,7 +241,7 @@ def _sync(ctx: _RankContext) -> RunResult | None:
     for msg in outbox.of_type(Snapshot):
         scorer(msg)
     return sync_result(cfg, {r.worker: r for r in reports}, devices, scorer, plan.rounds,
-                       plan.numel, "mpi")
+                       plan.n_params, "mpi")
 
 
 def mpi_gossip_consensus(graph, x0: torch.Tensor, averages_per_worker: int, seed: int = 0,

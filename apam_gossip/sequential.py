@@ -4,17 +4,18 @@ parallel modes (a 1-worker asynchronous run sees exactly its batches)."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
 from .algorithms.common import LocalWorker, device_for, threads_per_worker
 from .config import RunConfig
-from .data import Dataset
 from .evaluate import Evaluator
 from .optim import Optimizer
 from .plan import RunPlan
 from .reporting import Callback, Event
 from .result import EvalRecord, RunResult, WorkerStats
+from .task import Task
 
 
 def eval_device(cfg: RunConfig) -> torch.device:
@@ -24,16 +25,16 @@ def eval_device(cfg: RunConfig) -> torch.device:
         else torch.device("cpu")
 
 
-def run_sequential(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResult:
+def run_sequential(cfg: RunConfig, task: Task, data: Any, cb: Callback) -> RunResult:
     """Plain sequential training; evaluation pauses the clock, so ``wall_time`` is
     training time only."""
     torch.set_num_threads(threads_per_worker(cfg, 1))
-    plan = RunPlan.of(cfg, dataset, n_shards=1)
-    w = LocalWorker.build(cfg, dataset, plan.shards[0], 0, device_for(cfg, 0))
-    w.flat.params.copy_(plan.x0)
+    plan = RunPlan.of(cfg, data, task, n_shards=1)
+    w = LocalWorker.build(cfg, task, data, plan.shards[0], 0, device_for(cfg, 0))
+    w.flat.state.copy_(plan.x0)
     opt = Optimizer(cfg.optim)
     state = opt.init(w.flat.params)
-    evaluator = Evaluator(cfg.model, dataset, eval_device(cfg))
+    evaluator = Evaluator(task, data, eval_device(cfg))
     total, total_samples = plan.total, plan.total_samples
     points = set(plan.eval_at)
     evals: list[EvalRecord] = []
@@ -43,7 +44,7 @@ def run_sequential(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResult:
 
     def evaluate(k: int) -> None:
         nonlocal loss_sum, loss_n
-        loss, acc = evaluator(w.flat.params)
+        loss, acc = evaluator(w.flat.state)
         rec = EvalRecord(train_time, samples, k, loss_sum / loss_n if loss_n else None, loss, acc)
         evals.append(rec)
         loss_sum, loss_n = 0.0, 0
@@ -66,7 +67,7 @@ def run_sequential(cfg: RunConfig, dataset: Dataset, cb: Callback) -> RunResult:
     stats = WorkerStats(0, str(w.device), w.slowdown, total, samples,
                         samples / train_time if train_time else 0.0, w.compute_s, w.sleep_s)
     return RunResult(
-        config=cfg.to_dict(), mode="sequential", transport="none", n_params=w.flat.numel,
+        config=cfg.to_dict(), mode="sequential", transport="none", n_params=w.flat.n_params,
         wall_time=train_time, updates=total, samples=samples, evals=evals, staleness={0: total},
-        workers=[stats], final_params=w.flat.params.detach().cpu().clone(),
+        workers=[stats], final_params=w.flat.state.detach().cpu().clone(),
     )

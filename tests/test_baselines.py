@@ -8,12 +8,12 @@ import networkx as nx
 import pytest
 import torch
 
-from apam_gossip.algorithms.common import LocalWorker, initial_model
+from apam_gossip.algorithms.common import LocalWorker
 from apam_gossip.config import NetworkConfig
 from apam_gossip.data import partition
 from apam_gossip.emulation import MASTER, LinkModel
 from apam_gossip.optim import Optimizer
-from apam_gossip.runner import run
+from apam_gossip.runner import make_task, run
 from apam_gossip.topology import make_topology, metropolis_hastings_weights
 
 from helpers import make_cfg
@@ -28,8 +28,10 @@ def test_allreduce_equals_an_in_process_simulation(digits):
     assert r.updates == 30 and r.samples == 120 * 16
     torch.set_num_threads(1)
     shards = partition(digits.y_train, 4, "iid", 0.5, cfg.seed)
-    ws = [LocalWorker.build(cfg, digits, shards[i], i, torch.device("cpu")) for i in range(4)]
-    x = initial_model(cfg, digits)
+    task = make_task(cfg, digits, check=False)
+    ws = [LocalWorker.build(cfg, task, digits, shards[i], i, torch.device("cpu"))
+          for i in range(4)]
+    x, _ = task.initial_state()
     opt = Optimizer(cfg.optim)
     st = opt.init(x)
     for _ in range(30):
@@ -100,12 +102,14 @@ def test_link_model():
 
 def test_random_straggler_sleeps(digits):
     cfg = make_cfg(straggler_prob=1.0, straggler_factor=4.0)
-    w = LocalWorker.build(cfg, digits, torch.arange(200), 0, torch.device("cpu"))
+    w = LocalWorker.build(cfg, make_task(cfg, digits, check=False), digits,
+                          torch.arange(200), 0, torch.device("cpu"))
     for _ in range(5):
         w.gradient()
     assert w.sleep_s == pytest.approx(3 * w.compute_s, rel=1e-6)
     cfg = make_cfg(straggler_prob=0.0, straggler_factor=4.0)
-    w = LocalWorker.build(cfg, digits, torch.arange(200), 0, torch.device("cpu"))
+    w = LocalWorker.build(cfg, make_task(cfg, digits, check=False), digits,
+                          torch.arange(200), 0, torch.device("cpu"))
     w.gradient()
     assert w.sleep_s == 0.0
 

@@ -25,8 +25,10 @@ def test_one_worker_equals_sequential_amsgrad(digits, variant):
     diff = (cen.final_params - seq.final_params).abs().max().item()
     assert diff <= 1e-6, f"APAM (1 worker) drifted from sequential AMSGrad by {diff}"
     # and the model really trained (a trivial equality of untouched params proves nothing)
-    from apam_gossip.algorithms.common import initial_model
-    assert (cen.final_params - initial_model(cen_cfg(cen), digits)).abs().max() > 1e-2
+    from apam_gossip.runner import make_task
+
+    x0, _ = make_task(cen_cfg(cen), digits, check=False).initial_state()
+    assert (cen.final_params - x0).abs().max() > 1e-2
 
 
 def cen_cfg(result) -> RunConfig:
@@ -46,9 +48,11 @@ def test_slow_worker_does_not_block_fast_ones(digits):
     r = run(cfg, dataset=digits)
     updates = [w.updates for w in r.workers]
     assert sum(updates) == 1000
+    # 10x slower; a synchronous master would give all four the same count. Each fast worker
+    # gets >= 5x (CI's shared cores have given 8x-9x where 10x is ideal)
     slow = max(updates[3], 1)
     for i in range(3):
-        assert updates[i] >= 8 * slow, f"fast worker {i}: {updates} (slow worker 3)"
+        assert updates[i] >= 5 * slow, f"fast worker {i}: {updates} (slow worker 3)"
     # a recorded, non-trivial staleness histogram: several distinct values, sums to updates
     assert sum(r.staleness.values()) == 1000
     assert len(r.staleness) >= 3 and max(r.staleness) >= 3
@@ -77,16 +81,13 @@ def test_result_json_round_trip(digits, tmp_path):
     assert RunConfig.from_dict(back.config) == RunConfig.from_dict(r.config)
 
 
-def test_worker_error_is_reported_and_everything_reaped(digits, monkeypatch):
-    """A worker that raises makes run() raise ChildFailed naming it; nothing leaks (the
-    autouse no_leaks fixture checks processes and /dev/shm)."""
-    cfg = make_cfg(mode="centralized", workers=2, steps=100)
-    bad = digits.subset(None, None)
-    # labels out of range make cross_entropy raise inside the worker processes
-    bad = type(bad)(bad.name, bad.x_train, bad.y_train + 100, bad.x_test, bad.y_test,
-                    bad.n_classes)
-    with pytest.raises(ChildFailed, match=r"worker \d: .*(Target|out of bounds|IndexError)"):
-        run(cfg, dataset=bad)
+def test_worker_error_is_reported_and_everything_reaped(digits):
+    """A worker that raises makes run() raise ChildFailed naming it, with its message; nothing
+    leaks (the autouse no_leaks fixture checks processes and /dev/shm). The loss raises
+    from its 11th call, so the check on two samples before the start passes."""
+    cfg = make_cfg(mode="centralized", workers=2, steps=100, loss="user_models:raise_after_10")
+    with pytest.raises(ChildFailed, match=r"worker \d: RuntimeError: boom at call 11"):
+        run(cfg, dataset=digits)
 
 
 def test_timeout_aborts_and_reaps(digits):

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.timeout(120)
     (["train", "--beta1", "1.0"], "--beta1 must be < 1, got 1.0"),
     (["train", "--beta2", "-0.5"], "--beta2 must be >= 0"),
     (["train", "--workers", "0"], "--workers must be >= 1"),
-    (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
-    (["train", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["train", "--model", "resnet"], "--model must be one of mlp, lenet5, allcnn or an import "
+                                     "string 'package.module:attribute', got 'resnet'"),
+    (["train", "--dataset", "imagenet"], "--dataset must be one of digits, fashion-mnist"),
     (["train", "--lr", "abc"], "invalid float value: 'abc'"),
     (["train", "--slow", "3"], "use WORKER=FACTOR"),
     (["train", "--workers", "2", "--slow", "5=10"], "--slow names worker 5"),
@@ -219,6 +220,7 @@ def test_plain_progress_lines_when_not_on_a_terminal(capsys):
     assert [ln.split()[1] for ln in err[1:]] == ["25.0%", "50.0%", "75.0%"]
 
 
+@pytest.mark.slow
 def test_the_readme_demo_runs_and_ends_near_its_best(tmp_path):
     """The front door: `apam-gossip demo` on the embedded digits, real processes."""
     out = tmp_path / "demo.json"

@@ -79,3 +79,45 @@ def test_deterministic_init():
     torch.manual_seed(5)
     b = flatten(build_model("lenet5", (1, 28, 28), 10)).params
     assert torch.equal(a, b)
+
+
+def test_buffers_travel_in_the_state_and_frozen_parameters_stay_out():
+    """[params | float buffers]: BatchNorm's running statistics are views into the state
+    (the forward pass moves them there); a frozen layer and num_batches_tracked are not."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3),
+                                torch.nn.Linear(3, 2))
+    model[2].requires_grad_(False)
+    flat = flatten(model)
+    assert flat.n_params == 4 * 3 + 3 + 3 + 3  # linear 1 and the BatchNorm affine
+    assert flat.n_buffers == 3 + 3  # running mean and variance
+    assert flat.numel == flat.n_params + flat.n_buffers
+    before = flat.buffers.clone()
+    model.train()
+    F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 2, (8,))).backward()
+    assert not torch.equal(flat.buffers, before)  # running statistics moved in the state
+    assert torch.equal(flat.buffers[:3], model[1].running_mean)
+    msg = flat.pack_grad_msg()
+    assert torch.equal(msg[flat.n_params:], flat.buffers) and msg.numel() == flat.numel
+    assert model[2].weight.grad is None  # frozen: no gradient, not in the state
+
+
+def test_complex_parameters_are_refused():
+    m = torch.nn.Linear(2, 2)
+    m.z = torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(UserError, match="parameter 'z' is complex"):
+        flatten(m)
+
+
+def test_sparse_gradients_are_accumulated_densely_and_correctly():
+    """nn.Embedding(sparse=True): autograd adds its sparse gradient into the dense flat
+    buffer in place, so the model trains correctly (without the memory saving)."""
+    torch.manual_seed(0)
+    model = torch.nn.Embedding(10, 4, sparse=True)
+    ref = torch.nn.Embedding(10, 4)
+    ref.load_state_dict(model.state_dict())
+    flat = flatten(model)
+    idx = torch.tensor([1, 3, 3, 7])
+    model(idx).pow(2).sum().backward()
+    ref(idx).pow(2).sum().backward()
+    assert flat.check_views() and torch.allclose(flat.grads, ref.weight.grad.reshape(-1))

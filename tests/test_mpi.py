@@ -231,3 +231,19 @@ def test_a_killed_rank_aborts_in_bounded_time_and_leaves_a_usable_checkpoint(tmp
     # resume the checkpoint on one machine, with a smaller budget left to run
     r = run(None, dataset=load_dataset("digits"), resume=str(ckpt))  # type: ignore[arg-type]
     assert r.updates == -(-400 * 1437 // 32) and r.final_accuracy >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["centralized", "decentralized"])
+def test_user_model_and_data_by_import_string_on_every_rank(tmp_path, mode):
+    """Each rank imports the user's model, data and metric from their import strings."""
+    out = tmp_path / "u.json"
+    p = mpirun(3, *cli("train", "--mode", mode, "--topology", "ring", "--model",
+                       "user_models:DigitsBN", "--metric", "user_models:error_rate",
+                       "--no-metric-higher-is-better", "--epochs", "10", "--lr", "3e-3",
+                       "--evals", "2", "-o", str(out), "-q"),
+               env={**ENV, "PYTHONPATH": str(HERE)})
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(out.read_text())
+    assert d["transport"] == "mpi" and d["task"]["model"] == "user_models:DigitsBN"
+    assert d["final_metric"] <= 0.1  # error rate

@@ -202,10 +202,11 @@ def test_sigterm_asks_the_mode_to_stop_once_then_raises_interrupted():
 def test_centralized_mode_builds_its_result_from_messages(digits):
     """The real CentralizedMode handlers, fed scripted messages (no processes)."""
     from apam_gossip.modes import CentralizedMode
+    from apam_gossip.runner import make_task
 
     events = []
-    mode = CentralizedMode(make_cfg(mode="centralized", workers=2, steps=10, evals=1),
-                           digits, events.append)
+    cfg = make_cfg(mode="centralized", workers=2, steps=10, evals=1)
+    mode = CentralizedMode(cfg, make_task(cfg, digits, check=False), digits, events.append)
     mode.snaps[0].copy_(mode.plan.x0)
     mode.snaps[1].copy_(mode.plan.x0)
     script = [[("master", Snapshot(0, 0.0, 0, 0, None))],

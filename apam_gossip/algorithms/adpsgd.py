@@ -42,16 +42,17 @@ import os
 import time
 from collections import Counter
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..config import RunConfig
-from ..data import Dataset
 from ..emulation import LinkModel
 from ..messages import Hello, WorkerReport
 from ..optim import Optimizer
+from ..task import Task
 from ..transport import Control, GossipEnd
 from .common import LocalWorker, worker_seed
 
@@ -83,29 +84,38 @@ def _neighbors_rng(neighbors: list[int], probs: list[float], seed: int, alive=No
 
 
 def _local_step(opt, g: Tensor, state, tracked: bool, audit: Tensor | None, lr: float,
-                x: Tensor, u: Tensor | None) -> None:
+                n_params: int, buffer_delta: Tensor | None, x: Tensor,
+                u: Tensor | None) -> None:
+    """The local step on this worker's current state ``x = [params | buffers]``: the
+    optimizer step on the parameters, and the change the forward pass made to the
+    buffers (BatchNorm statistics) applied as a delta, so averages that reached x_i
+    meanwhile are kept."""
     if audit is not None:
         audit.sub_(x)
-    opt.update(x, g, state, lr=lr, tracked=u if tracked else None)
+    opt.update(x[:n_params], g, state, lr=lr, tracked=u if tracked else None)
+    if buffer_delta is not None:
+        x[n_params:].add_(buffer_delta)
     if audit is not None:
         audit.add_(x)  # audit accumulates x_after - x_before: exactly this step
 
 
-def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, dataset: Dataset,
+def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data: Any,
                 shard: Tensor, device: str, neighbors: list[int], probs: list[float],
                 total: int) -> None:
     """One gossip worker: gradient on a snapshot, pairwise average, local step."""
     i = end.worker
-    w = LocalWorker.build(cfg, dataset, shard, i, torch.device(device))
+    w = LocalWorker.build(cfg, task, data, shard, i, torch.device(device))
+    n_params, n_buffers = w.flat.n_params, w.flat.n_buffers
     opt = Optimizer(cfg.optim)
     # where the transport keeps it (shm: shared, so the coordinator can checkpoint it; the
     # local step runs under this worker's lock), else private
-    state = end.optimizer_state() or opt.init(torch.zeros(w.flat.numel))
-    grad_cpu = torch.zeros(w.flat.numel) if w.device.type != "cpu" else None
+    state = end.optimizer_state() or opt.init(torch.zeros(n_params))
+    grad_cpu = torch.zeros(n_params) if w.device.type != "cpu" else None
+    buffers0 = torch.zeros(n_buffers, device=w.device) if n_buffers else None
     pick = _neighbors_rng(neighbors, probs, worker_seed(cfg.seed, i) + 1, end.is_alive) \
         if neighbors else None
     tracked = cfg.adaptive_state == "tracked"
-    link = LinkModel(cfg.network, 4 * w.flat.numel * (2 if tracked else 1))
+    link = LinkModel(cfg.network, 4 * (w.flat.numel + (n_params if tracked else 0)))
     # audit: the sum of this worker's local steps, to check that none was lost
     audit = torch.zeros(w.flat.numel, dtype=torch.float64) if cfg.audit else None
     staleness: Counter[int] = Counter()
@@ -115,12 +125,17 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, dataset: Dataset,
         raise TimeoutError(f"worker {i}: the coordinator did not start the run within "
                            f"{GO_TIMEOUT_S:g} s")
     while k := end.claim(total):  # k: this update's place in the global budget
-        v0 = end.snapshot(w.flat.params)
+        v0 = end.snapshot(w.flat.state)
+        if buffers0 is not None:
+            buffers0.copy_(w.flat.buffers)
         loss, n, _ = w.gradient()
         g = w.flat.grads
         if grad_cpu is not None:
             grad_cpu.copy_(g)
             g = grad_cpu
+        delta = None
+        if buffers0 is not None:  # what this batch's forward pass did to the buffers
+            delta = (w.flat.buffers - buffers0).cpu()
         averaged = False
         for _ in range(AVERAGE_TRIES):
             j = pick() if pick is not None else None
@@ -133,7 +148,7 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, dataset: Dataset,
             refused += 1
         averages += averaged
         v1 = end.update_local(partial(_local_step, opt, g, state, tracked, audit,
-                                      opt.lr_at(k, total)))
+                                      opt.lr_at(k, total), n_params, delta))
         staleness[v1 - v0 - 1 - averaged] += 1
         updates += 1
         samples += n

@@ -35,7 +35,6 @@ from torch import Tensor
 
 from ..checkpoint import save_checkpoint
 from ..config import OptimConfig, RunConfig
-from ..data import Dataset
 from ..emulation import MASTER, LinkModel
 from ..messages import (
     Grad,
@@ -49,8 +48,9 @@ from ..messages import (
     StopRequest,
 )
 from ..optim import Optimizer
+from ..task import Task
 from ..transport import Control, MasterEnd, PeerGone, WorkerEnd
-from .common import LocalWorker
+from .common import Diverged, LocalWorker
 
 HELLO_TIMEOUT_S = 300.0
 PROGRESS_EVERY_S = 0.25
@@ -110,18 +110,25 @@ class ApamMaster:
     and stops early with :class:`Interrupted`. ``resume``: a loaded checkpoint to go on
     from. At the end the master waits up to ``drain_timeout`` s for the gradients still
     being computed (see :meth:`stop_workers`).
+
+    The model state ``x0`` is ``[params | buffers]`` with ``n_params`` trained entries
+    (all of it by default). The master owns the buffers too (BatchNorm statistics): a
+    gradient message carries the buffers as the worker's forward pass left them (it
+    started from the master's), and the master adopts them with the gradient.
     """
 
     def __init__(self, ctrl: Control, end: MasterEnd, x0: Tensor, optim: OptimConfig,
                  total: int, eval_at: list[int], snaps: Tensor,
                  checkpoint: CheckpointSpec | None = None,
-                 resume: dict[str, Any] | None = None, drain_timeout: float = 3600.0) -> None:
+                 resume: dict[str, Any] | None = None, drain_timeout: float = 3600.0,
+                 n_params: int | None = None) -> None:
         self.ctrl, self.end, self.total, self.snaps = ctrl, end, total, snaps
         self.checkpoint, self.drain_timeout = checkpoint, drain_timeout
         self.n = end.n_workers
         self.opt = Optimizer(optim)
         self.x = x0.clone()
-        self.state = self.opt.init(self.x)
+        self.n_params = x0.numel() if n_params is None else n_params
+        self.state = self.opt.init(self.x[: self.n_params])
         self.progress = MasterProgress.fresh(self.n)
         # everything is restored before the first model goes out, so the versions the
         # workers see (and hence the recorded staleness) continue from the checkpoint
@@ -175,9 +182,12 @@ class ApamMaster:
                 waiting.discard(i)
 
     def apply(self, i: int, msg: Grad, grad: Tensor) -> None:
-        """One AMSGrad (or other) step with worker ``i``'s gradient."""
-        p = self.progress
-        self.opt.update(self.x, grad, self.state, lr=self.opt.lr_at(p.version + 1, self.total))
+        """One AMSGrad (or other) step with worker ``i``'s gradient (and its buffers)."""
+        p, n = self.progress, self.n_params
+        self.opt.update(self.x[:n], grad[:n], self.state,
+                        lr=self.opt.lr_at(p.version + 1, self.total))
+        if self.x.numel() > n:
+            self.x[n:].copy_(grad[n:])
         p.record(i, msg.version, msg.samples)
         self.loss_sum += msg.loss
         self.loss_n += 1
@@ -194,6 +204,10 @@ class ApamMaster:
 
     def save(self) -> None:
         assert self.checkpoint is not None
+        if not bool(torch.isfinite(self.x).all()):  # keep the last good checkpoint
+            raise Diverged(f"master: the model is no longer finite at update "
+                           f"{self.progress.version}; the run stopped and the checkpoint "
+                           f"{self.checkpoint.path} was left as it was")
         p = self.progress
         save_checkpoint(self.checkpoint.path, {
             "config": self.checkpoint.config, "mode": "centralized", "x": self.x.clone(),
@@ -287,16 +301,17 @@ def master_main(ctrl: Control, end: MasterEnd, *args: Any, **kwargs: Any) -> Non
     ApamMaster(ctrl, end, *args, **kwargs).run()
 
 
-def worker_main(ctrl: Control, end: WorkerEnd, cfg: RunConfig, dataset: Dataset,
+def worker_main(ctrl: Control, end: WorkerEnd, cfg: RunConfig, task: Task, data: Any,
                 shard: Tensor, device: str) -> None:
-    """Receive x, compute one gradient at it, send it; until the master says stop."""
-    w = LocalWorker.build(cfg, dataset, shard, end.worker, torch.device(device))
+    """Receive x, compute one gradient at it, send it (with the buffers its forward pass
+    moved); until the master says stop."""
+    w = LocalWorker.build(cfg, task, data, shard, end.worker, torch.device(device))
     link = LinkModel(cfg.network, 4 * w.flat.numel)
     to_master = link.seconds(end.worker, MASTER)  # emulated link: down and up per update
     end.send(None, Hello(end.worker))
     first = True
     while True:
-        msg = end.recv(w.flat.params, timeout=cfg.timeout_s)
+        msg = end.recv(w.flat.state, timeout=cfg.timeout_s)
         if isinstance(msg, Stop):
             break
         if not first:
@@ -304,5 +319,5 @@ def worker_main(ctrl: Control, end: WorkerEnd, cfg: RunConfig, dataset: Dataset,
         first = False
         loss, n_samples, dt = w.gradient()
         link.sleep(to_master)
-        end.send(w.flat.grads, Grad(msg.version, n_samples, loss, dt))
+        end.send(w.flat.pack_grad_msg(), Grad(msg.version, n_samples, loss, dt))
     ctrl.send(w.report())

@@ -1,12 +1,14 @@
 """What every worker of every mode does: build its model, draw batches, compute gradients.
 
-Seeds: the initial model is drawn from ``torch.manual_seed(seed)``; worker ``i`` draws its
-batches from :class:`~apam_gossip.data.BatchStream` seeded with ``worker_seed(seed, i)``.
-A 1-worker asynchronous run therefore sees exactly the batches of the sequential run.
+Seeds: every process builds the model from ``torch.manual_seed(seed)`` (see
+:class:`~apam_gossip.task.Task`); worker ``i`` draws its batches from a stream seeded with
+``worker_seed(seed, i)``. A 1-worker asynchronous run therefore sees exactly the batches of
+the sequential run, for the built-in data and a user's datasets alike.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -14,14 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import RunConfig
-from ..data import BatchStream, Dataset
-from ..flat import FlatParams, flatten
+from ..flat import FlatModel, flatten
 from ..messages import WorkerReport
-from ..models import build_model
+from ..task import Task, compute_loss
 
 
 def worker_seed(seed: int, worker: int) -> int:
@@ -56,30 +56,28 @@ def eval_points(total: int, evals: int) -> list[int]:
     return pts
 
 
-def initial_model(cfg: RunConfig, dataset: Dataset) -> Tensor:
-    """The seeded initial flat parameter vector (on the CPU)."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, dataset.in_shape, dataset.n_classes)
-    return flatten(model, "cpu").params.detach().clone()
+class Diverged(RuntimeError):
+    """The loss or the gradient stopped being finite: the run stops (never a silent
+    divergence); the last checkpoint, written while the model was finite, is kept."""
 
 
-def compute_gradient(model: nn.Module, flat: FlatParams, x: Tensor, y: Tensor) -> float:
-    """Cross-entropy gradient of one mini-batch into ``flat.grads``; returns the loss."""
-    flat.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    return float(loss.detach())
+def batch_size_of(y: Any) -> int:
+    """How many samples a batch's targets hold."""
+    if isinstance(y, Tensor):
+        return int(y.shape[0]) if y.dim() else 1
+    return len(y)
 
 
 @dataclass
 class LocalWorker:
-    """A worker's model, flat buffers and batch stream on its device."""
+    """A worker's model, flat state and batch stream on its device."""
 
     index: int
     device: torch.device
     model: nn.Module
-    flat: FlatParams
-    stream: BatchStream
+    flat: FlatModel
+    stream: Any  # an endless mini-batch stream with .next() -> (x, y)
+    task: Task
     slowdown: float = 1.0
     straggler_prob: float = 0.0
     straggler_factor: float = 1.0
@@ -89,21 +87,23 @@ class LocalWorker:
     batches: int = 0
 
     @classmethod
-    def build(cls, cfg: RunConfig, dataset: Dataset, shard: Tensor, index: int,
+    def build(cls, cfg: RunConfig, task: Task, data: Any, shard: Tensor, index: int,
               device: torch.device) -> LocalWorker:
-        model = build_model(cfg.model, dataset.in_shape, dataset.n_classes).to(device)
-        flat = flatten(model, device)
-        if device.type == "cpu":
-            stream = BatchStream(dataset.x_train, dataset.y_train, shard,
-                                 cfg.data.batch_size, worker_seed(cfg.seed, index))
-        else:  # keep the shard resident on the GPU: no host->device copy per batch
-            xs = dataset.x_train[shard].to(device)
-            ys = dataset.y_train[shard].to(device)
-            stream = BatchStream(xs, ys, torch.arange(len(shard)), cfg.data.batch_size,
-                                 worker_seed(cfg.seed, index))
-        return cls(index, device, model, flat, stream, cfg.slowdown_of(index),
+        """Worker ``index``'s model (seeded: the same as every other process's) and its
+        seeded stream over ``shard`` of the training data."""
+        model = task.build_model().to(device)
+        # the model was built from the run's seed (the same everywhere); from here on each
+        # worker's randomness (dropout, a user's augmentation) is its own, still seeded
+        torch.manual_seed(worker_seed(cfg.seed, index))
+        flat = flatten(model, device, who=f"model {task.model_name}")
+        stream = data.stream(shard, cfg.data.batch_size, worker_seed(cfg.seed, index), device)
+        return cls(index, device, model, flat, stream, task, cfg.slowdown_of(index),
                    cfg.straggler_prob, cfg.straggler_factor,
                    random.Random(worker_seed(cfg.seed, index) + 17))
+
+    @property
+    def who(self) -> str:
+        return f"worker {self.index}"
 
     def report(self, **fields: Any) -> WorkerReport:
         """This worker's :class:`~apam_gossip.messages.WorkerReport` (its timing, plus
@@ -112,15 +112,29 @@ class LocalWorker:
                             **fields)
 
     def gradient(self) -> tuple[float, int, float]:
-        """One mini-batch gradient into ``flat.grads``: (loss, n_samples, compute seconds).
+        """One mini-batch gradient of the task's loss into ``flat.grads`` (the forward
+        pass also moves the model's buffers, e.g. BatchNorm statistics, in ``flat.state``):
+        (loss, n_samples, compute seconds).
 
-        Then sleeps ``(factor - 1) x`` the compute time to emulate a slower machine, where
-        factor is ``slowdown``, times ``straggler_factor`` with probability
-        ``straggler_prob`` (a random straggler).
+        Raises :class:`Diverged` if the loss or the gradient is not finite. Then sleeps
+        ``(factor - 1) x`` the compute time to emulate a slower machine, where factor is
+        ``slowdown``, times ``straggler_factor`` with probability ``straggler_prob`` (a
+        random straggler).
         """
         t = time.perf_counter()
         x, y = self.stream.next()
-        loss = compute_gradient(self.model, self.flat, x, y)
+        self.model.train()
+        self.flat.zero_grad()
+        loss = compute_loss(self.task, self.model, x, y, self.who)
+        loss.backward()
+        if self.batches == 0:
+            self.flat.check_gradients(f"model {self.task.model_name}")
+        value = float(loss.detach())
+        if not math.isfinite(value) or not bool(torch.isfinite(self.flat.grads).all()):
+            what = f"the loss is {value}" if not math.isfinite(value) \
+                else "the gradient has non-finite entries"
+            raise Diverged(f"{self.who}: {what} at its step {self.batches + 1}; the run "
+                           "stopped (try a smaller learning rate)")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t
@@ -134,4 +148,4 @@ class LocalWorker:
             pause = (factor - 1.0) * dt
             time.sleep(pause)
             self.sleep_s += pause
-        return loss, int(y.shape[0]), dt
+        return value, batch_size_of(y), dt

@@ -15,36 +15,41 @@ Both run the same number of samples as the asynchronous modes: ``steps`` rounds 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..config import RunConfig
-from ..data import Dataset
 from ..emulation import LinkModel
 from ..messages import Progress, Snapshot
 from ..optim import Optimizer
+from ..task import Task
 from ..transport import Control, SyncEnd
 from .common import LocalWorker
 
 PROGRESS_EVERY_S = 0.25
 
 
-def sync_worker_main(ctrl: Control, end: SyncEnd, cfg: RunConfig, dataset: Dataset,
+def sync_worker_main(ctrl: Control, end: SyncEnd, cfg: RunConfig, task: Task, data: Any,
                      shard: Tensor, device: str, x0: Tensor, steps: int, eval_at: list[int],
                      snaps: Tensor, mix_weights: list[tuple[int, float]] | None,
                      neighbors: list[int]) -> None:
     """One worker of ``allreduce`` (``mix_weights`` None) or ``dpsgd``. Worker 0 reports
     snapshots of the model (allreduce: the common replica; dpsgd: the mean of all models,
-    with the consensus distance) at the step counts in ``eval_at``."""
+    with the consensus distance) at the step counts in ``eval_at``.
+
+    Buffers (BatchNorm statistics): allreduce averages them with the gradients every
+    step, so the replicas stay identical; dpsgd mixes them with the parameters."""
     i = end.worker
     n = end.n_workers
-    w = LocalWorker.build(cfg, dataset, shard, i, torch.device(device))
-    w.flat.params.copy_(x0)
+    w = LocalWorker.build(cfg, task, data, shard, i, torch.device(device))
+    w.flat.state.copy_(x0)
+    n_params = w.flat.n_params
     opt = Optimizer(cfg.optim)
     state = opt.init(w.flat.params)
-    x_cpu = w.flat.params if w.device.type == "cpu" else torch.zeros(w.flat.numel)
-    g_cpu = w.flat.grads if w.device.type == "cpu" else torch.zeros(w.flat.numel)
+    x_cpu = w.flat.state if w.device.type == "cpu" else torch.zeros(w.flat.numel)
+    g_cpu = w.flat.grad_msg if w.device.type == "cpu" else torch.zeros(w.flat.numel)
     link = LinkModel(cfg.network, 4 * w.flat.numel)
     comm_s = (link.allreduce_seconds(n) if mix_weights is None
               else max((link.seconds(i, j) for j in neighbors), default=0.0))
@@ -71,32 +76,34 @@ def sync_worker_main(ctrl: Control, end: SyncEnd, cfg: RunConfig, dataset: Datas
         return see
 
     if i == 0 and 0 in points and mix_weights is None:
-        snapshot(0, x_cpu, {})
+        snapshot(0, w.flat.state.detach().cpu(), {})
     for k in range(1, steps + 1):
         loss, nb, _ = w.gradient()
         samples += nb
-        if g_cpu is not w.flat.grads:
-            g_cpu.copy_(w.flat.grads)
+        msg = w.flat.pack_grad_msg()  # [grads | buffers after this forward pass]
+        if g_cpu is not msg:
+            g_cpu.copy_(msg)
         link.sleep(comm_s)
         if mix_weights is None:
             end.allreduce_mean(g_cpu)
-            if g_cpu is not w.flat.grads:
-                w.flat.grads.copy_(g_cpu)
+            if g_cpu is not msg:
+                msg.copy_(g_cpu)
+            w.flat.buffers.copy_(msg[n_params:])  # every replica: the mean statistics
             opt.update(w.flat.params, w.flat.grads, state, lr=opt.lr_at(k, steps))
         else:
-            if x_cpu is not w.flat.params:
-                x_cpu.copy_(w.flat.params)
+            if x_cpu is not w.flat.state:
+                x_cpu.copy_(w.flat.state)
             want = (k - 1) in points  # every worker knows: a transport may need all to join
             see = on_all(k - 1, False) if i == 0 and want else None
             end.mix(x_cpu, mix_weights, on_all=see, gather=want)
-            if x_cpu is not w.flat.params:
-                w.flat.params.copy_(x_cpu)
+            if x_cpu is not w.flat.state:
+                w.flat.state.copy_(x_cpu)
             opt.update(w.flat.params, w.flat.grads, state, lr=opt.lr_at(k, steps))
         loss_sum += loss
         loss_n += 1
         if i == 0:
             if mix_weights is None and k in points and k < steps:
-                snapshot(k, w.flat.params.detach().cpu(), {})
+                snapshot(k, w.flat.state.detach().cpu(), {})
             now = time.monotonic()
             if now - last_progress > PROGRESS_EVERY_S:
                 ctrl.send(Progress(k * n * cfg.data.batch_size, k))
@@ -104,9 +111,9 @@ def sync_worker_main(ctrl: Control, end: SyncEnd, cfg: RunConfig, dataset: Datas
     wall = time.monotonic() - t0
     if mix_weights is None:
         if i == 0:
-            snapshot(steps, w.flat.params.detach().cpu(), {}, final=True)
+            snapshot(steps, w.flat.state.detach().cpu(), {}, final=True)
     else:  # one last exchange so worker 0 sees every final model
-        if x_cpu is not w.flat.params:
-            x_cpu.copy_(w.flat.params)
+        if x_cpu is not w.flat.state:
+            x_cpu.copy_(w.flat.state)
         end.mix(x_cpu, [(i, 1.0)], on_all=on_all(steps, True) if i == 0 else None, gather=True)
     ctrl.send(w.report(updates=steps, samples=samples, wall_time=wall))

@@ -242,7 +242,10 @@ class MpiGossip:
     :meth:`update_local`, :meth:`report_loss`; then :meth:`finish`.
     """
 
-    def __init__(self, comm, x0: Tensor, tracked: bool, total: int, timeout: float) -> None:
+    def __init__(self, comm, x0: Tensor, tracked: bool, total: int, timeout: float,
+                 n_tracked: int | None = None) -> None:
+        """``x0``: this rank's initial state; ``n_tracked``: the length of the tracked
+        second moment (the trained parameters: default all of the state)."""
         require_thread_multiple("gossip over MPI (a server thread beside the training thread)")
         self.comm = comm
         self.rank = comm.Get_rank()
@@ -252,15 +255,17 @@ class MpiGossip:
         self.timeout = timeout
         self.x = _host_buffer(x0.numel())
         self.x.copy_(x0)
-        self.u = _host_buffer(x0.numel()) if tracked else None
+        n_u = x0.numel() if n_tracked is None else n_tracked
+        self.u = _host_buffer(n_u) if tracked else None
         self.lock = threading.Lock()
         self.version = 0
         self.total = total
         self.claimed = 0  # rank 0 only: updates handed out
         self.losses = [0.0, 0]
-        self._send_buf = _host_buffer(x0.numel() * (2 if tracked else 1))
-        self._recv_buf = _host_buffer(x0.numel() * (2 if tracked else 1))
-        self._srv_buf = _host_buffer(x0.numel() * (2 if tracked else 1))
+        payload = x0.numel() + (n_u if tracked else 0)  # [x | u]
+        self._send_buf = _host_buffer(payload)
+        self._recv_buf = _host_buffer(payload)
+        self._srv_buf = _host_buffer(payload)
         self.averages = 0
         self.refused = 0  # averages this rank asked for and its peer refused (busy)
         self.in_flight = False  # this rank's own average is on its way (under self.lock)

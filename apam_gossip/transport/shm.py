@@ -116,10 +116,13 @@ class ShmGossip:
     """
 
     def __init__(self, n_workers: int, numel: int, tracked: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, n_tracked: int | None = None) -> None:
+        """``numel``: each worker's model state; ``n_tracked``: the length of the tracked
+        second moment (the trained parameters: default all of the state)."""
         self.n_workers = n_workers
         self.x = torch.zeros(n_workers, numel, dtype=dtype).share_memory_()
-        self.u = torch.zeros(n_workers, numel, dtype=dtype).share_memory_() if tracked else None
+        self.u = torch.zeros(n_workers, numel if n_tracked is None else n_tracked,
+                             dtype=dtype).share_memory_() if tracked else None
         self.versions = torch.zeros(n_workers, dtype=torch.int64).share_memory_()
         # counters: [0] updates claimed, [1] updates completed, [2] averages done
         self.counters = torch.zeros(3, dtype=torch.int64).share_memory_()
