@@ -7,6 +7,9 @@ Two asynchronous modes behind one entry point, :func:`run`:
 * ``decentralized`` -- AD-PSGD-style gossip with local adaptive steps;
 
 plus ``sequential``, the one-process reference. Every mode returns a :class:`RunResult`.
+
+Or keep your own training loop (:mod:`apam_gossip.loop`): ``init()``, then
+``DistributedOptimizer(model)`` in place of your optimizer.
 """
 
 from __future__ import annotations
@@ -15,12 +18,29 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = ["run", "compare", "RunConfig", "DataConfig", "OptimConfig", "RunResult",
-           "Metric", "UserError", "load_model", "__version__"]
+           "Metric", "UserError", "load_model", "__version__",
+           # the loop API (apam_gossip.loop)
+           "init", "DistributedOptimizer", "rank", "size", "local_rank", "is_master",
+           "num_workers", "worker_index", "device", "MasterHandle", "LoopSummary"]
+LOOP_NAMES = frozenset(__all__[__all__.index("init"):])
 
 if TYPE_CHECKING:
     from .compare import compare
     from .config import DataConfig, OptimConfig, RunConfig
     from .errors import UserError
+    from .loop import (
+        DistributedOptimizer,
+        LoopSummary,
+        MasterHandle,
+        device,
+        init,
+        is_master,
+        local_rank,
+        num_workers,
+        rank,
+        size,
+        worker_index,
+    )
     from .model_io import load_model
     from .result import RunResult
     from .runner import run
@@ -52,6 +72,10 @@ def __getattr__(name: str) -> Any:  # lazy: `import apam_gossip` stays cheap unt
         from .model_io import load_model
 
         return load_model
+    if name in LOOP_NAMES:
+        from . import loop
+
+        return getattr(loop, name)
     if name == "UserError":
         from .errors import UserError
 

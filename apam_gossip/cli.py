@@ -403,6 +403,8 @@ def _compare(a: argparse.Namespace) -> int:
     from .compare import compare, comparison_table, plot_comparison, save_comparison
     from .data import load_data
 
+    if a.results:
+        return _compare_results(a)
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     if not modes:
         raise UserError("--modes is empty; give e.g. --modes centralized,decentralized")
@@ -444,6 +446,58 @@ def _compare(a: argparse.Namespace) -> int:
     print(table)
     print(f"results written to {out}; plot written to {plot}")
     return 0
+
+
+def _compare_results(a: argparse.Namespace) -> int:
+    """``compare --results A.json B.json ...``: the table (and plot) of finished runs, of
+    ``train``, ``compare``'s own runs or a loop-API job (``init(result=...)``)."""
+    from .compare import comparison_table, plot_comparison
+    from .result import RunResult
+
+    results = []
+    for path in a.results:
+        if not Path(path).is_file():
+            raise UserError(f"--results: no such file {path}")
+        d = RunResult.load(path)
+        results.append(d)
+    metrics = {(r.metric, r.higher_is_better) for r in results}
+    if len(metrics) > 1:
+        raise UserError(f"--results: the runs measure different metrics "
+                        f"({', '.join(sorted(m for m, _ in metrics))}); compare runs of one "
+                        "task")
+    check_target("--target", a.target, results[0].metric)
+    print(comparison_table(results, a.target))
+    if a.plot:
+        _check_output(Path(a.plot))
+        plot_comparison(results, Path(a.plot), a.target, title="compared runs")
+        print(f"plot written to {a.plot}")
+    return 0
+
+
+def _launch(a: argparse.Namespace) -> int:
+    """``launch -n N script.py [args]``: mpirun with the settings of
+    :mod:`apam_gossip.mpirun`, this Python, the script's exit code."""
+    import subprocess
+
+    from .mpirun import run_mpirun
+
+    script = Path(a.script)
+    if not script.is_file():
+        raise UserError(f"launch: no such script {a.script}")
+    if a.hostfile is not None and not Path(a.hostfile).is_file():
+        raise UserError(f"--hostfile: no such file {a.hostfile}")
+    if a.np < 1 or a.np > 4096:
+        raise UserError(f"-n must be between 1 and 4096, got {a.np}")
+    if a.timeout is not None and not 0 < a.timeout <= 1e7:
+        raise UserError(f"--timeout must be > 0 seconds, got {a.timeout:g}")
+    try:
+        job = run_mpirun(a.np, [sys.executable, str(script), *a.args], timeout=a.timeout,
+                         hostfile=a.hostfile, capture=False)
+    except subprocess.TimeoutExpired:
+        print(f"{PROG}: error: the job ran past --timeout {a.timeout:g} s and was stopped",
+              file=sys.stderr)
+        return 124
+    return job.returncode
 
 
 def _bench(a: argparse.Namespace) -> int:
@@ -631,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the test metric to reach, for the time-to-target column (accuracy: a "
                    "fraction in (0, 1]; a lower-is-better metric is reached at or below it)")
     c.add_argument("--plot", metavar="PNG", help="plot path (default: next to --output)")
+    c.add_argument("--results", nargs="+", metavar="JSON",
+                   help="no runs: compare these finished runs' result files (train, "
+                   "compare, or a loop-API job's init(result=...))")
     g = sub.add_parser("topology", help="describe (and draw) a gossip topology",
                        description="Load or generate a topology, validate it for N workers, "
                        "print degrees and the spectral gap of its expected gossip matrix.")
@@ -664,6 +721,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-workers", type=int, help="scaling: largest N (default: the cores)")
     b.add_argument("--size-mb", type=float, default=4.0, help="pairwise: model size")
     b.add_argument("--reps", type=int, default=30, help="pairwise: repetitions")
+    la = sub.add_parser("launch", help="start your own training script on N ranks (the "
+                        "loop API: apam_gossip.init, DistributedOptimizer)",
+                        description="Run `mpirun -n N python SCRIPT ARGS` with settings that "
+                        "work out of the box (root, oversubscription, a private segment "
+                        "folder), like horovodrun or bfrun.",
+                        usage=f"{PROG} launch -n N [--hostfile H] [--timeout S] SCRIPT "
+                        "[ARGS ...]")
+    la.add_argument("-n", "--np", type=int, required=True, help="number of ranks")
+    la.add_argument("--hostfile", help="an OpenMPI hostfile (several hosts)")
+    la.add_argument("--timeout", type=float, help="stop the whole job after this many "
+                    "seconds")
+    la.add_argument("script", metavar="SCRIPT")
+    la.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
     d = sub.add_parser("demo", help="a short real run on the embedded digits data",
                        description="APAM with 4 workers (one 4x slower) on scikit-learn's "
                        "real 8x8 digits; under a minute on 2 cores.")
@@ -683,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
             return _topology(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "launch":
+            return _launch(args)
         if args.command == "demo":
             banner = ("demo: centralized APAM (asynchronous AMSGrad) on scikit-learn's real "
                       "8x8 handwritten digits:\n  a master process owns the model, 4 worker "

@@ -64,7 +64,7 @@ def comparison_table(results: Sequence[RunResult], target: float) -> str:
     each mode (staleness, or consensus distance)."""
     r0 = results[0]
     goal = "to " + target_text(r0.metric, r0.higher_is_better, target)
-    head = (f"{'mode':<14}{'workers':>8}{'time ' + goal:>18}{'samples to':>12}"
+    head = (f"{'mode':<14}{'workers':>8}{'time ' + goal:>21}{'samples to':>12}"
             f"{'final ' + r0.metric:>16}{'samples/s':>11}{'train s':>9}  asynchrony")
     rows = [head, "-" * len(head)]
     for r in results:
@@ -80,7 +80,7 @@ def comparison_table(results: Sequence[RunResult], target: float) -> str:
             asyn = f"staleness mean {r.staleness_mean():.2f} max {max(r.staleness, default=0)}"
         else:
             asyn = "none (reference)"
-        rows.append(f"{r.mode:<14}{len(r.workers):>8}{_fmt_time(t):>18}"
+        rows.append(f"{r.mode:<14}{len(r.workers):>8}{_fmt_time(t):>21}"
                     f"{(str(s) if s is not None else '-'):>12}"
                     f"{format_metric(r.metric, r.final_metric):>16}{r.samples_per_s:>11.0f}"
                     f"{r.wall_time:>9.2f}  {asyn}")

@@ -110,6 +110,7 @@ class Grad:
     samples: int
     loss: float
     compute_s: float
+    lr: float = float("nan")  # the worker's learning rate (loop API); NaN: the master's
 
 
 @dataclass(frozen=True)
@@ -159,3 +160,45 @@ class LocalOutbox:
 
     def of_type(self, cls: type) -> list[Any]:
         return [m for m in self.messages if isinstance(m, cls)]
+
+
+# -- the loop API (apam_gossip.loop): worker rank <-> master rank, over the star ----------
+@dataclass
+class LoopReport:
+    """One rank's account of its own training loop, at ``finish()``."""
+
+    rank: int
+    device: str
+    steps: int
+    samples: int
+    wall_time: float  # from the optimizer's construction (after the start barrier)
+    step_s: float  # time inside step(): communication and the optimizer
+    averages: int = 0
+    refused_averages: int = 0
+    staleness: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Done:
+    """Worker -> master: this worker's loop is over (``metric``: what the user measured;
+    ``metric_follows``: it comes after the final model, measured on it)."""
+
+    report: LoopReport
+    metric: float | None = None
+    metric_follows: bool = False
+
+
+@dataclass(frozen=True)
+class StateRequest:
+    """Worker -> master: send me your state (for ``state_dict()``)."""
+
+
+@dataclass(frozen=True)
+class LoopState:
+    """The master's state (numpy, pickled by value): ``x``, the optimizer's ``opt`` and
+    the update count ``version``; master -> worker for ``state_dict()``, worker ->
+    master for ``load_state_dict()`` (answered by ``Params``)."""
+
+    x: np.ndarray
+    opt: dict[str, np.ndarray]
+    version: int

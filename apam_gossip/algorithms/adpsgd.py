@@ -62,7 +62,7 @@ GO_TIMEOUT_S = 300.0
 AVERAGE_TRIES = 3
 
 
-def _neighbors_rng(neighbors: list[int], probs: list[float], seed: int, alive=None):
+def neighbor_picker(neighbors: list[int], probs: list[float], seed: int, alive=None):
     """A function returning a random neighbour (P(j) ~ probs), skipping dead ones when
     ``alive(j)`` says so; None when no neighbour is left."""
     rng = np.random.default_rng(seed)
@@ -83,7 +83,7 @@ def _neighbors_rng(neighbors: list[int], probs: list[float], seed: int, alive=No
     return pick
 
 
-def _local_step(opt, g: Tensor, state, tracked: bool, audit: Tensor | None, lr: float,
+def local_step(opt, g: Tensor, state, tracked: bool, audit: Tensor | None, lr: float,
                 n_params: int, buffer_delta: Tensor | None, x: Tensor,
                 u: Tensor | None) -> None:
     """The local step on this worker's current state ``x = [params | buffers]``: the
@@ -112,7 +112,7 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
     state = end.optimizer_state() or opt.init(torch.zeros(n_params))
     grad_cpu = torch.zeros(n_params) if w.device.type != "cpu" else None
     buffers0 = torch.zeros(n_buffers, device=w.device) if n_buffers else None
-    pick = _neighbors_rng(neighbors, probs, worker_seed(cfg.seed, i) + 1, end.is_alive) \
+    pick = neighbor_picker(neighbors, probs, worker_seed(cfg.seed, i) + 1, end.is_alive) \
         if neighbors else None
     tracked = cfg.adaptive_state == "tracked"
     link = LinkModel(cfg.network, 4 * (w.flat.numel + (n_params if tracked else 0)))
@@ -147,7 +147,7 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
                 break
             refused += 1
         averages += averaged
-        v1 = end.update_local(partial(_local_step, opt, g, state, tracked, audit,
+        v1 = end.update_local(partial(local_step, opt, g, state, tracked, audit,
                                       opt.lr_at(k, total), n_params, delta))
         staleness[v1 - v0 - 1 - averaged] += 1
         updates += 1
@@ -170,7 +170,7 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
 def gossip_worker_main(ctrl: Control, end: GossipEnd, neighbors: list[int],
                        probs: list[float], averages: int, seed: int) -> None:
     """Gossip only (no gradients): ``averages`` pairwise averages with random neighbours."""
-    pick = _neighbors_rng(neighbors, probs, seed) if neighbors else None
+    pick = neighbor_picker(neighbors, probs, seed) if neighbors else None
     ctrl.send(Hello(end.worker))
     if not end.wait_start(GO_TIMEOUT_S):
         raise TimeoutError(f"worker {end.worker}: no start signal within {GO_TIMEOUT_S:g} s")

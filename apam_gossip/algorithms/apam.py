@@ -25,6 +25,7 @@ before each worker is told to stop, so a slow worker finishing last ends cleanly
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -184,8 +185,10 @@ class ApamMaster:
     def apply(self, i: int, msg: Grad, grad: Tensor) -> None:
         """One AMSGrad (or other) step with worker ``i``'s gradient (and its buffers)."""
         p, n = self.progress, self.n_params
-        self.opt.update(self.x[:n], grad[:n], self.state,
-                        lr=self.opt.lr_at(p.version + 1, self.total))
+        # the loop API's workers send their own learning rate (their schedule); else the
+        # master's schedule over the budget
+        lr = msg.lr if math.isfinite(msg.lr) else self.opt.lr_at(p.version + 1, self.total)
+        self.opt.update(self.x[:n], grad[:n], self.state, lr=lr)
         if self.x.numel() > n:
             self.x[n:].copy_(grad[n:])
         p.record(i, msg.version, msg.samples)

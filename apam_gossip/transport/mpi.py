@@ -20,6 +20,9 @@ point-to-point messages driven by a thread that is always in MPI, so it works be
 hosts over any network MPI supports (no reliance on shared-memory one-sided progress).
 Rank 0's server also hands out the shared update budget (one claim per update).
 
+Other control objects (the loop API's :mod:`apam_gossip.loop` messages) travel either way
+as a metadata message of kind ``K_OBJ`` followed by the pickled object.
+
 Tensors cross MPI as CPU buffers (mpi4py sends CPU torch tensors directly, no copy);
 GPU workers stage through pinned host buffers.
 """
@@ -42,9 +45,11 @@ from ..messages import Grad, Hello, Params, Stop
 T_META, T_TENSOR = 11, 12  # star
 T_REQ, T_DATA, T_REPLY, T_SNAP_REPLY, T_CLAIM_REPLY = 21, 22, 23, 24, 25  # gossip
 T_STATS = 31
+T_OBJ = 13  # star: a pickled control object after a K_OBJ metadata message
 
-# star metadata kinds (float64 vectors: [kind, a, b, c, d])
-K_HELLO, K_GRAD, K_PARAMS, K_STOP = 1.0, 2.0, 3.0, 4.0
+# star metadata kinds (float64 vectors: [kind, a, b, c, d, e])
+K_HELLO, K_GRAD, K_PARAMS, K_STOP, K_OBJ = 1.0, 2.0, 3.0, 4.0, 5.0
+META = 6
 # gossip request kinds
 R_SNAP, R_CLAIM, R_STOP = 2, 3, 4  # (averages travel as T_DATA payloads)
 
@@ -135,6 +140,14 @@ def _wait(req, timeout: float, what: str, patient: bool = False, status=None) ->
 
 
 # ----------------------------------------------------------------------------- star
+def _meta(kind: float, *values: float) -> np.ndarray:
+    """A star metadata message: ``[kind, values..., 0...]`` (float64, META long)."""
+    m = np.zeros(META)
+    m[0] = kind
+    m[1: 1 + len(values)] = values
+    return m
+
+
 class MpiStarMaster:
     """Rank 0's side of the star; worker ``w`` is rank ``w + 1``."""
 
@@ -142,7 +155,7 @@ class MpiStarMaster:
         self.comm = comm
         self.n_workers = comm.Get_size() - 1
         self.timeout = timeout
-        self.meta = np.zeros((self.n_workers, 5))
+        self.meta = np.zeros((self.n_workers, META))
         self.grad = _host_buffer(numel)
         self.reqs = [self._post(w) for w in range(self.n_workers)]
         # workers whose metadata has arrived but was not taken by recv yet: Testsome
@@ -169,27 +182,34 @@ class MpiStarMaster:
 
     def recv(self, worker: int) -> tuple[Any, Tensor]:
         m = self.meta[worker].copy()
+        grad: Tensor | None = self.grad
         if m[0] == K_HELLO:
-            meta: Hello | Grad = Hello(worker)
+            meta: Any = Hello(worker)
+        elif m[0] == K_OBJ:
+            meta, grad = self.comm.recv(source=worker + 1, tag=T_OBJ), None
         else:
             self.comm.Recv(self.grad, source=worker + 1, tag=T_TENSOR)
-            meta = Grad(int(m[1]), int(m[2]), float(m[3]), float(m[4]))
+            meta = Grad(int(m[1]), int(m[2]), float(m[3]), float(m[4]), float(m[5]))
         self.outstanding[worker] = False
         self.arrived.discard(worker)
         self.reqs[worker] = self._post(worker)
-        return meta, self.grad
+        return meta, grad
 
-    def send(self, worker: int, params: Tensor | None, meta: Params | Stop) -> None:
+    def send(self, worker: int, params: Tensor | None, meta: Any) -> None:
+        """``Params`` (with ``params``), ``Stop``, or any other picklable object."""
+        if not isinstance(meta, Params | Stop):
+            self.comm.Send(_meta(K_OBJ), dest=worker + 1, tag=T_META)
+            self.comm.send(meta, dest=worker + 1, tag=T_OBJ)
+            return
         if isinstance(meta, Stop):
             if self.outstanding[worker]:  # it is computing: take (and drop) its gradient
                 _wait(self.reqs[worker], self.timeout, f"worker {worker}'s last gradient")
                 self.recv(worker)
             self.reqs[worker].Cancel()
             self.reqs[worker].Wait()
-            self.comm.Send(np.array([K_STOP, 0, 0, 0, 0.0]), dest=worker + 1, tag=T_META)
+            self.comm.Send(_meta(K_STOP), dest=worker + 1, tag=T_META)
             return
-        self.comm.Send(np.array([K_PARAMS, float(meta.version), 0, 0, 0.0]), dest=worker + 1,
-                       tag=T_META)
+        self.comm.Send(_meta(K_PARAMS, meta.version), dest=worker + 1, tag=T_META)
         assert params is not None
         self.comm.Send(params, dest=worker + 1, tag=T_TENSOR)
         self.outstanding[worker] = True
@@ -202,14 +222,19 @@ class MpiStarWorker:
         self.comm = comm
         self.worker = comm.Get_rank() - 1
         self.host = _host_buffer(numel)
-        self.meta = np.zeros(5)
+        self.meta = np.zeros(META)
 
-    def send(self, grad: Tensor | None, meta: Hello | Grad) -> None:
+    def send(self, grad: Tensor | None, meta: Any) -> None:
+        """``Hello``, ``Grad`` (with ``grad``), or any other picklable object."""
         if isinstance(meta, Hello):
-            self.comm.Send(np.array([K_HELLO, 0, 0, 0, 0.0]), dest=0, tag=T_META)
+            self.comm.Send(_meta(K_HELLO), dest=0, tag=T_META)
             return
-        self.comm.Send(np.array([K_GRAD, meta.version, meta.samples, meta.loss,
-                                 meta.compute_s], dtype=np.float64), dest=0, tag=T_META)
+        if not isinstance(meta, Grad):
+            self.comm.Send(_meta(K_OBJ), dest=0, tag=T_META)
+            self.comm.send(meta, dest=0, tag=T_OBJ)
+            return
+        self.comm.Send(_meta(K_GRAD, meta.version, meta.samples, meta.loss, meta.compute_s,
+                             meta.lr), dest=0, tag=T_META)
         assert grad is not None
         if grad.device.type != "cpu":
             self.host.copy_(grad)
@@ -226,6 +251,8 @@ class MpiStarWorker:
             raise
         if self.meta[0] == K_STOP:
             return Stop()
+        if self.meta[0] == K_OBJ:
+            return self.comm.recv(source=0, tag=T_OBJ)
         if params_out.device.type == "cpu":
             self.comm.Recv(params_out, source=0, tag=T_TENSOR)
         else:

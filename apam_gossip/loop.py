@@ -1,0 +1,924 @@
+"""Keep your own training loop: :func:`init`, :class:`DistributedOptimizer`, ``finish()``.
+
+::
+
+    import apam_gossip as ag
+
+    ag.init(mode="decentralized", topology="topologies/ring8.edgelist")  # or "centralized"
+    model = MyNet().to(ag.device())
+    opt = ag.DistributedOptimizer(model, lr=1e-3)    # AMSGrad by default
+    for x, y in loader:                              # your data (shard it by ag.worker_index())
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    opt.finish()
+
+Start it with ``apam-gossip launch -n N script.py`` (or ``mpirun -n N python script.py``);
+without a launcher it runs as one process. The modes are one word apart:
+
+* ``centralized`` (APAM): rank 0 is the master, ranks 1..N-1 the workers. On rank 0,
+  :func:`init` runs the master: it applies each worker's gradient as it arrives (AMSGrad,
+  on the master's model and state) and sends the new model back to that worker, until
+  every worker has called ``finish()``; then it broadcasts the final model to the workers,
+  writes the result and exits 0 (``master="exit"``), or returns a :class:`MasterHandle`
+  (``master="return"``: the script must then skip its loop on rank 0). ``step()`` sends
+  ``[gradients | buffers]`` with this worker's learning rate and loads the model that
+  comes back. The workers start from rank 1's model.
+* ``decentralized`` (AD-PSGD style): every rank is a worker; ``step()`` averages the model
+  with a random neighbour on the topology (a file, or a generator name such as ``ring``)
+  and takes the local adaptive step, exactly as ``--mode decentralized`` (see
+  :mod:`apam_gossip.algorithms.adpsgd`); the models start from rank 0's.
+* ``allreduce`` (the synchronous baseline): ``step()`` averages the gradients (and buffers)
+  of every rank still stepping, then every rank takes the same step. A rank that finished
+  early joins the remaining all-reduces with nothing (as Horovod's ``join``), so ranks may
+  take different numbers of steps without a hang.
+
+Learning rate: a number; a callable ``lr(step)`` of the update count (centralized: the
+master's count, as the model came back, + 1; else this rank's step + 1); or any
+``torch.optim.lr_scheduler`` on the optimizer (it sets ``param_groups[0]["lr"]``, which
+every step reads).
+
+Samples are counted by a forward pre-hook: the first dimension of the first tensor the
+model is called with in training mode (the per-rank samples/s at ``finish()``).
+
+Errors: a user error raised on any rank under MPI prints one line (``apam_gossip: error:
+...``, naming the rank) and ends the whole job with exit code 2; any other exception
+prints its traceback and ends it with 1 (:func:`init` installs the hook), so a failing
+rank never leaves the others waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError, OptimConfig
+from .errors import UserError
+from .flat import FlatModel, flatten
+from .messages import (
+    Done,
+    Grad,
+    Hello,
+    LocalOutbox,
+    LoopReport,
+    LoopState,
+    Params,
+    StateRequest,
+    Stop,
+)
+from .optim import Optimizer
+from .result import EvalRecord, RunResult, WorkerStats
+
+MODES = ("centralized", "decentralized", "allreduce")
+MASTER_CHOICES = ("exit", "return")
+ADAPTIVE_STATES = ("local", "tracked")
+TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE")
+
+
+T_METRIC = 41  # centralized: rank 1 -> master, the final model's score
+
+
+def _score(metric: Callable[[nn.Module], float], model: nn.Module, who: str) -> float:
+    value = metric(model)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise LoopError(f"{who}: finish(metric=...) returned {type(value).__name__}, not a "
+                        "number") from None
+
+
+class LoopError(UserError):
+    """A loop-API error that every rank detects alike: rank 0 prints it."""
+
+
+@dataclass
+class _Session:
+    mode: str
+    comm: Any | None  # None: one process, no MPI
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+    topology: str | None
+    adaptive_state: str
+    seed: int
+    timeout_s: float
+    result: str | None
+    graph: Any = None
+    optimizer: DistributedOptimizer | None = None
+
+    @property
+    def n_workers(self) -> int:
+        return self.size - 1 if self.mode == "centralized" and self.comm is not None \
+            else self.size
+
+    @property
+    def worker_index(self) -> int:
+        return self.rank - 1 if self.mode == "centralized" and self.comm is not None \
+            else self.rank
+
+
+_session: _Session | None = None
+
+
+def _env_rank() -> str:
+    for k in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "RANK"):
+        if k in os.environ:
+            return f"rank {os.environ[k]}"
+    return "this process"
+
+
+def _current(what: str) -> _Session:
+    if _session is None:
+        raise LoopError(f"{_env_rank()}: {what} before apam_gossip.init(): call "
+                        "ag.init(mode=...) first")
+    return _session
+
+
+# ----------------------------------------------------------------------- init & queries
+def init(mode: str = "decentralized", topology: str | None = None, *,
+         adaptive_state: str = "local", seed: int = 0, timeout_s: float = 600.0,
+         result: str | None = None, master: str = "exit",
+         device: str = "auto", threads: int | None = None) -> MasterHandle | None:
+    """Join the job as this rank (see the module docstring).
+
+    ``topology``: decentralized only, a topology file or generator (default ``ring``) with
+    one node per rank. ``adaptive_state``: decentralized AMSGrad's second moment, ``local``
+    or ``tracked``. ``result``: where rank 0 writes the RunResult JSON at the end (as
+    ``train`` does; ``compare --results`` reads it). ``master``: centralized, what rank 0
+    does once the workers are done, ``exit`` (the process exits 0) or ``return`` (a
+    :class:`MasterHandle`). ``device``: ``auto`` (``cuda:(local_rank mod n_gpus)`` when
+    CUDA is present) or ``cpu``. ``threads``: torch threads of this rank (default under
+    MPI: a fair share of the host's cores among its ranks, as every mode does; without a
+    launcher torch's own default). Returns None except on a returning master.
+    """
+    global _session
+    if _session is not None:
+        raise LoopError(f"rank {_session.rank}: apam_gossip.init() was called twice; call "
+                        "opt.finish() before starting again")
+    if mode not in MODES:
+        raise LoopError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if master not in MASTER_CHOICES:
+        raise LoopError(f"master must be 'exit' or 'return', got {master!r}")
+    if adaptive_state not in ADAPTIVE_STATES:
+        raise LoopError(f"adaptive_state must be 'local' or 'tracked', got {adaptive_state!r}")
+    if device not in ("auto", "cpu"):
+        raise LoopError(f"device must be 'auto' or 'cpu', got {device!r}")
+    if not (isinstance(timeout_s, int | float) and 0 < timeout_s <= 1e6):
+        raise LoopError(f"timeout_s must be a number of seconds in (0, 1e6], got {timeout_s!r}")
+    if topology is not None and mode != "decentralized":
+        raise LoopError(f"topology is for mode 'decentralized' only (mode is {mode!r})")
+    from .transport.mpi import launched_by_mpi
+
+    if not launched_by_mpi():
+        if any(k in os.environ for k in TORCHRUN_VARS):
+            raise LoopError("apam_gossip's loop API runs under MPI, not torchrun: start the "
+                            "script with `apam-gossip launch -n N script.py` (or "
+                            "`mpirun -n N python script.py`)")
+        print("apam_gossip: no MPI launcher: running as one process (start N with "
+              "`apam-gossip launch -n N script.py`)", file=sys.stderr, flush=True)
+        comm, rank, size, local_rank = None, 0, 1, 0
+    else:
+        from .transport import mpi as tmpi
+
+        comm, rank, size = tmpi.world()
+        _install_abort_hook(comm, rank)
+        local_rank, on_node = tmpi.node_placement(comm)
+        if threads is None:
+            from .algorithms.common import available_cores
+
+            threads = max(1, available_cores() // on_node)
+        if mode == "decentralized":
+            tmpi.require_thread_multiple("decentralized mode (a server thread serves "
+                                         "averages beside your training loop)")
+        if mode == "centralized" and size < 2:
+            raise LoopError("centralized mode needs a master and at least one worker: "
+                            "launch 2 or more ranks (or run without a launcher for one "
+                            "process)")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise LoopError(f"threads must be an integer >= 1, got {threads!r}")
+        torch.set_num_threads(threads)
+    dev = torch.device("cpu")
+    if device == "auto" and torch.cuda.is_available():
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    s = _Session(mode, comm, rank, size, local_rank, dev, topology, adaptive_state, seed,
+                 float(timeout_s), result)
+    if mode == "decentralized":
+        from .topology import make_topology, validate_topology
+
+        spec = topology if topology is not None else "ring"
+        try:
+            s.graph = validate_topology(make_topology(spec, size, seed), size)
+        except UserError as e:
+            raise LoopError(f"rank {rank}: topology {spec}: {e} (the job has {size} "
+                            f"rank{'s' if size != 1 else ''})") from None
+    _session = s
+    if mode == "centralized" and comm is not None and rank == 0:
+        handle = _run_master(s)
+        _session = None
+        if master == "exit":
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.exit(0)
+        return handle
+    return None
+
+
+def _install_abort_hook(comm: Any, rank: int) -> None:
+    """An uncaught exception on any rank ends the whole job (no rank left waiting): a
+    user error as one line and exit 2, anything else with its traceback and exit 1."""
+    def hook(tp, e, tb) -> None:
+        if isinstance(e, UserError):
+            if isinstance(e, LoopError) and rank != 0:
+                time.sleep(2.0)  # every rank has it: let rank 0 print it once
+            else:
+                msg = str(e) if str(e).startswith("rank ") else f"rank {rank}: {e}"
+                print(f"apam_gossip: error: {msg}", file=sys.stderr, flush=True)
+            code = 2
+        else:
+            sys.__excepthook__(tp, e, tb)
+            code = 1
+        sys.stderr.flush()
+        comm.Abort(code)
+
+    sys.excepthook = hook
+
+
+def rank() -> int:
+    """This process's rank (0 without a launcher)."""
+    return _current("ag.rank()").rank
+
+
+def size() -> int:
+    """The number of ranks (1 without a launcher)."""
+    return _current("ag.size()").size
+
+
+def local_rank() -> int:
+    """This rank's index among the ranks on its host."""
+    return _current("ag.local_rank()").local_rank
+
+
+def is_master() -> bool:
+    """True on the master rank of a centralized job (rank 0; it never trains)."""
+    s = _current("ag.is_master()")
+    return s.mode == "centralized" and s.comm is not None and s.rank == 0
+
+
+def num_workers() -> int:
+    """How many ranks train (centralized: all but the master)."""
+    return _current("ag.num_workers()").n_workers
+
+
+def worker_index() -> int:
+    """This rank's index among the training ranks, 0..num_workers()-1: shard your data
+    by it (``DistributedSampler(ds, num_workers(), worker_index())``)."""
+    return _current("ag.worker_index()").worker_index
+
+
+def device() -> torch.device:
+    """This rank's device: ``cuda:(local_rank mod n_gpus)`` when CUDA is present."""
+    return _current("ag.device()").device
+
+
+# ------------------------------------------------------------------ model signatures
+@dataclass(frozen=True)
+class _Signature:
+    """What must agree across ranks: every trained parameter's and float buffer's name,
+    shape and dtype, and the optimizer's settings (learning rate aside)."""
+
+    entries: tuple[tuple[str, str, tuple[int, ...], str], ...]
+    numel: int
+    n_params: int
+    optim: tuple[tuple[str, Any], ...]
+
+
+def _signature(flat: FlatModel, optim: OptimConfig) -> _Signature:
+    from .flat import float_buffers, trainable
+
+    ids = {id(p) for p in trainable(flat.model)}
+    entries = [("parameter", n, tuple(p.shape), str(p.dtype))
+               for n, p in flat.model.named_parameters() if id(p) in ids]
+    entries += [("buffer", n, tuple(b.shape), str(b.dtype))
+                for n, b in float_buffers(flat.model)]
+    hp = {k: v for k, v in optim.model_dump().items() if k not in ("lr", "schedule")}
+    return _Signature(tuple(entries), flat.numel, flat.n_params, tuple(sorted(hp.items())))
+
+
+def _differences(sigs: list[_Signature | None], ref: int) -> str | None:
+    """The first rank whose signature differs from rank ``ref``'s, in words (or None)."""
+    base = sigs[ref]
+    assert base is not None
+    for r, s in enumerate(sigs):
+        if s is None or r == ref or s == base:
+            continue
+        if s.optim != base.optim:
+            a, b = dict(s.optim), dict(base.optim)
+            k = next(k for k in sorted(a) if a[k] != b.get(k))
+            return (f"rank {r}: optimizer setting {k}={a[k]!r} but rank {ref} has "
+                    f"{b.get(k)!r}: give every rank the same DistributedOptimizer settings")
+        mine, theirs = dict(((e[0], e[1]), e[2:]) for e in s.entries), \
+            dict(((e[0], e[1]), e[2:]) for e in base.entries)
+        for key, (shape, dtype) in theirs.items():
+            if key not in mine:
+                return f"rank {r}: its model has no {key[0]} {key[1]!r} (rank {ref}'s has)"
+            if mine[key] != (shape, dtype):
+                return (f"rank {r}: {key[0]} {key[1]!r} has shape {tuple(mine[key][0])} "
+                        f"{mine[key][1]} but {tuple(shape)} {dtype} on rank {ref}: every "
+                        "rank must build the same model")
+        extra = next(iter(set(mine) - set(theirs)))
+        return f"rank {r}: its model has a {extra[0]} {extra[1]!r} that rank {ref}'s has not"
+    return None
+
+
+def _agree(s: _Session, sig: _Signature | None, ref: int) -> _Signature:
+    """Collective: gather every rank's signature at rank 0, compare with rank ``ref``'s
+    and raise the same :class:`LoopError` on every rank if one differs."""
+    comm = s.comm
+    sigs = comm.gather(sig, root=0)
+    verdict = _differences(sigs, ref) if s.rank == 0 else None
+    verdict, ref_sig = comm.bcast((verdict, sigs[ref] if s.rank == 0 else None), root=0)
+    if verdict is not None:
+        raise LoopError(verdict)
+    return ref_sig
+
+
+def _wait(req: Any, s: _Session, what: str) -> None:
+    from .transport.mpi import _wait as wait
+
+    wait(req, s.timeout_s, f"rank {s.rank}: {what}", patient=True)
+
+
+# ----------------------------------------------------------------------- the optimizer
+class DistributedOptimizer(torch.optim.Optimizer):
+    """The optimizer of one rank in a loop-API job (see the module docstring).
+
+    ``model``: the rank's model, already on :func:`device` (float32). Its trainable
+    parameters and float buffers are moved into one flat buffer (they stay ordinary
+    parameters to your code). ``lr``: a number or a callable ``lr(step)``; ``optimizer``
+    and the other keywords are :class:`~apam_gossip.config.OptimConfig` fields
+    (``amsgrad`` by default; ``beta1``, ``beta2``, ``eps``, ``bias_correction``,
+    ``weight_decay``, ``momentum``, ``nesterov``). Use as a context manager to call
+    :meth:`finish` on leaving the block.
+    """
+
+    def __init__(self, model: nn.Module, lr: float | Callable[[int], float] = 1e-3, *,
+                 optimizer: str = "amsgrad", **optim: Any) -> None:
+        s = _current("DistributedOptimizer(...)")
+        if s.optimizer is not None:
+            raise LoopError(f"rank {s.rank}: one DistributedOptimizer per job; call "
+                            "finish() on the first one")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"rank {s.rank}: model must be an nn.Module, got "
+                            f"{type(model).__name__}")
+        self.lr_fn = lr if callable(lr) else None
+        lr0 = float(lr(1)) if callable(lr) else lr
+        try:
+            self.hp = OptimConfig(name=optimizer, lr=lr0, **optim)
+        except ConfigError as e:
+            raise LoopError(f"rank {s.rank}: DistributedOptimizer: {e}") from None
+        if s.mode == "decentralized" and s.adaptive_state == "tracked" \
+                and self.hp.name != "amsgrad":
+            raise LoopError("adaptive_state='tracked' needs optimizer='amsgrad'")
+        self.session = s
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(params, {"lr": lr0})
+        self.flat = flatten(model, who=f"rank {s.rank}: the model")
+        if self.flat.state.dtype != torch.float32:
+            raise LoopError(f"rank {s.rank}: the model is {self.flat.state.dtype}; the loop "
+                            "API moves float32 models (model.float())")
+        self.opt = Optimizer(self.hp)
+        self.steps = 0
+        self.version = 0
+        self.samples = 0
+        self._pending = 0
+        self.step_s = 0.0
+        self.staleness: Counter[int] = Counter()
+        self.averages = self.refused = 0
+        self.finished = False
+        self._hook = model.register_forward_pre_hook(self._count)
+        self._dev_cpu = self.flat.state.device.type == "cpu"
+        self.host = self.flat.state if self._dev_cpu else torch.zeros(self.flat.numel)
+        s.optimizer = self
+        self._start()
+        self.t0: float | None = None  # the clock starts at the first step
+
+    # -- helpers -----------------------------------------------------------------------
+    def _count(self, module: nn.Module, args: tuple) -> None:
+        if module.training and args and isinstance(args[0], Tensor) and args[0].dim():
+            self._pending += int(args[0].shape[0])
+
+    def _lr(self, step: int) -> float:
+        group = self.param_groups[0]
+        if self.lr_fn is not None:
+            group["lr"] = float(self.lr_fn(step))
+        return float(group["lr"])
+
+    def _to_host(self) -> Tensor:
+        if not self._dev_cpu:
+            self.host.copy_(self.flat.state)
+        return self.host
+
+    def _from_host(self) -> None:
+        if not self._dev_cpu:
+            self.flat.state.copy_(self.host)
+
+    def _gather_grads(self) -> None:
+        """Make sure the flat gradient holds every parameter's gradient: a zero_grad that
+        set ``.grad = None`` (``model.zero_grad()``) detached them from the buffer."""
+        if self.flat.check_views():
+            return
+        off = 0
+        for p in self.param_groups[0]["params"]:
+            n = p.numel()
+            g = self.flat.grads[off: off + n]
+            if p.grad is None:
+                g.zero_()
+            else:
+                g.copy_(p.grad.reshape(-1))
+            p.grad = g.view_as(p)
+            off += n
+
+    @property
+    def who(self) -> str:
+        return f"rank {self.session.rank}"
+
+    # -- start: agree on the model, then the mode's own start ---------------------------
+    def _start(self) -> None:
+        s = self.session
+        if s.comm is None:
+            self.opt_state = self.opt.init(self.flat.params)
+            return
+        comm = s.comm
+        sig = _signature(self.flat, self.hp)
+        ref = 1 if s.mode == "centralized" else 0
+        _agree(s, sig, ref)
+        host = self._to_host()
+        _wait(comm.Ibcast(host, root=ref), s, f"the initial model from rank {ref}")
+        self._from_host()
+        if s.mode == "centralized":
+            from .transport.mpi import MpiStarWorker
+
+            self.end = MpiStarWorker(comm, self.flat.numel)
+            self.end.send(None, Hello(self.end.worker))
+            msg = self.end.recv(self.flat.state, s.timeout_s)
+            assert isinstance(msg, Params), msg
+            self.version = msg.version
+        elif s.mode == "decentralized":
+            from .algorithms.adpsgd import neighbor_picker
+            from .algorithms.common import worker_seed
+            from .topology import neighbor_probabilities
+            from .transport.mpi import MpiGossip
+
+            tracked = s.adaptive_state == "tracked"
+            self.gossip = MpiGossip(comm, host, tracked, 0, s.timeout_s,
+                                    n_tracked=self.flat.n_params)
+            self.opt_state = self.opt.init(torch.zeros(self.flat.n_params))
+            nb, probs = neighbor_probabilities(s.graph)[s.rank]
+            self.pick = neighbor_picker(nb, probs, worker_seed(s.seed, s.rank) + 1) \
+                if nb else None
+            self.buffers0 = self.flat.buffers.clone()
+            self.grad_cpu = torch.zeros(self.flat.n_params) if not self._dev_cpu else None
+            self.v0 = self.gossip.version
+            _wait(comm.Ibarrier(), s, "every rank's gossip server to start")
+        else:
+            self.opt_state = self.opt.init(self.flat.params)
+            self.red = torch.zeros(self.flat.numel + 1)  # [grads | buffers | active]
+
+    # -- torch.optim.Optimizer --------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients in place (they are views into the flat buffer, which a
+        ``None`` would detach; ``set_to_none`` is accepted and ignored)."""
+        self._gather_grads()
+        self.flat.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of this rank's model with the gradients its last backward left."""
+        if self.finished:
+            raise LoopError(f"{self.who}: step() after finish()")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = time.monotonic()
+        self._gather_grads()
+        if not bool(torch.isfinite(self.flat.grads).all()):
+            raise UserError(f"{self.who}: the gradient has non-finite entries at step "
+                            f"{self.steps + 1} (try a smaller learning rate)")
+        samples, self._pending = self._pending, 0
+        s = self.session
+        if s.comm is None:
+            self.opt.update(self.flat.params, self.flat.grads, self.opt_state,
+                            lr=self._lr(self.steps + 1))
+        elif s.mode == "centralized":
+            self._step_centralized(samples)
+        elif s.mode == "decentralized":
+            self._step_decentralized()
+        else:
+            self._step_allreduce(active=True)
+        self.steps += 1
+        self.samples += samples
+        self.step_s += time.perf_counter() - t
+        return loss
+
+    def _step_centralized(self, samples: int) -> None:
+        msg = self.flat.pack_grad_msg()
+        self.end.send(msg, Grad(self.version, samples, float("nan"), 0.0,
+                                self._lr(self.version + 1)))
+        back = self.end.recv(self.flat.state, self.session.timeout_s)
+        if not isinstance(back, Params):
+            raise RuntimeError(f"{self.who}: the master answered {back!r} to a gradient")
+        self.version = back.version
+
+    def _step_decentralized(self) -> None:
+        from .algorithms.adpsgd import AVERAGE_TRIES, local_step
+
+        g = self.flat.grads
+        if self.grad_cpu is not None:
+            self.grad_cpu.copy_(g)
+            g = self.grad_cpu
+        delta = (self.flat.buffers - self.buffers0).cpu() if self.flat.n_buffers else None
+        averaged = False
+        for _ in range(AVERAGE_TRIES if self.pick is not None else 0):
+            j = self.pick()
+            averaged = self.gossip.average_with(j)
+            if averaged:
+                break
+            self.refused += 1
+        self.averages += averaged
+        tracked = self.session.adaptive_state == "tracked"
+        v1 = self.gossip.update_local(partial(
+            local_step, self.opt, g, self.opt_state, tracked, None, self._lr(self.steps + 1),
+            self.flat.n_params, delta))
+        self.staleness[v1 - self.v0 - 1 - averaged] += 1
+        # the next gradient is computed at a snapshot of x_i (averages keep arriving)
+        self.v0 = self.gossip.snapshot(self.host)
+        self._from_host()
+        if self.flat.n_buffers:
+            self.buffers0.copy_(self.flat.buffers)
+
+    def _step_allreduce(self, active: bool) -> bool:
+        """One all-reduce of ``[grads | buffers | 1]`` (``active``) or of zeros (a rank
+        that finished); returns False once no rank is active any more."""
+        s, red, n = self.session, self.red, self.flat.numel
+        if active:
+            red[:n].copy_(self.flat.pack_grad_msg())
+            red[n] = 1.0
+        else:
+            red.zero_()
+        from mpi4py import MPI
+
+        _wait(s.comm.Iallreduce(MPI.IN_PLACE, red, op=MPI.SUM), s, "the all-reduce")
+        k = float(red[n])
+        if k == 0:
+            return False
+        if active:
+            mean = red[:n].div_(k).to(self.flat.state.device)
+            self.flat.buffers.copy_(mean[self.flat.n_params:])
+            self.opt.update(self.flat.params, mean[: self.flat.n_params], self.opt_state,
+                            lr=self._lr(self.steps + 1))
+        return True
+
+    # -- the end ------------------------------------------------------------------------
+    def finish(self, metric: float | Callable[[nn.Module], float] | None = None,
+               metric_name: str = "accuracy", higher_is_better: bool = True,
+               average: bool = False, quiet: bool = False) -> LoopSummary:
+        """End this rank's loop; collective (every rank calls it).
+
+        Centralized workers end with the master's final model; ``average``
+        (decentralized) sets every rank's model to the average of all. ``metric``: the
+        score of the run, recorded in the result under ``metric_name``: a number you
+        measured, or a function ``metric(model)`` called on the final model (so after
+        the master's model arrived, or after the average) -- by rank 0, or in
+        centralized mode by the first worker (rank 1). Rank 0 prints a per-rank summary
+        (unless ``quiet``) and writes ``init(result=...)``.
+        """
+        if self.finished:
+            raise LoopError(f"{self.who}: finish() was called twice")
+        self.finished = True
+        self._hook.remove()
+        s = self.session
+        wall = time.monotonic() - self.t0 if self.t0 is not None else 0.0
+        rep = LoopReport(s.rank, str(self.flat.state.device), self.steps, self.samples, wall,
+                         self.step_s, self.averages, self.refused, dict(self.staleness))
+        extra: dict[str, float] = {}
+        global _session
+        try:
+            if s.comm is None:
+                reports = [rep]
+            elif s.mode == "centralized":
+                first = s.rank == 1
+                later = first and callable(metric)
+                self.end.send(None, Done(rep, metric if first and not later else None,
+                                         metric_follows=later))
+                msg = self.end.recv(None, s.timeout_s)
+                assert isinstance(msg, Stop), msg
+                host = self._to_host()
+                _wait(s.comm.Ibcast(host, root=0), s, "the final model from the master")
+                self._from_host()
+                if later:
+                    s.comm.send(_score(metric, self.model, self.who), dest=0, tag=T_METRIC)
+                return LoopSummary(s.rank, [rep], None)
+            elif s.mode == "decentralized":
+                self.gossip.finish()
+                self.v0 = self.gossip.snapshot(self.host)
+                self._from_host()
+                reports, extra = self._gather_decentralized(rep, average)
+            else:
+                while self._step_allreduce(active=False):
+                    pass
+                reports = s.comm.gather(rep, root=0)
+            if s.rank != 0:
+                return LoopSummary(s.rank, [rep], None)
+            if callable(metric):
+                metric = _score(metric, self.model, self.who)
+            result = loop_result(s, self.hp, reports, self.flat, metric, metric_name,
+                                 higher_is_better, extra, staleness=_merged(reports),
+                                 updates=sum(r.steps for r in reports))
+            _finish_rank0(s, result, reports, quiet)
+            return LoopSummary(s.rank, reports, result)
+        finally:
+            s.optimizer = None
+            _session = None
+
+    def _gather_decentralized(self, rep: LoopReport, average: bool
+                              ) -> tuple[list[LoopReport], dict[str, float]]:
+        s = self.session
+        comm = s.comm
+        reports = comm.gather(rep, root=0)
+        x = self.gossip.x
+        xs = torch.zeros(s.size, x.numel()) if s.rank == 0 else None
+        _wait(comm.Igather(x, xs, root=0), s, "gathering the final models")
+        extra: dict[str, float] = {}
+        if s.rank == 0:
+            xbar = xs.mean(0)
+            n = self.flat.n_params
+            dev = (xs - xbar) ** 2
+            extra["consensus_distance"] = float(dev[:, :n].sum(1).mean())
+            if xs.shape[1] > n:
+                extra["buffer_consensus"] = float(dev[:, n:].sum(1).mean())
+            extra["averages"] = float(sum(r.averages for r in reports))
+        if average:
+            from mpi4py import MPI
+
+            host = self.host
+            host.copy_(x)
+            _wait(comm.Iallreduce(MPI.IN_PLACE, host, op=MPI.SUM), s, "the final average")
+            host.div_(s.size)
+            self._from_host()
+        return reports, extra
+
+    def __enter__(self) -> DistributedOptimizer:
+        return self
+
+    def __exit__(self, tp, e, tb) -> None:
+        if e is None and not self.finished:
+            self.finish()
+
+    # -- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What resuming this rank needs: the model state, the optimizer state and the
+        counters (centralized: the master's model, state and update count)."""
+        s = self.session
+        d: dict[str, Any] = {"apam_gossip_loop": 1, "mode": s.mode, "rank": s.rank,
+                             "size": s.size, "steps": self.steps,
+                             "lr": self.param_groups[0]["lr"]}
+        if s.comm is not None and s.mode == "centralized":
+            self.end.send(None, StateRequest())
+            st = self.end.recv(None, s.timeout_s)
+            assert isinstance(st, LoopState), st
+            d.update(x=torch.from_numpy(st.x), version=st.version,
+                     opt={k: torch.from_numpy(v) for k, v in st.opt.items()})
+            return d
+        if s.comm is not None and s.mode == "decentralized":
+            with self.gossip.lock:
+                d["x"] = self.gossip.x.clone()
+                if self.gossip.u is not None:
+                    d["u"] = self.gossip.u.clone()
+        else:
+            d["x"] = self.flat.state.detach().cpu().clone()
+        d["opt"] = {k: v.detach().cpu().clone() for k, v in self.opt_state.items()}
+        return d
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (the same mode, and for decentralized the same
+        rank and number of ranks)."""
+        s = self.session
+        d = state_dict
+        if not isinstance(d, dict) or d.get("apam_gossip_loop") != 1:
+            raise LoopError(f"{self.who}: load_state_dict: not a DistributedOptimizer "
+                            "state_dict")
+        if d["mode"] != s.mode:
+            raise LoopError(f"{self.who}: load_state_dict: the state is of mode "
+                            f"{d['mode']!r}, this job's is {s.mode!r}")
+        if d["x"].numel() != self.flat.numel:
+            raise LoopError(f"{self.who}: load_state_dict: the state has {d['x'].numel()} "
+                            f"entries, this model {self.flat.numel}")
+        if s.mode == "decentralized" and (d["rank"], d["size"]) != (s.rank, s.size):
+            raise LoopError(f"{self.who}: load_state_dict: the state is rank {d['rank']} of "
+                            f"{d['size']}; load each rank's own state into the same ranks")
+        self.steps = int(d["steps"])
+        self.param_groups[0]["lr"] = d["lr"]
+        if s.comm is not None and s.mode == "centralized":
+            self.end.send(None, LoopState(d["x"].numpy(), {k: v.numpy() for k, v in
+                                                          d["opt"].items()}, d["version"]))
+            back = self.end.recv(self.flat.state, s.timeout_s)
+            assert isinstance(back, Params), back
+            self.version = back.version
+            return
+        self.opt_state = {k: v.clone().to(self.opt_state[k].device) for k, v in d["opt"].items()}
+        if s.comm is not None and s.mode == "decentralized":
+            with self.gossip.lock:
+                self.gossip.x.copy_(d["x"])
+                if self.gossip.u is not None and "u" in d:
+                    self.gossip.u.copy_(d["u"])
+            self.v0 = self.gossip.snapshot(self.host)
+            self._from_host()
+            if self.flat.n_buffers:
+                self.buffers0.copy_(self.flat.buffers)
+        else:
+            self.flat.state.copy_(d["x"])
+
+
+# ---------------------------------------------------------------------- the master
+@dataclass
+class MasterHandle:
+    """What a centralized master's :func:`init` returns with ``master="return"``."""
+
+    result: RunResult
+    state: Tensor  # the final model: [trained parameters | float buffers]
+
+    def load_into(self, model: nn.Module) -> nn.Module:
+        """Copy the final model into ``model`` (built as the workers build theirs)."""
+        flat = flatten(model, who="the model")
+        if flat.numel != self.state.numel():
+            raise LoopError(f"the model has {flat.numel} entries, the master's "
+                            f"{self.state.numel()}: build the workers' model")
+        flat.state.copy_(self.state)
+        return model
+
+
+def _run_master(s: _Session) -> MasterHandle:
+    """Rank 0 of a centralized job: serve the workers until all have finished."""
+    from .algorithms.apam import ApamMaster
+    from .transport.mpi import MpiStarMaster
+
+    comm = s.comm
+    sig = _agree(s, None, 1)
+    x0 = torch.zeros(sig.numel)
+    _wait(comm.Ibcast(x0, root=1), s, "the initial model from rank 1")
+    end = MpiStarMaster(comm, sig.numel, timeout=s.timeout_s)
+    hp = OptimConfig(**dict(sig.optim), lr=1e-3)  # each gradient brings its worker's lr
+    m = ApamMaster(LocalOutbox(), end, x0, hp, 2**62, [], torch.zeros(1, sig.numel),
+                   n_params=sig.n_params, drain_timeout=s.timeout_s)
+    m.hello()
+    m.t0 = time.monotonic()
+    for i in m.live():
+        m.send(i, m.x, Params(0))
+    done: dict[int, Done] = {}
+    last = time.monotonic()
+    while m.live() - set(done):
+        ready = end.ready(1.0)
+        now = time.monotonic()
+        if not ready and now - last > s.timeout_s:
+            waiting = sorted(w + 1 for w in m.live() - set(done))
+            raise TimeoutError(f"rank 0 (master): no message from ranks {waiting} in "
+                               f"{s.timeout_s:g} s")
+        if ready:
+            last = now
+        for i in ready:
+            msg, grad = end.recv(i)
+            if isinstance(msg, Grad):
+                m.apply(i, msg, grad)
+                m.send(i, m.x, Params(m.progress.version))
+            elif isinstance(msg, Done):
+                done[i] = msg
+            elif isinstance(msg, StateRequest):
+                end.send(i, None, LoopState(m.x.numpy().copy(), {
+                    k: v.numpy().copy() for k, v in m.state.items()}, m.progress.version))
+            elif isinstance(msg, LoopState):
+                m.x.copy_(torch.from_numpy(msg.x))
+                m.state = {k: torch.from_numpy(v).clone() for k, v in msg.opt.items()}
+                m.progress.version = int(msg.version)
+                m.send(i, m.x, Params(m.progress.version))
+            else:
+                raise AssertionError(f"unexpected message from rank {i + 1}: {msg!r}")
+    for i in sorted(done):
+        end.send(i, None, Stop())
+    _wait(comm.Ibcast(m.x, root=0), s, "sending the final model")
+    reports = [done[i].report for i in sorted(done)]
+    metric = done[0].metric if 0 in done else None
+    if 0 in done and done[0].metric_follows:  # rank 1 scores the final model
+        metric = comm.recv(source=1, tag=T_METRIC)
+    flat = FlatModel(nn.Module(), m.x, torch.zeros(0), sig.n_params)
+    result = loop_result(s, hp, reports, flat, metric, "accuracy", True, {},
+                         staleness=dict(m.progress.staleness), updates=m.progress.version)
+    _finish_rank0(s, result, reports, quiet=False)
+    return MasterHandle(result, m.x.clone())
+
+
+# ---------------------------------------------------------------------- the result
+@dataclass
+class LoopSummary:
+    """What ``finish()`` returns: this rank's report (rank 0: every rank's) and, on rank 0,
+    the job's RunResult."""
+
+    rank: int
+    reports: list[LoopReport]
+    result: RunResult | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "reports": [asdict(r) for r in self.reports]}
+
+
+def _merged(reports: list[LoopReport]) -> dict[int, int]:
+    out: Counter[int] = Counter()
+    for r in reports:
+        out.update({int(k): v for k, v in r.staleness.items()})
+    return dict(out)
+
+
+def loop_result(s: _Session, hp: OptimConfig, reports: list[LoopReport], flat: FlatModel,
+                metric: float | None, metric_name: str, higher_is_better: bool,
+                extra: dict[str, float], staleness: dict[int, int], updates: int,
+                wall: float | None = None) -> RunResult:
+    """The job's RunResult, as ``train`` writes one (``compare --results`` reads it); its
+    one evaluation is the end of the run, with the metric the user measured (if any)."""
+    wall = max((r.wall_time for r in reports), default=0.0) if wall is None else wall
+    samples = sum(r.samples for r in reports)
+    workers = [WorkerStats(i, r.device, 1.0, r.steps, r.samples,
+                           r.samples / wall if wall > 0 else 0.0, r.wall_time - r.step_s, 0.0)
+               for i, r in enumerate(reports)]
+    value = float("nan") if metric is None else float(metric)
+    ev = EvalRecord(wall, samples, updates, None, float("nan"), value, dict(extra))
+    config = {"mode": s.mode, "workers": len(reports), "api": "loop", "seed": s.seed,
+              "optim": hp.model_dump(), "topology": s.topology if s.mode == "decentralized"
+              else None, "adaptive_state": s.adaptive_state}
+    return RunResult(config=config, mode=s.mode,
+                     transport="mpi" if s.comm is not None else "local",
+                     n_params=flat.n_params, wall_time=wall, updates=updates,
+                     samples=samples, evals=[ev], staleness=staleness, workers=workers,
+                     final_params=flat.state.detach().cpu().clone(), metric=metric_name,
+                     higher_is_better=higher_is_better, task={"api": "loop"})
+
+
+def summary_table(result: RunResult, reports: list[LoopReport]) -> str:
+    """The per-rank summary rank 0 prints at the end."""
+    mode = result.mode
+    first = 1 if mode == "centralized" and result.transport == "mpi" else 0
+    lines = [f"apam_gossip: {mode} finished: {result.updates} updates, {result.samples} "
+             f"samples in {result.wall_time:.2f} s ({result.samples_per_s:.0f} samples/s)"]
+    if mode == "centralized":
+        lines[0] += (f"; staleness mean {result.staleness_mean():.2f} max "
+                     f"{max(result.staleness, default=0)}")
+    elif mode == "decentralized":
+        c = result.evals[-1].extra.get("consensus_distance")
+        if c is not None:
+            lines[0] += f"; consensus distance {c:.3e}"
+    head = f"  {'rank':>4} {'device':>8} {'steps':>7} {'samples':>9} {'samples/s':>10}"
+    if mode == "decentralized":
+        head += f" {'averages':>9} {'refused':>8} {'staleness mean':>15}"
+    lines.append(head)
+    for i, r in enumerate(reports):
+        row = (f"  {i + first:>4} {r.device:>8} {r.steps:>7} {r.samples:>9} "
+               f"{r.samples / r.wall_time if r.wall_time > 0 else 0:>10.0f}")
+        if mode == "decentralized":
+            n = sum(r.staleness.values())
+            mean = sum(int(k) * v for k, v in r.staleness.items()) / n if n else 0.0
+            row += f" {r.averages:>9} {r.refused_averages:>8} {mean:>15.2f}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _finish_rank0(s: _Session, result: RunResult, reports: list[LoopReport],
+                  quiet: bool) -> None:
+    if not quiet:
+        print(summary_table(result, reports), flush=True)
+    if s.result is not None:
+        result.save(s.result)
+        if not quiet:
+            print(f"apam_gossip: result written to {s.result}", flush=True)
+
+
+def _reset() -> None:
+    """Forget the session (tests; a finished optimizer already did)."""
+    global _session
+    _session = None
+
+
+__all__ = ["init", "rank", "size", "local_rank", "is_master", "num_workers", "worker_index",
+           "device", "DistributedOptimizer", "MasterHandle", "LoopSummary", "LoopError"]

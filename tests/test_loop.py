@@ -1,0 +1,323 @@
+"""The loop API (apam_gossip.loop): a user's own training loop, in one process and under a
+real mpirun (tests/loop_script.py and the examples)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import apam_gossip as ag
+from apam_gossip import loop
+from apam_gossip.optim import Optimizer
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+SCRIPT = str(HERE / "loop_script.py")
+MPIRUN = Path(sys.executable).parent / "mpirun"
+needs_mpi = pytest.mark.skipif(not MPIRUN.exists(), reason="mpirun not in the venv")
+pytestmark = pytest.mark.timeout(300)
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+sys.path.insert(0, str(HERE))
+from loop_script import batch, digits, make_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_session():
+    loop._reset()
+    yield
+    loop._reset()
+
+
+def train_in_process(mode: str, steps: int, first: int = 1, lr=1e-2, sd=None,
+                     model_zero_grad: bool = False):
+    """The loop of tests/loop_script.py, in this process (no launcher: one process)."""
+    ag.init(mode=mode)
+    model = make_model()
+    opt = ag.DistributedOptimizer(model, lr=lr)
+    if sd is not None:
+        opt.load_state_dict(sd)
+    x, y = digits()
+    for k in range(first, steps + 1):
+        xb, yb = batch(x, y, 0, k)
+        (model.zero_grad if model_zero_grad else opt.zero_grad)()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    state = opt.state_dict()
+    summary = opt.finish(quiet=True)
+    return model, state, summary
+
+
+def flat_state(model: nn.Module) -> torch.Tensor:
+    ts = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    return torch.cat([t.detach().reshape(-1) for t in ts])
+
+
+def reference(steps: int, torch_adam: bool = False) -> torch.Tensor:
+    """Sequential AMSGrad on the same batches: apam_gossip.optim's, or torch's Adam."""
+    model = make_model()
+    params = list(model.parameters())
+    if torch_adam:
+        opt = torch.optim.Adam(params, lr=1e-2, amsgrad=True)
+    else:
+        o = Optimizer("amsgrad", lr=1e-2)
+        states = [o.init(p.detach().reshape(-1)) for p in params]
+    x, y = digits()
+    for k in range(1, steps + 1):
+        xb, yb = batch(x, y, 0, k)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        if torch_adam:
+            opt.step()
+        else:
+            with torch.no_grad():
+                for p, st in zip(params, states, strict=True):
+                    o.update(p.data.view(-1), p.grad.view(-1), st)
+    return flat_state(model)
+
+
+# ------------------------------------------------------------------ one process
+@pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce"])
+def test_one_process_is_sequential_amsgrad_in_every_mode(mode):
+    model, _, summary = train_in_process(mode, 60)
+    got = flat_state(model)
+    assert (got - reference(60)).abs().max() <= 1e-6
+    assert (got - reference(60, torch_adam=True)).abs().max() <= 1e-4  # torch's own formula
+    rep = summary.reports[0]
+    assert rep.steps == 60 and rep.samples == 60 * 32  # counted by the forward hook
+    assert summary.result.mode == mode and summary.result.transport == "local"
+
+
+def test_model_zero_grad_setting_none_is_handled():
+    """model.zero_grad() sets .grad = None, detaching the flat views: still exact."""
+    a, _, _ = train_in_process("decentralized", 30, model_zero_grad=True)
+    loop._reset()
+    b, _, _ = train_in_process("decentralized", 30)
+    assert torch.equal(flat_state(a), flat_state(b))
+
+
+def test_state_dict_resumes_to_the_same_result():
+    whole, _, _ = train_in_process("centralized", 80)
+    loop._reset()
+    _, sd, _ = train_in_process("centralized", 40)
+    loop._reset()
+    resumed, _, _ = train_in_process("centralized", 80, first=41, sd=sd)
+    assert torch.equal(flat_state(whole), flat_state(resumed))
+
+
+def test_schedules_callable_and_torch_lr_scheduler():
+    ag.init(mode="decentralized")
+    model = make_model()
+    opt = ag.DistributedOptimizer(model, lr=lambda k: 0.1 / k)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # is an Optimizer
+    x, y = digits()
+    xb, yb = batch(x, y, 0, 1)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 3)  # the callable wins
+    opt.finish(quiet=True)
+    loop._reset()
+    ag.init(mode="allreduce")
+    model = make_model()
+    opt = ag.DistributedOptimizer(model, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 8)
+    opt.finish(quiet=True)
+
+
+def test_misuse_is_one_clear_error(monkeypatch):
+    with pytest.raises(loop.LoopError, match=r"before apam_gossip.init\(\)"):
+        ag.DistributedOptimizer(make_model())
+    with pytest.raises(loop.LoopError, match="mode must be one of"):
+        ag.init(mode="gossip")
+    with pytest.raises(loop.LoopError, match="topology is for mode 'decentralized'"):
+        ag.init(mode="centralized", topology="ring")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    with pytest.raises(loop.LoopError, match="not torchrun.*apam-gossip launch"):
+        ag.init()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    ag.init()
+    with pytest.raises(loop.LoopError, match="called twice"):
+        ag.init()
+    with pytest.raises(loop.LoopError, match="lr"):
+        ag.DistributedOptimizer(make_model(), lr=-1.0)
+    opt = ag.DistributedOptimizer(make_model())
+    opt.finish(quiet=True)
+    with pytest.raises(loop.LoopError, match="step\\(\\) after finish"):
+        opt.step()
+    with pytest.raises(loop.LoopError, match="before apam_gossip.init"):
+        ag.rank()
+
+
+# ------------------------------------------------------------------ under mpirun
+def launch(n: int, *args: str, timeout: float = 200) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "apam_gossip", "launch", "-n", str(n),
+                        "--timeout", str(timeout - 20), *args], capture_output=True,
+                       text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    return p
+
+
+def one_process(tmp_path: Path, *args: str) -> torch.Tensor:
+    """tests/loop_script.py without a launcher, one torch thread (as each of 2 ranks on
+    2 cores gets): the sequential reference."""
+    out = tmp_path / "seq.pt"
+    p = subprocess.run([sys.executable, SCRIPT, *args, "--out", str(out)], capture_output=True,
+                       text=True, timeout=120, env={**ENV, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    return torch.load(out)["state"]
+
+
+@needs_mpi
+@pytest.mark.parametrize("schedule", ["none", pytest.param("steplr", marks=pytest.mark.slow)])
+def test_one_worker_centralized_equals_sequential_amsgrad(tmp_path, schedule):
+    """The issue's check: a master and one worker through the loop API, 200 steps, equal
+    sequential AMSGrad on the same batches (the worker's lr, from a torch scheduler, goes
+    with each gradient)."""
+    args = ["--mode", "centralized", "--steps", "200", "--schedule", schedule]
+    out, res = tmp_path / "c.pt", tmp_path / "c.json"
+    p = launch(2, SCRIPT, *args, "--out", str(out), "--result", str(res))
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = torch.load(out)
+    diff = (got["state"] - one_process(tmp_path, *args)).abs().max().item()
+    assert diff <= 1e-6, diff
+    d = json.loads(res.read_text())
+    assert d["mode"] == "centralized" and d["updates"] == 200
+    assert d["staleness"] == {"0": 200}
+    assert d["final_accuracy"] == pytest.approx(got["acc"])  # rank 1 measured, master wrote
+    if schedule == "steplr":
+        assert got["lr"] == pytest.approx(1e-2 * 0.5 ** 10)
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_centralized_state_dict_resumes_under_mpirun(tmp_path):
+    base = ["--mode", "centralized"]
+    whole, half, resumed = (tmp_path / f"{n}.pt" for n in ("whole", "half", "resumed"))
+    sd = tmp_path / "opt.pt"
+    for args in (["--steps", "120", "--out", str(whole)],
+                 ["--steps", "60", "--save-state", str(sd), "--out", str(half)],
+                 ["--steps", "120", "--first-step", "61", "--load-state", str(sd),
+                  "--out", str(resumed)]):
+        p = launch(2, SCRIPT, *base, *args)
+        assert p.returncode == 0, p.stdout + p.stderr
+    assert torch.equal(torch.load(whole)["state"], torch.load(resumed)["state"])
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_allreduce_equals_the_mean_gradient_and_tolerates_uneven_steps(tmp_path):
+    """2 ranks: the same trajectory as averaging both workers' gradients (and BatchNorm
+    buffers) in one process; then rank 1 stops at half the steps and rank 0 goes on
+    alone (no hang)."""
+    out = tmp_path / "a.pt"
+    p = launch(2, SCRIPT, "--mode", "allreduce", "--steps", "40", "--out", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    models = [make_model(), make_model()]
+    o = Optimizer("amsgrad", lr=1e-2)
+    flat = [torch.cat([q.detach().reshape(-1) for q in m.parameters()]) for m in models]
+    st = o.init(flat[0])
+    x, y = digits()
+    for k in range(1, 41):
+        grads, bufs = [], []
+        for w, m in enumerate(models):
+            m.zero_grad()
+            xb, yb = batch(x, y, w, k)
+            nn.functional.cross_entropy(m(xb), yb).backward()
+            grads.append(torch.cat([q.grad.reshape(-1) for q in m.parameters()]))
+            bufs.append(torch.cat([b.reshape(-1) for b in m.buffers() if b.is_floating_point()]))
+        o.update(flat[0], (grads[0] + grads[1]) / 2, st)
+        for m in models:
+            torch.nn.utils.vector_to_parameters(flat[0], m.parameters())
+            torch.nn.utils.vector_to_parameters((bufs[0] + bufs[1]) / 2,
+                                                [b for b in m.buffers() if b.is_floating_point()])
+    diff = (torch.load(out)["state"] - flat_state(models[0])).abs().max().item()
+    assert diff <= 1e-5, diff
+    res = tmp_path / "u.json"
+    p = launch(2, SCRIPT, "--mode", "allreduce", "--steps", "40", "--short-rank", "1",
+               "--result", str(res))
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(res.read_text())
+    assert [w["updates"] for w in d["workers"]] == [40, 20]
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_decentralized_example_on_a_topology_file(tmp_path):
+    res = tmp_path / "d.json"
+    p = launch(4, "examples/loop_decentralized.py", "--epochs", "4", "--topology",
+               "topologies/ring4.edgelist", "--result", str(res))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("(the average)") == 4
+    assert "decentralized finished" in p.stdout and "averages" in p.stdout
+    d = json.loads(res.read_text())
+    assert d["mode"] == "decentralized" and len(d["workers"]) == 4
+    assert d["final_accuracy"] >= 0.8, d["evals"]
+    x = d["evals"][-1]["extra"]
+    assert x["averages"] > 0 and x["consensus_distance"] < 1.0
+    assert sum(d["staleness"].values()) == d["updates"] == sum(
+        w["updates"] for w in d["workers"])
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_centralized_example_and_compare_reads_loop_results(tmp_path):
+    res = tmp_path / "c.json"
+    p = launch(3, "examples/loop_centralized.py", "--epochs", "4", "--result", str(res))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("accuracy of the final model") == 2  # the workers; rank 0 exited
+    d = json.loads(res.read_text())
+    assert d["mode"] == "centralized" and len(d["workers"]) == 2
+    assert d["final_accuracy"] >= 0.85
+    assert sum(d["staleness"].values()) == d["updates"] > 0
+    q = subprocess.run([sys.executable, "-m", "apam_gossip", "compare", "--results", str(res),
+                        "--target", "0.8"], capture_output=True, text=True, timeout=60)
+    assert q.returncode == 0, q.stderr
+    assert "centralized" in q.stdout and "staleness mean" in q.stdout
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_tracked_second_moment_and_a_one_rank_job(tmp_path):
+    """decentralized with the tracked (DAMSGrad) state over 2 ranks, and a 1-rank job
+    under mpirun (no neighbour: local AMSGrad)."""
+    for n, extra in ((2, ["--adaptive-state", "tracked"]), (1, [])):
+        res = tmp_path / f"t{n}.json"
+        p = launch(n, SCRIPT, "--steps", "60", "--result", str(res), *extra)
+        assert p.returncode == 0, p.stdout + p.stderr
+        d = json.loads(res.read_text())
+        assert d["updates"] == 60 * n and d["final_accuracy"] >= 0.8
+        assert d["config"]["adaptive_state"] == (extra[1] if extra else "local")
+
+
+@needs_mpi
+@pytest.mark.parametrize("args,needle", [
+    (["--topology", "topologies/ring8.edgelist"], "topology has 8 nodes"),
+    (["--wide-on-rank", "2"], "rank 2: parameter '0.weight' has shape (33, 64)"),
+    (["--mode", "centralized", "--wide-on-rank", "2"], "rank 2: parameter '0.weight'"),
+])
+def test_bad_jobs_end_with_one_clear_error(args, needle):
+    p = launch(3 if "ring8" not in str(args) else 4, SCRIPT, "--steps", "5", *args,
+               timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("apam_gossip: error:")]
+    assert len(errors) == 1 and needle in errors[0], p.stderr
+
+
+def test_launch_refuses_a_missing_script():
+    p = subprocess.run([sys.executable, "-m", "apam_gossip", "launch", "-n", "2",
+                        "missing.py"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "no such script missing.py" in p.stderr
