@@ -49,6 +49,7 @@ rank never leaves the others waiting.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import time
@@ -336,8 +337,12 @@ def _differences(sigs: list[_Signature | None], ref: int) -> str | None:
                 return (f"rank {r}: {key[0]} {key[1]!r} has shape {tuple(mine[key][0])} "
                         f"{mine[key][1]} but {tuple(shape)} {dtype} on rank {ref}: every "
                         "rank must build the same model")
-        extra = next(iter(set(mine) - set(theirs)))
-        return f"rank {r}: its model has a {extra[0]} {extra[1]!r} that rank {ref}'s has not"
+        extra = sorted(set(mine) - set(theirs))
+        if extra:
+            return (f"rank {r}: its model has a {extra[0][0]} {extra[0][1]!r} that rank "
+                    f"{ref}'s has not")
+        return (f"rank {r}: its model registers its parameters and buffers in another order "
+                f"than rank {ref}'s: build the model the same way on every rank")
     return None
 
 
@@ -368,12 +373,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
     parameters to your code). ``lr``: a number or a callable ``lr(step)``; ``optimizer``
     and the other keywords are :class:`~apam_gossip.config.OptimConfig` fields
     (``amsgrad`` by default; ``beta1``, ``beta2``, ``eps``, ``bias_correction``,
-    ``weight_decay``, ``momentum``, ``nesterov``). Use as a context manager to call
-    :meth:`finish` on leaving the block.
+    ``weight_decay``, ``momentum``, ``nesterov``). ``broadcast=False`` keeps each rank's
+    own initial model (decentralized and allreduce; for experiments such as gossip from
+    different starts). Use as a context manager to call :meth:`finish` on leaving the
+    block.
     """
 
     def __init__(self, model: nn.Module, lr: float | Callable[[int], float] = 1e-3, *,
-                 optimizer: str = "amsgrad", **optim: Any) -> None:
+                 optimizer: str = "amsgrad", broadcast: bool = True, **optim: Any) -> None:
         s = _current("DistributedOptimizer(...)")
         if s.optimizer is not None:
             raise LoopError(f"rank {s.rank}: one DistributedOptimizer per job; call "
@@ -382,9 +389,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"rank {s.rank}: model must be an nn.Module, got "
                             f"{type(model).__name__}")
         self.lr_fn = lr if callable(lr) else None
-        lr0 = float(lr(1)) if callable(lr) else lr
-        try:
-            self.hp = OptimConfig(name=optimizer, lr=lr0, **optim)
+        lr0 = lr(1) if callable(lr) else lr
+        if isinstance(lr0, bool) or not isinstance(lr0, int | float) \
+                or not 0 <= lr0 <= 1e6 or lr0 != lr0:
+            raise LoopError(f"rank {s.rank}: lr must be a number in [0, 1e6] (or a function "
+                            f"of the step returning one), got {lr0!r}")
+        lr0 = float(lr0)
+        try:  # lr 0 is allowed here (pure gossip); the config's lr is never read
+            self.hp = OptimConfig(name=optimizer, lr=lr0 or 1.0, **optim)
         except ConfigError as e:
             raise LoopError(f"rank {s.rank}: DistributedOptimizer: {e}") from None
         if s.mode == "decentralized" and s.adaptive_state == "tracked" \
@@ -392,6 +404,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise LoopError("adaptive_state='tracked' needs optimizer='amsgrad'")
         self.session = s
         self.model = model
+        self.broadcast = broadcast
         params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, {"lr": lr0})
         self.flat = flatten(model, who=f"rank {s.rank}: the model")
@@ -412,6 +425,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.host = self.flat.state if self._dev_cpu else torch.zeros(self.flat.numel)
         s.optimizer = self
         self._start()
+        atexit.register(self._finish_at_exit)
         self.t0: float | None = None  # the clock starts at the first step
 
     # -- helpers -----------------------------------------------------------------------
@@ -465,8 +479,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         ref = 1 if s.mode == "centralized" else 0
         _agree(s, sig, ref)
         host = self._to_host()
-        _wait(comm.Ibcast(host, root=ref), s, f"the initial model from rank {ref}")
-        self._from_host()
+        if self.broadcast or s.mode == "centralized":  # (the master owns the model there)
+            _wait(comm.Ibcast(host, root=ref), s, f"the initial model from rank {ref}")
+            self._from_host()
         if s.mode == "centralized":
             from .transport.mpi import MpiStarWorker
 
@@ -611,6 +626,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise LoopError(f"{self.who}: finish() was called twice")
         self.finished = True
         self._hook.remove()
+        atexit.unregister(self._finish_at_exit)
         s = self.session
         wall = time.monotonic() - self.t0 if self.t0 is not None else 0.0
         rep = LoopReport(s.rank, str(self.flat.state.device), self.steps, self.samples, wall,
@@ -681,6 +697,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
             host.div_(s.size)
             self._from_host()
         return reports, extra
+
+    def _finish_at_exit(self) -> None:
+        """A script that ends without ``finish()`` would leave the other ranks waiting:
+        finish for it (the other ranks' ``finish()`` is collective)."""
+        if not self.finished:
+            print(f"apam_gossip: warning: {self.who} ended without opt.finish(); finishing "
+                  "now", file=sys.stderr, flush=True)
+            self.finish()
 
     def __enter__(self) -> DistributedOptimizer:
         return self

@@ -16,7 +16,7 @@ import argparse
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import apam_gossip as ag
@@ -60,7 +60,10 @@ def main() -> None:
     train, test = datasets()
     sampler = DistributedSampler(train, num_replicas=ag.num_workers(),  # apam_gossip
                                  rank=ag.worker_index(), seed=0)  # apam_gossip
-    loader = DataLoader(train, batch_size=16, sampler=sampler)
+    # whole batches from the in-memory tensors (one indexing per batch, not 16 items and
+    # a collate): the usual idiom for a TensorDataset
+    loader = DataLoader(train, sampler=BatchSampler(sampler, 16, drop_last=False),
+                        batch_size=None)
     torch.manual_seed(0)
     model = Net().to(ag.device())  # apam_gossip
     opt = ag.DistributedOptimizer(model, lr=2e-3)  # apam_gossip

@@ -17,10 +17,10 @@ from torch import nn
 import apam_gossip as ag
 
 
-def make_model() -> nn.Module:
+def make_model(seed: int = 0) -> nn.Module:
     """A bias before BatchNorm would get a zero gradient up to rounding, which AMSGrad
     normalises into full steps: runs that sum in another order would differ there."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(),
                          nn.Linear(32, 10))
 
@@ -36,6 +36,15 @@ def batch(x: torch.Tensor, y: torch.Tensor, worker: int, step: int, size: int = 
     g = torch.Generator().manual_seed(1000 * worker + step)
     idx = torch.randint(0, len(y), (size,), generator=g)
     return x[idx], y[idx]
+
+
+def flat(model_or_state) -> torch.Tensor:
+    """[parameters | float buffers] of a model (a tensor is returned as it is)."""
+    if isinstance(model_or_state, torch.Tensor):
+        return model_or_state
+    m = model_or_state
+    return torch.cat([t.detach().reshape(-1) for t in
+                      [*m.parameters(), *(b for b in m.buffers() if b.is_floating_point())]])
 
 
 def main() -> int:
@@ -55,16 +64,28 @@ def main() -> int:
     p.add_argument("--model-zero-grad", action="store_true")
     p.add_argument("--step-before-init", action="store_true")
     p.add_argument("--adaptive-state", default="local")
+    p.add_argument("--no-broadcast", action="store_true", help="each rank its own start")
+    p.add_argument("--dump", default=None, help="folder: each rank's first/last model")
+    p.add_argument("--die-at", type=int, default=0, help="rank 2 kills itself at this step")
+    p.add_argument("--no-finish", action="store_true", help="forget opt.finish()")
+    p.add_argument("--master-return", default=None, help="centralized: rank 0 saves the "
+                   "master's final model here (init(master='return'))")
     a = p.parse_args()
     if a.step_before_init:
         ag.DistributedOptimizer(make_model())
-    ag.init(mode=a.mode, topology=a.topology, result=a.result,
-            adaptive_state=a.adaptive_state)
-    model = make_model()
+    handle = ag.init(mode=a.mode, topology=a.topology, result=a.result,
+                     adaptive_state=a.adaptive_state,
+                     master="return" if a.master_return else "exit")
+    if handle is not None:  # the centralized master, back after every worker finished
+        torch.save({"state": flat(handle.load_into(make_model(seed=7)))}, a.master_return)
+        return 0
+    model = make_model(seed=100 + ag.rank() if a.no_broadcast else 0)
     if ag.rank() == a.wide_on_rank:
         model[0] = nn.Linear(64, 33, bias=False)
     lr = (lambda k: a.lr * 0.99 ** k) if a.schedule == "callable" else a.lr
-    opt = ag.DistributedOptimizer(model, lr=lr)
+    opt = ag.DistributedOptimizer(model, lr=lr, broadcast=not a.no_broadcast)
+    if a.dump:
+        torch.save(flat(model), f"{a.dump}/first{ag.rank()}.pt")
     sched = torch.optim.lr_scheduler.StepLR(opt, 20, 0.5) if a.schedule == "steplr" else None
     if a.load_state:
         opt.load_state_dict(torch.load(a.load_state, weights_only=False))
@@ -80,6 +101,11 @@ def main() -> int:
             opt.zero_grad()
         loss_fn(model(xb), yb).backward()
         opt.step()
+        if a.die_at and k == a.die_at and ag.rank() == 2:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         if sched is not None:
             sched.step()
         if a.save_state and k == steps:
@@ -91,12 +117,13 @@ def main() -> int:
         acc = float((model(x).argmax(1) == y).float().mean())
     reporter = 1 if a.mode == "centralized" and ag.size() > 1 else 0
     me = ag.rank()
+    if a.no_finish:  # apam_gossip finishes at exit, with a warning
+        return 0
     opt.finish(metric=acc)
+    if a.dump:
+        torch.save(flat(model), f"{a.dump}/last{me}.pt")
     if me == reporter and a.out:
-        torch.save({"state": torch.cat([t.detach().reshape(-1) for t in
-                                        [*model.parameters(), *(b for b in model.buffers()
-                                                                 if b.is_floating_point())]]),
-                    "acc": acc, "lr": opt.param_groups[0]["lr"]}, a.out)
+        torch.save({"state": flat(model), "acc": acc, "lr": opt.param_groups[0]["lr"]}, a.out)
     print(f"rank {me} done: accuracy {acc:.4f}", flush=True)
     return 0
 

@@ -321,3 +321,66 @@ def test_launch_refuses_a_missing_script():
     p = subprocess.run([sys.executable, "-m", "apam_gossip", "launch", "-n", "2",
                         "missing.py"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "no such script missing.py" in p.stderr
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_gossip_with_lr_0_from_different_starts_conserves_the_mean(tmp_path):
+    """4 ranks, each its own initial model (no broadcast), lr 0: averaging alone keeps the
+    mean of the models and drives them to consensus."""
+    p = launch(4, SCRIPT, "--lr", "0", "--no-broadcast", "--steps", "300", "--dump",
+               str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    first = torch.stack([torch.load(tmp_path / f"first{r}.pt") for r in range(4)])
+    last = torch.stack([torch.load(tmp_path / f"last{r}.pt") for r in range(4)])
+    n = sum(q.numel() for q in make_model().parameters())  # the buffers move in forward
+    m0, m1 = first[:, :n].mean(0), last[:, :n].mean(0)
+    assert (m1 - m0).abs().max() <= 1e-5
+    spread = ((first[:, :n] - m0) ** 2).sum(1).mean()
+    assert spread > 1.0  # the starts really differ
+    assert ((last[:, :n] - m1) ** 2).sum(1).mean() <= 1e-6 * spread
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_job_naming_it():
+    p = launch(3, SCRIPT, "--steps", "100000", "--die-at", "30", timeout=120)
+    assert p.returncode != 0
+    assert "rank 2" in p.stderr and "signal 9" in p.stderr, p.stderr
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_a_returning_master_holds_the_final_model(tmp_path):
+    """init(master='return'): rank 0 gets a MasterHandle after the workers finished; its
+    model is the one the workers end with."""
+    master, worker = tmp_path / "m.pt", tmp_path / "w.pt"
+    p = launch(3, SCRIPT, "--mode", "centralized", "--steps", "60", "--master-return",
+               str(master), "--out", str(worker))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert torch.equal(torch.load(master)["state"], torch.load(worker)["state"])
+
+
+@needs_mpi
+@pytest.mark.parametrize("mode", ["centralized", "decentralized"])
+def test_a_script_that_forgets_finish_still_ends(mode, tmp_path):
+    res = tmp_path / "r.json"
+    p = launch(3, SCRIPT, "--mode", mode, "--steps", "20", "--no-finish", "--result", str(res),
+               timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "ended without opt.finish(); finishing now" in p.stderr
+    assert json.loads(res.read_text())["updates"] == 20 * (2 if mode == "centralized" else 3)
+
+
+def test_context_manager_finishes():
+    ag.init(mode="allreduce")
+    model = make_model()
+    x, y = digits()
+    with ag.DistributedOptimizer(model, lr=1e-2) as opt:
+        xb, yb = batch(x, y, 0, 1)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    assert opt.finished
+    with pytest.raises(loop.LoopError, match="before apam_gossip.init"):
+        ag.size()
