@@ -21,7 +21,7 @@ __all__ = ["run", "compare", "RunConfig", "DataConfig", "OptimConfig", "RunResul
            "Metric", "UserError", "load_model", "__version__",
            # the loop API (apam_gossip.loop)
            "init", "DistributedOptimizer", "rank", "size", "local_rank", "is_master",
-           "num_workers", "worker_index", "device", "MasterHandle", "LoopSummary"]
+           "num_workers", "worker_index", "device", "MasterHandle", "LoopSummary", "LoopError"]
 LOOP_NAMES = frozenset(__all__[__all__.index("init"):])
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .errors import UserError
     from .loop import (
         DistributedOptimizer,
+        LoopError,
         LoopSummary,
         MasterHandle,
         device,

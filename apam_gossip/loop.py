@@ -30,8 +30,9 @@ without a launcher it runs as one process. The modes are one word apart:
   :mod:`apam_gossip.algorithms.adpsgd`); the models start from rank 0's.
 * ``allreduce`` (the synchronous baseline): ``step()`` averages the gradients (and buffers)
   of every rank still stepping, then every rank takes the same step. A rank that finished
-  early joins the remaining all-reduces with nothing (as Horovod's ``join``), so ranks may
-  take different numbers of steps without a hang.
+  early joins the remaining all-reduces with nothing and still takes their steps (as
+  Horovod's ``join``), so ranks may take different numbers of steps without a hang and
+  every replica stays the same.
 
 Learning rate: a number; a callable ``lr(step)`` of the update count (centralized: the
 master's count, as the model came back, + 1; else this rank's step + 1); or any
@@ -41,24 +42,38 @@ every step reads).
 Samples are counted by a forward pre-hook: the first dimension of the first tensor the
 model is called with in training mode (the per-rank samples/s at ``finish()``).
 
-Errors: a user error raised on any rank under MPI prints one line (``apam_gossip: error:
-...``, naming the rank) and ends the whole job with exit code 2; any other exception
-prints its traceback and ends it with 1 (:func:`init` installs the hook), so a failing
-rank never leaves the others waiting.
+Errors: under MPI, :func:`init` installs an exception hook: a user error raised on any
+rank prints one line (``apam_gossip: error: rank R: ...``) and ends the whole job with exit
+code 2 (a check every rank makes alike is printed once, by rank 0); any other exception
+prints its traceback and ends it with 1. So a failing rank never leaves the others
+waiting. Waiting for the others at ``finish()`` has no deadline (a slow worker may train
+for hours longer; a rank that dies ends the whole MPI job); ``timeout_s`` bounds each
+exchange (an average, the master's reply). A script that ends without ``finish()`` gets
+it called at exit, with a warning.
+
+Caveats: build, move and load the model before the optimizer (its parameters are moved
+into one flat buffer; in centralized and decentralized mode the model a step works on
+comes from the master or the gossip state, so a later ``model.load_state_dict`` is
+overwritten; use ``opt.load_state_dict``). ``zero_grad(set_to_none=...)`` zeroes in place.
+A scheduler that cycles momentum (``OneCycleLR``, ``CyclicLR``) needs
+``cycle_momentum=False``. Centralized ``state_dict()`` travels pickled through the master
+(under MPI's 2 GiB message limit: models up to ~150M parameters).
 """
 
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -70,6 +85,7 @@ from .messages import (
     Grad,
     Hello,
     LocalOutbox,
+    LoopFault,
     LoopReport,
     LoopState,
     Params,
@@ -98,7 +114,12 @@ def _score(metric: Callable[[nn.Module], float], model: nn.Module, who: str) -> 
 
 
 class LoopError(UserError):
-    """A loop-API error that every rank detects alike: rank 0 prints it."""
+    """A loop-API error: one line naming the rank. ``collective``: every rank raises the
+    same one (a check they all make alike), so only rank 0 prints it."""
+
+    def __init__(self, message: str, collective: bool = False) -> None:
+        super().__init__(message)
+        self.collective = collective
 
 
 @dataclass
@@ -116,6 +137,7 @@ class _Session:
     result: str | None
     graph: Any = None
     optimizer: DistributedOptimizer | None = None
+    master_done: bool = False  # centralized rank 0, back from init(master="return")
 
     @property
     def n_workers(self) -> int:
@@ -129,6 +151,11 @@ class _Session:
 
 
 _session: _Session | None = None
+_hooked = False
+_crashed = False  # an uncaught exception is on its way out: no finish() at exit
+# waiting for the other ranks to finish has no deadline of its own: they may train for
+# hours longer (a slow worker); a rank that dies ends the whole MPI job anyway
+NO_DEADLINE_S = 1e9
 
 
 def _env_rank() -> str:
@@ -140,9 +167,49 @@ def _env_rank() -> str:
 
 def _current(what: str) -> _Session:
     if _session is None:
+        _install_hooks()
         raise LoopError(f"{_env_rank()}: {what} before apam_gossip.init(): call "
                         "ag.init(mode=...) first")
     return _session
+
+
+def _install_hooks() -> None:
+    """Once per process: note an uncaught exception (so no ``finish()`` runs at exit for
+    a crashed script), and under MPI end the whole job on one (no rank left waiting): a
+    user error as one line naming the rank and exit 2, anything else with its traceback
+    and exit 1."""
+    global _hooked
+    if _hooked:
+        return
+    _hooked = True
+    from .transport.mpi import launched_by_mpi
+
+    previous = sys.excepthook
+    mpi = launched_by_mpi()
+
+    def hook(tp, e, tb) -> None:
+        global _crashed
+        _crashed = True
+        if not mpi:
+            previous(tp, e, tb)
+            return
+        from .transport.mpi import world
+
+        comm, rank, _ = world()
+        if isinstance(e, UserError):
+            if getattr(e, "collective", False) and rank != 0:
+                time.sleep(2.0)  # every rank has it: rank 0 prints it, once
+            else:
+                msg = str(e) if str(e).startswith("rank ") else f"rank {rank}: {e}"
+                print(f"apam_gossip: error: {msg}", file=sys.stderr, flush=True)
+            code = 2
+        else:
+            previous(tp, e, tb)
+            code = 1
+        sys.stderr.flush()
+        comm.Abort(code)
+
+    sys.excepthook = hook
 
 
 # ----------------------------------------------------------------------- init & queries
@@ -154,32 +221,45 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
 
     ``topology``: decentralized only, a topology file or generator (default ``ring``) with
     one node per rank. ``adaptive_state``: decentralized AMSGrad's second moment, ``local``
-    or ``tracked``. ``result``: where rank 0 writes the RunResult JSON at the end (as
-    ``train`` does; ``compare --results`` reads it). ``master``: centralized, what rank 0
-    does once the workers are done, ``exit`` (the process exits 0) or ``return`` (a
-    :class:`MasterHandle`). ``device``: ``auto`` (``cuda:(local_rank mod n_gpus)`` when
-    CUDA is present) or ``cpu``. ``threads``: torch threads of this rank (default under
-    MPI: a fair share of the host's cores among its ranks, as every mode does; without a
-    launcher torch's own default). Returns None except on a returning master.
+    or ``tracked``. ``timeout_s``: how long one exchange may take (an average, a reply
+    of the master; waiting for the other ranks to finish has no deadline). ``result``:
+    where rank 0 writes the RunResult JSON at the end (as ``train`` does; ``compare
+    --results`` reads it). ``master``: centralized, what rank 0 does once the workers are
+    done, ``exit`` (the process exits 0) or ``return`` (a :class:`MasterHandle`).
+    ``device``: ``auto`` (a worker's GPU, ``cuda:(its index among the host's workers mod
+    n_gpus)``, when CUDA is present; the master never uses one) or ``cpu``. ``threads``:
+    torch threads of this rank (default under MPI: a fair share of the host's cores among
+    its ranks, as every mode does; without a launcher torch's own default). Returns None
+    except on a returning master.
     """
     global _session
+    _install_hooks()
     if _session is not None:
         raise LoopError(f"rank {_session.rank}: apam_gossip.init() was called twice; call "
                         "opt.finish() before starting again")
+
+    def bad(message: str) -> LoopError:
+        return LoopError(message, collective=True)
+
     if mode not in MODES:
-        raise LoopError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise bad(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if master not in MASTER_CHOICES:
-        raise LoopError(f"master must be 'exit' or 'return', got {master!r}")
+        raise bad(f"master must be 'exit' or 'return', got {master!r}")
     if adaptive_state not in ADAPTIVE_STATES:
-        raise LoopError(f"adaptive_state must be 'local' or 'tracked', got {adaptive_state!r}")
+        raise bad(f"adaptive_state must be 'local' or 'tracked', got {adaptive_state!r}")
     if device not in ("auto", "cpu"):
-        raise LoopError(f"device must be 'auto' or 'cpu', got {device!r}")
-    if not (isinstance(timeout_s, int | float) and 0 < timeout_s <= 1e6):
-        raise LoopError(f"timeout_s must be a number of seconds in (0, 1e6], got {timeout_s!r}")
+        raise bad(f"device must be 'auto' or 'cpu', got {device!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) \
+            or not 0 < timeout_s <= 1e6:
+        raise bad(f"timeout_s must be a number of seconds in (0, 1e6], got {timeout_s!r}")
     if topology is not None and mode != "decentralized":
-        raise LoopError(f"topology is for mode 'decentralized' only (mode is {mode!r})")
+        raise bad(f"topology is for mode 'decentralized' only (mode is {mode!r})")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise bad(f"threads must be an integer >= 1, got {threads!r}")
     from .transport.mpi import launched_by_mpi
 
+    worker_here = 0  # this rank's index among the training ranks on its host
     if not launched_by_mpi():
         if any(k in os.environ for k in TORCHRUN_VARS):
             raise LoopError("apam_gossip's loop API runs under MPI, not torchrun: start the "
@@ -192,8 +272,8 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
         from .transport import mpi as tmpi
 
         comm, rank, size = tmpi.world()
-        _install_abort_hook(comm, rank)
-        local_rank, on_node = tmpi.node_placement(comm)
+        local_rank, on_node, master_here = _placement(comm, rank)
+        worker_here = local_rank - 1 if mode == "centralized" and master_here else local_rank
         if threads is None:
             from .algorithms.common import available_cores
 
@@ -202,16 +282,15 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
             tmpi.require_thread_multiple("decentralized mode (a server thread serves "
                                          "averages beside your training loop)")
         if mode == "centralized" and size < 2:
-            raise LoopError("centralized mode needs a master and at least one worker: "
-                            "launch 2 or more ranks (or run without a launcher for one "
-                            "process)")
+            raise bad("centralized mode needs a master and at least one worker: launch 2 or "
+                      "more ranks (or run without a launcher for one process)")
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise LoopError(f"threads must be an integer >= 1, got {threads!r}")
         torch.set_num_threads(threads)
     dev = torch.device("cpu")
-    if device == "auto" and torch.cuda.is_available():
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    is_master_rank = mode == "centralized" and comm is not None and rank == 0
+    if device == "auto" and torch.cuda.is_available() and not is_master_rank:
+        dev = torch.device("cuda", worker_here % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
     s = _Session(mode, comm, rank, size, local_rank, dev, topology, adaptive_state, seed,
                  float(timeout_s), result)
     if mode == "decentralized":
@@ -221,12 +300,12 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
         try:
             s.graph = validate_topology(make_topology(spec, size, seed), size)
         except UserError as e:
-            raise LoopError(f"rank {rank}: topology {spec}: {e} (the job has {size} "
-                            f"rank{'s' if size != 1 else ''})") from None
+            raise bad(f"topology {spec}: {e} (the job has {size} rank"
+                      f"{'s' if size != 1 else ''})") from None
     _session = s
-    if mode == "centralized" and comm is not None and rank == 0:
+    if is_master_rank:
         handle = _run_master(s)
-        _session = None
+        s.master_done = True
         if master == "exit":
             sys.stdout.flush()
             sys.stderr.flush()
@@ -235,24 +314,16 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     return None
 
 
-def _install_abort_hook(comm: Any, rank: int) -> None:
-    """An uncaught exception on any rank ends the whole job (no rank left waiting): a
-    user error as one line and exit 2, anything else with its traceback and exit 1."""
-    def hook(tp, e, tb) -> None:
-        if isinstance(e, UserError):
-            if isinstance(e, LoopError) and rank != 0:
-                time.sleep(2.0)  # every rank has it: let rank 0 print it once
-            else:
-                msg = str(e) if str(e).startswith("rank ") else f"rank {rank}: {e}"
-                print(f"apam_gossip: error: {msg}", file=sys.stderr, flush=True)
-            code = 2
-        else:
-            sys.__excepthook__(tp, e, tb)
-            code = 1
-        sys.stderr.flush()
-        comm.Abort(code)
+def _placement(comm: Any, rank: int) -> tuple[int, int, bool]:
+    """(index among the host's ranks, ranks on the host, whether rank 0 is on it)."""
+    from mpi4py import MPI
 
-    sys.excepthook = hook
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        ranks = node.allgather(rank)
+        return node.Get_rank(), node.Get_size(), 0 in ranks
+    finally:
+        node.Free()
 
 
 def rank() -> int:
@@ -296,15 +367,19 @@ def device() -> torch.device:
 @dataclass(frozen=True)
 class _Signature:
     """What must agree across ranks: every trained parameter's and float buffer's name,
-    shape and dtype, and the optimizer's settings (learning rate aside)."""
+    shape and dtype, the optimizer's settings (learning rate aside) and the choices that
+    decide which collectives run (``setup``). ``lr0`` is only recorded."""
 
     entries: tuple[tuple[str, str, tuple[int, ...], str], ...]
     numel: int
     n_params: int
     optim: tuple[tuple[str, Any], ...]
+    setup: tuple[tuple[str, Any], ...]
+    lr0: float = field(compare=False, default=0.0)
 
 
-def _signature(flat: FlatModel, optim: OptimConfig) -> _Signature:
+def _signature(flat: FlatModel, optim: OptimConfig, setup: dict[str, Any],
+               lr0: float) -> _Signature:
     from .flat import float_buffers, trainable
 
     ids = {id(p) for p in trainable(flat.model)}
@@ -313,7 +388,12 @@ def _signature(flat: FlatModel, optim: OptimConfig) -> _Signature:
     entries += [("buffer", n, tuple(b.shape), str(b.dtype))
                 for n, b in float_buffers(flat.model)]
     hp = {k: v for k, v in optim.model_dump().items() if k not in ("lr", "schedule")}
-    return _Signature(tuple(entries), flat.numel, flat.n_params, tuple(sorted(hp.items())))
+    return _Signature(tuple(entries), flat.numel, flat.n_params, tuple(sorted(hp.items())),
+                      tuple(sorted(setup.items())), lr0)
+
+
+def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+    return next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
 def _differences(sigs: list[_Signature | None], ref: int) -> str | None:
@@ -323,21 +403,23 @@ def _differences(sigs: list[_Signature | None], ref: int) -> str | None:
     for r, s in enumerate(sigs):
         if s is None or r == ref or s == base:
             continue
-        if s.optim != base.optim:
-            a, b = dict(s.optim), dict(base.optim)
-            k = next(k for k in sorted(a) if a[k] != b.get(k))
-            return (f"rank {r}: optimizer setting {k}={a[k]!r} but rank {ref} has "
-                    f"{b.get(k)!r}: give every rank the same DistributedOptimizer settings")
-        mine, theirs = dict(((e[0], e[1]), e[2:]) for e in s.entries), \
-            dict(((e[0], e[1]), e[2:]) for e in base.entries)
-        for key, (shape, dtype) in theirs.items():
-            if key not in mine:
+        for what, mine, theirs in (("setting", s.setup, base.setup),
+                                   ("optimizer setting", s.optim, base.optim)):
+            if mine != theirs:
+                a, b = dict(mine), dict(theirs)
+                k = _first_difference(a, b)
+                return (f"rank {r}: {what} {k}={a.get(k)!r} but rank {ref} has "
+                        f"{b.get(k)!r}: every rank must make the same choices")
+        mine_e = {(e[0], e[1]): e[2:] for e in s.entries}
+        theirs_e = {(e[0], e[1]): e[2:] for e in base.entries}
+        for key, (shape, dtype) in theirs_e.items():
+            if key not in mine_e:
                 return f"rank {r}: its model has no {key[0]} {key[1]!r} (rank {ref}'s has)"
-            if mine[key] != (shape, dtype):
-                return (f"rank {r}: {key[0]} {key[1]!r} has shape {tuple(mine[key][0])} "
-                        f"{mine[key][1]} but {tuple(shape)} {dtype} on rank {ref}: every "
+            if mine_e[key] != (shape, dtype):
+                return (f"rank {r}: {key[0]} {key[1]!r} has shape {tuple(mine_e[key][0])} "
+                        f"{mine_e[key][1]} but {tuple(shape)} {dtype} on rank {ref}: every "
                         "rank must build the same model")
-        extra = sorted(set(mine) - set(theirs))
+        extra = sorted(set(mine_e) - set(theirs_e))
         if extra:
             return (f"rank {r}: its model has a {extra[0][0]} {extra[0][1]!r} that rank "
                     f"{ref}'s has not")
@@ -348,63 +430,92 @@ def _differences(sigs: list[_Signature | None], ref: int) -> str | None:
 
 def _agree(s: _Session, sig: _Signature | None, ref: int) -> _Signature:
     """Collective: gather every rank's signature at rank 0, compare with rank ``ref``'s
-    and raise the same :class:`LoopError` on every rank if one differs."""
+    and raise the same :class:`LoopError` on every rank if one differs. A barrier with a
+    deadline comes first, so a rank that never gets here (it returned early) is a
+    timeout, not a hang."""
     comm = s.comm
+    _wait(comm.Ibarrier(), s, "every rank to build its DistributedOptimizer")
     sigs = comm.gather(sig, root=0)
     verdict = _differences(sigs, ref) if s.rank == 0 else None
     verdict, ref_sig = comm.bcast((verdict, sigs[ref] if s.rank == 0 else None), root=0)
     if verdict is not None:
-        raise LoopError(verdict)
+        raise LoopError(verdict, collective=True)
     return ref_sig
 
 
-def _wait(req: Any, s: _Session, what: str) -> None:
+def _wait(req: Any, s: _Session, what: str, deadline: float | None = None) -> None:
     from .transport.mpi import _wait as wait
 
-    wait(req, s.timeout_s, f"rank {s.rank}: {what}", patient=True)
+    wait(req, s.timeout_s if deadline is None else deadline, f"rank {s.rank}: {what}",
+         patient=True)
+
+
+def _consensus(comm: Any, x: Tensor, n_params: int, size: int, s: _Session
+               ) -> tuple[Tensor, float, float | None]:
+    """(the average of every rank's ``x``, the parameters' consensus distance
+    mean_i |x_i - xbar|^2, the same over the buffers) from two all-reduces, without
+    gathering every model anywhere."""
+    from mpi4py import MPI
+
+    xd = x.double()
+    total = xd.clone()
+    _wait(comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM), s, "averaging the models",
+          NO_DEADLINE_S)
+    sq = torch.tensor([float((xd[:n_params] ** 2).sum()), float((xd[n_params:] ** 2).sum())],
+                      dtype=torch.float64)
+    _wait(comm.Iallreduce(MPI.IN_PLACE, sq, op=MPI.SUM), s, "the consensus distance",
+          NO_DEADLINE_S)
+    xbar = total / size
+    cons = max(0.0, float(sq[0]) / size - float((xbar[:n_params] ** 2).sum()))
+    bufs = None
+    if x.numel() > n_params:
+        bufs = max(0.0, float(sq[1]) / size - float((xbar[n_params:] ** 2).sum()))
+    return xbar.float(), cons, bufs
 
 
 # ----------------------------------------------------------------------- the optimizer
 class DistributedOptimizer(torch.optim.Optimizer):
     """The optimizer of one rank in a loop-API job (see the module docstring).
 
-    ``model``: the rank's model, already on :func:`device` (float32). Its trainable
-    parameters and float buffers are moved into one flat buffer (they stay ordinary
-    parameters to your code). ``lr``: a number or a callable ``lr(step)``; ``optimizer``
-    and the other keywords are :class:`~apam_gossip.config.OptimConfig` fields
-    (``amsgrad`` by default; ``beta1``, ``beta2``, ``eps``, ``bias_correction``,
-    ``weight_decay``, ``momentum``, ``nesterov``). ``broadcast=False`` keeps each rank's
-    own initial model (decentralized and allreduce; for experiments such as gossip from
-    different starts). Use as a context manager to call :meth:`finish` on leaving the
-    block.
+    ``model``: the rank's model, already on :func:`device` and with any weights you load
+    already loaded (float32). Its trainable parameters and float buffers are moved into
+    one flat buffer (they stay ordinary parameters to your code; do not move the model
+    afterwards). ``lr``: a number or a callable ``lr(step)``; ``optimizer`` and the other
+    keywords are :class:`~apam_gossip.config.OptimConfig` fields (``amsgrad`` by default;
+    ``beta1``, ``beta2``, ``eps``, ``bias_correction``, ``weight_decay``, ``momentum``,
+    ``nesterov``); a scheduler that cycles momentum needs ``cycle_momentum=False``.
+    ``broadcast=False`` keeps each rank's own initial model (decentralized and
+    allreduce; for experiments such as gossip from different starts). Use as a context
+    manager to call :meth:`finish` on leaving the block.
     """
 
     def __init__(self, model: nn.Module, lr: float | Callable[[int], float] = 1e-3, *,
                  optimizer: str = "amsgrad", broadcast: bool = True, **optim: Any) -> None:
         s = _current("DistributedOptimizer(...)")
+        if s.master_done or (s.mode == "centralized" and s.comm is not None
+                             and s.rank == 0):
+            raise LoopError("rank 0 is the centralized master: it does not train (init() "
+                            "returned its MasterHandle); skip your loop when ag.is_master()")
         if s.optimizer is not None:
             raise LoopError(f"rank {s.rank}: one DistributedOptimizer per job; call "
                             "finish() on the first one")
         if not isinstance(model, nn.Module):
-            raise TypeError(f"rank {s.rank}: model must be an nn.Module, got "
+            raise LoopError(f"rank {s.rank}: model must be an nn.Module, got "
                             f"{type(model).__name__}")
         self.lr_fn = lr if callable(lr) else None
-        lr0 = lr(1) if callable(lr) else lr
-        if isinstance(lr0, bool) or not isinstance(lr0, int | float) \
-                or not 0 <= lr0 <= 1e6 or lr0 != lr0:
-            raise LoopError(f"rank {s.rank}: lr must be a number in [0, 1e6] (or a function "
-                            f"of the step returning one), got {lr0!r}")
-        lr0 = float(lr0)
+        lr0 = self._checked_lr(lr(1) if callable(lr) else lr, s.rank)
         try:  # lr 0 is allowed here (pure gossip); the config's lr is never read
             self.hp = OptimConfig(name=optimizer, lr=lr0 or 1.0, **optim)
         except ConfigError as e:
             raise LoopError(f"rank {s.rank}: DistributedOptimizer: {e}") from None
         if s.mode == "decentralized" and s.adaptive_state == "tracked" \
                 and self.hp.name != "amsgrad":
-            raise LoopError("adaptive_state='tracked' needs optimizer='amsgrad'")
+            raise LoopError(f"rank {s.rank}: adaptive_state='tracked' needs "
+                            "optimizer='amsgrad'")
         self.session = s
         self.model = model
-        self.broadcast = broadcast
+        self.broadcast = bool(broadcast)
+        self.lr0 = lr0
         params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, {"lr": lr0})
         self.flat = flatten(model, who=f"rank {s.rank}: the model")
@@ -413,6 +524,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                             "API moves float32 models (model.float())")
         self.opt = Optimizer(self.hp)
         self.steps = 0
+        self.stepped = False  # a step() was taken in this job (resume must come first)
         self.version = 0
         self.samples = 0
         self._pending = 0
@@ -420,7 +532,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.staleness: Counter[int] = Counter()
         self.averages = self.refused = 0
         self.finished = False
-        self._hook = model.register_forward_pre_hook(self._count)
+        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
         self._dev_cpu = self.flat.state.device.type == "cpu"
         self.host = self.flat.state if self._dev_cpu else torch.zeros(self.flat.numel)
         s.optimizer = self
@@ -429,15 +541,27 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.t0: float | None = None  # the clock starts at the first step
 
     # -- helpers -----------------------------------------------------------------------
-    def _count(self, module: nn.Module, args: tuple) -> None:
-        if module.training and args and isinstance(args[0], Tensor) and args[0].dim():
-            self._pending += int(args[0].shape[0])
+    @staticmethod
+    def _checked_lr(value: Any, rank: int) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not 0 <= value <= 1e6 or value != value:
+            raise LoopError(f"rank {rank}: lr must be a number in [0, 1e6] (or a function "
+                            f"of the step returning one), got {value!r}")
+        return float(value)
+
+    def _count(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not module.training:
+            return
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        if first is not None and first.dim():
+            self._pending += int(first.shape[0])
 
     def _lr(self, step: int) -> float:
         group = self.param_groups[0]
         if self.lr_fn is not None:
-            group["lr"] = float(self.lr_fn(step))
-        return float(group["lr"])
+            group["lr"] = self.lr_fn(step)
+        group["lr"] = self._checked_lr(group["lr"], self.session.rank)
+        return group["lr"]
 
     def _to_host(self) -> Tensor:
         if not self._dev_cpu:
@@ -450,11 +574,17 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _gather_grads(self) -> None:
         """Make sure the flat gradient holds every parameter's gradient: a zero_grad that
-        set ``.grad = None`` (``model.zero_grad()``) detached them from the buffer."""
+        set ``.grad = None`` (``model.zero_grad()``) detached them from the buffer. A
+        parameter that left the flat state (the model was moved) is an error."""
         if self.flat.check_views():
             return
+        lo, size = self.flat.state.data_ptr(), self.flat.state.element_size() * self.flat.numel
         off = 0
         for p in self.param_groups[0]["params"]:
+            if not lo <= p.data_ptr() < lo + size:
+                raise LoopError(f"{self.who}: the model's parameters were moved or replaced "
+                                "after DistributedOptimizer was built (model.to(), .cuda(), "
+                                "a new tensor): move and load the model first")
             n = p.numel()
             g = self.flat.grads[off: off + n]
             if p.grad is None:
@@ -475,7 +605,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self.opt_state = self.opt.init(self.flat.params)
             return
         comm = s.comm
-        sig = _signature(self.flat, self.hp)
+        setup = {"mode": s.mode, "adaptive_state": s.adaptive_state,
+                 "broadcast": self.broadcast, "topology": s.topology}
+        sig = _signature(self.flat, self.hp, setup, self.lr0)
         ref = 1 if s.mode == "centralized" else 0
         _agree(s, sig, ref)
         host = self._to_host()
@@ -530,9 +662,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         t = time.perf_counter()
         if self.t0 is None:
             self.t0 = time.monotonic()
+        self.stepped = True
         self._gather_grads()
-        if not bool(torch.isfinite(self.flat.grads).all()):
-            raise UserError(f"{self.who}: the gradient has non-finite entries at step "
+        if not math.isfinite(float(self.flat.grads.sum())):  # any NaN/inf entry
+            raise LoopError(f"{self.who}: the gradient has non-finite entries at step "
                             f"{self.steps + 1} (try a smaller learning rate)")
         samples, self._pending = self._pending, 0
         s = self.session
@@ -555,6 +688,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.end.send(msg, Grad(self.version, samples, float("nan"), 0.0,
                                 self._lr(self.version + 1)))
         back = self.end.recv(self.flat.state, self.session.timeout_s)
+        if isinstance(back, LoopFault):
+            raise LoopError(back.message)
         if not isinstance(back, Params):
             raise RuntimeError(f"{self.who}: the master answered {back!r} to a gradient")
         self.version = back.version
@@ -567,6 +702,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self.grad_cpu.copy_(g)
             g = self.grad_cpu
         delta = (self.flat.buffers - self.buffers0).cpu() if self.flat.n_buffers else None
+        lr = self._lr(self.steps + 1)
         averaged = False
         for _ in range(AVERAGE_TRIES if self.pick is not None else 0):
             j = self.pick()
@@ -577,10 +713,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.averages += averaged
         tracked = self.session.adaptive_state == "tracked"
         v1 = self.gossip.update_local(partial(
-            local_step, self.opt, g, self.opt_state, tracked, None, self._lr(self.steps + 1),
-            self.flat.n_params, delta))
+            local_step, self.opt, g, self.opt_state, tracked, None, lr, self.flat.n_params,
+            delta))
         self.staleness[v1 - self.v0 - 1 - averaged] += 1
-        # the next gradient is computed at a snapshot of x_i (averages keep arriving)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """The next gradient is computed at a snapshot of x_i (averages keep arriving)."""
         self.v0 = self.gossip.snapshot(self.host)
         self._from_host()
         if self.flat.n_buffers:
@@ -588,39 +727,44 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _step_allreduce(self, active: bool) -> bool:
         """One all-reduce of ``[grads | buffers | 1]`` (``active``) or of zeros (a rank
-        that finished); returns False once no rank is active any more."""
+        that finished: it still takes the step, so every replica stays the same); returns
+        False once no rank is active any more. No deadline: the other ranks may be busy
+        with anything between their steps (an evaluation); a dead rank ends the job."""
         s, red, n = self.session, self.red, self.flat.numel
         if active:
             red[:n].copy_(self.flat.pack_grad_msg())
             red[n] = 1.0
+            lr = self._lr(self.steps + 1)
         else:
             red.zero_()
+            lr = float(self.param_groups[0]["lr"])
         from mpi4py import MPI
 
-        _wait(s.comm.Iallreduce(MPI.IN_PLACE, red, op=MPI.SUM), s, "the all-reduce")
+        _wait(s.comm.Iallreduce(MPI.IN_PLACE, red, op=MPI.SUM), s, "the all-reduce",
+              NO_DEADLINE_S)
         k = float(red[n])
         if k == 0:
             return False
-        if active:
-            mean = red[:n].div_(k).to(self.flat.state.device)
-            self.flat.buffers.copy_(mean[self.flat.n_params:])
-            self.opt.update(self.flat.params, mean[: self.flat.n_params], self.opt_state,
-                            lr=self._lr(self.steps + 1))
+        mean = red[:n].div_(k).to(self.flat.state.device)
+        self.flat.buffers.copy_(mean[self.flat.n_params:])
+        # the lr of an active rank: ranks that finished take the same step with theirs
+        self.opt.update(self.flat.params, mean[: self.flat.n_params], self.opt_state, lr=lr)
         return True
 
     # -- the end ------------------------------------------------------------------------
     def finish(self, metric: float | Callable[[nn.Module], float] | None = None,
                metric_name: str = "accuracy", higher_is_better: bool = True,
                average: bool = False, quiet: bool = False) -> LoopSummary:
-        """End this rank's loop; collective (every rank calls it).
+        """End this rank's loop; collective (every rank calls it, and waits for the
+        others however long they still train).
 
         Centralized workers end with the master's final model; ``average``
-        (decentralized) sets every rank's model to the average of all. ``metric``: the
-        score of the run, recorded in the result under ``metric_name``: a number you
-        measured, or a function ``metric(model)`` called on the final model (so after
-        the master's model arrived, or after the average) -- by rank 0, or in
-        centralized mode by the first worker (rank 1). Rank 0 prints a per-rank summary
-        (unless ``quiet``) and writes ``init(result=...)``.
+        (decentralized; every rank must pass the same) sets every rank's model to the
+        average of all. ``metric``: the score of the run, recorded in the result under
+        ``metric_name``: a number you measured, or a function ``metric(model)`` called on
+        the final model (so after the master's model arrived, or after the average) -- by
+        rank 0, or in centralized mode by the first worker (rank 1). Rank 0 prints a
+        per-rank summary (unless ``quiet``) and writes ``init(result=...)``.
         """
         if self.finished:
             raise LoopError(f"{self.who}: finish() was called twice")
@@ -632,6 +776,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         rep = LoopReport(s.rank, str(self.flat.state.device), self.steps, self.samples, wall,
                          self.step_s, self.averages, self.refused, dict(self.staleness))
         extra: dict[str, float] = {}
+        final = self.flat.state.detach().cpu()
         global _session
         try:
             if s.comm is None:
@@ -640,8 +785,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 first = s.rank == 1
                 later = first and callable(metric)
                 self.end.send(None, Done(rep, metric if first and not later else None,
-                                         metric_follows=later))
-                msg = self.end.recv(None, s.timeout_s)
+                                         later, metric_name, higher_is_better))
+                msg = self.end.recv(None, NO_DEADLINE_S)  # until every worker is done
                 assert isinstance(msg, Stop), msg
                 host = self._to_host()
                 _wait(s.comm.Ibcast(host, root=0), s, "the final model from the master")
@@ -650,10 +795,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     s.comm.send(_score(metric, self.model, self.who), dest=0, tag=T_METRIC)
                 return LoopSummary(s.rank, [rep], None)
             elif s.mode == "decentralized":
-                self.gossip.finish()
-                self.v0 = self.gossip.snapshot(self.host)
-                self._from_host()
-                reports, extra = self._gather_decentralized(rep, average)
+                self.gossip.finish(timeout=NO_DEADLINE_S)
+                self._refresh()
+                reports, extra, final = self._end_decentralized(rep, average)
             else:
                 while self._step_allreduce(active=False):
                     pass
@@ -662,8 +806,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 return LoopSummary(s.rank, [rep], None)
             if callable(metric):
                 metric = _score(metric, self.model, self.who)
-            result = loop_result(s, self.hp, reports, self.flat, metric, metric_name,
-                                 higher_is_better, extra, staleness=_merged(reports),
+            result = loop_result(s, self.hp, self.lr0, reports, self.flat.n_params, final,
+                                 metric, metric_name, higher_is_better, extra,
+                                 staleness=_merged(reports),
                                  updates=sum(r.steps for r in reports))
             _finish_rank0(s, result, reports, quiet)
             return LoopSummary(s.rank, reports, result)
@@ -671,40 +816,50 @@ class DistributedOptimizer(torch.optim.Optimizer):
             s.optimizer = None
             _session = None
 
-    def _gather_decentralized(self, rep: LoopReport, average: bool
-                              ) -> tuple[list[LoopReport], dict[str, float]]:
+    def _end_decentralized(self, rep: LoopReport, average: bool
+                           ) -> tuple[list[LoopReport], dict[str, float], Tensor]:
+        """Gather the reports, check that every rank chose the same ``average``, and
+        measure consensus (and average, if asked) with all-reduces."""
         s = self.session
         comm = s.comm
-        reports = comm.gather(rep, root=0)
-        x = self.gossip.x
-        xs = torch.zeros(s.size, x.numel()) if s.rank == 0 else None
-        _wait(comm.Igather(x, xs, root=0), s, "gathering the final models")
-        extra: dict[str, float] = {}
-        if s.rank == 0:
-            xbar = xs.mean(0)
-            n = self.flat.n_params
-            dev = (xs - xbar) ** 2
-            extra["consensus_distance"] = float(dev[:, :n].sum(1).mean())
-            if xs.shape[1] > n:
-                extra["buffer_consensus"] = float(dev[:, n:].sum(1).mean())
-            extra["averages"] = float(sum(r.averages for r in reports))
+        reports = comm.gather((rep, bool(average)), root=0)
+        verdict = None
+        if s.rank == 0 and len({a for _, a in reports}) > 1:
+            odd = next(r for r, (_, a) in enumerate(reports) if a != bool(average))
+            verdict = (f"rank {odd}: finish(average={not average}) but rank 0 has "
+                       f"average={average}: every rank must pass the same")
+        verdict = comm.bcast(verdict, root=0)
+        if verdict is not None:
+            raise LoopError(verdict, collective=True)
+        xbar, cons, bufs = _consensus(comm, self.gossip.x, self.flat.n_params, s.size, s)
+        extra: dict[str, float] = {"consensus_distance": cons}
+        if bufs is not None:
+            extra["buffer_consensus"] = bufs
         if average:
-            from mpi4py import MPI
-
-            host = self.host
-            host.copy_(x)
-            _wait(comm.Iallreduce(MPI.IN_PLACE, host, op=MPI.SUM), s, "the final average")
-            host.div_(s.size)
+            self.host.copy_(xbar)
             self._from_host()
-        return reports, extra
+        if s.rank != 0:
+            return [], extra, xbar
+        reports = [r for r, _ in reports]
+        extra["averages"] = float(sum(r.averages for r in reports))
+        extra["refused_averages"] = float(sum(r.refused_averages for r in reports))
+        return reports, extra, xbar
 
     def _finish_at_exit(self) -> None:
         """A script that ends without ``finish()`` would leave the other ranks waiting:
-        finish for it (the other ranks' ``finish()`` is collective)."""
-        if not self.finished:
-            print(f"apam_gossip: warning: {self.who} ended without opt.finish(); finishing "
-                  "now", file=sys.stderr, flush=True)
+        finish for it (the other ranks' ``finish()`` is collective). Not after a crash:
+        then the job ends (under MPI the exception hook aborted it already)."""
+        if self.finished or _crashed:
+            return
+        print(f"apam_gossip: warning: {self.who} ended without opt.finish(); finishing "
+              "now", file=sys.stderr, flush=True)
+        try:
             self.finish()
+        except BaseException as e:  # noqa: BLE001 - at exit nobody else would see it
+            print(f"apam_gossip: error: {self.who}: finishing at exit failed: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            if self.session.comm is not None:
+                self.session.comm.Abort(1)
 
     def __enter__(self) -> DistributedOptimizer:
         return self
@@ -717,10 +872,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """What resuming this rank needs: the model state, the optimizer state and the
         counters (centralized: the master's model, state and update count)."""
+        if self.finished:
+            raise LoopError(f"{self.who}: state_dict() after finish(): take it before")
         s = self.session
         d: dict[str, Any] = {"apam_gossip_loop": 1, "mode": s.mode, "rank": s.rank,
                              "size": s.size, "steps": self.steps,
-                             "lr": self.param_groups[0]["lr"]}
+                             "lr": self.param_groups[0]["lr"], "optimizer": self.hp.name}
         if s.comm is not None and s.mode == "centralized":
             self.end.send(None, StateRequest())
             st = self.end.recv(None, s.timeout_s)
@@ -736,44 +893,67 @@ class DistributedOptimizer(torch.optim.Optimizer):
         else:
             d["x"] = self.flat.state.detach().cpu().clone()
         d["opt"] = {k: v.detach().cpu().clone() for k, v in self.opt_state.items()}
+        d["version"] = self.steps
         return d
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` (the same mode, and for decentralized the same
-        rank and number of ranks)."""
+    def _check_state(self, d: Any) -> dict[str, Any]:
         s = self.session
-        d = state_dict
         if not isinstance(d, dict) or d.get("apam_gossip_loop") != 1:
             raise LoopError(f"{self.who}: load_state_dict: not a DistributedOptimizer "
                             "state_dict")
         if d["mode"] != s.mode:
             raise LoopError(f"{self.who}: load_state_dict: the state is of mode "
                             f"{d['mode']!r}, this job's is {s.mode!r}")
-        if d["x"].numel() != self.flat.numel:
-            raise LoopError(f"{self.who}: load_state_dict: the state has {d['x'].numel()} "
-                            f"entries, this model {self.flat.numel}")
+        if d.get("optimizer") != self.hp.name:
+            raise LoopError(f"{self.who}: load_state_dict: the state is of optimizer "
+                            f"{d.get('optimizer')!r}, this one is {self.hp.name!r}")
+        if not isinstance(d.get("x"), Tensor) or d["x"].numel() != self.flat.numel:
+            raise LoopError(f"{self.who}: load_state_dict: the state's model does not match "
+                            f"this one ({self.flat.numel} entries)")
         if s.mode == "decentralized" and (d["rank"], d["size"]) != (s.rank, s.size):
             raise LoopError(f"{self.who}: load_state_dict: the state is rank {d['rank']} of "
                             f"{d['size']}; load each rank's own state into the same ranks")
+        if self.stepped:
+            raise LoopError(f"{self.who}: load_state_dict() after training started: load "
+                            "before the first step()")
+        want = set(self.opt.init(torch.zeros(1)))
+        if set(d["opt"]) != want:
+            raise LoopError(f"{self.who}: load_state_dict: the optimizer state has "
+                            f"{sorted(d['opt'])}, this optimizer needs {sorted(want)}")
+        return {**d, "x": d["x"].detach().cpu(),
+                "opt": {k: v.detach().cpu() for k, v in d["opt"].items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`, before the first step; collective. Centralized:
+        every worker loads (the same state: the master's), and the master resumes from it
+        once all have. Decentralized: every rank loads its own state (same ranks, same
+        number). Resuming reproduces the uninterrupted run where the run is deterministic
+        (one worker, allreduce); gossip resumes every model and optimizer state, but the
+        order of later averages is random anyway."""
+        d = self._check_state(state_dict)
+        s = self.session
         self.steps = int(d["steps"])
         self.param_groups[0]["lr"] = d["lr"]
         if s.comm is not None and s.mode == "centralized":
             self.end.send(None, LoopState(d["x"].numpy(), {k: v.numpy() for k, v in
-                                                          d["opt"].items()}, d["version"]))
-            back = self.end.recv(self.flat.state, s.timeout_s)
+                                                          d["opt"].items()},
+                                          int(d["version"])))
+            back = self.end.recv(self.flat.state, NO_DEADLINE_S)  # until all have loaded
+            if isinstance(back, LoopFault):
+                raise LoopError(back.message)
             assert isinstance(back, Params), back
             self.version = back.version
             return
-        self.opt_state = {k: v.clone().to(self.opt_state[k].device) for k, v in d["opt"].items()}
+        self.opt_state = {k: v.clone().to(self.opt_state[k].device)
+                          for k, v in d["opt"].items()}
         if s.comm is not None and s.mode == "decentralized":
             with self.gossip.lock:
                 self.gossip.x.copy_(d["x"])
                 if self.gossip.u is not None and "u" in d:
                     self.gossip.u.copy_(d["u"])
-            self.v0 = self.gossip.snapshot(self.host)
-            self._from_host()
-            if self.flat.n_buffers:
-                self.buffers0.copy_(self.flat.buffers)
+            self._refresh()
+            # nobody averages before every rank has its state back
+            _wait(s.comm.Ibarrier(), s, "every rank to load its state", NO_DEADLINE_S)
         else:
             self.flat.state.copy_(d["x"])
 
@@ -796,63 +976,117 @@ class MasterHandle:
         return model
 
 
-def _run_master(s: _Session) -> MasterHandle:
-    """Rank 0 of a centralized job: serve the workers until all have finished."""
-    from .algorithms.apam import ApamMaster
-    from .transport.mpi import MpiStarMaster
+class _LoopMaster:
+    """Rank 0 of a centralized loop-API job: the APAM master's steps (``ApamMaster``)
+    driven by the workers' loops instead of a budget: it serves until every worker has
+    finished."""
 
-    comm = s.comm
+    def __init__(self, s: _Session, sig: _Signature, x0: Tensor) -> None:
+        from .algorithms.apam import ApamMaster
+        from .transport.mpi import MpiStarMaster
+
+        self.s = s
+        self.lr0 = sig.lr0
+        self.end = MpiStarMaster(s.comm, sig.numel, timeout=s.timeout_s, pin=False)
+        self.hp = OptimConfig(**dict(sig.optim), lr=sig.lr0 or 1.0)
+        # each gradient brings its worker's lr; the budget is the workers' loops
+        self.m = ApamMaster(LocalOutbox(), self.end, x0, self.hp, 2**62, [],
+                            torch.zeros(1, sig.numel), n_params=sig.n_params,
+                            drain_timeout=s.timeout_s)
+        self.done: dict[int, Done] = {}
+        self.loading: dict[int, LoopState] = {}
+        self.applied = False
+
+    def fault(self, i: int, message: str) -> None:
+        self.end.send(i, None, LoopFault(message))
+
+    def on_load(self, i: int, st: LoopState) -> None:
+        """A worker's load_state_dict: resume once every live worker has loaded."""
+        m = self.m
+        if self.applied:
+            self.fault(i, f"rank {i + 1}: load_state_dict() after training started: every "
+                       "worker loads before its first step()")
+            return
+        self.loading[i] = st
+        if set(self.loading) != m.live() - set(self.done):
+            return  # the others are still loading: their replies wait
+        first = self.loading[min(self.loading)]
+        for j, other in self.loading.items():
+            if other.version != first.version or not np.array_equal(other.x, first.x):
+                for k in self.loading:
+                    self.fault(k, f"rank {j + 1}: load_state_dict: its state (update "
+                               f"{other.version}) is not rank {min(self.loading) + 1}'s "
+                               f"(update {first.version}): load the same checkpoint on "
+                               "every worker")
+                self.loading.clear()
+                return
+        m.x.copy_(torch.from_numpy(first.x))
+        m.state = {k: torch.from_numpy(v).clone() for k, v in first.opt.items()}
+        m.progress.version = int(first.version)
+        for j in sorted(self.loading):
+            m.send(j, m.x, Params(m.progress.version))
+        self.loading.clear()
+
+    def serve(self) -> MasterHandle:
+        m, end, s = self.m, self.end, self.s
+        m.hello()
+        m.t0 = time.monotonic()
+        for i in m.live():
+            m.send(i, m.x, Params(0))
+        while m.live() - set(self.done):
+            # no deadline: a worker may do anything between two steps (an evaluation);
+            # a rank that dies ends the whole job
+            for i in end.ready(1.0):
+                msg, grad = end.recv(i)
+                if isinstance(msg, Grad):
+                    if self.loading:
+                        self.fault(i, f"rank {i + 1}: step() while other workers load a "
+                                   "checkpoint: every worker loads before its first step()")
+                        continue
+                    m.apply(i, msg, grad)
+                    self.applied = True
+                    m.send(i, m.x, Params(m.progress.version))
+                elif isinstance(msg, Done):
+                    self.done[i] = msg
+                elif isinstance(msg, StateRequest):
+                    end.send(i, None, LoopState(m.x.numpy().copy(), {
+                        k: v.numpy().copy() for k, v in m.state.items()}, m.progress.version))
+                elif isinstance(msg, LoopState):
+                    self.on_load(i, msg)
+                else:
+                    raise AssertionError(f"unexpected message from rank {i + 1}: {msg!r}")
+        for i in sorted(self.done):
+            end.send(i, None, Stop())
+        _wait(s.comm.Ibcast(m.x, root=0), s, "sending the final model")
+        reports = [self.done[i].report for i in sorted(self.done)]
+        first = self.done.get(0)
+        metric = first.metric if first is not None else None
+        name, higher = (first.metric_name, first.higher_is_better) if first is not None \
+            else ("accuracy", True)
+        if first is not None and first.metric_follows:  # rank 1 scores the final model
+            req = s.comm.irecv(source=1, tag=T_METRIC)
+            deadline = time.monotonic() + NO_DEADLINE_S
+            while True:
+                ok, metric = req.test()
+                if ok:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError("rank 0 (master): no metric from rank 1")
+                time.sleep(0.01)
+        result = loop_result(s, self.hp, self.lr0, reports, m.n_params, m.x, metric, name,
+                             higher, {}, staleness=dict(m.progress.staleness),
+                             updates=m.progress.version)
+        _finish_rank0(s, result, reports, quiet=False)
+        return MasterHandle(result, m.x.clone())
+
+
+def _run_master(s: _Session) -> MasterHandle:
+    """Rank 0 of a centralized job: agree on the model with the workers, take rank 1's
+    as the start, serve until all have finished."""
     sig = _agree(s, None, 1)
     x0 = torch.zeros(sig.numel)
-    _wait(comm.Ibcast(x0, root=1), s, "the initial model from rank 1")
-    end = MpiStarMaster(comm, sig.numel, timeout=s.timeout_s)
-    hp = OptimConfig(**dict(sig.optim), lr=1e-3)  # each gradient brings its worker's lr
-    m = ApamMaster(LocalOutbox(), end, x0, hp, 2**62, [], torch.zeros(1, sig.numel),
-                   n_params=sig.n_params, drain_timeout=s.timeout_s)
-    m.hello()
-    m.t0 = time.monotonic()
-    for i in m.live():
-        m.send(i, m.x, Params(0))
-    done: dict[int, Done] = {}
-    last = time.monotonic()
-    while m.live() - set(done):
-        ready = end.ready(1.0)
-        now = time.monotonic()
-        if not ready and now - last > s.timeout_s:
-            waiting = sorted(w + 1 for w in m.live() - set(done))
-            raise TimeoutError(f"rank 0 (master): no message from ranks {waiting} in "
-                               f"{s.timeout_s:g} s")
-        if ready:
-            last = now
-        for i in ready:
-            msg, grad = end.recv(i)
-            if isinstance(msg, Grad):
-                m.apply(i, msg, grad)
-                m.send(i, m.x, Params(m.progress.version))
-            elif isinstance(msg, Done):
-                done[i] = msg
-            elif isinstance(msg, StateRequest):
-                end.send(i, None, LoopState(m.x.numpy().copy(), {
-                    k: v.numpy().copy() for k, v in m.state.items()}, m.progress.version))
-            elif isinstance(msg, LoopState):
-                m.x.copy_(torch.from_numpy(msg.x))
-                m.state = {k: torch.from_numpy(v).clone() for k, v in msg.opt.items()}
-                m.progress.version = int(msg.version)
-                m.send(i, m.x, Params(m.progress.version))
-            else:
-                raise AssertionError(f"unexpected message from rank {i + 1}: {msg!r}")
-    for i in sorted(done):
-        end.send(i, None, Stop())
-    _wait(comm.Ibcast(m.x, root=0), s, "sending the final model")
-    reports = [done[i].report for i in sorted(done)]
-    metric = done[0].metric if 0 in done else None
-    if 0 in done and done[0].metric_follows:  # rank 1 scores the final model
-        metric = comm.recv(source=1, tag=T_METRIC)
-    flat = FlatModel(nn.Module(), m.x, torch.zeros(0), sig.n_params)
-    result = loop_result(s, hp, reports, flat, metric, "accuracy", True, {},
-                         staleness=dict(m.progress.staleness), updates=m.progress.version)
-    _finish_rank0(s, result, reports, quiet=False)
-    return MasterHandle(result, m.x.clone())
+    _wait(s.comm.Ibcast(x0, root=1), s, "the initial model from rank 1")
+    return _LoopMaster(s, sig, x0).serve()
 
 
 # ---------------------------------------------------------------------- the result
@@ -876,27 +1110,30 @@ def _merged(reports: list[LoopReport]) -> dict[int, int]:
     return dict(out)
 
 
-def loop_result(s: _Session, hp: OptimConfig, reports: list[LoopReport], flat: FlatModel,
-                metric: float | None, metric_name: str, higher_is_better: bool,
-                extra: dict[str, float], staleness: dict[int, int], updates: int,
-                wall: float | None = None) -> RunResult:
+def loop_result(s: _Session, hp: OptimConfig, lr0: float, reports: list[LoopReport],
+                n_params: int, final: Tensor, metric: float | None, metric_name: str,
+                higher_is_better: bool, extra: dict[str, float], staleness: dict[int, int],
+                updates: int) -> RunResult:
     """The job's RunResult, as ``train`` writes one (``compare --results`` reads it); its
-    one evaluation is the end of the run, with the metric the user measured (if any)."""
-    wall = max((r.wall_time for r in reports), default=0.0) if wall is None else wall
+    one evaluation is the end of the run, with the metric the user measured (if any).
+    ``final``: the final model (centralized: the master's; decentralized: the average;
+    allreduce: the common replica)."""
+    wall = max((r.wall_time for r in reports), default=0.0)
     samples = sum(r.samples for r in reports)
     workers = [WorkerStats(i, r.device, 1.0, r.steps, r.samples,
                            r.samples / wall if wall > 0 else 0.0, r.wall_time - r.step_s, 0.0)
                for i, r in enumerate(reports)]
     value = float("nan") if metric is None else float(metric)
     ev = EvalRecord(wall, samples, updates, None, float("nan"), value, dict(extra))
+    optim = {**hp.model_dump(), "lr": lr0}
     config = {"mode": s.mode, "workers": len(reports), "api": "loop", "seed": s.seed,
-              "optim": hp.model_dump(), "topology": s.topology if s.mode == "decentralized"
-              else None, "adaptive_state": s.adaptive_state}
+              "optim": optim, "topology": s.topology if s.mode == "decentralized" else None,
+              "adaptive_state": s.adaptive_state}
     return RunResult(config=config, mode=s.mode,
                      transport="mpi" if s.comm is not None else "local",
-                     n_params=flat.n_params, wall_time=wall, updates=updates,
+                     n_params=n_params, wall_time=wall, updates=updates,
                      samples=samples, evals=[ev], staleness=staleness, workers=workers,
-                     final_params=flat.state.detach().cpu().clone(), metric=metric_name,
+                     final_params=final.detach().cpu().clone(), metric=metric_name,
                      higher_is_better=higher_is_better, task={"api": "loop"})
 
 

@@ -171,7 +171,7 @@ class LoopReport:
     device: str
     steps: int
     samples: int
-    wall_time: float  # from the optimizer's construction (after the start barrier)
+    wall_time: float  # from this rank's first step() to its finish()
     step_s: float  # time inside step(): communication and the optimizer
     averages: int = 0
     refused_averages: int = 0
@@ -186,6 +186,16 @@ class Done:
     report: LoopReport
     metric: float | None = None
     metric_follows: bool = False
+    metric_name: str = "accuracy"
+    higher_is_better: bool = True
+
+
+@dataclass(frozen=True)
+class LoopFault:
+    """Master -> worker: your request cannot be served (``message`` says why, naming the
+    rank); the worker raises it as a one-line error."""
+
+    message: str
 
 
 @dataclass(frozen=True)

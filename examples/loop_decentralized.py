@@ -45,8 +45,9 @@ def datasets() -> tuple[TensorDataset, TensorDataset]:
 
 def accuracy(model: nn.Module, data: TensorDataset) -> float:
     model.eval()
+    dev = next(model.parameters()).device
     with torch.no_grad():
-        x, y = data.tensors
+        x, y = (t.to(dev) for t in data.tensors)
         return float((model(x).argmax(1) == y).float().mean())
 
 
@@ -74,6 +75,7 @@ def main() -> None:
         sampler.set_epoch(epoch)
         model.train()
         for x, y in loader:
+            x, y = x.to(ag.device()), y.to(ag.device())
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             opt.step()

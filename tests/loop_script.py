@@ -68,6 +68,7 @@ def main() -> int:
     p.add_argument("--dump", default=None, help="folder: each rank's first/last model")
     p.add_argument("--die-at", type=int, default=0, help="rank 2 kills itself at this step")
     p.add_argument("--no-finish", action="store_true", help="forget opt.finish()")
+    p.add_argument("--bad-lr-on-rank", type=int, default=-1, help="lr -1 on this rank only")
     p.add_argument("--master-return", default=None, help="centralized: rank 0 saves the "
                    "master's final model here (init(master='return'))")
     a = p.parse_args()
@@ -83,12 +84,15 @@ def main() -> int:
     if ag.rank() == a.wide_on_rank:
         model[0] = nn.Linear(64, 33, bias=False)
     lr = (lambda k: a.lr * 0.99 ** k) if a.schedule == "callable" else a.lr
+    if ag.rank() == a.bad_lr_on_rank:
+        lr = -1.0
     opt = ag.DistributedOptimizer(model, lr=lr, broadcast=not a.no_broadcast)
     if a.dump:
         torch.save(flat(model), f"{a.dump}/first{ag.rank()}.pt")
     sched = torch.optim.lr_scheduler.StepLR(opt, 20, 0.5) if a.schedule == "steplr" else None
-    if a.load_state:
-        opt.load_state_dict(torch.load(a.load_state, weights_only=False))
+    if a.load_state:  # "{rank}" in the path: each rank its own file
+        opt.load_state_dict(torch.load(a.load_state.format(rank=ag.rank()),
+                                       weights_only=False))
     x, y = digits()
     w = ag.worker_index()
     steps = a.steps // 2 if ag.rank() == a.short_rank else a.steps
@@ -110,8 +114,8 @@ def main() -> int:
             sched.step()
         if a.save_state and k == steps:
             sd = opt.state_dict()
-            if ag.worker_index() == 0:
-                torch.save(sd, a.save_state)
+            if ag.worker_index() == 0 or "{rank}" in a.save_state:
+                torch.save(sd, a.save_state.format(rank=ag.rank()))
     model.eval()
     with torch.no_grad():
         acc = float((model(x).argmax(1) == y).float().mean())

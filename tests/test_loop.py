@@ -219,6 +219,37 @@ def test_centralized_state_dict_resumes_under_mpirun(tmp_path):
 
 @needs_mpi
 @pytest.mark.slow
+def test_resume_with_several_workers_in_both_modes(tmp_path):
+    """Centralized: both workers load the master's state and the master resumes once
+    (no update lost: every staleness >= 0, the update count goes on from the state's);
+    decentralized: each rank loads its own state, with a barrier before any average."""
+    sd = tmp_path / "c.pt"
+    p = launch(3, SCRIPT, "--mode", "centralized", "--steps", "30", "--save-state", str(sd))
+    assert p.returncode == 0, p.stdout + p.stderr
+    version = torch.load(sd, weights_only=False)["version"]
+    assert 30 <= version <= 2 * 30  # rank 1's 30 steps, and some or all of rank 2's
+    res = tmp_path / "c.json"
+    p = launch(3, SCRIPT, "--mode", "centralized", "--steps", "60", "--first-step", "31",
+               "--load-state", str(sd), "--result", str(res))
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(res.read_text())
+    assert d["updates"] == version + 2 * 30
+    assert min(int(k) for k in d["staleness"]) >= 0
+    assert d["final_accuracy"] >= 0.9
+    per_rank = str(tmp_path / "d{rank}.pt")
+    p = launch(3, SCRIPT, "--steps", "30", "--save-state", per_rank)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = launch(3, SCRIPT, "--steps", "60", "--first-step", "31", "--load-state", per_rank,
+               "--result", str(res))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads(res.read_text())["final_accuracy"] >= 0.9
+    p = launch(3, SCRIPT, "--steps", "60", "--first-step", "31", "--load-state",
+               str(tmp_path / "d1.pt"))  # every rank given rank 1's state
+    assert p.returncode == 2 and "the state is rank 1 of 3" in p.stderr, p.stderr
+
+
+@needs_mpi
+@pytest.mark.slow
 def test_allreduce_equals_the_mean_gradient_and_tolerates_uneven_steps(tmp_path):
     """2 ranks: the same trajectory as averaging both workers' gradients (and BatchNorm
     buffers) in one process; then rank 1 stops at half the steps and rank 0 goes on
@@ -247,11 +278,13 @@ def test_allreduce_equals_the_mean_gradient_and_tolerates_uneven_steps(tmp_path)
     diff = (torch.load(out)["state"] - flat_state(models[0])).abs().max().item()
     assert diff <= 1e-5, diff
     res = tmp_path / "u.json"
-    p = launch(2, SCRIPT, "--mode", "allreduce", "--steps", "40", "--short-rank", "1",
-               "--result", str(res))
+    p = launch(2, SCRIPT, "--mode", "allreduce", "--steps", "40", "--short-rank", "0",
+               "--result", str(res), "--dump", str(tmp_path))
     assert p.returncode == 0, p.stdout + p.stderr
     d = json.loads(res.read_text())
-    assert [w["updates"] for w in d["workers"]] == [40, 20]
+    assert [w["updates"] for w in d["workers"]] == [20, 40]
+    # rank 0 stopped early but took the remaining steps with rank 1: one replica
+    assert torch.equal(torch.load(tmp_path / "last0.pt"), torch.load(tmp_path / "last1.pt"))
 
 
 @needs_mpi
@@ -315,6 +348,22 @@ def test_bad_jobs_end_with_one_clear_error(args, needle):
     assert p.returncode == 2, p.stdout + p.stderr
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("apam_gossip: error:")]
     assert len(errors) == 1 and needle in errors[0], p.stderr
+
+
+@needs_mpi
+@pytest.mark.parametrize("args,needle", [
+    (["--bad-lr-on-rank", "2"], "rank 2: lr must be a number in [0, 1e6]"),
+    (["--mode", "centralized", "--bad-lr-on-rank", "2"], "rank 2: lr must be"),
+    (["--step-before-init"], "DistributedOptimizer(...) before apam_gossip.init()"),
+])
+def test_an_error_on_some_ranks_is_printed_and_ends_the_job(args, needle):
+    """An error only some ranks raise (here rank 2, while the others, the master too,
+    wait for it) is printed by them, one line each, and ends the job: exit 2."""
+    p = launch(3, SCRIPT, "--steps", "5", *args, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("apam_gossip: error:")]
+    assert errors and all(needle in ln for ln in errors), p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_launch_refuses_a_missing_script():

@@ -99,9 +99,13 @@ def node_placement(comm) -> tuple[int, int]:
         node.Free()
 
 
-def _host_buffer(numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A CPU buffer for MPI; pinned when CUDA is present so GPU copies are DMA transfers."""
-    pin = torch.cuda.is_available()
+def _host_buffer(numel: int, dtype: torch.dtype = torch.float32,
+                 pin: bool | None = None) -> Tensor:
+    """A CPU buffer for MPI; pinned when CUDA is present so GPU copies are DMA transfers
+    (``pin=False``: never, e.g. on a master that does not use the GPU: pinning would open
+    a CUDA context on it)."""
+    if pin is None:
+        pin = torch.cuda.is_available()
     return torch.zeros(numel, dtype=dtype, pin_memory=pin)
 
 
@@ -151,12 +155,12 @@ def _meta(kind: float, *values: float) -> np.ndarray:
 class MpiStarMaster:
     """Rank 0's side of the star; worker ``w`` is rank ``w + 1``."""
 
-    def __init__(self, comm, numel: int, timeout: float) -> None:
+    def __init__(self, comm, numel: int, timeout: float, pin: bool | None = None) -> None:
         self.comm = comm
         self.n_workers = comm.Get_size() - 1
         self.timeout = timeout
         self.meta = np.zeros((self.n_workers, META))
-        self.grad = _host_buffer(numel)
+        self.grad = _host_buffer(numel, pin=pin)
         self.reqs = [self._post(w) for w in range(self.n_workers)]
         # workers whose metadata has arrived but was not taken by recv yet: Testsome
         # reports a completed request once, and ready() must keep reporting it (as a pipe
@@ -257,7 +261,8 @@ class MpiStarWorker:
             self.comm.Recv(params_out, source=0, tag=T_TENSOR)
         else:
             self.comm.Recv(self.host, source=0, tag=T_TENSOR)
-            params_out.copy_(self.host, non_blocking=True)
+            # a blocking copy: the next Recv reuses self.host
+            params_out.copy_(self.host)
         return Params(int(self.meta[1]))
 
 
@@ -485,11 +490,12 @@ class MpiGossip:
             _wait(req, self.timeout, f"rank {r}'s snapshot")
         return xs
 
-    def finish(self) -> None:
+    def finish(self, timeout: float | None = None) -> None:
         """After the last local step: wait until every rank is done (servers keep serving
-        meanwhile), then stop this rank's server."""
-        _wait(self.comm.Ibarrier(), self.timeout, f"rank {self.rank}: the other ranks to finish",
-              patient=True)
+        meanwhile; at most ``timeout`` s, default the transport's), then stop this rank's
+        server."""
+        _wait(self.comm.Ibarrier(), self.timeout if timeout is None else timeout,
+              f"rank {self.rank}: the other ranks to finish", patient=True)
         self.comm.Send(np.array([R_STOP, 0], dtype=np.int64), dest=self.rank, tag=T_REQ)
         self.server.join(timeout=self.timeout)
         self._check()
