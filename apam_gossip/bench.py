@@ -231,9 +231,11 @@ def plot_profile(profile, results: dict, path: Path) -> tuple[Path, Path]:
     return acc_png, thr_png
 
 
-def bench_profile(profile, out: Path, quiet: bool = False, callback_factory=None) -> dict:
+def bench_profile(profile, out: Path, quiet: bool = False, callback_factory=None,
+                  simulate: dict | None = None) -> dict:
     """Run every mode of ``profile`` on the same model, data, seed and budget; write the
-    JSON (table rows + all RunResults) and two PNGs next to ``out``."""
+    JSON (table rows + all RunResults) and two PNGs next to ``out``. ``simulate``: do not
+    run but simulate (:func:`apam_gossip.sim.simulate`, with these keyword arguments)."""
 
     base = profile.base
     # every mode checked before the first run, all with the same core budget rule
@@ -247,6 +249,11 @@ def bench_profile(profile, out: Path, quiet: bool = False, callback_factory=None
         if not quiet:
             print(f"--- {name}: {cfg.mode}, {cfg.workers if cfg.mode != 'sequential' else 1} "
                   f"worker(s), {cfg.optim.name} lr={cfg.optim.lr:g}", flush=True)
+        if simulate is not None:
+            from .sim import simulate as sim
+
+            results[name] = sim(cfg, dataset=dataset, **simulate)
+            continue
         cb = callback_factory() if callback_factory is not None else None
         try:
             results[name] = run(cfg, dataset=dataset, callback=cb)
@@ -256,6 +263,7 @@ def bench_profile(profile, out: Path, quiet: bool = False, callback_factory=None
     rows = profile_rows(profile, results, n_train)
     atomic_write_text(out, json.dumps({
         "profile": profile.name, "profile_path": profile.path, "target": profile.target,
+        "simulated": simulate is not None,
         "rows": rows, "runs": {k: r.to_dict() for k, r in results.items()},
     }, indent=2) + "\n")
     pngs = plot_profile(profile, results, out)

@@ -504,13 +504,18 @@ def _bench(a: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from .bench import MICRO_BENCHMARKS, bench_profile, profile_table
-    from .profiles import load_profile
+    from .profiles import load_profile, scaled
 
-    if a.what in MICRO_BENCHMARKS:
+    simulate = a.command == "simulate" or getattr(a, "simulate", False)
+    if a.what in MICRO_BENCHMARKS and not simulate:
         for line in MICRO_BENCHMARKS[a.what](a):
             print(line)
         return 0
     profile = load_profile(a.what, smoke=a.smoke)
+    if simulate and getattr(a, "scale", None):
+        return _scale_study(a, profile)
+    if simulate and a.sim_workers is not None:
+        profile = scaled(profile, a.sim_workers)
     if a.modes:
         modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
         bad = [m for m in modes if m not in profile.modes]
@@ -519,13 +524,73 @@ def _bench(a: argparse.Namespace) -> int:
                             f"profile's modes {', '.join(profile.modes)}")
         profile = replace(profile, modes=modes)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(a.output) if a.output else Path("runs") / f"bench-{profile.name}-{stamp}.json"
+    kind = "simulate" if simulate else "bench"
+    out = Path(a.output) if a.output else Path("runs") / f"{kind}-{profile.name}-{stamp}.json"
     _check_output(out)
     metric = profile.base.metric
-    r = bench_profile(profile, out, quiet=a.quiet,
+    sim = None
+    if simulate:
+        sim = _sim_options(a)
+    r = bench_profile(profile, out, quiet=a.quiet, simulate=sim,
                       callback_factory=lambda: _ProgressUI(quiet=a.quiet, metric=metric))
+    if simulate:
+        print(f"simulated ({'timing only' if a.timing_only else 'math'}), "
+              f"{profile.base.workers} workers; times are virtual seconds")
     print(profile_table(profile, r["rows"]))
     print(f"results written to {out}; plots: {r['pngs'][0]}, {r['pngs'][1]}")
+    return 0
+
+
+def _sim_options(a: argparse.Namespace) -> dict:
+    """The simulator's keyword arguments from the flags."""
+    sim: dict = {"timing_only": a.timing_only}
+    for key, flag in (("gradient_s", "gradient_ms"), ("master_update_s", "master_ms")):
+        value = getattr(a, flag)
+        if value is not None:
+            if not 0 < value <= 1e7:
+                raise UserError(f"--{flag.replace('_', '-')} must be > 0, got {value:g}")
+            sim[key] = value / 1e3
+    params = getattr(a, "model_params", None)
+    if params is not None:
+        if not a.timing_only:
+            raise UserError("--model-params needs --timing-only (math runs the real model)")
+        if not 0 < params <= 10**11:
+            raise UserError(f"--model-params must be > 0, got {params}")
+        if "gradient_s" not in sim:
+            raise UserError("--model-params needs --gradient-ms (that model's gradient "
+                            "time cannot be measured here)")
+        sim["model_params"] = params
+    return sim
+
+
+def _scale_study(a: argparse.Namespace, profile) -> int:
+    from .data import load_dataset
+    from .sim.study import plot_study, scale_study, study_table
+
+    try:
+        workers = [int(w) for w in a.scale.split(",") if w.strip()]
+    except ValueError:
+        raise UserError(f"--scale must be worker counts like 8,16,32, got {a.scale!r}") \
+            from None
+    if not workers or min(workers) < 1 or max(workers) > 100_000:
+        raise UserError(f"--scale must be worker counts between 1 and 100000, got {a.scale!r}")
+    sim = _sim_options(a)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(a.output) if a.output else Path("runs") / f"scale-{profile.name}-{stamp}.json"
+    _check_output(out)
+    base = profile.base
+    dataset = load_dataset(base.data.dataset, base.data.data_dir)
+    rows = scale_study(profile, workers, dataset, **sim)
+    import json
+
+    from .files import atomic_write_text
+
+    atomic_write_text(out, json.dumps({"profile": profile.name, "simulated": True,
+                                       "options": sim, "rows": rows}, indent=2) + "\n")
+    png = out.with_suffix(".png")
+    plot_study(rows, png, f"{profile.name}: speed-up over all-reduce")
+    print(study_table(rows))
+    print(f"results written to {out}; plot: {png}")
     return 0
 
 
@@ -734,6 +799,36 @@ def build_parser() -> argparse.ArgumentParser:
                     "seconds")
     la.add_argument("script", metavar="SCRIPT")
     la.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
+    b.add_argument("--simulate", action="store_true", help="PROFILE: simulate every mode "
+                   "instead of running it (see 'simulate')")
+    sm = sub.add_parser("simulate", help="predict a cluster PROFILE at any number of workers "
+                        "(discrete-event simulation of the real algorithms)",
+                        description="Simulate every mode of a cluster profile on a virtual "
+                        "clock: the real model, data and optimizer run in event order "
+                        "(math mode), or only the timing (--timing-only). Writes the same "
+                        "JSON and plots as bench.",
+                        usage=f"{PROG} simulate PROFILE [--workers N] [--timing-only] "
+                        "[options]")
+    sm.add_argument("what", metavar="PROFILE")
+    for parser in (b, sm):
+        parser.add_argument("--timing-only", action="store_true",
+                            help="simulate: no math, throughput and staleness only (fast, "
+                            "up to 10,000 workers)")
+        parser.add_argument("--gradient-ms", type=float, help="simulate: one gradient's "
+                            "time at full speed (default: timed on this machine)")
+        parser.add_argument("--master-ms", type=float, help="simulate: the master's time "
+                            "per update (default: timed on this machine)")
+    sm.add_argument("--workers", dest="sim_workers", type=int, help="simulate this many "
+                    "workers (the profile's per-worker settings repeat)")
+    sm.add_argument("--scale", metavar="N,N,...", help="the scale study: every mode at each "
+                    "of these worker counts (speed-up over all-reduce; a table and a PNG)")
+    sm.add_argument("--model-params", type=int, help="timing only: the model's size for "
+                    "the transfers (e.g. 25000000), instead of the profile's model")
+    sm.add_argument("--smoke", action="store_true", help="the profile's [smoke] variant")
+    sm.add_argument("--modes", help="comma-separated subset of the profile's modes")
+    sm.add_argument("--output", "-o", metavar="PATH", help="result JSON (PNGs next to it)")
+    sm.add_argument("--quiet", "-q", action="store_true")
+    b.set_defaults(sim_workers=None)
     d = sub.add_parser("demo", help="a short real run on the embedded digits data",
                        description="APAM with 4 workers (one 4x slower) on scikit-learn's "
                        "real 8x8 digits; under a minute on 2 cores.")
@@ -751,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "topology":
             return _topology(args)
-        if args.command == "bench":
+        if args.command in ("bench", "simulate"):
             return _bench(args)
         if args.command == "launch":
             return _launch(args)

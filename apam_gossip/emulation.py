@@ -33,10 +33,10 @@ class LinkModel:
             if 0 <= i < len(self.net.worker_bandwidth_gbps) else 0.0
         return lat, bw
 
-    def seconds(self, i: int, j: int, nbytes: int | None = None) -> float:
+    def parts(self, i: int, j: int) -> tuple[float, float]:
+        """(latency in seconds, bandwidth in Gbit/s, 0 = unlimited) of the link i-j."""
         if not self.active:
-            return 0.0
-        nbytes = self.nbytes if nbytes is None else nbytes
+            return 0.0, 0.0
         key = (min(i, j), max(i, j))
         if key in self.overrides:
             lat_ms, bw = self.overrides[key]
@@ -45,7 +45,14 @@ class LinkModel:
             lat_ms = self.net.latency_ms + max(li, lj)
             caps = [b for b in (self.net.bandwidth_gbps, bi, bj) if b > 0]
             bw = min(caps) if caps else 0.0
-        return lat_ms / 1e3 + (nbytes * 8 / (bw * 1e9) if bw > 0 else 0.0)
+        return lat_ms / 1e3, bw
+
+    def seconds(self, i: int, j: int, nbytes: int | None = None) -> float:
+        if not self.active:
+            return 0.0
+        nbytes = self.nbytes if nbytes is None else nbytes
+        lat, bw = self.parts(i, j)
+        return lat + (nbytes * 8 / (bw * 1e9) if bw > 0 else 0.0)
 
     def allreduce_seconds(self, n: int) -> float:
         """A ring all-reduce: 2(n-1) steps, each moving nbytes/n over the slowest link."""

@@ -110,7 +110,7 @@ class Grad:
     samples: int
     loss: float
     compute_s: float
-    lr: float = float("nan")  # the worker's learning rate (loop API); NaN: the master's
+    lr: float | None = None  # the worker's learning rate (loop API); None: the master's
 
 
 @dataclass(frozen=True)

@@ -148,3 +148,28 @@ def _run_config(run: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"unknown [run] key {k!r}; {hint}valid: {', '.join(valid)}")
     nested = {k: v for k, v in flat.items() if "." not in k}
     return merge(nested, nest({k: v for k, v in flat.items() if "." in k}))
+
+
+def scaled(profile: ClusterProfile, workers: int) -> ClusterProfile:
+    """``profile`` with ``workers`` workers: its per-worker settings (slowdown, the
+    network's per-worker latency and bandwidth) repeat cyclically, so "one slow worker in
+    8" stays one in 8 at any size."""
+    from dataclasses import replace
+
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    base = profile.base
+    n0 = base.workers
+
+    def tile(values: tuple | list, pad: float) -> list:
+        values = list(values)
+        if not values:
+            return values
+        values += [pad] * (n0 - len(values))
+        return [values[i % len(values)] for i in range(workers)]
+
+    net = {"worker_latency_ms": tile(base.network.worker_latency_ms, 0.0),
+           "worker_bandwidth_gbps": tile(base.network.worker_bandwidth_gbps, 0.0)}
+    return replace(profile, base=base.replace(workers=workers,
+                                              slowdown=tile(base.slowdown, 1.0),
+                                              network=net))

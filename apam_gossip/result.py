@@ -72,6 +72,13 @@ class RunResult:
     metric: str = "accuracy"
     higher_is_better: bool = True
     task: dict[str, Any] = field(default_factory=dict)
+    # set for a simulated run (apam_gossip.sim): how it was simulated; wall times are
+    # then virtual seconds
+    simulation: dict[str, Any] | None = None
+
+    @property
+    def simulated(self) -> bool:
+        return self.simulation is not None
 
     @property
     def final_metric(self) -> float:

@@ -137,7 +137,7 @@ def test_compare_prints_table_and_writes_plot(tmp_path):
     assert p.returncode == 0, p.stderr
     for mode in ("centralized", "decentralized", "sequential"):
         assert mode in p.stdout
-    assert "time to 50%" in p.stdout
+    assert "time to acc>=50.00%" in p.stdout
     d = json.loads(out.read_text())
     assert [r["mode"] for r in d["runs"]] == ["centralized", "decentralized", "sequential"]
     # the same budget for every mode

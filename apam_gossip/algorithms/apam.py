@@ -25,7 +25,6 @@ before each worker is told to stop, so a slow worker finishing last ends cleanly
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -187,7 +186,7 @@ class ApamMaster:
         p, n = self.progress, self.n_params
         # the loop API's workers send their own learning rate (their schedule); else the
         # master's schedule over the budget
-        lr = msg.lr if math.isfinite(msg.lr) else self.opt.lr_at(p.version + 1, self.total)
+        lr = msg.lr if msg.lr is not None else self.opt.lr_at(p.version + 1, self.total)
         self.opt.update(self.x[:n], grad[:n], self.state, lr=lr)
         if self.x.numel() > n:
             self.x[n:].copy_(grad[n:])

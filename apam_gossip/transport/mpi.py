@@ -193,7 +193,9 @@ class MpiStarMaster:
             meta, grad = self.comm.recv(source=worker + 1, tag=T_OBJ), None
         else:
             self.comm.Recv(self.grad, source=worker + 1, tag=T_TENSOR)
-            meta = Grad(int(m[1]), int(m[2]), float(m[3]), float(m[4]), float(m[5]))
+            lr = float(m[5])  # NaN on the wire: the master's own schedule
+            meta = Grad(int(m[1]), int(m[2]), float(m[3]), float(m[4]),
+                        lr if lr == lr else None)
         self.outstanding[worker] = False
         self.arrived.discard(worker)
         self.reqs[worker] = self._post(worker)
@@ -238,7 +240,8 @@ class MpiStarWorker:
             self.comm.send(meta, dest=0, tag=T_OBJ)
             return
         self.comm.Send(_meta(K_GRAD, meta.version, meta.samples, meta.loss, meta.compute_s,
-                             meta.lr), dest=0, tag=T_META)
+                             float("nan") if meta.lr is None else meta.lr),
+                       dest=0, tag=T_META)
         assert grad is not None
         if grad.device.type != "cpu":
             self.host.copy_(grad)

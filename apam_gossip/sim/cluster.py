@@ -1,0 +1,127 @@
+"""The cluster model of the simulator: how long each thing takes on a virtual cluster.
+
+* a gradient of worker ``i``: ``gradient_s x slowdown[i]`` (times ``straggler_factor``
+  with probability ``straggler_prob``, drawn from a seeded generator), where
+  ``gradient_s`` is one gradient of the real model on this machine at full speed
+  (:func:`calibrate`) or given;
+* a transfer of the model between ``i`` and ``j`` (``-1`` the master): the link's latency
+  plus the serialization time ``bytes x 8 / bandwidth`` on *each end's NIC*, a FIFO
+  server: concurrent transfers of one node queue on its NIC; all centralized traffic
+  therefore queues on the master's NIC. Latency and bandwidth are those of the run's
+  ``network`` (:class:`~apam_gossip.emulation.LinkModel`, the same the real runs emulate);
+* the master applies one gradient in ``master_update_s`` (an optimizer step over the
+  model: calibrated), one after the other; a worker's own optimizer step takes
+  ``worker_update_s``;
+* the synchronous collectives: a ring all-reduce is ``2(n-1)`` steps of ``bytes/n`` over the
+  slowest link; D-PSGD's neighbour exchange lasts as long as a node's slowest neighbour
+  transfer, its NIC carrying one model per neighbour.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..emulation import MASTER, LinkModel
+from .engine import Resource
+
+
+@dataclass
+class Cluster:
+    n: int
+    gradient_s: float
+    slowdown: list[float]
+    straggler_prob: float
+    straggler_factor: float
+    link: LinkModel
+    nbytes: int
+    master_update_s: float
+    worker_update_s: float
+    seed: int = 0
+    nics: dict[int, Resource] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed * 7919 + 17)
+
+    @classmethod
+    def of(cls, cfg: RunConfig, numel: int, gradient_s: float, master_update_s: float,
+           worker_update_s: float) -> Cluster:
+        return cls(cfg.workers, gradient_s, [cfg.slowdown_of(i) for i in range(cfg.workers)],
+                   cfg.straggler_prob, cfg.straggler_factor, LinkModel(cfg.network, 4 * numel),
+                   4 * numel, master_update_s, worker_update_s, cfg.seed)
+
+    def compute_s(self, i: int) -> float:
+        """One gradient of worker ``i`` (a random straggler now and then)."""
+        t = self.gradient_s * self.slowdown[i]
+        if self.straggler_prob and self.rng.random() < self.straggler_prob:
+            t *= self.straggler_factor
+        return t
+
+    def nic(self, i: int) -> Resource:
+        if i not in self.nics:
+            self.nics[i] = Resource()
+        return self.nics[i]
+
+    def transfer(self, t: float, i: int, j: int, nbytes: int | None = None) -> float:
+        """When a model (or ``nbytes``) sent from ``i`` to ``j`` at ``t`` has arrived: both
+        NICs serialize it (queued behind their earlier transfers), then the latency."""
+        lat, bw = self.link.parts(i, j)
+        nbytes = self.nbytes if nbytes is None else nbytes
+        ser = nbytes * 8 / (bw * 1e9) if bw > 0 else 0.0
+        if ser == 0.0:
+            return t + lat
+        done = max(self.nic(i).serve(t, ser), self.nic(j).serve(t, ser))
+        return done + lat
+
+    def allreduce_s(self) -> float:
+        return self.link.allreduce_seconds(self.n)
+
+    def exchange_s(self, i: int, neighbours: list[int]) -> float:
+        """D-PSGD: node ``i`` sends its model to each neighbour and receives theirs."""
+        if not neighbours:
+            return 0.0
+        lat = max(self.link.parts(i, j)[0] for j in neighbours)
+        ser = sum(self.link.seconds(i, j) - self.link.parts(i, j)[0] for j in neighbours)
+        return lat + ser
+
+    @property
+    def master(self) -> int:
+        return MASTER
+
+
+def calibrate(task: Any, data: Any, cfg: RunConfig, repeats: int = 10) -> tuple[float, float]:
+    """(seconds per gradient, seconds per optimizer step) of the real model on this
+    machine, one torch thread, median of ``repeats`` after a warm-up."""
+    from ..algorithms.common import LocalWorker
+    from ..optim import Optimizer
+    from ..plan import RunPlan
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = cfg.replace(workers=1, slowdown=[], straggler_prob=0.0)
+        plan = RunPlan.of(one, data, task)
+        w = LocalWorker.build(one, task, data, plan.shards[0], 0, torch.device("cpu"))
+        for _ in range(3):
+            w.gradient()
+        grads = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            w.gradient()
+            grads.append(time.perf_counter() - t)
+        opt = Optimizer(cfg.optim)
+        state = opt.init(w.flat.params)
+        ups = []
+        for _ in range(repeats * 2):
+            t = time.perf_counter()
+            opt.update(w.flat.params, w.flat.grads, state)
+            ups.append(time.perf_counter() - t)
+        return statistics.median(grads), statistics.median(ups)
+    finally:
+        torch.set_num_threads(threads)

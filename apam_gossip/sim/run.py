@@ -1,0 +1,479 @@
+"""Every mode on the virtual clock (see :mod:`apam_gossip.sim`).
+
+The algorithms are the real ones, step for step:
+
+* **centralized** (APAM): the master is a FIFO server; a worker's gradient is computed on
+  the model it last received (its version fixes the staleness), travels to the master,
+  queues, is applied (the optimizer of :mod:`apam_gossip.optim`, the lr of the global
+  update count, BatchNorm buffers adopted) and the new model travels back;
+* **decentralized** (gossip): each update claims its place in the shared budget, computes
+  its gradient on a snapshot of the worker's model, averages with a random neighbour
+  (the real picker and seeds) when the exchange there and back has completed, then takes
+  the local step (:func:`~apam_gossip.algorithms.adpsgd.local_step`). The simulated
+  average is always exact and never refused: an idealized protocol;
+* **allreduce** and **dpsgd**: rounds lasting the slowest worker's gradient plus the
+  collective (:class:`~apam_gossip.sim.cluster.Cluster`);
+* **sequential**: one worker.
+
+Math mode computes each gradient with the real model on the real batches of that worker's
+seeded stream (:class:`Oracle`), so a 1-worker simulation is the sequential run exactly and
+a simulated all-reduce is the real one's arithmetic. Timing-only mode keeps the clock and
+the counters, no math.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..algorithms.adpsgd import local_step, neighbor_picker
+from ..algorithms.common import Diverged, batch_size_of, worker_seed
+from ..config import RunConfig
+from ..emulation import MASTER
+from ..evaluate import Evaluator
+from ..flat import flatten
+from ..optim import Optimizer
+from ..plan import RunPlan, topology_of
+from ..result import EvalRecord, RunResult, WorkerStats
+from ..task import Task, compute_loss
+from ..topology import metropolis_hastings_weights, neighbor_probabilities
+from .cluster import Cluster, calibrate
+from .engine import Engine, Resource
+
+SIM_MODES = ("sequential", "centralized", "decentralized", "allreduce", "dpsgd")
+
+
+class Oracle:
+    """The real gradient of worker ``i`` at a given model state: one model for all
+    workers (its state loaded first), each worker's own seeded batch stream over its
+    shard, exactly as :class:`~apam_gossip.algorithms.common.LocalWorker` draws them."""
+
+    def __init__(self, cfg: RunConfig, task: Task, data: Any, shards: list[Tensor]) -> None:
+        model = task.build_model()
+        model.train()
+        self.flat = flatten(model, "cpu", who=f"model {task.model_name}")
+        self.task = task
+        # the dropout/augmentation randomness of a 1-worker run is the sequential run's
+        torch.manual_seed(worker_seed(cfg.seed, 0))
+        self.streams = [data.stream(s, cfg.data.batch_size, worker_seed(cfg.seed, i),
+                                    torch.device("cpu")) for i, s in enumerate(shards)]
+
+    def gradient(self, i: int, x: Tensor) -> tuple[float, int, Tensor]:
+        """(loss, samples, ``[grads | buffers after the forward pass]``, a copy)."""
+        flat = self.flat
+        flat.state.copy_(x)
+        bx, by = self.streams[i].next()
+        flat.zero_grad()
+        loss = compute_loss(self.task, flat.model, bx, by, f"worker {i}")
+        loss.backward()
+        value = float(loss.detach())
+        if not math.isfinite(value) or not math.isfinite(float(flat.grads.sum())):
+            raise Diverged(f"worker {i}: the loss is {value} (simulated); try a smaller "
+                           "learning rate")
+        return value, batch_size_of(by), flat.pack_grad_msg().clone()
+
+
+@dataclass
+class _Sim:
+    """One simulation's shared parts."""
+
+    cfg: RunConfig
+    plan: RunPlan
+    cluster: Cluster
+    oracle: Oracle | None  # None: timing only
+    evaluator: Evaluator | None
+    task: Task
+    initial_models: Tensor | None = None
+
+    @property
+    def math(self) -> bool:
+        return self.oracle is not None
+
+    def evaluate(self, x: Tensor | None, wall: float, samples: int, updates: int,
+                 losses: list[float], extra: dict[str, float] | None = None) -> EvalRecord:
+        train_loss = sum(losses) / len(losses) if losses else None
+        losses.clear()
+        if self.evaluator is None or x is None:
+            return EvalRecord(wall, samples, updates, train_loss, float("nan"), float("nan"),
+                              extra or {})
+        loss, metric = self.evaluator(x)
+        return EvalRecord(wall, samples, updates, train_loss, loss, metric, extra or {})
+
+
+def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
+             test_data: Any = None, loss: Any = None, metric: Any = None,
+             dataset: Any = None, timing_only: bool = False,
+             gradient_s: float | None = None, master_update_s: float | None = None,
+             worker_update_s: float | None = None,
+             initial_models: Tensor | None = None,
+             model_params: int | None = None) -> RunResult:
+    """Simulate ``config`` (any number of workers) and return its RunResult, whose
+    ``simulation`` says how (``wall_time`` is virtual seconds). The model, data, loss and
+    metric are given as to :func:`apam_gossip.run`. ``gradient_s``, ``master_update_s``,
+    ``worker_update_s``: the cluster's costs; by default the real model is timed on this
+    machine (:func:`~apam_gossip.sim.cluster.calibrate`). ``initial_models``
+    (decentralized, math): one starting state per worker (``workers x numel``) instead of
+    the common seeded one, e.g. to watch gossip alone reach consensus. ``model_params``
+    (timing only): the model's size for the transfers, instead of the task's model
+    (give ``gradient_s`` too: the gradient of such a model is not timed)."""
+    from ..config import ConfigError
+    from ..data import load_data
+    from ..runner import make_task, with_task
+
+    cfg = config
+    if cfg.mode not in SIM_MODES:
+        raise ConfigError(f"mode {cfg.mode!r} cannot be simulated; use one of "
+                          f"{', '.join(SIM_MODES)}")
+    data = dataset if dataset is not None else load_data(cfg, train_data, test_data)
+    data = data.subset(cfg.data.train_limit, cfg.data.test_limit)
+    if cfg.mode == "sequential":  # worker 0 alone, as the real sequential run
+        cfg = cfg.replace(workers=1, slowdown=list(cfg.slowdown[:1]))
+    if not timing_only and cfg.workers > data.train_size():
+        raise ConfigError(f"workers ({cfg.workers}) exceeds the {data.train_size()} training "
+                          "samples (a math-mode simulation gives each worker its shard; "
+                          "--timing-only has no such limit)")
+    task = make_task(cfg, data, model=model, loss=loss, metric=metric)
+    threads = torch.get_num_threads()
+    t_real = time.perf_counter()
+    try:
+        if gradient_s is None or worker_update_s is None or master_update_s is None:
+            g_s, u_s = calibrate(task, data, cfg)
+            gradient_s = g_s if gradient_s is None else gradient_s
+            worker_update_s = u_s if worker_update_s is None else worker_update_s
+            master_update_s = u_s if master_update_s is None else master_update_s
+        torch.set_num_threads(1)  # the math of one simulated worker at a time
+        plan = _plan(cfg, data, task, timing_only)
+        if model_params is not None and not timing_only:
+            raise ConfigError("model_params is for timing-only simulations (math needs "
+                              "the real model)")
+        numel = plan.numel if model_params is None else int(model_params)
+        cluster = Cluster.of(cfg, numel, gradient_s, master_update_s, worker_update_s)
+        oracle = evaluator = None
+        if not timing_only:
+            oracle = Oracle(cfg, task, data, plan.shards)
+            evaluator = Evaluator(task, data, torch.device("cpu"))
+        sim = _Sim(cfg, plan, cluster, oracle, evaluator, task, initial_models)
+        runner = {"sequential": _sequential, "centralized": _centralized,
+                  "decentralized": _decentralized, "allreduce": _sync, "dpsgd": _sync}
+        result, events = runner[cfg.mode](sim)
+    finally:
+        torch.set_num_threads(threads)
+    result.simulation = {"timing_only": timing_only, "gradient_s": gradient_s,
+                         "master_update_s": master_update_s,
+                         "worker_update_s": worker_update_s, "events": events,
+                         "real_seconds": time.perf_counter() - t_real}
+    return with_task(result, task)
+
+
+def _plan(cfg: RunConfig, data: Any, task: Task, timing_only: bool) -> RunPlan:
+    if not timing_only:
+        return RunPlan.of(cfg, data, task)
+    # no shards (10,000 workers need no data split): the budget and the model size
+    from ..plan import total_updates
+
+    x0, n_params = task.initial_state()
+    return RunPlan(cfg, x0, n_params, [], total_updates(cfg, data.train_size()))
+
+
+def _workers(cfg: RunConfig, updates: list[int], samples: list[int], compute: list[float],
+             wall: float) -> list[WorkerStats]:
+    return [WorkerStats(i, "simulated", cfg.slowdown_of(i), updates[i], samples[i],
+                        samples[i] / wall if wall > 0 else 0.0, compute[i], 0.0)
+            for i in range(cfg.workers)]
+
+
+def _result(sim: _Sim, wall: float, updates: int, samples: int, evals: list[EvalRecord],
+            staleness: dict[int, int], workers: list[WorkerStats],
+            final: Tensor | None) -> RunResult:
+    return RunResult(config=sim.cfg.to_dict(), mode=sim.cfg.mode, transport="simulated",
+                     n_params=sim.plan.n_params, wall_time=wall, updates=updates,
+                     samples=samples, evals=evals, staleness=staleness, workers=workers,
+                     final_params=final)
+
+
+# ----------------------------------------------------------------------------- modes
+def _sequential(sim: _Sim) -> tuple[RunResult, int]:
+    cfg, plan, cl = sim.cfg, sim.plan, sim.cluster
+    opt = Optimizer(cfg.optim)
+    x = plan.x0.clone()
+    n = plan.n_params
+    state = opt.init(x[:n]) if sim.math else None
+    points = set(plan.eval_at)
+    t, samples, losses, evals = 0.0, 0, [], []
+    compute = 0.0
+    evals.append(sim.evaluate(x if sim.math else None, 0.0, 0, 0, losses))
+    for k in range(1, plan.total + 1):
+        c = cl.compute_s(0)
+        compute += c
+        t += c + cl.worker_update_s
+        if sim.math:
+            loss, b, msg = sim.oracle.gradient(0, x)
+            opt.update(x[:n], msg[:n], state, lr=opt.lr_at(k, plan.total))
+            x[n:] = msg[n:]
+            losses.append(loss)
+        else:
+            b = cfg.data.batch_size
+        samples += b
+        if k in points:
+            evals.append(sim.evaluate(x if sim.math else None, t, samples, k, losses))
+    workers = _workers(cfg, [plan.total], [samples], [compute], t)
+    return _result(sim, t, plan.total, samples, evals, {0: plan.total}, workers,
+                   x if sim.math else None), plan.total
+
+
+def _centralized(sim: _Sim) -> tuple[RunResult, int]:
+    cfg, plan, cl = sim.cfg, sim.plan, sim.cluster
+    eng, master = Engine(), Resource()
+    n, total, nw = plan.n_params, plan.total, cfg.workers
+    opt = Optimizer(cfg.optim)
+    x = plan.x0.clone()
+    state = opt.init(x[:n]) if sim.math else None
+    version = 0
+    staleness: Counter[int] = Counter()
+    updates, samples, compute = [0] * nw, [0] * nw, [0.0] * nw
+    points = iter(p for p in plan.eval_at if p > 0)
+    next_eval = next(points, None)
+    losses: list[float] = []
+    evals = [sim.evaluate(x if sim.math else None, 0.0, 0, 0, losses)]
+    end = [0.0]
+
+    def give(i: int) -> None:  # the master sends its model to worker i
+        arrive = cl.transfer(eng.now, MASTER, i)
+        snap = x.clone() if sim.math else None
+        v = version
+        eng.at(arrive, lambda: start(i, v, snap))
+
+    def start(i: int, v: int, snap: Tensor | None) -> None:
+        c = cl.compute_s(i)
+        compute[i] += c
+        # the gradient depends only on the model it starts from and the worker's stream
+        grad = sim.oracle.gradient(i, snap) if sim.math else None
+        eng.after(c, lambda: eng.at(cl.transfer(eng.now, i, MASTER),
+                                    lambda: queue(i, v, grad)))
+
+    def queue(i: int, v: int, grad) -> None:
+        eng.at(master.serve(eng.now, cl.master_update_s), lambda: apply(i, v, grad))
+
+    def apply(i: int, v: int, grad) -> None:
+        nonlocal version, next_eval
+        if version >= total:
+            return  # the budget is spent: dropped, as the real master drops it
+        staleness[version - v] += 1
+        if grad is not None:
+            loss, b, msg = grad
+            opt.update(x[:n], msg[:n], state, lr=opt.lr_at(version + 1, total))
+            x[n:] = msg[n:]
+            losses.append(loss)
+        else:
+            b = cfg.data.batch_size
+        version += 1
+        updates[i] += 1
+        samples[i] += b
+        if version == next_eval:
+            evals.append(sim.evaluate(x if sim.math else None, eng.now, sum(samples),
+                                      version, losses))
+            next_eval = next(points, None)
+        if version >= total:
+            end[0] = eng.now
+            eng.stop()
+            return
+        give(i)
+
+    for i in range(nw):
+        give(i)
+    eng.run()
+    wall = end[0]
+    workers = _workers(cfg, updates, samples, compute, wall)
+    result = _result(sim, wall, version, sum(samples), evals, dict(staleness), workers,
+                     x if sim.math else None)
+    if evals and wall > 0:
+        evals[-1].extra["master_busy"] = master.busy_s / wall
+    return result, eng.events
+
+
+def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
+    cfg, plan, cl = sim.cfg, sim.plan, sim.cluster
+    eng = Engine()
+    n, total, nw = plan.n_params, plan.total, cfg.workers
+    opt = Optimizer(cfg.optim)
+    tracked = cfg.adaptive_state == "tracked"
+    starts = sim.initial_models
+    if starts is not None and tuple(starts.shape) != (nw, plan.numel):
+        from ..config import ConfigError
+
+        raise ConfigError(f"initial_models must be workers x numel = ({nw}, {plan.numel}), "
+                          f"got {tuple(starts.shape)}")
+    xs = [(plan.x0 if starts is None else starts[i]).clone() for i in range(nw)] \
+        if sim.math else None
+    us = [torch.zeros(n) for _ in range(nw)] if sim.math and tracked else None
+    states = [opt.init(torch.zeros(n)) for _ in range(nw)] if sim.math else None
+    probs = neighbor_probabilities(topology_of(cfg))
+    picks = [neighbor_picker(*probs[i], worker_seed(cfg.seed, i) + 1) if probs[i][0] else None
+             for i in range(nw)]
+    versions = [0] * nw
+    claimed = completed = averages = 0
+    staleness: Counter[int] = Counter()
+    updates, samples, compute = [0] * nw, [0] * nw, [0.0] * nw
+    points = iter(p for p in plan.eval_at if 0 < p < total)
+    next_eval = next(points, None)
+    losses: list[float] = []
+    running = [nw]
+    end = [0.0]
+
+    def mean_and_consensus() -> tuple[Tensor | None, dict[str, float]]:
+        if not sim.math:
+            return None, {}
+        stack = torch.stack(xs)
+        xbar = stack.mean(0)
+        return xbar, {"consensus_distance":
+                      float(((stack[:, :n] - xbar[:n]) ** 2).sum(1).mean())}
+
+    xbar0, extra0 = mean_and_consensus()
+    evals = [sim.evaluate(xbar0, 0.0, 0, 0, losses, extra0)]
+
+    def begin(i: int) -> None:
+        nonlocal claimed
+        if claimed >= total:
+            running[0] -= 1
+            if running[0] == 0:
+                end[0] = eng.now
+            return
+        claimed += 1
+        k = claimed
+        v0 = versions[i]
+        grad = None
+        if sim.math:  # at the snapshot; the forward pass moves the buffers from its own
+            buffers0 = xs[i][n:].clone()
+            loss, b, msg = sim.oracle.gradient(i, xs[i])
+            grad = (loss, b, msg, msg[n:] - buffers0 if msg.numel() > n else None)
+        c = cl.compute_s(i)
+        compute[i] += c
+        eng.after(c, lambda: exchange(i, k, v0, grad))
+
+    def exchange(i: int, k: int, v0: int, grad) -> None:
+        j = picks[i]() if picks[i] is not None else None
+        if j is None:
+            step(i, None, k, v0, grad)
+            return
+        there = cl.transfer(eng.now, i, j)  # the model there and the average back
+        back = cl.transfer(there, j, i)
+        eng.at(back, lambda: step(i, j, k, v0, grad))
+
+    def step(i: int, j: int | None, k: int, v0: int, grad) -> None:
+        nonlocal completed, averages, next_eval
+        if j is not None:  # the pairwise average, atomic when the exchange completes
+            if sim.math:
+                torch.lerp(xs[i], xs[j], 0.5, out=xs[i])
+                xs[j].copy_(xs[i])
+                if us is not None:
+                    torch.lerp(us[i], us[j], 0.5, out=us[i])
+                    us[j].copy_(us[i])
+            versions[i] += 1
+            versions[j] += 1
+            averages += 1
+        b = cfg.data.batch_size
+        if grad is not None:
+            loss, b, msg, delta = grad
+            local_step(opt, msg[:n], states[i], tracked, None, opt.lr_at(k, total), n,
+                       delta, xs[i], us[i] if us is not None else None)
+            losses.append(loss)
+        versions[i] += 1
+        staleness[versions[i] - v0 - 1 - (j is not None)] += 1
+        updates[i] += 1
+        samples[i] += b
+        completed += 1
+        if completed == next_eval:
+            xbar, extra = mean_and_consensus()
+            evals.append(sim.evaluate(xbar, eng.now, sum(samples), completed, losses, extra))
+            next_eval = next(points, None)
+        eng.after(cl.worker_update_s, lambda: begin(i))
+
+    for i in range(nw):
+        eng.at(0.0, lambda i=i: begin(i))
+    eng.run()
+    wall = end[0]
+    xbar, extra = mean_and_consensus()
+    extra["averages"] = float(averages)
+    evals.append(sim.evaluate(xbar, wall, sum(samples), completed, losses, extra))
+    workers = _workers(cfg, updates, samples, compute, wall)
+    return _result(sim, wall, completed, sum(samples), evals, dict(staleness), workers,
+                   xbar), eng.events
+
+
+def _sync(sim: _Sim) -> tuple[RunResult, int]:
+    """allreduce and dpsgd: rounds of one gradient per worker, then the collective."""
+    cfg, plan, cl = sim.cfg, sim.plan, sim.cluster
+    n, nw, rounds = plan.n_params, cfg.workers, plan.rounds
+    opt = Optimizer(cfg.optim)
+    dpsgd = cfg.mode == "dpsgd"
+    if dpsgd:
+        graph = topology_of(cfg)
+        weights = metropolis_hastings_weights(graph)
+        nbrs = [[j for j, _ in weights[i] if j != i] for i in range(nw)]
+        comm = max(cl.exchange_s(i, nbrs[i]) for i in range(nw))
+    else:
+        comm = cl.allreduce_s()
+    x = plan.x0.clone()
+    xs = [plan.x0.clone() for _ in range(nw)] if sim.math and dpsgd else None
+    state = opt.init(x[:n]) if sim.math and not dpsgd else None
+    states = [opt.init(torch.zeros(n)) for _ in range(nw)] if sim.math and dpsgd else None
+    points = set(plan.eval_at)
+    t, losses, samples = 0.0, [], [0] * nw
+    compute = [0.0] * nw
+
+    def model() -> tuple[Tensor | None, dict[str, float]]:
+        if not sim.math:
+            return None, {}
+        if not dpsgd:
+            return x, {}
+        stack = torch.stack(xs)
+        xbar = stack.mean(0)
+        return xbar, {"consensus_distance": float(((stack - xbar) ** 2).sum(1).mean())}
+
+    m0, e0 = model()
+    evals = [sim.evaluate(m0, 0.0, 0, 0, losses, e0)]
+    for k in range(1, rounds + 1):
+        cs = [cl.compute_s(i) for i in range(nw)]
+        for i, c in enumerate(cs):
+            compute[i] += c
+        t += max(cs) + comm + cl.worker_update_s
+        lr = opt.lr_at(k, rounds)
+        if sim.math and not dpsgd:
+            msgs = []
+            for i in range(nw):
+                loss, b, msg = sim.oracle.gradient(i, x)
+                msgs.append(msg)
+                losses.append(loss)
+                samples[i] += b
+            mean = torch.stack(msgs).mean(0)
+            x[n:] = mean[n:]
+            opt.update(x[:n], mean[:n], state, lr=lr)
+        elif sim.math:
+            grads, after = [], []
+            for i in range(nw):
+                loss, b, msg = sim.oracle.gradient(i, xs[i])
+                grads.append(msg[:n])
+                after.append(torch.cat([xs[i][:n], msg[n:]]))  # buffers moved by forward
+                losses.append(loss)
+                samples[i] += b
+            for i in range(nw):
+                xs[i] = sum(w * after[j] for j, w in weights[i])
+                opt.update(xs[i][:n], grads[i], states[i], lr=lr)
+        else:
+            for i in range(nw):
+                samples[i] += cfg.data.batch_size
+        if k in points:
+            m, e = model()
+            evals.append(sim.evaluate(m, t, sum(samples), k, losses, e))
+    m, _ = model()
+    workers = _workers(cfg, [rounds] * nw, samples, compute, t)
+    return _result(sim, t, rounds, sum(samples), evals, {}, workers, m), rounds * nw
+
+
+__all__ = ["simulate", "Oracle", "SIM_MODES"]

@@ -1,0 +1,109 @@
+"""The scale study: every mode's speed-up over synchronous all-reduce as the cluster grows.
+
+For each number of workers the profile is scaled (:func:`apam_gossip.profiles.scaled`:
+its per-worker settings repeat) and every mode simulated on the same budget: all-reduce
+(AMSGrad), D-PSGD, APAM and gossip on a ring and on the exponential graph. Timing-only
+by default (throughput: the speed-up is the ratio of epoch times, over a budget of at
+least 50 updates per worker so that start-up does not count); with math, the time to the
+profile's target too. The model is timed once for all runs.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from ..files import atomic_write_bytes
+from ..profiles import ClusterProfile, scaled
+from .run import simulate
+
+STUDY_MODES: dict[str, tuple[str, dict[str, Any]]] = {
+    "allreduce-amsgrad": ("allreduce-amsgrad", {}),
+    "dpsgd": ("dpsgd", {}),
+    "centralized": ("centralized", {}),
+    "gossip-ring": ("decentralized", {"topology": "ring"}),
+    "gossip-exponential": ("decentralized", {"topology": "exponential"}),
+}
+
+
+def scale_study(profile: ClusterProfile, workers: list[int], dataset: Any,
+                timing_only: bool = True, **costs: Any) -> list[dict]:
+    """One row per (workers, mode): samples/s, speed-up over all-reduce (epoch time, and
+    time to target in math mode), staleness and, for the master, its busy fraction."""
+    from ..plan import total_updates
+    from ..runner import make_task
+    from .cluster import calibrate
+
+    if not {"gradient_s", "master_update_s"} <= set(costs):  # time the model once
+        task = make_task(profile.base, dataset, check=False)
+        g, u = calibrate(task, dataset, profile.base)
+        costs = {"gradient_s": g, "master_update_s": u, **costs}
+    costs.setdefault("worker_update_s", costs["master_update_s"])
+    rows = []
+    for n in workers:
+        p = scaled(profile, n)
+        base_sps = base_t = None
+        for name, (bench_mode, over) in STUDY_MODES.items():
+            cfg = p.config_for(bench_mode).replace(**over)
+            if timing_only:  # a steady state: at least 50 updates per worker
+                budget = total_updates(cfg, dataset.train_size())
+                cfg = cfg.replace(steps=max(budget, 50 * n))
+            r = simulate(cfg, dataset=dataset, timing_only=timing_only, **costs)
+            t = r.time_to_target(p.target) if not timing_only else None
+            if name == "allreduce-amsgrad":
+                base_sps, base_t = r.samples_per_s, t
+            rows.append({
+                "workers": n, "mode": name, "samples_per_s": r.samples_per_s,
+                "speedup_throughput": r.samples_per_s / base_sps if base_sps else None,
+                "time_to_target_s": t,
+                "speedup_to_target": base_t / t if base_t and t else None,
+                "staleness_mean": r.staleness_mean(),
+                "master_busy": r.evals[-1].extra.get("master_busy") if r.evals else None,
+                "final_metric": r.final_metric, "virtual_s": r.wall_time,
+                "events": r.simulation["events"],
+            })
+    return rows
+
+
+def study_table(rows: list[dict]) -> str:
+    def f(v, fmt):
+        return format(v, fmt) if v is not None and v == v else "-"
+
+    head = (f"{'workers':>8} {'mode':<20}{'samples/s':>12}{'speed-up':>10}"
+            f"{'to target':>11}{'staleness':>11}{'master busy':>13}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['workers']:>8} {r['mode']:<20}{r['samples_per_s']:>12.0f}"
+                     f"{f(r['speedup_throughput'], '.2f'):>10}"
+                     f"{f(r['speedup_to_target'], '.2f'):>11}"
+                     f"{r['staleness_mean']:>11.1f}{f(r['master_busy'], '.0%'):>13}")
+    lines.append("speed-up: over synchronous all-reduce (AMSGrad) at the same size, by "
+                 "throughput (epoch time) and, in math mode, by time to the target")
+    return "\n".join(lines)
+
+
+def plot_study(rows: list[dict], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for mode in STUDY_MODES:
+        pts = [(r["workers"], r["speedup_throughput"]) for r in rows if r["mode"] == mode]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("workers")
+    ax.set_ylabel("speed-up over all-reduce (epoch time)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+__all__ = ["scale_study", "study_table", "plot_study", "STUDY_MODES"]

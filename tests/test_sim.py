@@ -1,0 +1,138 @@
+"""The simulator (apam_gossip.sim): exact where it must be, reproducible, and its CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from apam_gossip import run
+from apam_gossip.sim import simulate
+from apam_gossip.sim.cluster import Cluster
+from apam_gossip.sim.engine import Engine, Resource
+
+from helpers import make_cfg
+
+ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.timeout(300)
+COSTS = {"gradient_s": 1e-3, "master_update_s": 1e-4, "worker_update_s": 1e-4}
+
+
+def test_engine_orders_events_by_time_then_schedule_order():
+    eng, seen = Engine(), []
+    eng.at(2.0, lambda: seen.append("c"))
+    eng.at(1.0, lambda: seen.append("a"))
+    eng.at(1.0, lambda: (seen.append("b"), eng.after(0.5, lambda: seen.append("b2"))))
+    eng.run()
+    assert seen == ["a", "b", "b2", "c"] and eng.now == 2.0 and eng.events == 4
+    nic = Resource()
+    assert nic.serve(0.0, 1.0) == 1.0 and nic.serve(0.5, 1.0) == 2.0  # queued behind
+    assert nic.serve(5.0, 1.0) == 6.0 and nic.busy_s == 3.0
+
+
+def test_a_shared_nic_queues_concurrent_transfers():
+    cfg = make_cfg(workers=2, network={"latency_ms": 1.0, "bandwidth_gbps": 8e-6})  # 1 kB/s
+    cl = Cluster.of(cfg, 250, *COSTS.values())  # 1,000 bytes: 1 s on the wire
+    assert cl.transfer(0.0, 0, 1) == pytest.approx(1.001)
+    assert cl.transfer(0.0, 0, 1) == pytest.approx(2.001)  # behind the first on both NICs
+
+
+@pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce", "sequential"])
+def test_one_simulated_worker_is_the_sequential_run(digits, mode):
+    """Math mode runs the real model, batches and optimizer: 1 worker in any mode is the
+    real sequential run, bit for bit (one torch thread in both)."""
+    kw = {"workers": 1, "steps": 150, "evals": 3, "threads_per_worker": 1}
+    seq = run(make_cfg(kw, mode="sequential"), dataset=digits)
+    sim = simulate(make_cfg(kw, mode=mode), dataset=digits, **COSTS)
+    assert torch.equal(sim.final_params, seq.final_params)
+    assert [e.test_metric for e in sim.evals] == [e.test_metric for e in seq.evals]
+    assert sim.simulated and sim.transport == "simulated" and sim.updates == 150
+
+
+def test_gossip_alone_conserves_the_mean_and_reaches_consensus(digits):
+    """lr ~ 0 from 6 different starts on a ring: averaging keeps the mean of the models
+    and drives them together."""
+    cfg = make_cfg(mode="decentralized", workers=6, steps=3000, evals=2, topology="ring",
+                   optim={"lr": 1e-12})
+    probe = simulate(cfg.replace(steps=1), dataset=digits, **COSTS)
+    n = probe.final_params.numel()
+    starts = torch.randn(6, n, generator=torch.Generator().manual_seed(0))
+    r = simulate(cfg, dataset=digits, initial_models=starts, **COSTS)
+    assert (r.final_params - starts.mean(0)).abs().max() <= 1e-6
+    first, last = r.evals[0].extra["consensus_distance"], r.evals[-1].extra["consensus_distance"]
+    assert first > 1e3 and last <= 1e-6 * first
+
+
+@pytest.mark.slow
+def test_simulated_allreduce_is_the_real_allreduce(digits):
+    """The same batches: the simulated all-reduce's model is the real one's (2 workers,
+    real processes)."""
+    kw = {"mode": "allreduce", "workers": 2, "steps": 80, "evals": 1, "threads_per_worker": 1}
+    real = run(make_cfg(kw), dataset=digits)
+    sim = simulate(make_cfg(kw), dataset=digits, **COSTS)
+    assert (sim.final_params - real.final_params).abs().max() <= 1e-6
+
+
+def test_a_seed_makes_a_simulation_reproducible_and_a_slow_worker_shows(digits):
+    cfg = make_cfg(mode="centralized", workers=4, epochs=3, evals=2, slowdown=[1, 1, 1, 10],
+                   straggler_prob=0.1, straggler_factor=5.0)
+    a = simulate(cfg, dataset=digits, **COSTS)
+    b = simulate(cfg, dataset=digits, **COSTS)
+    assert torch.equal(a.final_params, b.final_params) and a.wall_time == b.wall_time
+    assert a.staleness == b.staleness
+    ups = [w.updates for w in a.workers]
+    assert min(ups[:3]) >= 5 * ups[3]  # the master keeps serving the fast ones
+    c = simulate(cfg.replace(seed=1), dataset=digits, **COSTS)
+    assert c.wall_time != a.wall_time
+
+
+def test_timing_only_scales_to_many_workers(digits):
+    cfg = make_cfg(mode="centralized", workers=512, steps=20_000, evals=1)
+    r = simulate(cfg, dataset=digits, timing_only=True, **COSTS)
+    assert r.updates == 20_000 and r.final_params is None
+    # 512 workers, each waiting for 511 others' updates: staleness ~ n - 1
+    assert 400 <= r.staleness_mean() <= 520
+    # the master (0.1 ms a step) is the bottleneck: ~10,000 updates per virtual second
+    assert r.updates / r.wall_time == pytest.approx(1e4, rel=0.05)
+    g = simulate(cfg.replace(mode="decentralized", topology="ring"), dataset=digits,
+                 timing_only=True, **COSTS)
+    assert g.updates == 20_000 and g.wall_time < r.wall_time  # no master to queue on
+
+
+@pytest.mark.slow
+def test_simulate_cli_writes_results_that_compare_reads(tmp_path):
+    out = tmp_path / "sim.json"
+    p = subprocess.run([sys.executable, "-m", "apam_gossip", "simulate",
+                        str(ROOT / "launch" / "profile_one_slow_worker.toml"), "--smoke",
+                        "--workers", "16", "--modes", "centralized,decentralized",
+                        "--gradient-ms", "1", "--master-ms", "0.1", "-q", "-o", str(out)],
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr
+    assert "simulated (math), 16 workers" in p.stdout
+    d = json.loads(out.read_text())
+    assert d["simulated"] is True and [r["workers"] for r in d["rows"]] == [16, 16]
+    cen = d["runs"]["centralized"]
+    assert cen["transport"] == "simulated" and cen["simulation"]["gradient_s"] == 1e-3
+    slow = [w["updates"] for w in cen["workers"]]
+    assert slow[7] < min(slow[:7]) and slow[15] < min(slow[8:15])  # one slow in 8, tiled
+    res = tmp_path / "cen.json"
+    res.write_text(json.dumps(cen))
+    q = subprocess.run([sys.executable, "-m", "apam_gossip", "compare", "--results", str(res),
+                        "--target", "0.5"], capture_output=True, text=True, timeout=60)
+    assert q.returncode == 0 and "centralized" in q.stdout, q.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--gradient-ms", "-1"], "--gradient-ms must be > 0"),
+    (["--modes", "nope"], "--modes: 'nope' is not one of"),
+])
+def test_simulate_bad_flags_are_one_line_exit_2(args, needle):
+    p = subprocess.run([sys.executable, "-m", "apam_gossip", "simulate",
+                        str(ROOT / "launch" / "profile_one_slow_worker.toml"), "--smoke", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
