@@ -346,7 +346,10 @@ def test_bad_jobs_end_with_one_clear_error(args, needle):
     p = launch(3 if "ring8" not in str(args) else 4, SCRIPT, "--steps", "5", *args,
                timeout=120)
     assert p.returncode == 2, p.stdout + p.stderr
-    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("apam_gossip: error:")]
+    # `in`, not startswith: mpirun forwards every rank's stderr through one pipe, and a
+    # byte another rank wrote as MPI_Abort killed it can land in front of the line (CI saw
+    # one, as U+FFFD); what matters is that the error is printed once and names the cause.
+    errors = [ln for ln in p.stderr.splitlines() if "apam_gossip: error:" in ln]
     assert len(errors) == 1 and needle in errors[0], p.stderr
 
 
@@ -361,7 +364,7 @@ def test_an_error_on_some_ranks_is_printed_and_ends_the_job(args, needle):
     wait for it) is printed by them, one line each, and ends the job: exit 2."""
     p = launch(3, SCRIPT, "--steps", "5", *args, timeout=120)
     assert p.returncode == 2, p.stdout + p.stderr
-    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("apam_gossip: error:")]
+    errors = [ln for ln in p.stderr.splitlines() if "apam_gossip: error:" in ln]
     assert errors and all(needle in ln for ln in errors), p.stderr
     assert "Traceback" not in p.stderr
 
