@@ -530,7 +530,7 @@ def _bench(a: argparse.Namespace) -> int:
     metric = profile.base.metric
     sim = None
     if simulate:
-        sim = _sim_options(a)
+        sim = _sim_options(a, profile)
     r = bench_profile(profile, out, quiet=a.quiet, simulate=sim,
                       callback_factory=lambda: _ProgressUI(quiet=a.quiet, metric=metric))
     if simulate:
@@ -541,24 +541,27 @@ def _bench(a: argparse.Namespace) -> int:
     return 0
 
 
-def _sim_options(a: argparse.Namespace) -> dict:
-    """The simulator's keyword arguments from the flags."""
-    sim: dict = {"timing_only": a.timing_only}
+def _sim_options(a: argparse.Namespace, profile) -> dict:
+    """The simulator's keyword arguments: the profile's given costs, then the flags."""
+    sim: dict = {"timing_only": a.timing_only, **profile.sim_costs}
     for key, flag in (("gradient_s", "gradient_ms"), ("master_update_s", "master_ms")):
         value = getattr(a, flag)
         if value is not None:
             if not 0 < value <= 1e7:
                 raise UserError(f"--{flag.replace('_', '-')} must be > 0, got {value:g}")
             sim[key] = value / 1e3
+    cv = getattr(a, "gradient_cv", None)
+    if cv is not None:
+        if not 0 <= cv <= 10:
+            raise UserError(f"--gradient-cv must be in [0, 10], got {cv:g}")
+        sim["gradient_cv"] = cv
     params = getattr(a, "model_params", None)
     if params is not None:
-        if not a.timing_only:
-            raise UserError("--model-params needs --timing-only (math runs the real model)")
         if not 0 < params <= 10**11:
             raise UserError(f"--model-params must be > 0, got {params}")
         if "gradient_s" not in sim:
-            raise UserError("--model-params needs --gradient-ms (that model's gradient "
-                            "time cannot be measured here)")
+            raise UserError("--model-params needs --gradient-ms (or the profile's [simulate] "
+                            "gradient_ms): that model's gradient cannot be timed here")
         sim["model_params"] = params
     return sim
 
@@ -574,7 +577,7 @@ def _scale_study(a: argparse.Namespace, profile) -> int:
             from None
     if not workers or min(workers) < 1 or max(workers) > 100_000:
         raise UserError(f"--scale must be worker counts between 1 and 100000, got {a.scale!r}")
-    sim = _sim_options(a)
+    sim = _sim_options(a, profile)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(a.output) if a.output else Path("runs") / f"scale-{profile.name}-{stamp}.json"
     _check_output(out)
@@ -815,15 +818,22 @@ def build_parser() -> argparse.ArgumentParser:
                             help="simulate: no math, throughput and staleness only (fast, "
                             "up to 10,000 workers)")
         parser.add_argument("--gradient-ms", type=float, help="simulate: one gradient's "
-                            "time at full speed (default: timed on this machine)")
+                            "time at full speed (default: the profile's [simulate] "
+                            "gradient_ms, else timed on this machine)")
+        parser.add_argument("--gradient-cv", type=float, help="simulate: the spread of "
+                            "gradient times, a coefficient of variation (default: "
+                            "[simulate] gradient_cv, else 0.1; 0 = none)")
         parser.add_argument("--master-ms", type=float, help="simulate: the master's time "
-                            "per update (default: timed on this machine)")
+                            "per update (default: [simulate] master_update_ms, else timed "
+                            "on this machine; `bench master` measures it)")
     sm.add_argument("--workers", dest="sim_workers", type=int, help="simulate this many "
                     "workers (the profile's per-worker settings repeat)")
     sm.add_argument("--scale", metavar="N,N,...", help="the scale study: every mode at each "
                     "of these worker counts (speed-up over all-reduce; a table and a PNG)")
-    sm.add_argument("--model-params", type=int, help="timing only: the model's size for "
-                    "the transfers (e.g. 25000000), instead of the profile's model")
+    sm.add_argument("--model-params", type=int, help="time the transfers and the "
+                    "optimizer steps as for a model of this many parameters (e.g. "
+                    "25000000; needs --gradient-ms); math mode still trains the "
+                    "profile's model")
     sm.add_argument("--smoke", action="store_true", help="the profile's [smoke] variant")
     sm.add_argument("--modes", help="comma-separated subset of the profile's modes")
     sm.add_argument("--output", "-o", metavar="PATH", help="result JSON (PNGs next to it)")

@@ -147,21 +147,29 @@ class DataConfig(_Section):
 class NetworkConfig(_Section):
     """Emulated links: a transfer of ``B`` bytes between workers ``i`` and ``j`` (``-1`` is
     the master) sleeps ``latency + B / bandwidth`` where latency is ``latency_ms`` plus the
-    larger of the two workers' extra ``worker_latency_ms`` and bandwidth the smallest of
-    ``bandwidth_gbps`` and the two workers' ``worker_bandwidth_gbps`` (0 = unlimited).
-    ``links`` overrides single links: ``[i, j, latency_ms, bandwidth_gbps]``.
+    larger of the two ends' extra latency (``worker_latency_ms``, ``master_latency_ms``)
+    and bandwidth the smallest of ``bandwidth_gbps`` and the two ends' caps
+    (``worker_bandwidth_gbps``, ``master_bandwidth_gbps``; 0 = unlimited).
+    ``links`` overrides single links: ``[i, j, latency_ms, bandwidth_gbps]``. The
+    simulator (:mod:`apam_gossip.sim`) also queues a node's concurrent transfers on its
+    NIC, so a capped master NIC is where all centralized traffic waits.
     """
 
     latency_ms: float = _f(0.0, "latency of every link (ms)", ge=0, le=1e7)
     bandwidth_gbps: float = _f(0.0, "bandwidth of every link (Gbit/s, 0 = unlimited)", ge=0)
     worker_latency_ms: Floats = _f((), "extra latency of each worker's links (ms)")
     worker_bandwidth_gbps: Floats = _f((), "bandwidth cap of each worker's links (Gbit/s)")
+    master_latency_ms: float = _f(0.0, "extra latency of the master's links (ms)", ge=0,
+                                  le=1e7)
+    master_bandwidth_gbps: float = _f(0.0, "bandwidth of the master's NIC (Gbit/s, 0 = "
+                                      "unlimited)", ge=0)
     links: Links = _f((), "single links [i, j, latency_ms, bandwidth_gbps] (-1 = master)")
 
     @property
     def active(self) -> bool:
         return bool(self.latency_ms or self.bandwidth_gbps or any(self.worker_latency_ms)
-                    or any(self.worker_bandwidth_gbps) or self.links)
+                    or any(self.worker_bandwidth_gbps) or self.master_latency_ms
+                or self.master_bandwidth_gbps or self.links)
 
 
 class RunConfig(_Section):

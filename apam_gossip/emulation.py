@@ -28,6 +28,8 @@ class LinkModel:
             self.overrides[key] = (lat, bw)
 
     def _nic(self, i: int) -> tuple[float, float]:
+        if i == MASTER:
+            return self.net.master_latency_ms, self.net.master_bandwidth_gbps
         lat = self.net.worker_latency_ms[i] if 0 <= i < len(self.net.worker_latency_ms) else 0.0
         bw = self.net.worker_bandwidth_gbps[i] \
             if 0 <= i < len(self.net.worker_bandwidth_gbps) else 0.0

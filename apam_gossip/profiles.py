@@ -1,10 +1,13 @@
 """Cluster profiles: TOML files describing a heterogeneous cluster and what to train on it.
 
 A profile sets the emulated heterogeneity (``[compute]``: per-worker slowdown factors or
-a random straggler distribution; ``[network]``: link latency and bandwidth, see
-:class:`apam_gossip.config.NetworkConfig`) and the benchmark run (``[run]``: model, data,
-budget, target accuracy, the modes to compare and per-mode learning rates). ``[smoke]``
-overrides ``[run]`` for a quick version (``apam-gossip bench PROFILE --smoke``).
+a random straggler distribution; ``[network]``: link latency and bandwidth, the
+master's NIC, see :class:`apam_gossip.config.NetworkConfig`), the simulator's costs when
+given rather than timed on this machine (``[simulate]``: ``gradient_ms``,
+``master_update_ms``, ``model_params``, ``gradient_cv``) and the benchmark run
+(``[run]``: model, data, budget, target accuracy, the modes to compare and per-mode
+learning rates). ``[smoke]`` overrides ``[run]`` for a quick version (``apam-gossip bench
+PROFILE --smoke``).
 
 Benchmark mode names: ``sequential``, ``allreduce-amsgrad``, ``allreduce-sgd``, ``dpsgd``,
 ``async-sgd`` (APAM's master with SGD: the APAM paper's non-adaptive comparator),
@@ -16,7 +19,7 @@ from __future__ import annotations
 import difflib
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,10 @@ BENCH_MODES: dict[str, dict[str, Any]] = {
 # [run] keys of the benchmark itself; every other [run] key is a run config key (as in a
 # config file: ``epochs``, ``[run.optim]``, ...) or its short alias (``lr``, ``dataset``)
 BENCH_KEYS = ("target", "modes", "lr_overrides", "sgd_lr", "momentum")
+# [simulate]: the simulator's costs, given instead of timed on this machine (real runs
+# ignore them): key -> (simulate()'s keyword, unit scale)
+SIM_KEYS = {"gradient_ms": ("gradient_s", 1e-3), "master_update_ms": ("master_update_s", 1e-3),
+            "model_params": ("model_params", 1), "gradient_cv": ("gradient_cv", 1)}
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,9 @@ class ClusterProfile:
     lr_overrides: dict[str, float]
     sgd_lr: float
     momentum: float
+    # [simulate]: the simulator's given costs as :func:`apam_gossip.sim.simulate`'s
+    # keyword arguments (seconds; model_params); real runs ignore them
+    sim_costs: dict[str, float] = field(default_factory=dict)
 
     def config_for(self, bench_mode: str) -> RunConfig:
         """The RunConfig of one benchmark mode: the base with its mode and optimizer."""
@@ -83,16 +93,18 @@ def _table(d: dict, key: str) -> dict:
 
 
 def _build(d: dict, p: Path, smoke: bool) -> ClusterProfile:
-    unknown = sorted(set(d) - {"name", "workers", "compute", "network", "run", "smoke"})
+    unknown = sorted(set(d) - {"name", "workers", "compute", "network", "simulate", "run",
+                               "smoke"})
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; valid: name, workers, [compute], "
-                          "[network], [run], [smoke]")
+                          "[network], [simulate], [run], [smoke]")
     compute, network, run = _table(d, "compute"), _table(d, "network"), dict(_table(d, "run"))
     if smoke:
         run.update(_table(d, "smoke"))
     for k in set(compute) - {"slowdown", "straggler_prob", "straggler_factor"}:
         raise ConfigError(f"unknown [compute] key {k!r}; valid: slowdown, straggler_prob, "
                           "straggler_factor")
+    sim_costs = _sim_costs(_table(d, "simulate"))
     run_config = _run_config(run)
     modes = run.get("modes", list(BENCH_MODES))
     if not isinstance(modes, list) or not modes or any(m not in BENCH_MODES for m in modes):
@@ -125,7 +137,30 @@ def _build(d: dict, p: Path, smoke: bool) -> ClusterProfile:
     return ClusterProfile(name=name, path=str(p), base=base, modes=tuple(modes),
                           target=float(target), lr_overrides={k: float(v) for k, v in
                                                               lr_over.items()},
-                          sgd_lr=float(sgd_lr), momentum=float(momentum))
+                          sgd_lr=float(sgd_lr), momentum=float(momentum),
+                          sim_costs=sim_costs)
+
+
+def _sim_costs(table: dict[str, Any]) -> dict[str, float]:
+    """The [simulate] table as :func:`apam_gossip.sim.simulate` keyword arguments."""
+    out: dict[str, float] = {}
+    for k, v in table.items():
+        if k not in SIM_KEYS:
+            raise ConfigError(f"unknown [simulate] key {k!r}; valid: {', '.join(SIM_KEYS)}")
+        if k == "gradient_cv":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10:
+                raise ConfigError(f"[simulate] gradient_cv must be in [0, 10], got {v!r}")
+        else:
+            limit = 1e11 if k == "model_params" else 1e7
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= limit:
+                what = "a parameter count" if k == "model_params" else "milliseconds"
+                raise ConfigError(f"[simulate] {k} must be {what} > 0, got {v!r}")
+        key, scale = SIM_KEYS[k]
+        out[key] = int(v) if k == "model_params" else float(v) * scale
+    if "model_params" in out and "gradient_s" not in out:
+        raise ConfigError("[simulate] model_params needs gradient_ms: that model's gradient "
+                          "cannot be timed here")
+    return out
 
 
 def _run_config(run: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from apam_gossip.config import ConfigError
 from apam_gossip.profiles import BENCH_MODES, load_profile
 
 LAUNCH = Path(__file__).parent.parent / "launch"
-PROFILES = sorted(LAUNCH.glob("profile_*.toml"))
+PROFILES = sorted(LAUNCH.glob("profile_*.toml")) + sorted(LAUNCH.glob("study/*.toml"))
 
 
 @pytest.mark.timeout(30)
@@ -53,6 +53,8 @@ def test_profile_modes_map_to_configs():
     ("[run]\ntarget = 1.5", "target must be an accuracy"),
     ("workers = 2\n[compute]\nslowdown = [1, 0.5]", "slowdown[1] must be in [1, 1e6]"),
     ("workers = 2\n[network]\nlatency_ms = -1", "network.latency_ms must be >= 0"),
+    ("[network]\nmaster_bandwidth_gbps = -1", "network.master_bandwidth_gbps must be >= 0"),
+    ("[simulate]\ngradient_ms = 0", "[simulate] gradient_ms must be milliseconds > 0"),
     ("workers = 2\n[network]\nlinks = [[0, 5, 1, 1]]", "5 is not a worker"),
     ("[run]\nlr_overrides = { centralized = -1 }", "lr_overrides.centralized must be > 0"),
     ("[run]\nsgd_lr = 0", "optim.lr must be > 0"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,68 @@ def test_a_shared_nic_queues_concurrent_transfers():
     cl = Cluster.of(cfg, 250, *COSTS.values())  # 1,000 bytes: 1 s on the wire
     assert cl.transfer(0.0, 0, 1) == pytest.approx(1.001)
     assert cl.transfer(0.0, 0, 1) == pytest.approx(2.001)  # behind the first on both NICs
+
+
+def test_nics_are_full_duplex_and_the_master_nic_is_shared():
+    """Sends and receives of one node do not queue on each other; every worker's upload
+    queues on the master's incoming NIC, capped by master_bandwidth_gbps alone."""
+    cfg = make_cfg(workers=3, network={"master_bandwidth_gbps": 8e-6})  # the master: 1 kB/s
+    cl = Cluster.of(cfg, 250, *COSTS.values())  # 1,000 bytes
+    assert cl.transfer(0.0, 0, 1) == 0.0  # worker links are unlimited
+    assert cl.transfer(0.0, 0, -1) == pytest.approx(1.0)
+    assert cl.transfer(0.0, 1, -1) == pytest.approx(2.0)  # queued on the master's "in"
+    assert cl.transfer(0.0, -1, 2) == pytest.approx(1.0)  # its "out" is free: full duplex
+    assert cl.transfer(0.5, -1, 0) == pytest.approx(2.0)
+    duplex = Cluster.of(make_cfg(workers=2, network={"bandwidth_gbps": 8e-6}), 250,
+                        *COSTS.values())
+    assert duplex.transfer(0.0, 0, 1) == duplex.transfer(0.0, 1, 0) == pytest.approx(1.0)
+
+
+def test_a_master_nic_cap_slows_centralized_only(digits):
+    """A 10x slower master NIC: APAM's throughput drops to what the NIC carries, gossip
+    (no master) is untouched."""
+    net = {"bandwidth_gbps": 1.0, "master_bandwidth_gbps": 0.01}
+    kw = {"workers": 8, "steps": 2000, "evals": 1}
+    runs = {}
+    for mode in ("centralized", "decentralized"):
+        capped = simulate(make_cfg(kw, mode=mode, network=net), dataset=digits,
+                          timing_only=True, **COSTS)
+        free = simulate(make_cfg(kw, mode=mode, network={"bandwidth_gbps": 1.0}),
+                        dataset=digits, timing_only=True, **COSTS)
+        runs[mode] = capped.samples_per_s / free.samples_per_s
+        if mode == "centralized":  # each update: the gradient in, through the master NIC
+            seconds_in = capped.n_params * 4 * 8 / 1e7
+            assert capped.updates / capped.wall_time == pytest.approx(1 / seconds_in, rel=0.05)
+    assert runs["centralized"] < 0.5 and runs["decentralized"] == 1.0
+
+
+def test_given_costs_the_model_size_and_the_profile_simulate_table(digits, monkeypatch,
+                                                                   tmp_path):
+    """The timed optimizer step scales with model_params; a profile's [simulate] table gives
+    the costs (bad keys: one clear error)."""
+    import apam_gossip.sim.run as sim_run
+    from apam_gossip.config import ConfigError
+    from apam_gossip.profiles import load_profile
+
+    monkeypatch.setattr(sim_run, "calibrate", lambda *a, **k: (2e-3, 1e-4))
+    cfg = make_cfg(mode="centralized", workers=4, steps=50, evals=1)
+    r = simulate(cfg, dataset=digits, timing_only=True, gradient_s=5e-3, model_params=10**6)
+    n = r.n_params
+    assert r.simulation["gradient_s"] == 5e-3
+    assert r.simulation["master_update_s"] == pytest.approx(1e-4 * 10**6 / n)
+    with pytest.raises(ConfigError, match="model_params needs gradient_s"):
+        simulate(cfg, dataset=digits, timing_only=True, model_params=10**6)
+    base = (ROOT / "launch" / "profile_one_slow_worker.toml").read_text()
+    good = tmp_path / "p.toml"
+    good.write_text(base + "\n[simulate]\ngradient_ms = 10\nmodel_params = 1000000\n")
+    assert load_profile(good).sim_costs == {"gradient_s": 0.01, "model_params": 10**6}
+    for extra, needle in (("gradient_s = 1", "unknown [simulate] key 'gradient_s'"),
+                          ("gradient_ms = -1", "gradient_ms must be milliseconds > 0"),
+                          ("model_params = 5", "model_params needs gradient_ms")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(base + f"\n[simulate]\n{extra}\n")
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_profile(bad)
 
 
 @pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce", "sequential"])

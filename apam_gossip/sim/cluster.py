@@ -1,14 +1,18 @@
 """The cluster model of the simulator: how long each thing takes on a virtual cluster.
 
-* a gradient of worker ``i``: ``gradient_s x slowdown[i]`` (times ``straggler_factor``
-  with probability ``straggler_prob``, drawn from a seeded generator), where
-  ``gradient_s`` is one gradient of the real model on this machine at full speed
-  (:func:`calibrate`) or given;
-* a transfer of the model between ``i`` and ``j`` (``-1`` the master): the link's latency
-  plus the serialization time ``bytes x 8 / bandwidth`` on *each end's NIC*, a FIFO
-  server: concurrent transfers of one node queue on its NIC; all centralized traffic
-  therefore queues on the master's NIC. Latency and bandwidth are those of the run's
-  ``network`` (:class:`~apam_gossip.emulation.LinkModel`, the same the real runs emulate);
+* a gradient of worker ``i``: ``gradient_s x slowdown[i] x noise`` (times
+  ``straggler_factor`` with probability ``straggler_prob``), where ``gradient_s`` is one
+  gradient of the real model on this machine at full speed (:func:`calibrate`) or given,
+  and ``noise`` is lognormal with mean 1 and coefficient of variation ``gradient_cv``
+  (real gradient times vary; without it equal workers would move in lockstep, which
+  real ones never do). Both draws come from one seeded generator;
+* a transfer of the model from ``i`` to ``j`` (``-1`` the master): the link's latency
+  plus the serialization time ``bytes x 8 / bandwidth``, on the sender's NIC (out) and
+  the receiver's NIC (in) at once; each direction of a NIC is a FIFO server (full
+  duplex): a node's concurrent sends queue, as do its concurrent receives, so all
+  centralized traffic queues on the master's NIC (capped by ``master_bandwidth_gbps``).
+  Latency and bandwidth are those of the run's ``network``
+  (:class:`~apam_gossip.emulation.LinkModel`, the same the real runs emulate);
 * the master applies one gradient in ``master_update_s`` (an optimizer step over the
   model: calibrated), one after the other; a worker's own optimizer step takes
   ``worker_update_s``;
@@ -19,6 +23,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -28,7 +33,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..emulation import MASTER, LinkModel
+from ..emulation import LinkModel
 from .engine import Resource
 
 
@@ -44,39 +49,48 @@ class Cluster:
     master_update_s: float
     worker_update_s: float
     seed: int = 0
-    nics: dict[int, Resource] = field(default_factory=dict)
+    gradient_cv: float = 0.0
+    nics: dict[tuple[int, str], Resource] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed * 7919 + 17)
+        # lognormal with mean 1: sigma^2 = ln(1 + cv^2), mu = -sigma^2 / 2
+        self._sigma = math.sqrt(math.log1p(self.gradient_cv ** 2))
+        self._mu = -self._sigma ** 2 / 2
 
     @classmethod
     def of(cls, cfg: RunConfig, numel: int, gradient_s: float, master_update_s: float,
-           worker_update_s: float) -> Cluster:
+           worker_update_s: float, gradient_cv: float = 0.0) -> Cluster:
         return cls(cfg.workers, gradient_s, [cfg.slowdown_of(i) for i in range(cfg.workers)],
                    cfg.straggler_prob, cfg.straggler_factor, LinkModel(cfg.network, 4 * numel),
-                   4 * numel, master_update_s, worker_update_s, cfg.seed)
+                   4 * numel, master_update_s, worker_update_s, cfg.seed, gradient_cv)
 
     def compute_s(self, i: int) -> float:
-        """One gradient of worker ``i`` (a random straggler now and then)."""
+        """One gradient of worker ``i`` (noisy; a random straggler now and then)."""
         t = self.gradient_s * self.slowdown[i]
+        if self._sigma:
+            t *= self.rng.lognormvariate(self._mu, self._sigma)
         if self.straggler_prob and self.rng.random() < self.straggler_prob:
             t *= self.straggler_factor
         return t
 
-    def nic(self, i: int) -> Resource:
-        if i not in self.nics:
-            self.nics[i] = Resource()
-        return self.nics[i]
+    def nic(self, i: int, direction: str) -> Resource:
+        """Node ``i``'s NIC, one direction (``"out"`` or ``"in"``)."""
+        key = (i, direction)
+        if key not in self.nics:
+            self.nics[key] = Resource()
+        return self.nics[key]
 
     def transfer(self, t: float, i: int, j: int, nbytes: int | None = None) -> float:
-        """When a model (or ``nbytes``) sent from ``i`` to ``j`` at ``t`` has arrived: both
-        NICs serialize it (queued behind their earlier transfers), then the latency."""
+        """When a model (or ``nbytes``) sent from ``i`` to ``j`` at ``t`` has arrived: the
+        sender's outgoing and the receiver's incoming NIC serialize it (each queued behind
+        its earlier transfers), then the latency."""
         lat, bw = self.link.parts(i, j)
         nbytes = self.nbytes if nbytes is None else nbytes
         ser = nbytes * 8 / (bw * 1e9) if bw > 0 else 0.0
         if ser == 0.0:
             return t + lat
-        done = max(self.nic(i).serve(t, ser), self.nic(j).serve(t, ser))
+        done = max(self.nic(i, "out").serve(t, ser), self.nic(j, "in").serve(t, ser))
         return done + lat
 
     def allreduce_s(self) -> float:
@@ -89,10 +103,6 @@ class Cluster:
         lat = max(self.link.parts(i, j)[0] for j in neighbours)
         ser = sum(self.link.seconds(i, j) - self.link.parts(i, j)[0] for j in neighbours)
         return lat + ser
-
-    @property
-    def master(self) -> int:
-        return MASTER
 
 
 def calibrate(task: Any, data: Any, cfg: RunConfig, repeats: int = 10) -> tuple[float, float]:

@@ -47,6 +47,9 @@ from .cluster import Cluster, calibrate
 from .engine import Engine, Resource
 
 SIM_MODES = ("sequential", "centralized", "decentralized", "allreduce", "dpsgd")
+# the default spread of gradient times: real ones vary by about this much run to run on
+# an idle core (BENCHMARKS.md, "The simulator")
+GRADIENT_CV = 0.1
 
 
 class Oracle:
@@ -112,16 +115,21 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
              gradient_s: float | None = None, master_update_s: float | None = None,
              worker_update_s: float | None = None,
              initial_models: Tensor | None = None,
-             model_params: int | None = None) -> RunResult:
+             model_params: int | None = None,
+             gradient_cv: float = GRADIENT_CV) -> RunResult:
     """Simulate ``config`` (any number of workers) and return its RunResult, whose
     ``simulation`` says how (``wall_time`` is virtual seconds). The model, data, loss and
     metric are given as to :func:`apam_gossip.run`. ``gradient_s``, ``master_update_s``,
     ``worker_update_s``: the cluster's costs; by default the real model is timed on this
     machine (:func:`~apam_gossip.sim.cluster.calibrate`). ``initial_models``
     (decentralized, math): one starting state per worker (``workers x numel``) instead of
-    the common seeded one, e.g. to watch gossip alone reach consensus. ``model_params``
-    (timing only): the model's size for the transfers, instead of the task's model
-    (give ``gradient_s`` too: the gradient of such a model is not timed)."""
+    the common seeded one, e.g. to watch gossip alone reach consensus. ``model_params``:
+    time the transfers and the optimizer steps as for a model of that many parameters
+    (the timed update costs scale by its size over the task model's; give ``gradient_s``:
+    the gradient of such a model is not timed); math mode still trains the task's model,
+    so its accuracy curve is the task model's under that cluster's timing.
+    ``gradient_cv``: the spread of one worker's gradient times (coefficient of variation
+    of a lognormal factor with mean 1; 0 = every gradient exactly ``gradient_s``)."""
     from ..config import ConfigError
     from ..data import load_data
     from ..runner import make_task, with_task
@@ -142,18 +150,23 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
     threads = torch.get_num_threads()
     t_real = time.perf_counter()
     try:
-        if gradient_s is None or worker_update_s is None or master_update_s is None:
+        if not 0 <= gradient_cv <= 10:
+            raise ConfigError(f"gradient_cv must be in [0, 10], got {gradient_cv!r}")
+        if model_params is not None and (gradient_s is None or model_params < 1):
+            raise ConfigError("model_params needs gradient_s (that model's gradient cannot "
+                              "be timed here) and must be >= 1")
+        plan = _plan(cfg, data, task, timing_only)
+        if worker_update_s is None or master_update_s is None or gradient_s is None:
             g_s, u_s = calibrate(task, data, cfg)
+            if model_params is not None:  # an optimizer step is linear in the model size
+                u_s *= model_params / plan.n_params
             gradient_s = g_s if gradient_s is None else gradient_s
             worker_update_s = u_s if worker_update_s is None else worker_update_s
             master_update_s = u_s if master_update_s is None else master_update_s
         torch.set_num_threads(1)  # the math of one simulated worker at a time
-        plan = _plan(cfg, data, task, timing_only)
-        if model_params is not None and not timing_only:
-            raise ConfigError("model_params is for timing-only simulations (math needs "
-                              "the real model)")
         numel = plan.numel if model_params is None else int(model_params)
-        cluster = Cluster.of(cfg, numel, gradient_s, master_update_s, worker_update_s)
+        cluster = Cluster.of(cfg, numel, gradient_s, master_update_s, worker_update_s,
+                             gradient_cv)
         oracle = evaluator = None
         if not timing_only:
             oracle = Oracle(cfg, task, data, plan.shards)
@@ -166,7 +179,8 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
         torch.set_num_threads(threads)
     result.simulation = {"timing_only": timing_only, "gradient_s": gradient_s,
                          "master_update_s": master_update_s,
-                         "worker_update_s": worker_update_s, "events": events,
+                         "worker_update_s": worker_update_s,
+                         "gradient_cv": gradient_cv, "events": events,
                          "real_seconds": time.perf_counter() - t_real}
     return with_task(result, task)
 

@@ -38,12 +38,15 @@ def scale_study(profile: ClusterProfile, workers: list[int], dataset: Any,
     if not {"gradient_s", "master_update_s"} <= set(costs):  # time the model once
         task = make_task(profile.base, dataset, check=False)
         g, u = calibrate(task, dataset, profile.base)
+        if costs.get("model_params"):  # an optimizer step is linear in the model size
+            u *= costs["model_params"] / task.initial_state()[1]
         costs = {"gradient_s": g, "master_update_s": u, **costs}
     costs.setdefault("worker_update_s", costs["master_update_s"])
     rows = []
     for n in workers:
         p = scaled(profile, n)
         base_sps = base_t = None
+        ceiling = _ceiling(p, costs["gradient_s"])
         for name, (bench_mode, over) in STUDY_MODES.items():
             cfg = p.config_for(bench_mode).replace(**over)
             if timing_only:  # a steady state: at least 50 updates per worker
@@ -56,6 +59,7 @@ def scale_study(profile: ClusterProfile, workers: list[int], dataset: Any,
             rows.append({
                 "workers": n, "mode": name, "samples_per_s": r.samples_per_s,
                 "speedup_throughput": r.samples_per_s / base_sps if base_sps else None,
+                "efficiency": r.samples_per_s / ceiling,
                 "time_to_target_s": t,
                 "speedup_to_target": base_t / t if base_t and t else None,
                 "staleness_mean": r.staleness_mean(),
@@ -66,20 +70,33 @@ def scale_study(profile: ClusterProfile, workers: list[int], dataset: Any,
     return rows
 
 
+def _ceiling(profile: ClusterProfile, gradient_s: float) -> float:
+    """Samples/s if every worker only computed: the sum of the workers' isolated
+    throughputs (slowdowns and the expected straggler delay included)."""
+    cfg = profile.base
+    expected = 1 + cfg.straggler_prob * (cfg.straggler_factor - 1)
+    return sum(cfg.data.batch_size / (gradient_s * cfg.slowdown_of(i) * expected)
+               for i in range(cfg.workers))
+
+
 def study_table(rows: list[dict]) -> str:
     def f(v, fmt):
         return format(v, fmt) if v is not None and v == v else "-"
 
-    head = (f"{'workers':>8} {'mode':<20}{'samples/s':>12}{'speed-up':>10}"
-            f"{'to target':>11}{'staleness':>11}{'master busy':>13}")
+    head = (f"{'workers':>8} {'mode':<20}{'samples/s':>12}{'efficiency':>11}{'speed-up':>10}"
+            f"{'to target s':>13}{'speed-up':>10}{'staleness':>11}{'master busy':>13}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['workers']:>8} {r['mode']:<20}{r['samples_per_s']:>12.0f}"
+                     f"{f(r.get('efficiency'), '.0%'):>11}"
                      f"{f(r['speedup_throughput'], '.2f'):>10}"
-                     f"{f(r['speedup_to_target'], '.2f'):>11}"
+                     f"{f(r['time_to_target_s'], '.1f'):>13}"
+                     f"{f(r['speedup_to_target'], '.2f'):>10}"
                      f"{r['staleness_mean']:>11.1f}{f(r['master_busy'], '.0%'):>13}")
-    lines.append("speed-up: over synchronous all-reduce (AMSGrad) at the same size, by "
-                 "throughput (epoch time) and, in math mode, by time to the target")
+    lines.append("efficiency: samples/s over the sum of the workers' isolated throughputs; "
+                 "speed-up: over synchronous all-reduce (AMSGrad) at the same size, by "
+                 "throughput (epoch time) and, in math mode, by virtual time to the target "
+                 "(- : not reached within the budget)")
     return "\n".join(lines)
 
 
@@ -87,19 +104,28 @@ def plot_study(rows: list[dict], path: Path, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
+    math = any(r["time_to_target_s"] is not None for r in rows)
+    fig = Figure(figsize=(12 if math else 7, 4.5))
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for mode in STUDY_MODES:
-        pts = [(r["workers"], r["speedup_throughput"]) for r in rows if r["mode"] == mode]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=mode)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("workers")
-    ax.set_ylabel("speed-up over all-reduce (epoch time)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    axes = fig.subplots(1, 2 if math else 1, squeeze=False)[0]
+    panels = [("speedup_throughput", "speed-up over all-reduce (epoch time)")]
+    if math:
+        panels.append(("speedup_to_target", "speed-up over all-reduce (time to target)"))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for mode in STUDY_MODES:
+            pts = [(r["workers"], r[key]) for r in rows
+                   if r["mode"] == mode and r[key] is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                        label=mode)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("workers")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
