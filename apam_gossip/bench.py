@@ -365,8 +365,14 @@ def _cli_pairwise(a) -> Iterator[str]:
     yield json.dumps(r)
 
 
+def _numel_of(size_mb: float) -> int:
+    if not 0 < size_mb <= 1e5:
+        raise UserError(f"--size-mb must be in (0, 100000], got {size_mb:g}")
+    return max(1, int(size_mb * 2**20 / 4))
+
+
 def _cli_master(a) -> Iterator[str]:
-    r = bench_master()
+    r = bench_master(_numel_of(a.size_mb))
     yield (f"APAM master, {r['numel']:,} parameters: {r['updates_per_s']:.0f} updates/s "
            f"({1e3 * r['update_s']:.2f} ms each); memory-bandwidth bound "
            f"{r['bound_updates_per_s']:.0f}/s at {r['memcpy_bandwidth_gb_s']:.1f} GB/s: "

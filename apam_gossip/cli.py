@@ -10,6 +10,7 @@ runners) when it runs, so ``apam-gossip --help`` stays well under a second.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -787,7 +788,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--train-limit 12000 --test-limit 500 --epochs 1 --evals 1",
                    help="transport: flags for each 'apam-gossip train' run (one string)")
     b.add_argument("--max-workers", type=int, help="scaling: largest N (default: the cores)")
-    b.add_argument("--size-mb", type=float, default=4.0, help="pairwise: model size")
+    b.add_argument("--size-mb", type=float, default=4.0, help="pairwise, master: model "
+                   "size (MB of float32; 100 = a 25M-parameter model)")
     b.add_argument("--reps", type=int, default=30, help="pairwise: repetitions")
     la = sub.add_parser("launch", help="start your own training script on N ranks (the "
                         "loop API: apam_gossip.init, DistributedOptimizer)",
@@ -902,4 +904,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `apam-gossip ... | head`: the reader left; not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the exit's flush does not fail again
+        sys.exit(141)

@@ -264,3 +264,16 @@ def test_version_and_defaults_in_help(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--optim.lr X, --lr X" in out and "(default: 0.001)" in out
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`apam-gossip bench master | head -1`: the reader leaving is no traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "apam_gossip", "bench", "master", "--size-mb",
+                          "0.01"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    try:
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=120) in (0, 141) and "Traceback" not in err, err
+    finally:
+        p.kill()
+        p.wait()
