@@ -55,7 +55,7 @@ class ClusterProfile:
     momentum: float
     # [simulate]: the simulator's given costs as :func:`apam_gossip.sim.simulate`'s
     # keyword arguments (seconds; model_params); real runs ignore them
-    sim_costs: dict[str, float] = field(default_factory=dict)
+    sim_costs: dict[str, Any] = field(default_factory=dict)
 
     def config_for(self, bench_mode: str) -> RunConfig:
         """The RunConfig of one benchmark mode: the base with its mode and optimizer."""
@@ -141,12 +141,19 @@ def _build(d: dict, p: Path, smoke: bool) -> ClusterProfile:
                           sim_costs=sim_costs)
 
 
-def _sim_costs(table: dict[str, Any]) -> dict[str, float]:
+def _sim_costs(table: dict[str, Any]) -> dict[str, Any]:
     """The [simulate] table as :func:`apam_gossip.sim.simulate` keyword arguments."""
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     for k, v in table.items():
         if k not in SIM_KEYS:
             raise ConfigError(f"unknown [simulate] key {k!r}; valid: {', '.join(SIM_KEYS)}")
+        if k == "gradient_ms" and isinstance(v, list):  # one per worker
+            if not v or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                            or not 0 < x <= 1e7 for x in v):
+                raise ConfigError(f"[simulate] gradient_ms must be milliseconds > 0, one or "
+                                  f"a list (one per worker), got {v!r}")
+            out["gradient_s"] = [float(x) / 1e3 for x in v]
+            continue
         if k == "gradient_cv":
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10:
                 raise ConfigError(f"[simulate] gradient_cv must be in [0, 10], got {v!r}")

@@ -91,10 +91,20 @@ def test_given_costs_the_model_size_and_the_profile_simulate_table(digits, monke
     assert r.simulation["master_update_s"] == pytest.approx(1e-4 * 10**6 / n)
     with pytest.raises(ConfigError, match="model_params needs gradient_s"):
         simulate(cfg, dataset=digits, timing_only=True, model_params=10**6)
+    # one gradient time per worker, repeating: workers 1 and 3 are 10x slower
+    per = simulate(cfg.replace(steps=2000), dataset=digits, timing_only=True,
+                   gradient_s=[1e-3, 1e-2], master_update_s=1e-5, gradient_cv=0.0)
+    ups = [w.updates for w in per.workers]
+    assert ups[0] == pytest.approx(10 * ups[1], rel=0.1) and ups[2] == pytest.approx(ups[0],
+                                                                                     rel=0.02)
+    with pytest.raises(ConfigError, match="gradient_s must be seconds > 0"):
+        simulate(cfg, dataset=digits, timing_only=True, gradient_s=[1e-3, -1])
     base = (ROOT / "launch" / "profile_one_slow_worker.toml").read_text()
     good = tmp_path / "p.toml"
     good.write_text(base + "\n[simulate]\ngradient_ms = 10\nmodel_params = 1000000\n")
     assert load_profile(good).sim_costs == {"gradient_s": 0.01, "model_params": 10**6}
+    good.write_text(base + "\n[simulate]\ngradient_ms = [5, 50]\ngradient_cv = 0\n")
+    assert load_profile(good).sim_costs == {"gradient_s": [0.005, 0.05], "gradient_cv": 0.0}
     for extra, needle in (("gradient_s = 1", "unknown [simulate] key 'gradient_s'"),
                           ("gradient_ms = -1", "gradient_ms must be milliseconds > 0"),
                           ("model_params = 5", "model_params needs gradient_ms")):

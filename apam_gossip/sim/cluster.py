@@ -1,8 +1,9 @@
 """The cluster model of the simulator: how long each thing takes on a virtual cluster.
 
-* a gradient of worker ``i``: ``gradient_s x slowdown[i] x noise`` (times
+* a gradient of worker ``i``: ``gradient_s[i] x slowdown[i] x noise`` (times
   ``straggler_factor`` with probability ``straggler_prob``), where ``gradient_s`` is one
   gradient of the real model on this machine at full speed (:func:`calibrate`) or given,
+  one for all workers or one per worker (repeating cyclically, like ``slowdown``),
   and ``noise`` is lognormal with mean 1 and coefficient of variation ``gradient_cv``
   (real gradient times vary; without it equal workers would move in lockstep, which
   real ones never do). Both draws come from one seeded generator;
@@ -27,6 +28,7 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +42,7 @@ from .engine import Resource
 @dataclass
 class Cluster:
     n: int
-    gradient_s: float
+    gradient_s: list[float]  # per worker
     slowdown: list[float]
     straggler_prob: float
     straggler_factor: float
@@ -59,15 +61,17 @@ class Cluster:
         self._mu = -self._sigma ** 2 / 2
 
     @classmethod
-    def of(cls, cfg: RunConfig, numel: int, gradient_s: float, master_update_s: float,
-           worker_update_s: float, gradient_cv: float = 0.0) -> Cluster:
-        return cls(cfg.workers, gradient_s, [cfg.slowdown_of(i) for i in range(cfg.workers)],
+    def of(cls, cfg: RunConfig, numel: int, gradient_s: float | Sequence[float],
+           master_update_s: float, worker_update_s: float,
+           gradient_cv: float = 0.0) -> Cluster:
+        g = per_worker(gradient_s, cfg.workers)
+        return cls(cfg.workers, g, [cfg.slowdown_of(i) for i in range(cfg.workers)],
                    cfg.straggler_prob, cfg.straggler_factor, LinkModel(cfg.network, 4 * numel),
                    4 * numel, master_update_s, worker_update_s, cfg.seed, gradient_cv)
 
     def compute_s(self, i: int) -> float:
         """One gradient of worker ``i`` (noisy; a random straggler now and then)."""
-        t = self.gradient_s * self.slowdown[i]
+        t = self.gradient_s[i] * self.slowdown[i]
         if self._sigma:
             t *= self.rng.lognormvariate(self._mu, self._sigma)
         if self.straggler_prob and self.rng.random() < self.straggler_prob:
@@ -103,6 +107,16 @@ class Cluster:
         lat = max(self.link.parts(i, j)[0] for j in neighbours)
         ser = sum(self.link.seconds(i, j) - self.link.parts(i, j)[0] for j in neighbours)
         return lat + ser
+
+
+def per_worker(value: float | Sequence[float], n: int) -> list[float]:
+    """One value per worker: a number for all, or a list repeating cyclically."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if not values:
+        raise ValueError("an empty list of per-worker values")
+    return [values[i % len(values)] for i in range(n)]
 
 
 def calibrate(task: Any, data: Any, cfg: RunConfig, repeats: int = 10) -> tuple[float, float]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,14 +113,16 @@ class _Sim:
 def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
              test_data: Any = None, loss: Any = None, metric: Any = None,
              dataset: Any = None, timing_only: bool = False,
-             gradient_s: float | None = None, master_update_s: float | None = None,
+             gradient_s: float | Sequence[float] | None = None,
+             master_update_s: float | None = None,
              worker_update_s: float | None = None,
              initial_models: Tensor | None = None,
              model_params: int | None = None,
              gradient_cv: float = GRADIENT_CV) -> RunResult:
     """Simulate ``config`` (any number of workers) and return its RunResult, whose
     ``simulation`` says how (``wall_time`` is virtual seconds). The model, data, loss and
-    metric are given as to :func:`apam_gossip.run`. ``gradient_s``, ``master_update_s``,
+    metric are given as to :func:`apam_gossip.run`. ``gradient_s`` (one number, or one per
+    worker repeating cyclically), ``master_update_s``,
     ``worker_update_s``: the cluster's costs; by default the real model is timed on this
     machine (:func:`~apam_gossip.sim.cluster.calibrate`). ``initial_models``
     (decentralized, math): one starting state per worker (``workers x numel``) instead of
@@ -150,6 +153,11 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
     threads = torch.get_num_threads()
     t_real = time.perf_counter()
     try:
+        if gradient_s is not None:
+            gs = [gradient_s] if isinstance(gradient_s, (int, float)) else list(gradient_s)
+            if not gs or not all(isinstance(g, (int, float)) and 0 < g <= 1e4 for g in gs):
+                raise ConfigError(f"gradient_s must be seconds > 0, one or one per worker; "
+                                  f"got {gradient_s!r}")
         if not 0 <= gradient_cv <= 10:
             raise ConfigError(f"gradient_cv must be in [0, 10], got {gradient_cv!r}")
         if model_params is not None and (gradient_s is None or model_params < 1):

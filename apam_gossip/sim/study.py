@@ -16,6 +16,7 @@ from typing import Any
 
 from ..files import atomic_write_bytes
 from ..profiles import ClusterProfile, scaled
+from .cluster import per_worker
 from .run import simulate
 
 STUDY_MODES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -70,12 +71,13 @@ def scale_study(profile: ClusterProfile, workers: list[int], dataset: Any,
     return rows
 
 
-def _ceiling(profile: ClusterProfile, gradient_s: float) -> float:
+def _ceiling(profile: ClusterProfile, gradient_s: float | list[float]) -> float:
     """Samples/s if every worker only computed: the sum of the workers' isolated
     throughputs (slowdowns and the expected straggler delay included)."""
     cfg = profile.base
     expected = 1 + cfg.straggler_prob * (cfg.straggler_factor - 1)
-    return sum(cfg.data.batch_size / (gradient_s * cfg.slowdown_of(i) * expected)
+    g = per_worker(gradient_s, cfg.workers)
+    return sum(cfg.data.batch_size / (g[i] * cfg.slowdown_of(i) * expected)
                for i in range(cfg.workers))
 
 
