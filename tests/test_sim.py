@@ -95,8 +95,8 @@ def test_given_costs_the_model_size_and_the_profile_simulate_table(digits, monke
     per = simulate(cfg.replace(steps=2000), dataset=digits, timing_only=True,
                    gradient_s=[1e-3, 1e-2], master_update_s=1e-5, gradient_cv=0.0)
     ups = [w.updates for w in per.workers]
-    assert ups[0] == pytest.approx(10 * ups[1], rel=0.1) and ups[2] == pytest.approx(ups[0],
-                                                                                     rel=0.02)
+    assert ups[0] == pytest.approx(10 * ups[1], rel=0.1)
+    assert ups[2] == pytest.approx(ups[0], rel=0.02)
     with pytest.raises(ConfigError, match="gradient_s must be seconds > 0"):
         simulate(cfg, dataset=digits, timing_only=True, gradient_s=[1e-3, -1])
     base = (ROOT / "launch" / "profile_one_slow_worker.toml").read_text()
