@@ -213,17 +213,24 @@ def plot_profile(profile, results: dict, path: Path) -> tuple[Path, Path]:
     ax = fig.subplots()
     names = list(results)
     n_max = max(len(r.workers) for r in results.values())
-    width = 0.8 / n_max
-    for k in range(n_max):
-        xs = [i + k * width for i, nm in enumerate(names) if k < len(results[nm].workers)]
-        ys = [results[nm].workers[k].samples_per_s for nm in names
-              if k < len(results[nm].workers)]
-        ax.bar(xs, ys, width, label=f"worker {k}")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=20,
-                  fontsize=8)
+    if n_max <= 16:  # one bar per worker
+        width = 0.8 / n_max
+        for k in range(n_max):
+            xs = [i + k * width for i, nm in enumerate(names) if k < len(results[nm].workers)]
+            ys = [results[nm].workers[k].samples_per_s for nm in names
+                  if k < len(results[nm].workers)]
+            ax.bar(xs, ys, width, label=f"worker {k}")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=20,
+                      fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
+    else:  # too many for bars (a simulated cluster): each worker a dot, spread sideways
+        for i, nm in enumerate(names):
+            ws = results[nm].workers
+            xs = [i - 0.35 + 0.7 * k / max(1, len(ws) - 1) for k in range(len(ws))]
+            ax.scatter(xs, [w.samples_per_s for w in ws], s=4)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
     ax.set_ylabel("samples/s (applied)")
     ax.set_title(f"{profile.name}: per-worker throughput")
-    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -33,6 +33,7 @@ def test_engine_orders_events_by_time_then_schedule_order():
     nic = Resource()
     assert nic.serve(0.0, 1.0) == 1.0 and nic.serve(0.5, 1.0) == 2.0  # queued behind
     assert nic.serve(5.0, 1.0) == 6.0 and nic.busy_s == 3.0
+    assert nic.busy_until(5.5) == 2.5 and nic.busy_until(9.0) == 3.0
 
 
 def test_a_shared_nic_queues_concurrent_transfers():
@@ -171,6 +172,7 @@ def test_timing_only_scales_to_many_workers(digits):
     assert 400 <= r.staleness_mean() <= 520
     # the master (0.1 ms a step) is the bottleneck: ~10,000 updates per virtual second
     assert r.updates / r.wall_time == pytest.approx(1e4, rel=0.05)
+    assert 0.95 <= r.evals[-1].extra["master_busy"] <= 1.0  # saturated, never past 100%
     g = simulate(cfg.replace(mode="decentralized", topology="ring"), dataset=digits,
                  timing_only=True, **COSTS)
     assert g.updates == 20_000 and g.wall_time < r.wall_time  # no master to queue on

@@ -41,7 +41,9 @@ class Engine:
 
 class Resource:
     """A FIFO server (a NIC, the master's update loop): :meth:`serve` returns when a job
-    of ``duration`` that arrives at ``t`` is done, after the jobs queued before it."""
+    of ``duration`` that arrives at ``t`` is done, after the jobs queued before it. Jobs
+    are queued in call order, so call it at the job's arrival (the engine's ``now``):
+    a reservation for the future would hold up jobs that arrive before it."""
 
     def __init__(self) -> None:
         self.free_at = 0.0
@@ -52,3 +54,7 @@ class Resource:
         self.free_at = start + duration
         self.busy_s += duration
         return self.free_at
+
+    def busy_until(self, t: float) -> float:
+        """Seconds of service done by time ``t`` (work queued past ``t`` not counted)."""
+        return self.busy_s - max(0.0, self.free_at - t)

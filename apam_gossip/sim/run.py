@@ -315,7 +315,9 @@ def _centralized(sim: _Sim) -> tuple[RunResult, int]:
     result = _result(sim, wall, version, sum(samples), evals, dict(staleness), workers,
                      x if sim.math else None)
     if evals and wall > 0:
-        evals[-1].extra["master_busy"] = master.busy_s / wall
+        evals[-1].extra["master_busy"] = master.busy_until(wall) / wall
+        evals[-1].extra["master_nic_busy"] = max(
+            cl.nic(MASTER, d).busy_until(wall) for d in ("in", "out")) / wall
     return result, eng.events
 
 
@@ -383,9 +385,9 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
         if j is None:
             step(i, None, k, v0, grad)
             return
-        there = cl.transfer(eng.now, i, j)  # the model there and the average back
-        back = cl.transfer(there, j, i)
-        eng.at(back, lambda: step(i, j, k, v0, grad))
+        there = cl.transfer(eng.now, i, j)  # the model there, then the average back
+        eng.at(there, lambda: eng.at(cl.transfer(eng.now, j, i),
+                                     lambda: step(i, j, k, v0, grad)))
 
     def step(i: int, j: int | None, k: int, v0: int, grad) -> None:
         nonlocal completed, averages, next_eval
