@@ -211,3 +211,36 @@ def test_simulate_bad_flags_are_one_line_exit_2(args, needle):
                         str(ROOT / "launch" / "profile_one_slow_worker.toml"), "--smoke", *args],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_the_scale_study_finds_where_the_master_saturates(tmp_path):
+    """`simulate --scale`: every mode at each size, a table, a JSON and a PNG. With the
+    study profile's costs (5 ms gradients, 0.25 ms master steps) the master is the
+    bottleneck at 64 workers (at most 4,000 updates/s) and gossip is not."""
+    out = tmp_path / "study.json"
+    p = subprocess.run([sys.executable, "-m", "apam_gossip", "simulate",
+                        str(ROOT / "launch" / "study" / "one_slow_in_8.toml"), "--smoke",
+                        "--timing-only", "--scale", "8,64", "-o", str(out)],
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr
+    rows = {(r["workers"], r["mode"]): r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 10 and out.with_suffix(".png").stat().st_size > 10_000
+    apam, gossip = rows[64, "centralized"], rows[64, "gossip-ring"]
+    assert apam["master_busy"] > 0.97 and rows[8, "centralized"]["master_busy"] < 0.5
+    assert apam["samples_per_s"] <= 32 * 4000 * 1.001  # batch 32 x the master's rate
+    assert gossip["speedup_throughput"] > 2 * apam["speedup_throughput"]
+    assert rows[8, "allreduce-amsgrad"]["speedup_throughput"] == 1.0
+    assert "master cpu/nic" in p.stdout
+
+
+@pytest.mark.slow
+def test_the_scale_study_in_math_mode_has_time_to_target(tmp_path):
+    out = tmp_path / "study.json"
+    p = subprocess.run([sys.executable, "-m", "apam_gossip", "simulate",
+                        str(ROOT / "launch" / "study" / "one_slow_in_8.toml"), "--smoke",
+                        "--scale", "4", "-q", "-o", str(out)],
+                       capture_output=True, text=True, timeout=280)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["final_metric"] > 0.5 for r in rows)  # digits, 4 epochs: all learn
+    assert all(r["time_to_target_s"] for r in rows if r["mode"] != "allreduce-amsgrad")
