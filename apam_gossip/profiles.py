@@ -4,7 +4,7 @@ A profile sets the emulated heterogeneity (``[compute]``: per-worker slowdown fa
 a random straggler distribution; ``[network]``: link latency and bandwidth, the
 master's NIC, see :class:`apam_gossip.config.NetworkConfig`), the simulator's costs when
 given rather than timed on this machine (``[simulate]``: ``gradient_ms``,
-``master_update_ms``, ``model_params``, ``gradient_cv``) and the benchmark run
+``master_update_ms``, ``worker_update_ms``, ``model_params``, ``gradient_cv``) and the benchmark run
 (``[run]``: model, data, budget, target accuracy, the modes to compare and per-mode
 learning rates). ``[smoke]`` overrides ``[run]`` for a quick version (``apam-gossip bench
 PROFILE --smoke``).
@@ -40,6 +40,7 @@ BENCH_KEYS = ("target", "modes", "lr_overrides", "sgd_lr", "momentum")
 # [simulate]: the simulator's costs, given instead of timed on this machine (real runs
 # ignore them): key -> (simulate()'s keyword, unit scale)
 SIM_KEYS = {"gradient_ms": ("gradient_s", 1e-3), "master_update_ms": ("master_update_s", 1e-3),
+            "worker_update_ms": ("worker_update_s", 1e-3),
             "model_params": ("model_params", 1), "gradient_cv": ("gradient_cv", 1)}
 
 

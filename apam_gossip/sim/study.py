@@ -73,6 +73,7 @@ def scale_study(profile: ClusterProfile, workers: list[int], dataset: Any,
                 if r.evals else None,
                 "final_metric": r.final_metric, "virtual_s": r.wall_time,
                 "events": r.simulation["events"],
+                "n_params_bytes": 4 * (costs.get("model_params") or r.n_params),
             })
     return rows
 
