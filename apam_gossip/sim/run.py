@@ -289,7 +289,7 @@ def _centralized(sim: _Sim) -> tuple[RunResult, int]:
         staleness[version - v] += 1
         if grad is not None:
             loss, b, msg = grad
-            opt.update(x[:n], msg[:n], state, lr=opt.lr_at(version + 1, total))
+            opt.update(x[:n], msg[:n], state, lr=opt.lr_at(version + 1, total, version - v))
             x[n:] = msg[n:]
             losses.append(loss)
         else:

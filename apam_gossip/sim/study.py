@@ -74,6 +74,9 @@ def scale_study(profile: ClusterProfile, workers: list[int], dataset: Any,
                 "final_metric": r.final_metric, "virtual_s": r.wall_time,
                 "events": r.simulation["events"],
                 "n_params_bytes": 4 * (costs.get("model_params") or r.n_params),
+                # the curve, so that time to any other target can be read off later
+                "curve": [[e.wall_time, e.test_metric] for e in r.evals]
+                if not timing_only else None,
             })
     return rows
 
@@ -132,6 +135,7 @@ def study_table(rows: list[dict]) -> str:
 def plot_study(rows: list[dict], path: Path, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     math = any(r["time_to_target_s"] is not None for r in rows)
     fig = Figure(figsize=(12 if math else 7, 4.5))
@@ -153,12 +157,16 @@ def plot_study(rows: list[dict], path: Path, title: str) -> None:
             if bounds:  # all-reduce never got there: at least this much (an up-arrow)
                 ax.scatter([b[0] for b in bounds], [b[1] for b in bounds], marker="^", s=40,
                            color=line.get_color(), zorder=3)
-        if key == "speedup_to_target":
+        if key == "speedup_to_target" and any(r.get(f"{key}_at_least") for r in rows):
             ax.text(0.01, 0.01, "^ : all-reduce missed the target; a lower bound",
                     transform=ax.transAxes, fontsize=7)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
+        sizes = sorted({r["workers"] for r in rows})
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("workers")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
