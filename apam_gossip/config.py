@@ -34,6 +34,7 @@ ModelName = Literal["mlp", "lenet5", "allcnn"]
 DatasetName = Literal["digits", "fashion-mnist", "mnist", "cifar10"]
 OptimizerName = Literal["amsgrad", "adam", "sgd"]
 ScheduleName = Literal["constant", "cosine", "linear"]
+StalenessLr = Literal["none", "sqrt", "inverse"]
 Partition = Literal["iid", "dirichlet"]
 Device = Literal["auto", "cpu", "cuda"]
 Transport = Literal["auto", "shm", "mpi"]
@@ -111,6 +112,11 @@ class OptimConfig(_Section):
     weight_decay: float = _f(0.0, "L2 weight decay", "--weight-decay", ge=0, le=1e6)
     schedule: ScheduleName = _f("constant", "learning rate over the budget (cosine and "
                                 "linear decay towards 0)", "--schedule")
+    warmup: float = _f(0.0, "linear learning-rate warm-up over this fraction of the budget",
+                       "--warmup", ge=0, le=0.5)
+    staleness_lr: StalenessLr = _f("none", "centralized: divide the lr of a gradient tau "
+                                   "updates stale by sqrt(1 + tau) or 1 + tau",
+                                   "--staleness-lr")
 
 
 class DataConfig(_Section):

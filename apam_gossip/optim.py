@@ -48,18 +48,40 @@ OptState = dict[str, Tensor]
 
 
 
-def scheduled_lr(lr: float, schedule: str, step: int, total: int) -> float:
+def scheduled_lr(lr: float, schedule: str, step: int, total: int,
+                 warmup: float = 0.0) -> float:
     """The learning rate of update ``step`` (1-based) of ``total``: ``constant``; ``cosine``
     decays from ``lr`` towards 0 along half a cosine; ``linear`` decays linearly. The
-    decay ends one step past ``total``, so the last update still moves the model."""
+    decay ends one step past ``total``, so the last update still moves the model.
+    ``warmup``: the first ``warmup x total`` updates ramp linearly from ``lr / W`` up to
+    the schedule's value (``W`` = the warm-up's length in updates): with many
+    asynchronous workers, the first gradients are all computed at the starting point,
+    and a full-size step for each of them overshoots."""
+    scale = 1.0
+    if warmup > 0 and total > 0:
+        length = max(1.0, warmup * total)
+        scale = min(1.0, step / length)
     if schedule == "constant" or total <= 0:
-        return lr
+        return lr * scale
     frac = min(max(step - 1, 0) / total, 1.0)
     if schedule == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return scale * lr * 0.5 * (1.0 + math.cos(math.pi * frac))
     if schedule == "linear":
-        return lr * (1.0 - frac)
+        return scale * lr * (1.0 - frac)
     raise AssertionError(f"unknown schedule {schedule!r}")
+
+
+def staleness_scale(rule: str, staleness: int) -> float:
+    """The factor on the learning rate of a gradient ``staleness`` updates old (the
+    staleness-aware step of asynchronous SGD, Zhang et al. 2016, arXiv 1511.05950):
+    ``none`` 1; ``sqrt`` 1/sqrt(1 + tau); ``inverse`` 1/(1 + tau)."""
+    if rule == "none" or staleness <= 0:
+        return 1.0
+    if rule == "sqrt":
+        return 1.0 / math.sqrt(1.0 + staleness)
+    if rule == "inverse":
+        return 1.0 / (1.0 + staleness)
+    raise AssertionError(f"unknown staleness rule {rule!r}")
 
 
 def _moments(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float,
@@ -206,9 +228,12 @@ class Optimizer:
     def __repr__(self) -> str:
         return f"Optimizer({self.hp!r})"
 
-    def lr_at(self, step: int, total: int) -> float:
-        """The learning rate of update ``step`` of ``total`` (see :func:`scheduled_lr`)."""
-        return scheduled_lr(self.hp.lr, self.hp.schedule, step, total)
+    def lr_at(self, step: int, total: int, staleness: int = 0) -> float:
+        """The learning rate of update ``step`` of ``total`` (see :func:`scheduled_lr`), of
+        a gradient ``staleness`` updates old (see :func:`staleness_scale`; only the APAM
+        master passes it)."""
+        return scheduled_lr(self.hp.lr, self.hp.schedule, step, total, self.hp.warmup) \
+            * staleness_scale(self.hp.staleness_lr, staleness)
 
     def init(self, params: Tensor) -> OptState:
         """A fresh state for ``params`` (a 1-D tensor), on its device and dtype."""

@@ -179,3 +179,19 @@ def test_learning_rate_schedules():
     for k in range(1, 5):
         opt.update(x, g, st, lr=opt.lr_at(k, 4))
     assert torch.allclose(x, torch.full((3,), -0.25))
+
+
+def test_warmup_and_the_staleness_aware_step():
+    from apam_gossip.optim import scheduled_lr, staleness_scale
+
+    # 10% of 100 updates: lr/10, 2 lr/10, ..., then the schedule's own value
+    warm = [scheduled_lr(0.1, "constant", k, 100, warmup=0.1) for k in (1, 5, 10, 11, 100)]
+    assert warm == pytest.approx([0.01, 0.05, 0.1, 0.1, 0.1])
+    cos = scheduled_lr(0.1, "cosine", 5, 100, warmup=0.1)
+    assert cos == pytest.approx(0.5 * scheduled_lr(0.1, "cosine", 5, 100))
+    assert scheduled_lr(0.1, "constant", 1, 5, warmup=0.1) == 0.1  # shorter than 1 update
+    assert [staleness_scale(r, 3) for r in ("none", "sqrt", "inverse")] == \
+        pytest.approx([1.0, 0.5, 0.25])
+    assert staleness_scale("inverse", 0) == 1.0
+    opt = Optimizer("amsgrad", lr=0.1, warmup=0.1, staleness_lr="sqrt")
+    assert opt.lr_at(5, 100, staleness=8) == pytest.approx(0.05 / 3)

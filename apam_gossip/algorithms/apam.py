@@ -47,7 +47,7 @@ from ..messages import (
     Stop,
     StopRequest,
 )
-from ..optim import Optimizer
+from ..optim import Optimizer, staleness_scale
 from ..task import Task
 from ..transport import Control, MasterEnd, PeerGone, WorkerEnd
 from .common import Diverged, LocalWorker
@@ -186,7 +186,11 @@ class ApamMaster:
         p, n = self.progress, self.n_params
         # the loop API's workers send their own learning rate (their schedule); else the
         # master's schedule over the budget
-        lr = msg.lr if msg.lr is not None else self.opt.lr_at(p.version + 1, self.total)
+        stale = p.version - msg.version
+        if msg.lr is not None:  # the user's schedule; the staleness rule still applies
+            lr = msg.lr * staleness_scale(self.opt.hp.staleness_lr, stale)
+        else:
+            lr = self.opt.lr_at(p.version + 1, self.total, stale)
         self.opt.update(self.x[:n], grad[:n], self.state, lr=lr)
         if self.x.numel() > n:
             self.x[n:].copy_(grad[n:])
