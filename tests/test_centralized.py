@@ -103,3 +103,27 @@ def test_cuda_request_without_cuda_is_a_config_error(digits):
 
     with pytest.raises(ConfigError, match="device cuda"):
         run(make_cfg(mode="centralized", workers=1, steps=5, device="cuda"), dataset=digits)
+
+
+@pytest.mark.parametrize("rule,factor", [("none", 1.0), ("sqrt", 0.5), ("inverse", 0.25)])
+def test_the_master_scales_a_stale_gradients_step(rule, factor):
+    """ApamMaster.apply: a gradient computed 3 updates ago moves the model by lr x
+    factor(3) (SGD: exactly), the user's lr (loop API) too; a fresh one by lr."""
+    from types import SimpleNamespace
+
+    from apam_gossip.algorithms.apam import ApamMaster
+    from apam_gossip.config import OptimConfig
+    from apam_gossip.messages import Grad
+
+    optim = OptimConfig(name="sgd", lr=0.1, staleness_lr=rule)
+    master = ApamMaster(None, SimpleNamespace(n_workers=2), torch.zeros(3), optim,
+                        total=100, eval_at=[], snaps=torch.zeros(1, 3))
+    master.progress.version = 3
+    master.apply(0, Grad(version=0, samples=1, loss=0.0, compute_s=0.0), torch.ones(3))
+    assert torch.allclose(master.x, torch.full((3,), -0.1 * factor))
+    master.apply(1, Grad(version=4, samples=1, loss=0.0, compute_s=0.0), torch.ones(3))
+    assert torch.allclose(master.x, torch.full((3,), -0.1 * factor - 0.1))  # fresh
+    master.apply(0, Grad(version=2, samples=1, loss=0.0, compute_s=0.0, lr=0.2),
+                 torch.ones(3))  # the loop API's own lr, 3 stale
+    assert torch.allclose(master.x, torch.full((3,), -0.1 * factor - 0.1 - 0.2 * factor))
+    assert dict(master.progress.staleness) == {3: 2, 0: 1}
