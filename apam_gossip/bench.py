@@ -158,30 +158,67 @@ def profile_rows(profile, results: dict, n_train: int) -> list[dict]:
     return rows
 
 
+def seed_rows(per_seed: list[list[dict]]) -> list[dict]:
+    """The rows of several seeds as one row per mode: each number the mean over the seeds
+    that have it (time and epochs to target: those that reached it), with its standard
+    deviation as ``<key>_sd``; ``seeds`` and ``reached`` count them."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    rows = []
+    for i, first in enumerate(per_seed[0]):
+        same = [rs[i] for rs in per_seed]
+        row: dict = {"mode": first["mode"], "workers": first["workers"],
+                     "metric": first["metric"], "seeds": len(same),
+                     "reached": sum(r["time_to_target_s"] is not None for r in same)}
+        for key, v in first.items():
+            if key in row or not (v is None or isinstance(v, (int, float))):
+                continue
+            vals = [r[key] for r in same if r[key] is not None]
+            row[key] = statistics.fmean(vals) if vals else None
+            row[f"{key}_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
+        rows.append(row)
+    return rows
+
+
 def profile_table(profile, rows: list[dict]) -> str:
     def f(v, fmt):
         return format(v, fmt) if v is not None else "-"
 
+    def spread(r: dict, key: str, fmt: str) -> str:
+        """``mean±sd (reached/seeds)`` over seeds, or the one value."""
+        if "seeds" not in r:
+            return f(r[key], fmt)
+        sd = r.get(f"{key}_sd")
+        text = f(r[key], fmt) + (f"±{sd:{fmt}}" if sd is not None else "")
+        return text + (f" ({r['reached']}/{r['seeds']})" if key == "time_to_target_s" else "")
+
     metric = rows[0]["metric"] if rows else "accuracy"
-    head = (f"{'mode':<18}{'workers':>8}{'time to target':>15}"
-            f"{'epochs to':>10}{'final ' + metric:>15}{'samples/s':>11}{'speed-up':>9}"
-            f"{'of ceiling':>11}")
+    wide = 10 if rows and "seeds" in rows[0] else 0  # room for the spreads
+    head = (f"{'mode':<18}{'workers':>8}{'time to target':>{15 + wide}}"
+            f"{'epochs to':>{10 + wide // 2}}{'final ' + metric:>15}{'samples/s':>11}"
+            f"{'speed-up':>9}{'of ceiling':>11}")
     lines = [f"profile {profile.name} ({profile.path}), target {profile.target:g}", head,
              "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['mode']:<18}{r['workers']:>8}{f(r['time_to_target_s'], '.2f'):>15}"
-            f"{f(r['epochs_to_target'], '.2f'):>10}"
+            f"{r['mode']:<18}{r['workers']:>8}"
+            f"{spread(r, 'time_to_target_s', '.2f'):>{15 + wide}}"
+            f"{spread(r, 'epochs_to_target', '.2f'):>{10 + wide // 2}}"
             f"{format_metric(r['metric'], r['final_metric']):>15}"
             f"{r['samples_per_s']:>11.0f}{f(r['speedup_vs_allreduce'], '.2f'):>9}"
             f"{f(r['throughput_fraction_of_ceiling'], '.0%'):>11}")
     lines.append("speed-up: time to target of allreduce-amsgrad / this mode's; of ceiling: "
                  "samples/s / sum of the workers' isolated samples/s")
+    if wide:
+        lines.append(f"mean±sd over {rows[0]['seeds']} seeds (time and epochs to target: of "
+                     "the seeds that reached it, counted in brackets)")
     return "\n".join(lines)
 
 
-def plot_profile(profile, results: dict, path: Path) -> tuple[Path, Path]:
-    """Two PNGs: accuracy vs wall time; per-worker throughput per mode."""
+def plot_profile(profile, results: dict, path: Path,
+                 more_seeds: list[dict] | None = None) -> tuple[Path, Path]:
+    """Two PNGs: accuracy vs wall time (every seed's curve, one colour per mode);
+    per-worker throughput per mode (the first seed)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -195,8 +232,12 @@ def plot_profile(profile, results: dict, path: Path) -> tuple[Path, Path]:
     ax = fig.subplots()
     scale, ylabel = metric_axis(next(iter(results.values())))
     for name, r in results.items():
-        ax.plot([e.wall_time for e in r.evals], [scale * e.test_metric for e in r.evals],
-                marker="o", ms=3, label=name)
+        line, = ax.plot([e.wall_time for e in r.evals],
+                        [scale * e.test_metric for e in r.evals], marker="o", ms=3, label=name)
+        for other in more_seeds or []:
+            o = other[name]
+            ax.plot([e.wall_time for e in o.evals], [scale * e.test_metric for e in o.evals],
+                    marker="o", ms=2, lw=0.8, alpha=0.6, color=line.get_color())
     ax.axhline(scale * profile.target, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("wall time (s, training only)")
     ax.set_ylabel(ylabel)
@@ -239,10 +280,15 @@ def plot_profile(profile, results: dict, path: Path) -> tuple[Path, Path]:
 
 
 def bench_profile(profile, out: Path, quiet: bool = False, callback_factory=None,
-                  simulate: dict | None = None) -> dict:
+                  simulate: dict | None = None, seeds: int = 1) -> dict:
     """Run every mode of ``profile`` on the same model, data, seed and budget; write the
     JSON (table rows + all RunResults) and two PNGs next to ``out``. ``simulate``: do not
-    run but simulate (:func:`apam_gossip.sim.simulate`, with these keyword arguments)."""
+    run but simulate (:func:`apam_gossip.sim.simulate`, with these keyword arguments).
+    ``seeds``: repeat everything with the profile's seed, seed + 1, ...; the rows are then
+    means with standard deviations (:func:`seed_rows`), ``runs`` the first seed's results
+    and ``seed_runs`` every seed's."""
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
 
     base = profile.base
     # every mode checked before the first run, all with the same core budget rule
@@ -251,30 +297,38 @@ def bench_profile(profile, out: Path, quiet: bool = False, callback_factory=None
         check_runnable(cfg)
     dataset = load_dataset(base.data.dataset, base.data.data_dir)
     n_train = min(len(dataset.y_train), base.data.train_limit or len(dataset.y_train))
-    results = {}
-    for name, cfg in cfgs.items():
-        if not quiet:
-            print(f"--- {name}: {cfg.mode}, {cfg.workers if cfg.mode != 'sequential' else 1} "
-                  f"worker(s), {cfg.optim.name} lr={cfg.optim.lr:g}", flush=True)
-        if simulate is not None:
-            from .sim import simulate as sim
+    by_seed: list[dict] = []
+    for k in range(seeds):
+        results = {}
+        for name, cfg in cfgs.items():
+            cfg = cfg.replace(seed=cfg.seed + k)
+            if not quiet:
+                print(f"--- {name}: {cfg.mode}, "
+                      f"{cfg.workers if cfg.mode != 'sequential' else 1} worker(s), "
+                      f"{cfg.optim.name} lr={cfg.optim.lr:g}"
+                      + (f", seed {cfg.seed}" if seeds > 1 else ""), flush=True)
+            if simulate is not None:
+                from .sim import simulate as sim
 
-            results[name] = sim(cfg, dataset=dataset, **simulate)
-            continue
-        cb = callback_factory() if callback_factory is not None else None
-        try:
-            results[name] = run(cfg, dataset=dataset, callback=cb)
-        finally:
-            if cb is not None and hasattr(cb, "close"):
-                cb.close()
-    rows = profile_rows(profile, results, n_train)
-    atomic_write_text(out, json.dumps({
-        "profile": profile.name, "profile_path": profile.path, "target": profile.target,
-        "simulated": simulate is not None,
-        "rows": rows, "runs": {k: r.to_dict() for k, r in results.items()},
-    }, indent=2) + "\n")
-    pngs = plot_profile(profile, results, out)
-    return {"rows": rows, "results": results, "pngs": pngs}
+                results[name] = sim(cfg, dataset=dataset, **simulate)
+                continue
+            cb = callback_factory() if callback_factory is not None else None
+            try:
+                results[name] = run(cfg, dataset=dataset, callback=cb)
+            finally:
+                if cb is not None and hasattr(cb, "close"):
+                    cb.close()
+        by_seed.append(results)
+    results = by_seed[0]
+    rows = seed_rows([profile_rows(profile, res, n_train) for res in by_seed])
+    doc = {"profile": profile.name, "profile_path": profile.path, "target": profile.target,
+           "simulated": simulate is not None, "seeds": seeds,
+           "rows": rows, "runs": {k: r.to_dict() for k, r in results.items()}}
+    if seeds > 1:
+        doc["seed_runs"] = [{k: r.to_dict() for k, r in res.items()} for res in by_seed]
+    atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
+    pngs = plot_profile(profile, results, out, by_seed[1:])
+    return {"rows": rows, "results": results, "pngs": pngs, "by_seed": by_seed}
 
 
 # ------------------------------------------------------------- in-process micro-benchmarks

@@ -532,7 +532,7 @@ def _bench(a: argparse.Namespace) -> int:
     sim = None
     if simulate:
         sim = _sim_options(a, profile)
-    r = bench_profile(profile, out, quiet=a.quiet, simulate=sim,
+    r = bench_profile(profile, out, quiet=a.quiet, simulate=sim, seeds=a.seeds,
                       callback_factory=lambda: _ProgressUI(quiet=a.quiet, metric=metric))
     if simulate:
         print(f"simulated ({'timing only' if a.timing_only else 'math'}), "
@@ -837,6 +837,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "25000000; needs --gradient-ms); math mode still trains the "
                     "profile's model")
     sm.add_argument("--smoke", action="store_true", help="the profile's [smoke] variant")
+    for parser in (b, sm):
+        parser.add_argument("--seeds", type=int, default=1, help="PROFILE: run every mode "
+                            "with this many seeds (the profile's, +1, ...); the table shows "
+                            "mean±sd")
     sm.add_argument("--modes", help="comma-separated subset of the profile's modes")
     sm.add_argument("--output", "-o", metavar="PATH", help="result JSON (PNGs next to it)")
     sm.add_argument("--quiet", "-q", action="store_true")

@@ -247,3 +247,28 @@ def test_the_scale_study_in_math_mode_has_time_to_target(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert all(r["final_metric"] > 0.5 for r in rows)  # digits, 4 epochs: all learn
     assert all(r["time_to_target_s"] for r in rows if r["mode"] != "allreduce-amsgrad")
+
+
+def test_seeds_give_means_and_spreads(tmp_path):
+    """`--seeds 3`: every mode with seeds s, s+1, s+2; rows are means with standard
+    deviations, every seed's results are kept, and the seeds really differ."""
+    out = tmp_path / "s.json"
+    p = subprocess.run([sys.executable, "-m", "apam_gossip", "simulate",
+                        str(ROOT / "launch" / "profile_validation4.toml"), "--smoke",
+                        "--seeds", "3", "--modes", "centralized,decentralized",
+                        "--gradient-ms", "1", "--master-ms", "0.1", "-q", "-o", str(out)],
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr
+    assert "mean±sd over 3 seeds" in p.stdout
+    d = json.loads(out.read_text())
+    assert d["seeds"] == 3 and len(d["seed_runs"]) == 3
+    finals = [run["centralized"]["final_metric"] for run in d["seed_runs"]]
+    seeds = [run["centralized"]["config"]["seed"] for run in d["seed_runs"]]
+    assert seeds == [seeds[0], seeds[0] + 1, seeds[0] + 2]
+    row = d["rows"][0]
+    assert row["seeds"] == 3 and row["final_metric"] == pytest.approx(sum(finals) / 3)
+    assert row["samples_per_s_sd"] > 0  # the seeds' timings differ (gradient noise)
+    bad = subprocess.run([sys.executable, "-m", "apam_gossip", "simulate",
+                          str(ROOT / "launch" / "profile_validation4.toml"), "--smoke",
+                          "--seeds", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--seeds must be >= 1" in bad.stderr
