@@ -232,6 +232,8 @@ class RunConfig(_Section):
     slowdown: Floats = _f((), "per worker: sleep (factor - 1) x its compute time after each "
                           "gradient (1 = full speed)")
     evals: int = _f(10, "number of test evaluations during the run", ge=1, le=100_000)
+    eval_samples: int = _f(0, "score the evaluations during the run on the first N test "
+                           "samples, the final one on all (0 = all every time)", ge=0)
     device: Device = _f("auto", "auto: cuda:(worker mod n_gpus) when CUDA is available")
     threads_per_worker: int | None = _f(None, "torch threads per worker (default: cores / "
                                         "workers)", ge=1, le=1024)

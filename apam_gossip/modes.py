@@ -77,7 +77,7 @@ class ShmMode:
         self.cfg, self.task, self.data, self.cb = cfg, task, data, cb
         self.plan = RunPlan.of(cfg, data, task)
         data.share_memory_()
-        self.evaluator = Evaluator(task, data, eval_device(cfg))
+        self.evaluator = Evaluator(task, data, eval_device(cfg), during=cfg.eval_samples)
         self.threads = threads_per_worker(cfg, cfg.workers)
         self.devices = [str(device_for(cfg, i)) for i in range(cfg.workers)]
         self.reports: dict[int, WorkerReport] = {}

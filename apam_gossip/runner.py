@@ -17,13 +17,14 @@ from .checkpoint import load_checkpoint
 from .config import ConfigError, RunConfig
 from .coordinator import RunInterrupted, RunTimeout
 from .data import Dataset, UserData, load_data
+from .evaluate import rescore_final
 from .models import MODELS
 from .modes import CentralizedMode, DecentralizedMode, SyncMode, run_mode
 from .plan import topology_of
 from .reporting import Callback, Event, no_callback, with_task
 from .result import RunResult
 from .runner_mpi import run_mpi
-from .sequential import run_sequential
+from .sequential import eval_device, run_sequential
 from .task import Task, preflight
 from .transport.mpi import launched_by_mpi, world
 
@@ -81,6 +82,8 @@ def run(config: RunConfig | None = None, *, model: Any = None, train_data: Any =
                 mode = SyncMode(config, task, data, cb)
             run_mode(mode, config.timeout_s)
             result = mode.result()
+        if result is not None:
+            rescore_final(result, task, data, eval_device(config), config.eval_samples)
     finally:
         torch.set_num_threads(old_threads)
     return with_task(result, task) if result is not None else None

@@ -107,7 +107,8 @@ class _RankContext:
 
     def scorer(self, snaps: torch.Tensor) -> SnapshotScorer:
         """Scores snapshots after training (their wall times were taken live)."""
-        evaluator = Evaluator(self.task, self.data, self.device)
+        evaluator = Evaluator(self.task, self.data, self.device,
+                              during=self.cfg.eval_samples)
         return SnapshotScorer(evaluator, snaps, self.plan.total_samples, self.cb)
 
 
@@ -201,7 +202,7 @@ def _decentralized(ctx: _RankContext) -> RunResult | None:
     if rank != 0:
         return None
 
-    evaluator = Evaluator(ctx.task, ctx.data, ctx.device)
+    evaluator = Evaluator(ctx.task, ctx.data, ctx.device, during=cfg.eval_samples)
     evals: list[EvalRecord] = []
     for wall_s, claimed, snap in snaps:
         rec, _ = gossip_eval_record(cfg, evaluator, snap, wall_s, claimed, None, None)

@@ -34,7 +34,7 @@ def run_sequential(cfg: RunConfig, task: Task, data: Any, cb: Callback) -> RunRe
     w.flat.state.copy_(plan.x0)
     opt = Optimizer(cfg.optim)
     state = opt.init(w.flat.params)
-    evaluator = Evaluator(task, data, eval_device(cfg))
+    evaluator = Evaluator(task, data, eval_device(cfg), during=cfg.eval_samples)
     total, total_samples = plan.total, plan.total_samples
     points = set(plan.eval_at)
     evals: list[EvalRecord] = []

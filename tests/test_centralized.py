@@ -127,3 +127,18 @@ def test_the_master_scales_a_stale_gradients_step(rule, factor):
                  torch.ones(3))  # the loop API's own lr, 3 stale
     assert torch.allclose(master.x, torch.full((3,), -0.1 * factor - 0.1 - 0.2 * factor))
     assert dict(master.progress.staleness) == {3: 2, 0: 1}
+
+
+@pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce"])
+def test_real_runs_evaluate_a_subset_during_and_everything_at_the_end(digits, mode):
+    """eval_samples on real processes (shared memory): the records during the run say 40,
+    the final one the whole test set, and its metric is the final model's on all of it."""
+    from apam_gossip.evaluate import Evaluator
+    from apam_gossip.runner import make_task
+
+    cfg = make_cfg(mode=mode, workers=2, steps=60, evals=3, eval_samples=40)
+    r = run(cfg, dataset=digits)
+    marks = [e.extra["eval_samples"] for e in r.evals]
+    assert marks[:-1] == [40] * (len(marks) - 1) and marks[-1] == digits.test_size()
+    full = Evaluator(make_task(cfg, digits), digits)
+    assert r.evals[-1].test_metric == full(r.final_params)[1]

@@ -272,3 +272,20 @@ def test_seeds_give_means_and_spreads(tmp_path):
                           str(ROOT / "launch" / "profile_validation4.toml"), "--smoke",
                           "--seeds", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--seeds must be >= 1" in bad.stderr
+
+
+@pytest.mark.parametrize("mode", ["sequential", "centralized", "decentralized", "allreduce"])
+def test_evaluations_during_the_run_on_a_subset_the_final_on_all(digits, mode):
+    """eval_samples: the records during the run score the first N test samples, the last
+    the whole test set (real sequential run and every simulated mode)."""
+    from apam_gossip.evaluate import Evaluator
+    from apam_gossip.runner import make_task
+
+    cfg = make_cfg(mode=mode, workers=3, steps=90, evals=4, eval_samples=40,
+                   threads_per_worker=1)
+    r = run(cfg, dataset=digits) if mode == "sequential" else \
+        simulate(cfg, dataset=digits, **COSTS)
+    n_test = digits.test_size()
+    assert [e.extra["eval_samples"] for e in r.evals] == [40] * (len(r.evals) - 1) + [n_test]
+    full = Evaluator(make_task(cfg, digits), digits)
+    assert r.evals[-1].test_metric == full(r.final_params)[1]

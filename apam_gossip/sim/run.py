@@ -37,7 +37,7 @@ from ..algorithms.adpsgd import local_step, neighbor_picker
 from ..algorithms.common import Diverged, batch_size_of, worker_seed
 from ..config import RunConfig
 from ..emulation import MASTER
-from ..evaluate import Evaluator
+from ..evaluate import Evaluator, rescore_final
 from ..flat import flatten
 from ..optim import Optimizer
 from ..plan import RunPlan, topology_of
@@ -178,13 +178,15 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
         oracle = evaluator = None
         if not timing_only:
             oracle = Oracle(cfg, task, data, plan.shards)
-            evaluator = Evaluator(task, data, torch.device("cpu"))
+            evaluator = Evaluator(task, data, torch.device("cpu"), during=cfg.eval_samples)
         sim = _Sim(cfg, plan, cluster, oracle, evaluator, task, initial_models)
         runner = {"sequential": _sequential, "centralized": _centralized,
                   "decentralized": _decentralized, "allreduce": _sync, "dpsgd": _sync}
         result, events = runner[cfg.mode](sim)
     finally:
         torch.set_num_threads(threads)
+    if not timing_only:
+        rescore_final(result, task, data, "cpu", cfg.eval_samples)
     result.simulation = {"timing_only": timing_only, "gradient_s": gradient_s,
                          "master_update_s": master_update_s,
                          "worker_update_s": worker_update_s,
