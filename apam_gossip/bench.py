@@ -279,6 +279,21 @@ def plot_profile(profile, results: dict, path: Path,
     return acc_png, thr_png
 
 
+def _timed_once(profile, dataset, simulate: dict) -> dict:
+    """The simulator's costs, the model timed once for every mode and seed (timed per
+    simulation, modes would be compared on slightly different gradient times)."""
+    if {"gradient_s", "master_update_s", "worker_update_s"} <= set(simulate):
+        return simulate
+    from .runner import make_task
+    from .sim.cluster import calibrate
+
+    task = make_task(profile.base, dataset, check=False)
+    g, u = calibrate(task, dataset, profile.base)
+    if simulate.get("model_params"):  # an optimizer step is linear in the model size
+        u *= simulate["model_params"] / task.initial_state()[1]
+    return {"gradient_s": g, "master_update_s": u, "worker_update_s": u, **simulate}
+
+
 def bench_profile(profile, out: Path, quiet: bool = False, callback_factory=None,
                   simulate: dict | None = None, seeds: int = 1) -> dict:
     """Run every mode of ``profile`` on the same model, data, seed and budget; write the
@@ -297,6 +312,8 @@ def bench_profile(profile, out: Path, quiet: bool = False, callback_factory=None
         check_runnable(cfg)
     dataset = load_dataset(base.data.dataset, base.data.data_dir)
     n_train = min(len(dataset.y_train), base.data.train_limit or len(dataset.y_train))
+    if simulate is not None:
+        simulate = _timed_once(profile, dataset, simulate)
     by_seed: list[dict] = []
     for k in range(seeds):
         results = {}
@@ -466,6 +483,7 @@ def _cli_shm_pairwise(a) -> Iterator[str]:
 def _cli_transport(a) -> Iterator[str]:
     import shlex
 
+    a.workers = 4 if a.workers is None else a.workers
     if a.workers < 1 or a.repeats < 1:
         raise UserError("--workers and --repeats must be >= 1")
     for mode in _modes_flag(a):

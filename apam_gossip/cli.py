@@ -508,6 +508,14 @@ def _bench(a: argparse.Namespace) -> int:
     from .profiles import load_profile, scaled
 
     simulate = a.command == "simulate" or getattr(a, "simulate", False)
+    if a.command == "bench":
+        if simulate:
+            a.sim_workers = a.workers  # `bench --simulate --workers N` = `simulate --workers N`
+        else:
+            for flag in ("timing_only", "gradient_ms", "gradient_cv", "master_ms"):
+                if getattr(a, flag) not in (None, False):
+                    raise UserError(f"--{flag.replace('_', '-')} is a simulator flag: add "
+                                    "--simulate (or use `apam-gossip simulate`)")
     if a.what in MICRO_BENCHMARKS and not simulate:
         for line in MICRO_BENCHMARKS[a.what](a):
             print(line)
@@ -578,12 +586,22 @@ def _scale_study(a: argparse.Namespace, profile) -> int:
             from None
     if not workers or min(workers) < 1 or max(workers) > 100_000:
         raise UserError(f"--scale must be worker counts between 1 and 100000, got {a.scale!r}")
+    for flag, given in (("--seeds", a.seeds != 1), ("--modes", bool(a.modes)),
+                        ("--workers", a.sim_workers is not None)):
+        if given:
+            raise UserError(f"--scale runs every study mode at each size with one seed; "
+                            f"{flag} does not apply to it")
     sim = _sim_options(a, profile)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(a.output) if a.output else Path("runs") / f"scale-{profile.name}-{stamp}.json"
     _check_output(out)
     base = profile.base
     dataset = load_dataset(base.data.dataset, base.data.data_dir)
+    n_train = dataset.subset(base.data.train_limit, None).train_size()
+    if not a.timing_only and max(workers) > n_train:
+        raise UserError(f"--scale {max(workers)} workers exceeds the {n_train} training "
+                        "samples (each worker needs its shard in math mode; add "
+                        "--timing-only)")
     rows = scale_study(profile, workers, dataset, **sim)
     import json
 
@@ -782,7 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", "-o", metavar="PATH", help="PROFILE: result JSON (PNGs next to "
                    "it; default runs/bench-<profile>-<time>.json)")
     b.add_argument("--quiet", "-q", action="store_true")
-    b.add_argument("--workers", type=int, default=4, help="transport: workers")
+    b.add_argument("--workers", type=int, help="transport: workers (default 4); with "
+                   "--simulate: simulate this many (as `simulate --workers`)")
     b.add_argument("--repeats", type=int, default=3, help="transport: alternations")
     b.add_argument("--train-args", default="--model lenet5 --dataset fashion-mnist "
                    "--train-limit 12000 --test-limit 500 --epochs 1 --evals 1",

@@ -209,8 +209,8 @@ class RunConfig(_Section):
     mode: Mode = _f("centralized", "centralized (APAM master/worker), decentralized "
                     "(gossip), sequential (one-process reference), allreduce or dpsgd "
                     "(synchronous baselines)")
-    workers: int = _f(4, "number of workers (under mpirun: taken from the ranks)", ge=1,
-                      le=4096)
+    workers: int = _f(4, "number of workers (under mpirun: taken from the ranks; a real "
+                      "run takes up to 4096, a simulation up to 100000)", ge=1, le=100_000)
     model: str = _f("mlp", "a built-in model (mlp, lenet5, allcnn) or an import string "
                     "'package.module:factory' naming a zero-argument function or class that "
                     "returns a torch.nn.Module")

@@ -35,6 +35,14 @@ class LinkModel:
             if 0 <= i < len(self.net.worker_bandwidth_gbps) else 0.0
         return lat, bw
 
+    def nic_gbps(self, i: int) -> float:
+        """The rate of node ``i``'s NIC (Gbit/s, 0 = unlimited): its own cap, else the
+        network's ``bandwidth_gbps`` (every NIC runs at link speed)."""
+        if not self.active:
+            return 0.0
+        own = self._nic(i)[1]
+        return own if own > 0 else self.net.bandwidth_gbps
+
     def parts(self, i: int, j: int) -> tuple[float, float]:
         """(latency in seconds, bandwidth in Gbit/s, 0 = unlimited) of the link i-j."""
         if not self.active:

@@ -125,6 +125,10 @@ def _build(d: dict, p: Path, smoke: bool) -> ClusterProfile:
            if k in compute},
     })
     base = RunConfig.from_dict(cfg)
+    per = sim_costs.get("gradient_s")
+    if isinstance(per, list) and len(per) not in (1, base.workers):
+        raise ConfigError(f"[simulate] gradient_ms has {len(per)} entries; give one, or one "
+                          f"per worker ({base.workers})")
     if base.metric == "accuracy" and not 0 < target <= 1:
         raise ConfigError(f"[run] target must be an accuracy in (0, 1], got {target!r}")
     for k, v in lr_over.items():
@@ -158,6 +162,9 @@ def _sim_costs(table: dict[str, Any]) -> dict[str, Any]:
         if k == "gradient_cv":
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10:
                 raise ConfigError(f"[simulate] gradient_cv must be in [0, 10], got {v!r}")
+        elif k == "model_params" and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ConfigError(f"[simulate] {k} must be a whole number of parameters, got "
+                              f"{v!r}")
         else:
             limit = 1e11 if k == "model_params" else 1e7
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= limit:
@@ -212,7 +219,10 @@ def scaled(profile: ClusterProfile, workers: int) -> ClusterProfile:
         return [values[i % len(values)] for i in range(workers)]
 
     net = {"worker_latency_ms": tile(base.network.worker_latency_ms, 0.0),
-           "worker_bandwidth_gbps": tile(base.network.worker_bandwidth_gbps, 0.0)}
+           "worker_bandwidth_gbps": tile(base.network.worker_bandwidth_gbps, 0.0),
+           # single links keep their ends: those to a worker past the new size go
+           "links": [list(lk) for lk in base.network.links
+                     if max(int(lk[0]), int(lk[1])) < workers]}
     return replace(profile, base=base.replace(workers=workers,
                                               slowdown=tile(base.slowdown, 1.0),
                                               network=net))

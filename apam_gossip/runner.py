@@ -59,6 +59,9 @@ def run(config: RunConfig | None = None, *, model: Any = None, train_data: Any =
     if config is None:
         config = RunConfig()
     check_runnable(config, topology=False)
+    if config.workers > MAX_REAL_WORKERS:
+        raise ConfigError(f"workers ({config.workers}) is more than a real run takes "
+                          f"({MAX_REAL_WORKERS}); `apam-gossip simulate` takes up to 100000")
     data = dataset if dataset is not None else load_data(config, train_data, test_data)
     data = data.subset(config.data.train_limit, config.data.test_limit)
     if config.workers > data.train_size():
@@ -100,6 +103,9 @@ def make_task(cfg: RunConfig, data: Any, *, model: Any = None, loss: Any = None,
     if check:
         preflight(task, data)
     return task
+
+
+MAX_REAL_WORKERS = 4096
 
 
 def check_runnable(cfg: RunConfig, topology: bool = True) -> None:

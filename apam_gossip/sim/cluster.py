@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..config import NetworkConfig, RunConfig
 from ..emulation import LinkModel
 from .engine import Resource
 
@@ -87,14 +87,17 @@ class Cluster:
 
     def transfer(self, t: float, i: int, j: int, nbytes: int | None = None) -> float:
         """When a model (or ``nbytes``) sent from ``i`` to ``j`` at ``t`` has arrived: the
-        sender's outgoing and the receiver's incoming NIC serialize it (each queued behind
-        its earlier transfers), then the latency."""
+        sender's outgoing and the receiver's incoming NIC serialize it, each at its own
+        rate and queued behind its earlier transfers, while the link carries it at the
+        link's bottleneck rate; then the latency. So a fast master NIC takes many slow
+        uploads at once, and a slow one queues them."""
         lat, bw = self.link.parts(i, j)
-        nbytes = self.nbytes if nbytes is None else nbytes
-        ser = nbytes * 8 / (bw * 1e9) if bw > 0 else 0.0
-        if ser == 0.0:
-            return t + lat
-        done = max(self.nic(i, "out").serve(t, ser), self.nic(j, "in").serve(t, ser))
+        bits = (self.nbytes if nbytes is None else nbytes) * 8
+        done = t + (bits / (bw * 1e9) if bw > 0 else 0.0)
+        for node, way in ((i, "out"), (j, "in")):
+            rate = self.link.nic_gbps(node)
+            if rate > 0:
+                done = max(done, self.nic(node, way).serve(t, bits / (rate * 1e9)))
         return done + lat
 
     def allreduce_s(self) -> float:
@@ -129,7 +132,10 @@ def calibrate(task: Any, data: Any, cfg: RunConfig, repeats: int = 10) -> tuple[
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = cfg.replace(workers=1, slowdown=[], straggler_prob=0.0)
+        # compute only: one worker, no slowdown, no network (its per-worker lists and
+        # links name workers a 1-worker config does not have)
+        one = cfg.replace(workers=1, slowdown=[], straggler_prob=0.0,
+                          network=NetworkConfig().model_dump())  # (replace merges tables)
         plan = RunPlan.of(one, data, task)
         w = LocalWorker.build(one, task, data, plan.shards[0], 0, torch.device("cpu"))
         for _ in range(3):

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..algorithms.adpsgd import local_step, neighbor_picker
 from ..algorithms.common import Diverged, batch_size_of, worker_seed
-from ..config import RunConfig
+from ..config import NetworkConfig, RunConfig
 from ..emulation import MASTER
 from ..evaluate import Evaluator, rescore_final
 from ..flat import flatten
@@ -144,7 +144,8 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
     data = dataset if dataset is not None else load_data(cfg, train_data, test_data)
     data = data.subset(cfg.data.train_limit, cfg.data.test_limit)
     if cfg.mode == "sequential":  # worker 0 alone, as the real sequential run
-        cfg = cfg.replace(workers=1, slowdown=list(cfg.slowdown[:1]))
+        cfg = cfg.replace(workers=1, slowdown=list(cfg.slowdown[:1]),
+                          network=NetworkConfig().model_dump())  # no transfers to time
     if not timing_only and cfg.workers > data.train_size():
         raise ConfigError(f"workers ({cfg.workers}) exceeds the {data.train_size()} training "
                           "samples (a math-mode simulation gives each worker its shard; "

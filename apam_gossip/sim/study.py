@@ -3,9 +3,10 @@
 For each number of workers the profile is scaled (:func:`apam_gossip.profiles.scaled`:
 its per-worker settings repeat) and every mode simulated on the same budget: all-reduce
 (AMSGrad), D-PSGD, APAM and gossip on a ring and on the exponential graph. Timing-only
-by default (throughput: the speed-up is the ratio of epoch times, over a budget of at
-least 50 updates per worker so that start-up does not count); with math, the time to the
-profile's target too. The model is timed once for all runs.
+(throughput: the speed-up is the ratio of epoch times, over a budget of at least 50
+updates per worker so that start-up does not count), or in math mode (the CLI's default,
+``simulate --scale``) the time to the profile's target too. The model is timed once for
+all runs.
 """
 
 from __future__ import annotations
