@@ -359,6 +359,19 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
+def _median_times(fns: list, reps: int) -> list[float]:
+    """The median time of each function, the functions taking turns rep by rep."""
+    for fn in fns:
+        fn()  # warm up
+    ts: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, t_fn in zip(fns, ts):
+            t = time.perf_counter()
+            fn()
+            t_fn.append(time.perf_counter() - t)
+    return [statistics.median(t_fn) for t_fn in ts]
+
+
 def bench_master(numel: int = 1_000_000, reps: int = 50) -> dict:
     """The APAM master's work per update for a model of ``numel`` parameters (AMSGrad step
     plus the copy of x into the worker's parameter slot), against the memory-bandwidth
@@ -399,9 +412,10 @@ def bench_shm_pairwise(numel: int = 2**20, reps: int = 50) -> dict:
     g = ShmGossip(2, numel)
     g.x.normal_()
     end = g.end(0, 10.0)
-    t_avg = _median_time(lambda: end.average_with(1), reps)
-    src, dst = torch.randn(numel), torch.empty(numel)
-    t_copy = _median_time(lambda: dst.copy_(src), reps)
+    src, dst = torch.randn(numel), torch.randn(numel)
+    # interleaved, so both see the same memory traffic from the machine's other tenants
+    t_avg, t_copy = _median_times([lambda: end.average_with(1), lambda: dst.copy_(src)],
+                                  reps)
     return {"numel": numel, "average_s": t_avg, "memcpy_s": t_copy,
             "ratio_average_to_memcpy": t_avg / t_copy}
 
@@ -473,7 +487,9 @@ def _cli_scaling(a) -> Iterator[str]:
 
 
 def _cli_shm_pairwise(a) -> Iterator[str]:
-    r = bench_shm_pairwise()
+    if a.reps < 1:
+        raise UserError(f"--reps must be >= 1, got {a.reps}")
+    r = bench_shm_pairwise(_numel_of(a.size_mb), a.reps)
     yield (f"shared-memory pairwise average of {r['numel'] * 4 / 2**20:g} MB: "
            f"{1e3 * r['average_s']:.3f} ms; memcpy {1e3 * r['memcpy_s']:.3f} ms; ratio "
            f"{r['ratio_average_to_memcpy']:.2f}x")

@@ -224,7 +224,7 @@ def _ignored_flags(a: argparse.Namespace, cfg, modes: list[str]) -> list[str]:
     checks = [
         (("topology",), {"decentralized", "dpsgd"}.isdisjoint(modes),
          "applies to the decentralized and dpsgd modes"),
-        (("adaptive_state", "audit"), "decentralized" not in modes,
+        (("adaptive_state", "audit", "overlap"), "decentralized" not in modes,
          "applies to the decentralized mode"),
         (("data.data_dir",), cfg.data.dataset == "digits", "digits ships with scikit-learn"),
         (("optim.momentum", "optim.nesterov"), cfg.optim.name != "sgd",
@@ -807,9 +807,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--train-limit 12000 --test-limit 500 --epochs 1 --evals 1",
                    help="transport: flags for each 'apam-gossip train' run (one string)")
     b.add_argument("--max-workers", type=int, help="scaling: largest N (default: the cores)")
-    b.add_argument("--size-mb", type=float, default=4.0, help="pairwise, master: model "
+    b.add_argument("--size-mb", type=float, default=4.0, help="pairwise, shm-pairwise, master: model "
                    "size (MB of float32; 100 = a 25M-parameter model)")
-    b.add_argument("--reps", type=int, default=30, help="pairwise: repetitions")
+    b.add_argument("--reps", type=int, default=30, help="pairwise, shm-pairwise: repetitions")
     la = sub.add_parser("launch", help="start your own training script on N ranks (the "
                         "loop API: apam_gossip.init, DistributedOptimizer)",
                         description="Run `mpirun -n N python SCRIPT ARGS` with settings that "

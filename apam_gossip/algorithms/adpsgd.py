@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -120,6 +121,26 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
     audit = torch.zeros(w.flat.numel, dtype=torch.float64) if cfg.audit else None
     staleness: Counter[int] = Counter()
     loss_sum, updates, samples, averages, refused = 0.0, 0, 0, 0, 0
+
+    def average() -> tuple[bool, int]:
+        """One average with a random live neighbour (a refusal is retried with a fresh
+        one): (whether it averaged, how many refusals)."""
+        no = 0
+        for _ in range(AVERAGE_TRIES):
+            j = pick() if pick is not None else None
+            if j is None:  # every neighbour died: keep training alone
+                break
+            link.sleep(2 * link.seconds(i, j))  # emulated link: model there and back
+            if end.average_with(j):  # False: j was mid-average and refused
+                return True, no
+            no += 1
+        return False, no
+
+    # the communication thread (AD-PSGD's second thread): the average runs there while
+    # this thread computes the gradient, so a link only costs time when it is slower
+    # than a gradient. The math is the same either way: the gradient is taken at the
+    # snapshot, the average and then the local step land on the current model.
+    comm = ThreadPoolExecutor(1, thread_name_prefix=f"gossip-{i}") if cfg.overlap else None
     ctrl.send(Hello(i))
     if not end.wait_start(GO_TIMEOUT_S):
         raise TimeoutError(f"worker {i}: the coordinator did not start the run within "
@@ -128,7 +149,15 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
         v0 = end.snapshot(w.flat.state)
         if buffers0 is not None:
             buffers0.copy_(w.flat.buffers)
-        loss, n, _ = w.gradient()
+        if comm is None:
+            loss, n, _ = w.gradient()
+            averaged, no = average()
+        else:
+            in_flight = comm.submit(average)
+            try:
+                loss, n, _ = w.gradient()
+            finally:  # never leave an average running behind an error
+                averaged, no = in_flight.result()
         g = w.flat.grads
         if grad_cpu is not None:
             grad_cpu.copy_(g)
@@ -136,17 +165,8 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
         delta = None
         if buffers0 is not None:  # what this batch's forward pass did to the buffers
             delta = (w.flat.buffers - buffers0).cpu()
-        averaged = False
-        for _ in range(AVERAGE_TRIES):
-            j = pick() if pick is not None else None
-            if j is None:  # every neighbour died: keep training alone
-                break
-            link.sleep(2 * link.seconds(i, j))  # emulated link: model there and back
-            averaged = end.average_with(j)  # False: j was mid-average and refused
-            if averaged:
-                break
-            refused += 1
         averages += averaged
+        refused += no
         v1 = end.update_local(partial(local_step, opt, g, state, tracked, audit,
                                       opt.lr_at(k, total), n_params, delta))
         staleness[v1 - v0 - 1 - averaged] += 1
@@ -154,6 +174,8 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
         samples += n
         loss_sum += loss
         end.report_loss(loss)
+    if comm is not None:
+        comm.shutdown()
     ctrl.send(w.report(
         updates=updates, samples=samples, averages=averages, refused_averages=refused,
         staleness=dict(staleness),

@@ -6,16 +6,17 @@ completes first (``Testsome``, never round-robin); the gradient follows the meta
 a second message from that worker only. Parameters go back to that worker only.
 
 Gossip (decentralized): every rank is a worker and runs a *server thread* besides its
-training thread (MPI_THREAD_MULTIPLE). To average with neighbour j, worker i sends x_i to
-j's server; the server, holding j's local lock, sets x_j <- (x_i_sent + x_j)/2 and replies
-with that average; worker i then applies it as a delta, x_i += avg - x_i_sent, so a local
-step that touched x_i meanwhile is kept (no update is lost, and the sum of all models
-changes only by local steps). While i's own average is in flight its server does not mix
-another rank's model into x_i: an average asked by a higher rank waits until i's is done,
-one asked by a lower rank is refused (and the asker tries another neighbour). Every
-average is therefore exact (a convex combination: the tracked second moment stays >= 0),
-and a blocking wait only ever goes from a higher rank to a lower one, so no cycle of waits
-can form: deadlock-free on any connected graph. All progress is ordinary two-sided
+training thread (MPI_THREAD_MULTIPLE). To average with neighbour j, worker i sends
+[x_i | u_i] straight from its model (no packed copy) to j's server; the server, holding
+j's local lock, sets x_j <- (x_i + x_j)/2 in one pass and replies with it from its model,
+still under the lock; worker i's model becomes the reply. That is exact because the model
+is read-locked while the average is in flight: i's local step waits for the reply, and
+i's server does not mix another rank's model into x_i meanwhile (an average asked by a
+higher rank waits until i's is done, one asked by a lower rank is refused and the asker
+tries another neighbour). So no update is lost, the sum of all models changes only by
+local steps, and every average is a convex combination (the tracked second moment stays
+>= 0). A blocking wait only ever goes from a higher rank to a lower one, so no cycle of
+waits can form: deadlock-free on any connected graph. All progress is ordinary two-sided
 point-to-point messages driven by a thread that is always in MPI, so it works between
 hosts over any network MPI supports (no reliance on shared-memory one-sided progress).
 Rank 0's server also hands out the shared update budget (one claim per update).
@@ -288,19 +289,22 @@ class MpiGossip:
         self.size = comm.Get_size()
         self.n_workers = self.size
         self.timeout = timeout
-        self.x = _host_buffer(x0.numel())
+        n, n_u = x0.numel(), x0.numel() if n_tracked is None else n_tracked
+        # [x | u] in one buffer: an average sends it as it is, with no packed copy
+        self.state = _host_buffer(n + (n_u if tracked else 0))
+        self.x = self.state[:n]
         self.x.copy_(x0)
-        n_u = x0.numel() if n_tracked is None else n_tracked
-        self.u = _host_buffer(n_u) if tracked else None
+        self.u = self.state[n:] if tracked else None
         self.lock = threading.Lock()
+        # writers of x wait on it while this rank's own average is in flight (see
+        # average_with): the model is read-locked while it is on the wire
+        self.idle = threading.Condition(self.lock)
         self.version = 0
         self.total = total
         self.claimed = 0  # rank 0 only: updates handed out
         self.losses = [0.0, 0]
-        payload = x0.numel() + (n_u if tracked else 0)  # [x | u]
-        self._send_buf = _host_buffer(payload)
-        self._recv_buf = _host_buffer(payload)
-        self._srv_buf = _host_buffer(payload)
+        self._recv_buf = _host_buffer(self.state.numel())
+        self._srv_buf = _host_buffer(self.state.numel())
         self.averages = 0
         self.refused = 0  # averages this rank asked for and its peer refused (busy)
         self.in_flight = False  # this rank's own average is on its way (under self.lock)
@@ -313,13 +317,6 @@ class MpiGossip:
         self.server.start()
 
     # -- the server thread ----------------------------------------------------------
-    def _pack(self, buf: Tensor) -> Tensor:
-        n = self.x.numel()
-        buf[:n].copy_(self.x)
-        if self.u is not None:
-            buf[n:].copy_(self.u)
-        return buf
-
     def _serve(self) -> None:
         """Serve requests until told to stop. Two receives stay posted: small headers
         (snapshot, claim, stop) and averaging payloads, so an average is one message
@@ -353,12 +350,10 @@ class MpiGossip:
                     with self.lock:
                         busy = self.in_flight
                         if not busy:
-                            self._blend(buf)
-                    if not busy:
-                        self.comm.Send(buf, dest=src, tag=T_REPLY)
-                    elif src > self.rank:  # wait until this rank's average is done
+                            self._blend_and_reply(buf, src)
+                    if busy and src > self.rank:  # wait until this rank's average is done
                         waiting.append((src, buf.clone()))
-                    else:  # refuse: its model stays as it is
+                    elif busy:  # refuse: its model stays as it is
                         self.comm.Send(self._busy, dest=src, tag=T_REPLY)
                     reqs[1] = self.comm.Irecv(buf, source=MPI.ANY_SOURCE, tag=T_DATA)
                     continue
@@ -384,16 +379,14 @@ class MpiGossip:
         except BaseException as e:  # noqa: BLE001 - surfaced by the training thread
             self.error = e
 
-    def _blend(self, payload: Tensor) -> None:
-        """Under the lock: x (and u) <- the mean with the payload's, written back into
-        the payload as the reply."""
-        n = self.x.numel()
-        torch.lerp(self.x, payload[:n], 0.5, out=self.x)
-        payload[:n].copy_(self.x)
-        if self.u is not None:
-            torch.lerp(self.u, payload[n:], 0.5, out=self.u)
-            payload[n:].copy_(self.u)
+    def _blend_and_reply(self, payload: Tensor, src: int) -> None:
+        """Under the lock: [x | u] <- the mean with the payload (one pass), then send it
+        straight from the model as the reply. The lock stays held until the send is
+        done, so no local step lands in the model while it is on the wire (the asker
+        takes the reply as its new model)."""
+        torch.lerp(self.state, payload, 0.5, out=self.state)
         self.version += 1
+        self.comm.Send(self.state, dest=src, tag=T_REPLY)
 
     def _serve_waiting(self, waiting: list[tuple[int, Tensor]]) -> list[tuple[int, Tensor]]:
         """Serve the deferred averages once this rank's own is done; returns what still
@@ -401,10 +394,8 @@ class MpiGossip:
         with self.lock:
             if self.in_flight:
                 return waiting
-            for _, payload in waiting:
-                self._blend(payload)
-        for src, payload in waiting:
-            self.comm.Send(payload, dest=src, tag=T_REPLY)
+            for src, payload in waiting:
+                self._blend_and_reply(payload, src)
         return []
 
     def _check(self) -> None:
@@ -444,41 +435,44 @@ class MpiGossip:
         """Average with rank ``j``; False if ``j`` refused because its own average was in
         flight (nothing changed on either side; the caller goes on).
 
-        While this rank's average is in flight its server refuses incoming averages, so
-        every average that happens is exact: neither side's model changes between its
-        copy and the result (a concurrently served average would make the delta below an
-        affine, not a convex, combination: the tracked second moment could go negative
-        and the step blow up). No rank waits for another's cooperation, so no deadlock."""
+        While this rank's average is in flight its server refuses (or defers) incoming
+        averages and local steps wait, so every average that happens is exact: neither
+        side's model changes between what it sent and the result (a concurrently served
+        average would make the result an affine, not a convex, combination: the tracked
+        second moment could go negative and the step blow up). Safe to call from a
+        communication thread while the training thread computes a gradient."""
         from mpi4py import MPI
 
         self._check()
-        n = self.x.numel()
         with self.lock:
             self.in_flight = True
-            sent = self._pack(self._send_buf)
+        # From here until in_flight is cleared the model is read-locked: this rank's
+        # server refuses or defers averages, and update_local waits. So it is sent as it
+        # is (no packed copy) and the reply, the exact average, simply replaces it.
         try:
             req = self.comm.Irecv(self._recv_buf, source=j, tag=T_REPLY)
-            self.comm.Send(sent, dest=j, tag=T_DATA)
+            self.comm.Send(self.state, dest=j, tag=T_DATA)
             status = MPI.Status()
             _wait(req, self.timeout, f"rank {self.rank}: rank {j}'s answer to an average",
                   status=status)
             if status.Get_count(MPI.FLOAT) == 1:  # refused: j is averaging with another
                 self.refused += 1
                 return False
-            delta = self._recv_buf.sub_(sent)  # avg - sent
-            with self.lock:  # as a delta: keep whatever touched x_i since it was sent
-                self.x.add_(delta[:n])
-                if self.u is not None:
-                    self.u.add_(delta[n:])
+            with self.lock:
+                self.state.copy_(self._recv_buf)
                 self.version += 1
             self.averages += 1
             return True
         finally:
             with self.lock:
                 self.in_flight = False
+                self.idle.notify_all()
 
     def update_local(self, fn) -> int:
         with self.lock:
+            # a step taken while this rank's own average is on the wire would be
+            # overwritten by its reply: wait for it (it never waits on this thread)
+            self.idle.wait_for(lambda: not self.in_flight)
             fn(self.x, self.u)
             self.version += 1
             return self.version

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..average import average_pair_
 from ..procs import CTX
 from . import PeerGone
 
@@ -276,10 +277,7 @@ class ShmGossipEnd:
             self._acquire(b)
             try:
                 for buf in (self.x, self.u) if self.u is not None else (self.x,):
-                    # one fused pass (x_i + 0.5 (x_j - x_i)) and one copy: 5 memory
-                    # streams where add + mul + copy took 7
-                    torch.lerp(buf[i], buf[j], 0.5, out=buf[i])
-                    buf[j].copy_(buf[i])
+                    average_pair_(buf[i], buf[j])
                 self.versions[i] += 1
                 self.versions[j] += 1
                 with self.counter_lock:  # counted under the locks: see consistent_copy
