@@ -194,14 +194,15 @@ def profile_table(profile, rows: list[dict]) -> str:
 
     metric = rows[0]["metric"] if rows else "accuracy"
     wide = 10 if rows and "seeds" in rows[0] else 0  # room for the spreads
-    head = (f"{'mode':<18}{'workers':>8}{'time to target':>{15 + wide}}"
+    mw = max([18] + [len(r["mode"]) + 2 for r in rows])
+    head = (f"{'mode':<{mw}}{'workers':>8}{'time to target':>{15 + wide}}"
             f"{'epochs to':>{10 + wide // 2}}{'final ' + metric:>15}{'samples/s':>11}"
             f"{'speed-up':>9}{'of ceiling':>11}")
     lines = [f"profile {profile.name} ({profile.path}), target {profile.target:g}", head,
              "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['mode']:<18}{r['workers']:>8}"
+            f"{r['mode']:<{mw}}{r['workers']:>8}"
             f"{spread(r, 'time_to_target_s', '.2f'):>{15 + wide}}"
             f"{spread(r, 'epochs_to_target', '.2f'):>{10 + wide // 2}}"
             f"{format_metric(r['metric'], r['final_metric']):>15}"
@@ -365,7 +366,7 @@ def _median_times(fns: list, reps: int) -> list[float]:
         fn()  # warm up
     ts: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        for fn, t_fn in zip(fns, ts):
+        for fn, t_fn in zip(fns, ts, strict=True):
             t = time.perf_counter()
             fn()
             t_fn.append(time.perf_counter() - t)

@@ -807,8 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--train-limit 12000 --test-limit 500 --epochs 1 --evals 1",
                    help="transport: flags for each 'apam-gossip train' run (one string)")
     b.add_argument("--max-workers", type=int, help="scaling: largest N (default: the cores)")
-    b.add_argument("--size-mb", type=float, default=4.0, help="pairwise, shm-pairwise, master: model "
-                   "size (MB of float32; 100 = a 25M-parameter model)")
+    b.add_argument("--size-mb", type=float, default=4.0, help="pairwise, shm-pairwise, "
+                   "master: model size (MB of float32; 100 = a 25M-parameter model)")
     b.add_argument("--reps", type=int, default=30, help="pairwise, shm-pairwise: repetitions")
     la = sub.add_parser("launch", help="start your own training script on N ranks (the "
                         "loop API: apam_gossip.init, DistributedOptimizer)",

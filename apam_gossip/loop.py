@@ -27,7 +27,9 @@ without a launcher it runs as one process. The modes are one word apart:
 * ``decentralized`` (AD-PSGD style): every rank is a worker; ``step()`` averages the model
   with a random neighbour on the topology (a file, or a generator name such as ``ring``)
   and takes the local adaptive step, exactly as ``--mode decentralized`` (see
-  :mod:`apam_gossip.algorithms.adpsgd`); the models start from rank 0's.
+  :mod:`apam_gossip.algorithms.adpsgd`); the models start from rank 0's. As there, the
+  average overlaps your gradient: ``step()`` starts the next one in a second thread and
+  the next ``step()`` waits for it (``init(overlap=False)``: inside ``step()``).
 * ``allreduce`` (the synchronous baseline): ``step()`` averages the gradients (and buffers)
   of every rank still stepping, then every rank takes the same step. A rank that finished
   early joins the remaining all-reduces with nothing and still takes their steps (as
@@ -136,6 +138,7 @@ class _Session:
     timeout_s: float
     result: str | None
     graph: Any = None
+    overlap: bool = True
     optimizer: DistributedOptimizer | None = None
     master_done: bool = False  # centralized rank 0, back from init(master="return")
 
@@ -216,7 +219,8 @@ def _install_hooks() -> None:
 def init(mode: str = "decentralized", topology: str | None = None, *,
          adaptive_state: str = "local", seed: int = 0, timeout_s: float = 600.0,
          result: str | None = None, master: str = "exit",
-         device: str = "auto", threads: int | None = None) -> MasterHandle | None:
+         device: str = "auto", threads: int | None = None,
+         overlap: bool = True) -> MasterHandle | None:
     """Join the job as this rank (see the module docstring).
 
     ``topology``: decentralized only, a topology file or generator (default ``ring``) with
@@ -229,8 +233,10 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     ``device``: ``auto`` (a worker's GPU, ``cuda:(its index among the host's workers mod
     n_gpus)``, when CUDA is present; the master never uses one) or ``cpu``. ``threads``:
     torch threads of this rank (default under MPI: a fair share of the host's cores among
-    its ranks, as every mode does; without a launcher torch's own default). Returns None
-    except on a returning master.
+    its ranks, as every mode does; without a launcher torch's own default). ``overlap``:
+    decentralized, average with the neighbour in a second thread while your loop computes
+    the next gradient (as ``train`` does; False: inside ``step()``). Returns None except
+    on a returning master.
     """
     global _session
     _install_hooks()
@@ -257,6 +263,8 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise bad(f"threads must be an integer >= 1, got {threads!r}")
+    if not isinstance(overlap, bool):
+        raise bad(f"overlap must be True or False, got {overlap!r}")
     from .transport.mpi import launched_by_mpi
 
     worker_here = 0  # this rank's index among the training ranks on its host
@@ -292,7 +300,7 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
         dev = torch.device("cuda", worker_here % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     s = _Session(mode, comm, rank, size, local_rank, dev, topology, adaptive_state, seed,
-                 float(timeout_s), result)
+                 float(timeout_s), result, overlap=overlap)
     if mode == "decentralized":
         from .topology import make_topology, validate_topology
 
@@ -531,6 +539,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.step_s = 0.0
         self.staleness: Counter[int] = Counter()
         self.averages = self.refused = 0
+        self.comm_thread = None  # decentralized with overlap: the thread that averages
+        self.in_flight = None  # ... and the average it is running
         self.finished = False
         self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
         self._dev_cpu = self.flat.state.device.type == "cpu"
@@ -638,6 +648,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self.buffers0 = self.flat.buffers.clone()
             self.grad_cpu = torch.zeros(self.flat.n_params) if not self._dev_cpu else None
             self.v0 = self.gossip.version
+            if s.overlap:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self.comm_thread = ThreadPoolExecutor(1, thread_name_prefix="gossip-average")
             _wait(comm.Ibarrier(), s, "every rank's gossip server to start")
         else:
             self.opt_state = self.opt.init(self.flat.params)
@@ -695,7 +709,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.version = back.version
 
     def _step_decentralized(self) -> None:
-        from .algorithms.adpsgd import AVERAGE_TRIES, local_step
+        from .algorithms.adpsgd import local_step
 
         g = self.flat.grads
         if self.grad_cpu is not None:
@@ -703,20 +717,31 @@ class DistributedOptimizer(torch.optim.Optimizer):
             g = self.grad_cpu
         delta = (self.flat.buffers - self.buffers0).cpu() if self.flat.n_buffers else None
         lr = self._lr(self.steps + 1)
-        averaged = False
-        for _ in range(AVERAGE_TRIES if self.pick is not None else 0):
-            j = self.pick()
-            averaged = self.gossip.average_with(j)
-            if averaged:
-                break
-            self.refused += 1
-        self.averages += averaged
+        averaged = self._join_average() if self.in_flight is not None else self._average()
         tracked = self.session.adaptive_state == "tracked"
         v1 = self.gossip.update_local(partial(
             local_step, self.opt, g, self.opt_state, tracked, None, lr, self.flat.n_params,
             delta))
         self.staleness[v1 - self.v0 - 1 - averaged] += 1
         self._refresh()
+        if self.comm_thread is not None:  # the next average runs beside your next gradient
+            self.in_flight = self.comm_thread.submit(self._average)
+
+    def _average(self) -> bool:
+        """One average with a random neighbour (a refusal is retried with another)."""
+        from .algorithms.adpsgd import AVERAGE_TRIES
+
+        for _ in range(AVERAGE_TRIES if self.pick is not None else 0):
+            if self.gossip.average_with(self.pick()):
+                self.averages += 1
+                return True
+            self.refused += 1
+        return False
+
+    def _join_average(self) -> bool:
+        """Wait for the average started at the last step (its error is raised here)."""
+        fut, self.in_flight = self.in_flight, None
+        return fut.result() if fut is not None else False
 
     def _refresh(self) -> None:
         """The next gradient is computed at a snapshot of x_i (averages keep arriving)."""
@@ -772,6 +797,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._hook.remove()
         atexit.unregister(self._finish_at_exit)
         s = self.session
+        if self.comm_thread is not None:  # the last average: no local step follows it
+            self._join_average()
+            self.comm_thread.shutdown()
         wall = time.monotonic() - self.t0 if self.t0 is not None else 0.0
         rep = LoopReport(s.rank, str(self.flat.state.device), self.steps, self.samples, wall,
                          self.step_s, self.averages, self.refused, dict(self.staleness))

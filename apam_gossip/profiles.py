@@ -11,7 +11,8 @@ PROFILE --smoke``).
 
 Benchmark mode names: ``sequential``, ``allreduce-amsgrad``, ``allreduce-sgd``, ``dpsgd``,
 ``async-sgd`` (APAM's master with SGD: the APAM paper's non-adaptive comparator),
-``centralized`` (APAM) and ``decentralized`` (gossip).
+``centralized`` (APAM), ``decentralized`` (gossip) and ``decentralized-no-overlap``
+(gossip with each average after the gradient instead of beside it).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ BENCH_MODES: dict[str, dict[str, Any]] = {
     "async-sgd": {"mode": "centralized", "optim": {"name": "sgd"}},
     "centralized": {"mode": "centralized"},
     "decentralized": {"mode": "decentralized"},
+    # gossip with the average after the gradient, not beside it (AD-PSGD's second thread
+    # off): shows what the overlap buys on a profile
+    "decentralized-no-overlap": {"mode": "decentralized", "overlap": False},
 }
 # [run] keys of the benchmark itself; every other [run] key is a run config key (as in a
 # config file: ``epochs``, ``[run.optim]``, ...) or its short alias (``lr``, ``dataset``)
@@ -66,7 +70,8 @@ class ClusterProfile:
             optim.update(lr=self.sgd_lr, momentum=self.momentum)
         if bench_mode in self.lr_overrides:
             optim["lr"] = self.lr_overrides[bench_mode]
-        return self.base.replace(mode=spec["mode"], optim=optim)
+        rest = {k: v for k, v in spec.items() if k != "optim"}
+        return self.base.replace(optim=optim, **rest)
 
 
 def load_profile(path: str | Path, smoke: bool = False) -> ClusterProfile:

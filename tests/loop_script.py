@@ -64,6 +64,7 @@ def main() -> int:
     p.add_argument("--model-zero-grad", action="store_true")
     p.add_argument("--step-before-init", action="store_true")
     p.add_argument("--adaptive-state", default="local")
+    p.add_argument("--no-overlap", action="store_true", help="average inside step()")
     p.add_argument("--no-broadcast", action="store_true", help="each rank its own start")
     p.add_argument("--dump", default=None, help="folder: each rank's first/last model")
     p.add_argument("--die-at", type=int, default=0, help="rank 2 kills itself at this step")
@@ -75,7 +76,7 @@ def main() -> int:
     if a.step_before_init:
         ag.DistributedOptimizer(make_model())
     handle = ag.init(mode=a.mode, topology=a.topology, result=a.result,
-                     adaptive_state=a.adaptive_state,
+                     adaptive_state=a.adaptive_state, overlap=not a.no_overlap,
                      master="return" if a.master_return else "exit")
     if handle is not None:  # the centralized master, back after every worker finished
         torch.save({"state": flat(handle.load_into(make_model(seed=7)))}, a.master_return)

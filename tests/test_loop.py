@@ -327,13 +327,17 @@ def test_centralized_example_and_compare_reads_loop_results(tmp_path):
 def test_tracked_second_moment_and_a_one_rank_job(tmp_path):
     """decentralized with the tracked (DAMSGrad) state over 2 ranks, and a 1-rank job
     under mpirun (no neighbour: local AMSGrad)."""
-    for n, extra in ((2, ["--adaptive-state", "tracked"]), (1, [])):
+    # (the tracked run averages inside step(): both orders of the loop API, once each)
+    for n, extra in ((2, ["--adaptive-state", "tracked", "--no-overlap"]), (1, [])):
         res = tmp_path / f"t{n}.json"
         p = launch(n, SCRIPT, "--steps", "60", "--result", str(res), *extra)
         assert p.returncode == 0, p.stdout + p.stderr
         d = json.loads(res.read_text())
         assert d["updates"] == 60 * n and d["final_accuracy"] >= 0.8
         assert d["config"]["adaptive_state"] == (extra[1] if extra else "local")
+        if n == 2:  # one average per step, or a refusal counted
+            x = d["evals"][-1]["extra"]
+            assert 0 < x["averages"] <= d["updates"], x
 
 
 @needs_mpi

@@ -342,3 +342,21 @@ def test_evaluations_during_the_run_on_a_subset_the_final_on_all(digits, mode):
     assert [e.extra["eval_samples"] for e in r.evals] == [40] * (len(r.evals) - 1) + [n_test]
     full = Evaluator(make_task(cfg, digits), digits)
     assert r.evals[-1].test_metric == full(r.final_params)[1]
+
+
+def test_overlap_hides_a_link_up_to_the_gradient(digits):
+    """Gossip with a 20 ms round trip and 10 ms gradients: a step takes about the round
+    trip with overlap, and round trip + gradient without; with a link much faster than the
+    gradient both take one gradient. Both orders average once per step."""
+    kw = {"mode": "decentralized", "workers": 4, "topology": "ring", "steps": 400}
+
+    def per_step(latency_ms: float, overlap: bool) -> float:
+        r = simulate(make_cfg(kw, overlap=overlap, network={"latency_ms": latency_ms}),
+                     dataset=digits, timing_only=True, gradient_s=0.01, gradient_cv=0.0,
+                     master_update_s=0.0, worker_update_s=0.0)
+        assert r.evals[-1].extra["averages"] == 400
+        return r.wall_time / (400 / 4)
+    assert per_step(10.0, True) == pytest.approx(0.020, rel=0.05)
+    assert per_step(10.0, False) == pytest.approx(0.030, rel=0.05)
+    assert per_step(0.01, True) == pytest.approx(0.010, rel=0.05)
+    assert per_step(0.01, False) == pytest.approx(0.010, rel=0.05)

@@ -9,8 +9,10 @@ The algorithms are the real ones, step for step:
 * **decentralized** (gossip): each update claims its place in the shared budget, computes
   its gradient on a snapshot of the worker's model, averages with a random neighbour
   (the real picker and seeds) when the exchange there and back has completed, then takes
-  the local step (:func:`~apam_gossip.algorithms.adpsgd.local_step`). The simulated
-  average is always exact and never refused: an idealized protocol;
+  the local step (:func:`~apam_gossip.algorithms.adpsgd.local_step`). With
+  ``overlap`` (the default, as in real runs) the exchange starts with the gradient and
+  the step waits for both; without, it starts after the gradient. The simulated average
+  is always exact and never refused: an idealized protocol;
 * **allreduce** and **dpsgd**: rounds lasting the slowest worker's gradient plus the
   collective (:class:`~apam_gossip.sim.cluster.Cluster`);
 * **sequential**: one worker.
@@ -381,29 +383,50 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
             grad = (loss, b, msg, msg[n:] - buffers0 if msg.numel() > n else None)
         c = cl.compute_s(i)
         compute[i] += c
-        eng.after(c, lambda: exchange(i, k, v0, grad))
+        if not cfg.overlap:  # the gradient, then the exchange, then the local step
+            eng.after(c, lambda: exchange(i, lambda j: step(i, j, k, v0, grad)))
+            return
+        # overlap: the exchange starts with the gradient; the step waits for both
+        waits, partner = [2], [None]
 
-    def exchange(i: int, k: int, v0: int, grad) -> None:
+        def one_done(j: int | None = None, from_exchange: bool = False) -> None:
+            if from_exchange:
+                partner[0] = j
+            waits[0] -= 1
+            if waits[0] == 0:
+                step(i, partner[0], k, v0, grad)
+        eng.after(c, one_done)
+        exchange(i, lambda j: one_done(j, True))
+
+    def exchange(i: int, then) -> None:
+        """The model to a random neighbour and the average back; the average is applied
+        (atomically) when it arrives, then ``then(j)`` (j None: no neighbour)."""
         j = picks[i]() if picks[i] is not None else None
         if j is None:
-            step(i, None, k, v0, grad)
+            then(None)
             return
+
+        def arrived() -> None:
+            average(i, j)
+            then(j)
         there = cl.transfer(eng.now, i, j)  # the model there, then the average back
-        eng.at(there, lambda: eng.at(cl.transfer(eng.now, j, i),
-                                     lambda: step(i, j, k, v0, grad)))
+        eng.at(there, lambda: eng.at(cl.transfer(eng.now, j, i), arrived))
+
+    def average(i: int, j: int) -> None:
+        nonlocal averages
+        if sim.math:
+            torch.lerp(xs[i], xs[j], 0.5, out=xs[i])
+            xs[j].copy_(xs[i])
+            if us is not None:
+                torch.lerp(us[i], us[j], 0.5, out=us[i])
+                us[j].copy_(us[i])
+        versions[i] += 1
+        versions[j] += 1
+        averages += 1
 
     def step(i: int, j: int | None, k: int, v0: int, grad) -> None:
-        nonlocal completed, averages, next_eval
-        if j is not None:  # the pairwise average, atomic when the exchange completes
-            if sim.math:
-                torch.lerp(xs[i], xs[j], 0.5, out=xs[i])
-                xs[j].copy_(xs[i])
-                if us is not None:
-                    torch.lerp(us[i], us[j], 0.5, out=us[i])
-                    us[j].copy_(us[i])
-            versions[i] += 1
-            versions[j] += 1
-            averages += 1
+        """The local step (after the average with j, if any)."""
+        nonlocal completed, next_eval
         b = cfg.data.batch_size
         if grad is not None:
             loss, b, msg, delta = grad
