@@ -35,6 +35,7 @@ DatasetName = Literal["digits", "fashion-mnist", "mnist", "cifar10"]
 OptimizerName = Literal["amsgrad", "adam", "sgd"]
 ScheduleName = Literal["constant", "cosine", "linear"]
 StalenessLr = Literal["none", "sqrt", "inverse"]
+StalenessMomentum = Literal["none", "workers"]
 Partition = Literal["iid", "dirichlet"]
 Device = Literal["auto", "cpu", "cuda"]
 Transport = Literal["auto", "shm", "mpi"]
@@ -117,6 +118,11 @@ class OptimConfig(_Section):
     staleness_lr: StalenessLr = _f("none", "centralized: divide the lr of a gradient tau "
                                    "updates stale by sqrt(1 + tau) or 1 + tau",
                                    "--staleness-lr")
+    staleness_momentum: StalenessMomentum = _f(
+        "workers", "centralized: asynchrony adds momentum of its own, so the master "
+        "shortens its first-moment window by the number of workers n: beta1 (SGD: "
+        "momentum) -> max(0, 1 - (1 - beta1) n); none: as given (the APAM paper)",
+        "--staleness-momentum")
 
 
 class DataConfig(_Section):

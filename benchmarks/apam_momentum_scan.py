@@ -8,7 +8,9 @@ rate of APAM on the one-slow-worker profile (8 workers, one 10x slower) in the s
 math mode (real gradients, the profile's timing), and prints epochs to the target per
 seed, next to the sequential run's.
 
-    python benchmarks/apam_momentum_scan.py [SEEDS] [beta1,...] [lr,...]
+    python benchmarks/apam_momentum_scan.py [SEEDS] [beta1,...] [lr,...] [MODE] [--no-seq]
+
+MODE: centralized (default) or decentralized (gossip's local AMSGrad, same question).
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ def epochs_to(r, target: float, n_train: int) -> float | None:
     return hit.samples / n_train if hit is not None else None
 
 
-def main(seeds: int, betas: list[float], lrs: list[float]) -> None:
+def main(seeds: int, betas: list[float], lrs: list[float], mode: str = "centralized",
+         sequential: bool = True) -> None:
     from apam_gossip.bench import _timed_once
     from apam_gossip.data import load_dataset
     from apam_gossip.profiles import load_profile
     from apam_gossip.sim import simulate
 
     prof = load_profile(ROOT / "launch" / "profile_one_slow_worker.toml")
-    base = prof.config_for("centralized")
+    base = prof.config_for(mode)
     data = load_dataset(base.data.dataset, base.data.data_dir)
     n_train = len(data.y_train)
     costs = _timed_once(prof, data, {})  # the model timed once, for every run
@@ -51,15 +54,18 @@ def main(seeds: int, betas: list[float], lrs: list[float]) -> None:
               + " ".join("-" if e is None else f"{e:.2f}" for e in eps)
               + f"  mean {mean:.2f}  final {statistics.fmean(finals):.2%}", flush=True)
 
-    seq = prof.config_for("sequential")
-    row("sequential", [seq.replace(seed=s) for s in range(seeds)])
+    if sequential:
+        seq = prof.config_for("sequential")
+        row("sequential", [seq.replace(seed=s) for s in range(seeds)])
     for lr in lrs:
         for b1 in betas:
-            row(f"centralized beta1={b1:g} lr={lr:g}",
+            row(f"{mode} beta1={b1:g} lr={lr:g}",
                 [base.replace(seed=s, optim={"beta1": b1, "lr": lr}) for s in range(seeds)])
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2,
-         [float(b) for b in sys.argv[2].split(",")] if len(sys.argv) > 2 else [0.9, 0.5, 0.0],
-         [float(v) for v in sys.argv[3].split(",")] if len(sys.argv) > 3 else [1e-3])
+    args = [a for a in sys.argv[1:] if a != "--no-seq"]
+    main(int(args[0]) if args else 2,
+         [float(b) for b in args[1].split(",")] if len(args) > 1 else [0.9, 0.5, 0.0],
+         [float(v) for v in args[2].split(",")] if len(args) > 2 else [1e-3],
+         args[3] if len(args) > 3 else "centralized", "--no-seq" not in sys.argv)

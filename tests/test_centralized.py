@@ -129,6 +129,26 @@ def test_the_master_scales_a_stale_gradients_step(rule, factor):
     assert dict(master.progress.staleness) == {3: 2, 0: 1}
 
 
+@pytest.mark.parametrize("rule,workers,beta1", [("workers", 8, 0.2), ("workers", 1, 0.9),
+                                                ("none", 8, 0.9)])
+def test_the_master_steps_with_a_momentum_shortened_by_its_workers(rule, workers, beta1):
+    """ApamMaster's optimizer: beta1 0.9 becomes 1 - 0.1 x 8 = 0.2 with 8 workers (the
+    default rule), stays 0.9 with one worker (= the sequential run) or rule none: the
+    first step with m = 0 moves by (1 - beta1) g / sqrt(v) scaled, checked through m."""
+    from types import SimpleNamespace
+
+    from apam_gossip.algorithms.apam import ApamMaster
+    from apam_gossip.config import OptimConfig
+    from apam_gossip.messages import Grad
+
+    optim = OptimConfig(lr=0.1, staleness_momentum=rule)
+    master = ApamMaster(None, SimpleNamespace(n_workers=workers), torch.zeros(3), optim,
+                        total=100, eval_at=[], snaps=torch.zeros(1, 3))
+    assert master.opt.hp.beta1 == pytest.approx(beta1)
+    master.apply(0, Grad(version=0, samples=1, loss=0.0, compute_s=0.0), torch.ones(3))
+    assert torch.allclose(master.state["m"], torch.full((3,), 1 - beta1))
+
+
 @pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce"])
 def test_real_runs_evaluate_a_subset_during_and_everything_at_the_end(digits, mode):
     """eval_samples on real processes (shared memory): the records during the run say 40,

@@ -195,3 +195,23 @@ def test_warmup_and_the_staleness_aware_step():
     assert staleness_scale("inverse", 0) == 1.0
     opt = Optimizer("amsgrad", lr=0.1, warmup=0.1, staleness_lr="sqrt")
     assert opt.lr_at(5, 100, staleness=8) == pytest.approx(0.05 / 3)
+
+
+def test_the_master_shortens_its_momentum_by_the_number_of_workers():
+    """Asynchrony adds momentum: the master's beta1 (and SGD momentum) becomes
+    max(0, 1 - (1 - beta) n); one worker, or rule none, keeps the given values."""
+    from apam_gossip.config import OptimConfig
+    from apam_gossip.optim import for_async_master, staleness_momentum
+
+    assert staleness_momentum("workers", 0.9, 8) == pytest.approx(0.2)
+    assert staleness_momentum("workers", 0.9, 4) == pytest.approx(0.6)
+    assert staleness_momentum("workers", 0.9, 20) == 0.0
+    assert staleness_momentum("workers", 0.9, 1) == 0.9
+    assert staleness_momentum("none", 0.9, 8) == 0.9
+    hp = OptimConfig(name="sgd", lr=0.1, momentum=0.9, beta1=0.8)
+    got = for_async_master(hp, 5)
+    assert got.momentum == pytest.approx(0.5) and got.lr == 0.1
+    assert got.beta1 == pytest.approx(0.0, abs=1e-12)
+    assert for_async_master(hp, 1) is hp
+    plain = OptimConfig(name="sgd", lr=0.1, momentum=0.9, staleness_momentum="none")
+    assert for_async_master(plain, 8) is plain

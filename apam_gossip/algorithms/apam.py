@@ -47,7 +47,7 @@ from ..messages import (
     Stop,
     StopRequest,
 )
-from ..optim import Optimizer, staleness_scale
+from ..optim import Optimizer, for_async_master, staleness_scale
 from ..task import Task
 from ..transport import Control, MasterEnd, PeerGone, WorkerEnd
 from .common import Diverged, LocalWorker
@@ -125,7 +125,7 @@ class ApamMaster:
         self.ctrl, self.end, self.total, self.snaps = ctrl, end, total, snaps
         self.checkpoint, self.drain_timeout = checkpoint, drain_timeout
         self.n = end.n_workers
-        self.opt = Optimizer(optim)
+        self.opt = Optimizer(for_async_master(optim, self.n))
         self.x = x0.clone()
         self.n_params = x0.numel() if n_params is None else n_params
         self.state = self.opt.init(self.x[: self.n_params])

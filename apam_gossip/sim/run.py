@@ -41,7 +41,7 @@ from ..config import NetworkConfig, RunConfig
 from ..emulation import MASTER
 from ..evaluate import Evaluator, rescore_final
 from ..flat import flatten
-from ..optim import Optimizer
+from ..optim import Optimizer, for_async_master
 from ..plan import RunPlan, topology_of
 from ..result import EvalRecord, RunResult, WorkerStats
 from ..task import Task, compute_loss
@@ -258,7 +258,7 @@ def _centralized(sim: _Sim) -> tuple[RunResult, int]:
     cfg, plan, cl = sim.cfg, sim.plan, sim.cluster
     eng, master = Engine(), Resource()
     n, total, nw = plan.n_params, plan.total, cfg.workers
-    opt = Optimizer(cfg.optim)
+    opt = Optimizer(for_async_master(cfg.optim, nw))
     x = plan.x0.clone()
     state = opt.init(x[:n]) if sim.math else None
     version = 0
