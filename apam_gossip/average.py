@@ -33,7 +33,8 @@ def _fused():
     except ImportError:  # pragma: no cover - numba is a dependency; kept usable without
         return None
 
-    @numba.njit(nogil=True, fastmath=True, boundscheck=False, cache=False)
+    # no fastmath: a diverged model's NaN and inf must average like any number
+    @numba.njit(nogil=True, boundscheck=False, cache=False)
     def average_pair(a, b):  # pragma: no cover - compiled, not traced
         half = np.float32(0.5)
         for k in range(a.shape[0]):
@@ -42,7 +43,7 @@ def _fused():
             b[k] = m
 
     x = np.zeros(2, np.float32)
-    average_pair(x, x[::-1].copy())  # compile now, not inside the first critical section
+    average_pair(x, x[::-1].copy())  # compile now (the transport calls this up front)
     return average_pair
 
 

@@ -4,7 +4,7 @@
   under ``mpirun``, alternated ``--repeats`` times, side by side; reports samples/s of
   each and the MPI/shm ratio (the goal: MPI within 20%).
 * ``pairwise``: under ``mpirun -n 2``, the time of one atomic pairwise average of a model
-  of ``--size-mb`` MB (request + model out, average back, applied as a delta) next to the
+  of ``--size-mb`` MB (the model out, the average back, which becomes the model) next to the
   MPI ping-pong time of the same number of bytes (send there and back).
 
 Both launch ``mpirun`` themselves with the settings of ``launch/mpirun.sh``.

@@ -49,4 +49,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot read checkpoint {p}: {msg[:200]}") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT or "config" not in d:
         raise UserError(f"{p} is not an apam_gossip checkpoint (format {FORMAT})")
+    optim = d["config"].get("optim") if isinstance(d["config"], dict) else None
+    if isinstance(optim, dict) and "staleness_momentum" not in optim:
+        # written before the momentum rule existed: the run goes on as it was trained
+        # (the master's beta1 as given), not with today's default
+        optim["staleness_momentum"] = "none"
     return d

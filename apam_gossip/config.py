@@ -120,8 +120,8 @@ class OptimConfig(_Section):
                                    "--staleness-lr")
     staleness_momentum: StalenessMomentum = _f(
         "workers", "centralized: asynchrony adds momentum of its own, so the master "
-        "shortens its first-moment window by the number of workers n: beta1 (SGD: "
-        "momentum) -> max(0, 1 - (1 - beta1) n); none: as given (the APAM paper)",
+        "shortens its first-moment window by the number of workers n: amsgrad/adam beta1 "
+        "-> max(0, 1 - (1 - beta1) n); none: as given (the APAM paper)",
         "--staleness-momentum")
 
 

@@ -797,16 +797,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._hook.remove()
         atexit.unregister(self._finish_at_exit)
         s = self.session
-        if self.comm_thread is not None:  # the last average: no local step follows it
-            self._join_average()
-            self.comm_thread.shutdown()
-        wall = time.monotonic() - self.t0 if self.t0 is not None else 0.0
-        rep = LoopReport(s.rank, str(self.flat.state.device), self.steps, self.samples, wall,
-                         self.step_s, self.averages, self.refused, dict(self.staleness))
-        extra: dict[str, float] = {}
-        final = self.flat.state.detach().cpu()
         global _session
         try:
+            if self.comm_thread is not None:  # the last average: no local step follows
+                try:
+                    self._join_average()
+                finally:
+                    self.comm_thread.shutdown()
+            wall = time.monotonic() - self.t0 if self.t0 is not None else 0.0
+            rep = LoopReport(s.rank, str(self.flat.state.device), self.steps, self.samples,
+                             wall, self.step_s, self.averages, self.refused,
+                             dict(self.staleness))
+            extra: dict[str, float] = {}
+            final = self.flat.state.detach().cpu()
             if s.comm is None:
                 reports = [rep]
             elif s.mode == "centralized":

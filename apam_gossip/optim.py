@@ -85,8 +85,8 @@ def staleness_scale(rule: str, staleness: int) -> float:
 
 
 def staleness_momentum(rule: str, decay: float, workers: int) -> float:
-    """The first-moment decay (AMSGrad/Adam ``beta1``, SGD ``momentum``) an asynchronous
-    master fed by ``workers`` workers uses in place of ``decay``.
+    """The first-moment decay (AMSGrad/Adam ``beta1``) an asynchronous master fed by
+    ``workers`` workers uses in place of ``decay``.
 
     Asynchrony begets momentum (Mitliagkas et al. 2016, arXiv 1605.09774): with n workers
     every gradient is about n - 1 updates stale, so it keeps pushing the model where it
@@ -104,13 +104,15 @@ def staleness_momentum(rule: str, decay: float, workers: int) -> float:
 
 
 def for_async_master(hp: OptimConfig, workers: int) -> OptimConfig:
-    """``hp`` as an asynchronous master fed by ``workers`` workers applies it (see
-    :func:`staleness_momentum`)."""
+    """``hp`` as an asynchronous master fed by ``workers`` workers applies it: AMSGrad's
+    and Adam's ``beta1`` by :func:`staleness_momentum`. SGD's momentum is left as given:
+    a momentum shortened to 0 would drop the momentum buffer from the optimizer state, so
+    a checkpoint would depend on the number of workers (and the rule is measured on
+    AMSGrad only)."""
     rule = hp.staleness_momentum
-    if rule == "none" or workers <= 1:
+    if rule == "none" or workers <= 1 or hp.name == "sgd":
         return hp
-    return hp.model_copy(update={"beta1": staleness_momentum(rule, hp.beta1, workers),
-                                 "momentum": staleness_momentum(rule, hp.momentum, workers)})
+    return hp.model_copy(update={"beta1": staleness_momentum(rule, hp.beta1, workers)})
 
 
 def _moments(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float,

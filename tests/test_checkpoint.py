@@ -155,3 +155,17 @@ def test_resume_errors_are_one_line_exit_2(tmp_path, capsys):
     assert main(["train", "--mode", "allreduce", "--checkpoint", str(tmp_path / "c"),
                  "-o", str(tmp_path / "r.json")]) == 2
     assert "only the centralized and decentralized modes" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_the_momentum_rule_resumes_as_it_was_trained(tmp_path):
+    """A checkpoint whose config has no staleness_momentum (written before the rule) goes
+    on with beta1 as given ("none"), not with today's default."""
+    from apam_gossip.checkpoint import FORMAT, load_checkpoint
+    from apam_gossip.config import RunConfig
+
+    cfg = RunConfig().to_dict()
+    del cfg["optim"]["staleness_momentum"]
+    torch.save({"format": FORMAT, "config": cfg}, tmp_path / "old.pt")
+    d = load_checkpoint(tmp_path / "old.pt")
+    assert RunConfig.from_dict(d["config"]).optim.staleness_momentum == "none"
+    assert RunConfig().optim.staleness_momentum == "workers"

@@ -108,6 +108,18 @@ def test_audit_no_local_step_is_lost_to_a_concurrent_average(digits, adaptive_st
     assert r.evals[-1].extra["averages"] >= 0.9 * r.updates  # shm never refuses
 
 
+def test_a_model_big_enough_for_the_fused_average_keeps_the_sum(digits):
+    """A 1.1M-parameter model (4.4 MB) takes the fused numba average, compiled in each
+    worker process before training: the audit still holds and every step averaged."""
+    from apam_gossip.average import FUSED_MIN_NUMEL
+
+    r = run(_cfg(workers=3, topology="complete", steps=60, audit=True,
+                 model="user_models:wide_digits_net", evals=1), dataset=digits)
+    assert r.n_params >= FUSED_MIN_NUMEL
+    assert r.evals[-1].extra["audit_error"] <= 1e-5
+    assert r.evals[-1].extra["averages"] == r.updates == 60
+
+
 def test_overlap_hides_a_link_as_slow_as_a_gradient(digits):
     """AD-PSGD's two threads: with a link whose round trip takes as long as a gradient
     (both emulated by sleeps, so the machine's load barely matters), overlapping the

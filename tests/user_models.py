@@ -125,3 +125,9 @@ def raise_after_10(output, target):
     if _raise_calls[0] > 10:
         raise RuntimeError(f"boom at call {_raise_calls[0]}")
     return torch.nn.functional.cross_entropy(output, target)
+
+
+def wide_digits_net() -> nn.Module:
+    """About 1.1M parameters (4.4 MB): big enough for the fused pairwise average."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024),
+                         nn.ReLU(), nn.Linear(1024, 10))

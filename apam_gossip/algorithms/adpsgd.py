@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from typing import Any
 
@@ -156,8 +156,9 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
             in_flight = comm.submit(average)
             try:
                 loss, n, _ = w.gradient()
-            finally:  # never leave an average running behind an error
-                averaged, no = in_flight.result()
+            finally:  # never leave an average running behind an error (the gradient's
+                wait([in_flight])  # error, if any, is the one raised)
+            averaged, no = in_flight.result()
         g = w.flat.grads
         if grad_cpu is not None:
             grad_cpu.copy_(g)

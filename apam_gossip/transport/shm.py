@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..average import average_pair_
+from ..average import FUSED_MIN_NUMEL, average_pair_, fused_available
 from ..procs import CTX
 from . import PeerGone
 
@@ -220,6 +220,14 @@ class ShmGossipEnd:
         self.locks = g.locks
         self.go = g.go
         self.lock_timeout = lock_timeout
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in the worker's process: compile the fused average there now (about
+        1 s, once), when the model is big enough to use it, and not inside the first
+        average, which holds two workers' locks."""
+        self.__dict__.update(state)
+        if self.x.shape[1] >= FUSED_MIN_NUMEL:
+            fused_available()
 
     def _acquire(self, j: int) -> None:
         if not self.locks[j].acquire(timeout=self.lock_timeout):
