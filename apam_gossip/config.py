@@ -36,6 +36,7 @@ OptimizerName = Literal["amsgrad", "adam", "sgd"]
 ScheduleName = Literal["constant", "cosine", "linear"]
 StalenessLr = Literal["none", "sqrt", "inverse"]
 StalenessMomentum = Literal["none", "workers"]
+GossipLr = Literal["none", "sqrt", "workers"]
 Partition = Literal["iid", "dirichlet"]
 Device = Literal["auto", "cpu", "cuda"]
 Transport = Literal["auto", "shm", "mpi"]
@@ -123,6 +124,9 @@ class OptimConfig(_Section):
         "shortens its first-moment window by the number of workers n: amsgrad/adam beta1 "
         "-> max(0, 1 - (1 - beta1) n); none: as given (the APAM paper)",
         "--staleness-momentum")
+    gossip_lr: GossipLr = _f(
+        "none", "decentralized: multiply the lr by sqrt(n) or n (workers): the average "
+        "model moves 1/n of each local step", "--gossip-lr")
 
 
 class DataConfig(_Section):

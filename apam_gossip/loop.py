@@ -710,13 +710,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _step_decentralized(self) -> None:
         from .algorithms.adpsgd import local_step
+        from .optim import gossip_lr_factor
 
         g = self.flat.grads
         if self.grad_cpu is not None:
             self.grad_cpu.copy_(g)
             g = self.grad_cpu
         delta = (self.flat.buffers - self.buffers0).cpu() if self.flat.n_buffers else None
-        lr = self._lr(self.steps + 1)
+        lr = self._lr(self.steps + 1) * gossip_lr_factor(self.hp.gossip_lr, self.session.size)
         averaged = self._join_average() if self.in_flight is not None else self._average()
         tracked = self.session.adaptive_state == "tracked"
         v1 = self.gossip.update_local(partial(

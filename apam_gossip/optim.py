@@ -103,6 +103,21 @@ def staleness_momentum(rule: str, decay: float, workers: int) -> float:
     raise AssertionError(f"unknown staleness momentum rule {rule!r}")
 
 
+def gossip_lr_factor(rule: str, workers: int) -> float:
+    """The factor on a gossip worker's learning rate. The models' average moves by 1/n of
+    each local step, so n gossip workers make the progress of one sequential run with an
+    n-times larger batch at 1/n of its step: ``workers`` gives it back (the linear scaling
+    rule of large-batch training), ``sqrt`` half of it (the usual rule for Adam-type
+    steps), ``none`` leaves the lr as given."""
+    if rule == "none" or workers <= 1:
+        return 1.0
+    if rule == "sqrt":
+        return math.sqrt(workers)
+    if rule == "workers":
+        return float(workers)
+    raise AssertionError(f"unknown gossip lr rule {rule!r}")
+
+
 def for_async_master(hp: OptimConfig, workers: int) -> OptimConfig:
     """``hp`` as an asynchronous master fed by ``workers`` workers applies it: AMSGrad's
     and Adam's ``beta1`` by :func:`staleness_momentum`. SGD's momentum is left as given:

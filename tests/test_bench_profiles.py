@@ -38,7 +38,9 @@ def test_profile_modes_map_to_configs():
     assert p.config_for("allreduce-sgd").optim.momentum == 0.9
     assert p.config_for("async-sgd").mode == "centralized"
     assert p.config_for("async-sgd").optim.lr == 0.01  # lr_overrides
-    assert p.config_for("decentralized").optim.lr == 3e-3
+    assert p.config_for("dpsgd").optim.lr == 3e-3  # lr_overrides
+    gossip = p.config_for("decentralized").optim
+    assert (gossip.lr, gossip.gossip_lr) == (1e-3, "workers")  # n x 1e-3 on the workers
     assert p.config_for("centralized").optim.name == "amsgrad"
     assert p.config_for("centralized").slowdown[7] == 20
 

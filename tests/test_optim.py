@@ -216,3 +216,12 @@ def test_the_master_shortens_its_momentum_by_the_number_of_workers():
     for keep in (OptimConfig(staleness_momentum="none"),
                  OptimConfig(name="sgd", lr=0.1, momentum=0.9)):
         assert for_async_master(keep, 8) is keep
+
+
+def test_the_gossip_lr_factor():
+    from apam_gossip.optim import gossip_lr_factor
+
+    assert gossip_lr_factor("none", 8) == 1.0
+    assert gossip_lr_factor("workers", 8) == 8.0
+    assert gossip_lr_factor("sqrt", 16) == 4.0
+    assert gossip_lr_factor("workers", 1) == 1.0

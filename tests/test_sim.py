@@ -360,3 +360,15 @@ def test_overlap_hides_a_link_up_to_the_gradient(digits):
     assert per_step(10.0, False) == pytest.approx(0.030, rel=0.05)
     assert per_step(0.01, True) == pytest.approx(0.010, rel=0.05)
     assert per_step(0.01, False) == pytest.approx(0.010, rel=0.05)
+
+
+def test_gossip_lr_workers_is_the_lr_times_n(digits):
+    """gossip_lr = workers multiplies each local step's lr by n: the same simulation as
+    the lr times n given by hand, bit for bit."""
+    kw = {"mode": "decentralized", "workers": 4, "topology": "ring", "steps": 80, "evals": 1}
+    a = simulate(make_cfg(kw, optim={"lr": 1e-3, "gossip_lr": "workers"}), dataset=digits,
+                 **COSTS)
+    b = simulate(make_cfg(kw, optim={"lr": 4e-3}), dataset=digits, **COSTS)
+    c = simulate(make_cfg(kw, optim={"lr": 1e-3}), dataset=digits, **COSTS)
+    assert torch.equal(a.final_params, b.final_params)
+    assert not torch.equal(a.final_params, c.final_params)

@@ -52,7 +52,7 @@ from torch import Tensor
 from ..config import RunConfig
 from ..emulation import LinkModel
 from ..messages import Hello, WorkerReport
-from ..optim import Optimizer
+from ..optim import Optimizer, gossip_lr_factor
 from ..task import Task
 from ..transport import Control, GossipEnd
 from .common import LocalWorker, worker_seed
@@ -116,6 +116,7 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
     pick = neighbor_picker(neighbors, probs, worker_seed(cfg.seed, i) + 1, end.is_alive) \
         if neighbors else None
     tracked = cfg.adaptive_state == "tracked"
+    lr_factor = gossip_lr_factor(cfg.optim.gossip_lr, end.n_workers)
     link = LinkModel(cfg.network, 4 * (w.flat.numel + (n_params if tracked else 0)))
     # audit: the sum of this worker's local steps, to check that none was lost
     audit = torch.zeros(w.flat.numel, dtype=torch.float64) if cfg.audit else None
@@ -169,7 +170,7 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
         averages += averaged
         refused += no
         v1 = end.update_local(partial(local_step, opt, g, state, tracked, audit,
-                                      opt.lr_at(k, total), n_params, delta))
+                                      opt.lr_at(k, total) * lr_factor, n_params, delta))
         staleness[v1 - v0 - 1 - averaged] += 1
         updates += 1
         samples += n

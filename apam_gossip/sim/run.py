@@ -41,7 +41,7 @@ from ..config import NetworkConfig, RunConfig
 from ..emulation import MASTER
 from ..evaluate import Evaluator, rescore_final
 from ..flat import flatten
-from ..optim import Optimizer, for_async_master
+from ..optim import Optimizer, for_async_master, gossip_lr_factor
 from ..plan import RunPlan, topology_of
 from ..result import EvalRecord, RunResult, WorkerStats
 from ..task import Task, compute_loss
@@ -331,6 +331,7 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
     eng = Engine()
     n, total, nw = plan.n_params, plan.total, cfg.workers
     opt = Optimizer(cfg.optim)
+    factor = gossip_lr_factor(cfg.optim.gossip_lr, nw)
     tracked = cfg.adaptive_state == "tracked"
     starts = sim.initial_models
     if starts is not None and tuple(starts.shape) != (nw, plan.numel):
@@ -430,7 +431,7 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
         b = cfg.data.batch_size
         if grad is not None:
             loss, b, msg, delta = grad
-            local_step(opt, msg[:n], states[i], tracked, None, opt.lr_at(k, total), n,
+            local_step(opt, msg[:n], states[i], tracked, None, opt.lr_at(k, total) * factor, n,
                        delta, xs[i], us[i] if us is not None else None)
             losses.append(loss)
         versions[i] += 1
