@@ -351,13 +351,7 @@ def bench_profile(profile, out: Path, quiet: bool = False, callback_factory=None
 
 # ------------------------------------------------------------- in-process micro-benchmarks
 def _median_time(fn, reps: int) -> float:
-    fn()  # warm up
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return _median_times([fn], reps)[0]
 
 
 def _median_times(fns: list, reps: int) -> list[float]:

@@ -730,14 +730,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _average(self) -> bool:
         """One average with a random neighbour (a refusal is retried with another)."""
-        from .algorithms.adpsgd import AVERAGE_TRIES
+        from .algorithms.adpsgd import average_with_a_neighbour
 
-        for _ in range(AVERAGE_TRIES if self.pick is not None else 0):
-            if self.gossip.average_with(self.pick()):
-                self.averages += 1
-                return True
-            self.refused += 1
-        return False
+        averaged, refusals = average_with_a_neighbour(self.gossip, self.pick)
+        self.averages += averaged
+        self.refused += refusals
+        return averaged
 
     def _join_average(self) -> bool:
         """Wait for the average started at the last step (its error is raised here)."""

@@ -84,6 +84,25 @@ def neighbor_picker(neighbors: list[int], probs: list[float], seed: int, alive=N
     return pick
 
 
+def average_with_a_neighbour(end: GossipEnd, pick, link: LinkModel | None = None
+                             ) -> tuple[bool, int]:
+    """One average with a neighbour from ``pick`` (None, or a pick of None: no live
+    neighbour left); a refusal (the neighbour was mid-average) is retried with a fresh
+    pick, :data:`AVERAGE_TRIES` in all. ``link``: sleep the emulated transfer there and
+    back first. Returns (whether it averaged, how many refusals)."""
+    refusals = 0
+    for _ in range(AVERAGE_TRIES):
+        j = pick() if pick is not None else None
+        if j is None:  # every neighbour died: keep training alone
+            break
+        if link is not None:
+            link.sleep(2 * link.seconds(end.worker, j))  # emulated link: model and back
+        if end.average_with(j):
+            return True, refusals
+        refusals += 1
+    return False, refusals
+
+
 def local_step(opt, g: Tensor, state, tracked: bool, audit: Tensor | None, lr: float,
                 n_params: int, buffer_delta: Tensor | None, x: Tensor,
                 u: Tensor | None) -> None:
@@ -122,20 +141,7 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
     audit = torch.zeros(w.flat.numel, dtype=torch.float64) if cfg.audit else None
     staleness: Counter[int] = Counter()
     loss_sum, updates, samples, averages, refused = 0.0, 0, 0, 0, 0
-
-    def average() -> tuple[bool, int]:
-        """One average with a random live neighbour (a refusal is retried with a fresh
-        one): (whether it averaged, how many refusals)."""
-        no = 0
-        for _ in range(AVERAGE_TRIES):
-            j = pick() if pick is not None else None
-            if j is None:  # every neighbour died: keep training alone
-                break
-            link.sleep(2 * link.seconds(i, j))  # emulated link: model there and back
-            if end.average_with(j):  # False: j was mid-average and refused
-                return True, no
-            no += 1
-        return False, no
+    average = partial(average_with_a_neighbour, end, pick, link)
 
     # the communication thread (AD-PSGD's second thread): the average runs there while
     # this thread computes the gradient, so a link only costs time when it is slower

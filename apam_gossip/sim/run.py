@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..algorithms.adpsgd import local_step, neighbor_picker
 from ..algorithms.common import Diverged, batch_size_of, worker_seed
+from ..average import average_pair_
 from ..config import NetworkConfig, RunConfig
 from ..emulation import MASTER
 from ..evaluate import Evaluator, rescore_final
@@ -415,12 +416,10 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
 
     def average(i: int, j: int) -> None:
         nonlocal averages
-        if sim.math:
-            torch.lerp(xs[i], xs[j], 0.5, out=xs[i])
-            xs[j].copy_(xs[i])
+        if sim.math:  # the torch pair, as before numba (no compile in a simulation)
+            average_pair_(xs[i], xs[j], fused=False)
             if us is not None:
-                torch.lerp(us[i], us[j], 0.5, out=us[i])
-                us[j].copy_(us[i])
+                average_pair_(us[i], us[j], fused=False)
         versions[i] += 1
         versions[j] += 1
         averages += 1
