@@ -197,6 +197,11 @@ def test_resume_refuses_training_flags_it_would_ignore(tmp_path, capsys):
      "decentralized mode)"),
     (["--data-dir", "/somewhere"], "--data-dir (digits ships with scikit-learn)"),
     (["--momentum", "0.9"], "--momentum (applies to --optimizer sgd)"),
+    (["--mode", "sequential", "--gossip-lr", "workers", "--staleness-lr", "sqrt"],
+     "--gossip-lr (applies to the decentralized mode); --staleness-lr (applies to the "
+     "centralized mode)"),
+    (["--mode", "centralized", "--optimizer", "sgd", "--staleness-momentum", "none"],
+     "--staleness-momentum (applies to amsgrad and adam)"),
 ])
 def test_flags_that_do_not_apply_are_named_in_one_warning(tmp_path, capsys, argv, needle):
     out = tmp_path / "r.json"
