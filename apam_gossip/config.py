@@ -38,6 +38,7 @@ StalenessLr = Literal["none", "sqrt", "inverse"]
 StalenessMomentum = Literal["none", "workers"]
 GossipLr = Literal["none", "sqrt", "workers"]
 Partition = Literal["iid", "dirichlet"]
+Augment = Literal["none", "hflip"]
 Device = Literal["auto", "cpu", "cuda"]
 Transport = Literal["auto", "shm", "mpi"]
 AdaptiveState = Literal["local", "tracked"]
@@ -143,6 +144,11 @@ class DataConfig(_Section):
     dirichlet_alpha: float = _f(0.5, "Dirichlet concentration for partition dirichlet "
                                 "(smaller = more skewed)", "--alpha", gt=0)
     batch_size: int = _f(32, "per-worker mini-batch size", "--batch-size", ge=1, le=10**7)
+    augment: Augment = _f("none", "training-batch augmentation of the built-in image data: "
+                          "hflip mirrors each image left-right with probability 1/2 (for "
+                          "classes that are mirror-symmetric, as in fashion-mnist and "
+                          "cifar10; not for digits); a user's datasets augment in their "
+                          "own transforms", "--augment")
     train_limit: int | None = _f(None, "use only the first N training samples",
                                  "--train-limit", ge=1)
     test_limit: int | None = _f(None, "use only the first N test samples", "--test-limit",

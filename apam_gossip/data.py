@@ -154,13 +154,13 @@ class Dataset:
         return self.x_train[:n], self.y_train[:n]
 
     def stream(self, shard: Tensor, batch_size: int, seed: int,
-               device: torch.device) -> BatchStream:
+               device: torch.device, augment: str = "none") -> BatchStream:
         """An endless seeded mini-batch stream over the training samples ``shard``."""
         if device.type == "cpu":
-            return BatchStream(self.x_train, self.y_train, shard, batch_size, seed)
+            return BatchStream(self.x_train, self.y_train, shard, batch_size, seed, augment)
         # keep the shard resident on the GPU: no host->device copy per batch
         return BatchStream(self.x_train[shard].to(device), self.y_train[shard].to(device),
-                           torch.arange(len(shard)), batch_size, seed)
+                           torch.arange(len(shard)), batch_size, seed, augment)
 
     def test_batches(self, batch_size: int, limit: int | None = None,
                      device: torch.device | None = None) -> Iterator[tuple[Tensor, Tensor]]:
@@ -640,9 +640,14 @@ class BatchStream:
     a pass's leftover tail is completed with the head of the next pass — unless the shard
     is smaller than ``batch_size``, then each batch is the whole (reshuffled) shard.
     ``epoch`` counts completed passes.
+
+    ``augment="hflip"`` mirrors each image of a batch left-right with probability 1/2,
+    drawn from a generator of its own (seeded from ``seed``), so the batch order is the
+    same with and without augmentation.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, indices: Tensor, batch_size: int, seed: int):
+    def __init__(self, x: Tensor, y: Tensor, indices: Tensor, batch_size: int, seed: int,
+                 augment: str = "none"):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if len(x) != len(y):
@@ -652,9 +657,17 @@ class BatchStream:
             raise UserError("BatchStream: empty shard (no indices)")
         if int(indices.min()) < 0 or int(indices.max()) >= len(x):
             raise UserError(f"BatchStream: indices out of range 0..{len(x) - 1}")
+        if augment not in ("none", "hflip"):
+            raise UserError(f"BatchStream: unknown augment {augment!r}; use none or hflip")
+        if augment != "none" and x.dim() != 4:
+            raise UserError(f"augment {augment} needs images (N, C, H, W), got samples of "
+                            f"shape {tuple(x.shape[1:])}")
         self.x, self.y, self.indices = x, y, indices
         self.batch_size = batch_size
         self.seed = int(seed)
+        self.augment = augment
+        self._aug_gen = torch.Generator()
+        self._aug_gen.manual_seed(_pass_seed(self.seed, -1) if augment != "none" else 0)
         self.epoch = 0
         self._gen = torch.Generator()
         self._order = self._permutation()
@@ -692,7 +705,11 @@ class BatchStream:
     def next(self) -> tuple[Tensor, Tensor]:
         """The next mini-batch ``(x, y)``."""
         idx = self.next_indices()
-        return self.x[idx], self.y[idx]
+        x = self.x[idx]
+        if self.augment == "hflip":
+            flip = torch.rand(len(idx), generator=self._aug_gen) < 0.5
+            x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+        return x, self.y[idx]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         return self
@@ -776,7 +793,11 @@ class UserData:
                                 for y in ys])
 
     def stream(self, shard: Tensor, batch_size: int, seed: int,
-               device: torch.device) -> LoaderStream:
+               device: torch.device, augment: str = "none") -> LoaderStream:
+        if augment != "none":
+            raise UserError(f"augment = {augment!r} applies to tensor datasets; {self.name} "
+                            "is a map-style dataset: augment in its own transforms, or "
+                            "set augment = \"none\"")
         return LoaderStream(self, shard, batch_size, seed, device)
 
     def test_batches(self, batch_size: int, limit: int | None = None,
@@ -874,6 +895,19 @@ def import_user_object(spec: str, what: str) -> Any:
     if spec.split(":", 1)[0].split(".")[0] == "torchvision":
         import_torchvision()
     return import_object(spec, what)
+
+
+def check_augment(data: Dataset | UserData, augment: str) -> None:
+    """Refuse, before any process starts, an augmentation the data cannot take."""
+    if augment == "none":
+        return
+    if isinstance(data, UserData):
+        raise UserError(f"augment = {augment!r} applies to tensor datasets; {data.name} is a "
+                        "map-style dataset: augment in its own transforms, or set augment "
+                        "= \"none\"")
+    if data.x_train.dim() != 4:
+        raise UserError(f"augment = {augment!r} needs images (N, C, H, W); this dataset's "
+                        f"samples have shape {tuple(data.x_train.shape[1:])}")
 
 
 def load_data(cfg: Any, train: Any = None, test: Any = None) -> Dataset | UserData:

@@ -16,7 +16,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import ConfigError, RunConfig
 from .coordinator import RunInterrupted, RunTimeout
-from .data import Dataset, UserData, load_data
+from .data import Dataset, UserData, check_augment, load_data
 from .evaluate import rescore_final
 from .models import MODELS
 from .modes import CentralizedMode, DecentralizedMode, SyncMode, run_mode
@@ -64,6 +64,7 @@ def run(config: RunConfig | None = None, *, model: Any = None, train_data: Any =
                           f"({MAX_REAL_WORKERS}); `apam-gossip simulate` takes up to 100000")
     data = dataset if dataset is not None else load_data(config, train_data, test_data)
     data = data.subset(config.data.train_limit, config.data.test_limit)
+    check_augment(data, config.data.augment)
     if config.workers > data.train_size():
         raise ConfigError(f"workers ({config.workers}) exceeds the {data.train_size()} "
                           "training samples")

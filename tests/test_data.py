@@ -568,6 +568,39 @@ def test_batch_stream_invalid_arguments():
 
 
 @pytest.mark.timeout(60)
+def test_hflip_mirrors_about_half_the_images_and_keeps_the_batch_order():
+    ds = load_dataset("digits")
+    plain = BatchStream(ds.x_train, ds.y_train, torch.arange(1000), 50, seed=3)
+    aug = BatchStream(ds.x_train, ds.y_train, torch.arange(1000), 50, seed=3, augment="hflip")
+    again = BatchStream(ds.x_train, ds.y_train, torch.arange(1000), 50, seed=3,
+                        augment="hflip")
+    flipped = 0
+    for _ in range(40):  # two passes
+        (xp, yp), (xa, ya), (xb, _) = plain.next(), aug.next(), again.next()
+        assert torch.equal(yp, ya) and torch.equal(xa, xb)  # same order, seeded flips
+        same = (xa == xp).flatten(1).all(1)
+        mirrored = (xa == xp.flip(-1)).flatten(1).all(1)
+        assert bool((same | mirrored).all())  # each image is itself or its mirror
+        flipped += int((mirrored & ~same).sum())
+    assert 0.4 < flipped / 2000 < 0.6, flipped
+    with pytest.raises(UserError, match="needs images"):
+        BatchStream(torch.zeros(4, 3), torch.zeros(4), torch.arange(4), 2, 0, "hflip")
+    with pytest.raises(UserError, match="unknown augment"):
+        BatchStream(ds.x_train, ds.y_train, torch.arange(4), 2, 0, "rotate")
+
+
+@pytest.mark.timeout(60)
+def test_augment_is_refused_for_a_users_map_style_dataset_before_any_process():
+    from apam_gossip import RunConfig, run
+
+    train = torch.utils.data.TensorDataset(torch.zeros(8, 1, 8, 8), torch.zeros(8).long())
+    cfg = RunConfig.from_dict({"mode": "sequential", "steps": 2, "model": "mlp",
+                               "data": {"augment": "hflip"}})
+    with pytest.raises(UserError, match="augment in its own transforms"):
+        run(cfg, train_data=train, test_data=train)
+
+
+@pytest.mark.timeout(60)
 def test_batch_stream_over_partition_of_real_data():
     ds = load_dataset("digits")
     parts = partition(ds.y_train, 4, "dirichlet", alpha=0.3, seed=0)

@@ -172,7 +172,8 @@ def test_given_costs_the_model_size_and_the_profile_simulate_table(digits, monke
 def test_one_simulated_worker_is_the_sequential_run(digits, mode):
     """Math mode runs the real model, batches and optimizer: 1 worker in any mode is the
     real sequential run, bit for bit (one torch thread in both)."""
-    kw = {"workers": 1, "steps": 150, "evals": 3, "threads_per_worker": 1}
+    kw = {"workers": 1, "steps": 150, "evals": 3, "threads_per_worker": 1,
+          "data": {"augment": "hflip"}}  # the same flips too
     seq = run(make_cfg(kw, mode="sequential"), dataset=digits)
     sim = simulate(make_cfg(kw, mode=mode), dataset=digits, **COSTS)
     assert torch.equal(sim.final_params, seq.final_params)

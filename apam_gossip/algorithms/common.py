@@ -97,7 +97,8 @@ class LocalWorker:
         # worker's randomness (dropout, a user's augmentation) is its own, still seeded
         torch.manual_seed(worker_seed(cfg.seed, index))
         flat = flatten(model, device, who=f"model {task.model_name}")
-        stream = data.stream(shard, cfg.data.batch_size, worker_seed(cfg.seed, index), device)
+        stream = data.stream(shard, cfg.data.batch_size, worker_seed(cfg.seed, index), device,
+                             cfg.data.augment)
         return cls(index, device, model, flat, stream, task, cfg.slowdown_of(index),
                    cfg.straggler_prob, cfg.straggler_factor,
                    random.Random(worker_seed(cfg.seed, index) + 17))

@@ -69,7 +69,8 @@ class Oracle:
         # the dropout/augmentation randomness of a 1-worker run is the sequential run's
         torch.manual_seed(worker_seed(cfg.seed, 0))
         self.streams = [data.stream(s, cfg.data.batch_size, worker_seed(cfg.seed, i),
-                                    torch.device("cpu")) for i, s in enumerate(shards)]
+                                    torch.device("cpu"), cfg.data.augment)
+                        for i, s in enumerate(shards)]
 
     def gradient(self, i: int, x: Tensor) -> tuple[float, int, Tensor]:
         """(loss, samples, ``[grads | buffers after the forward pass]``, a copy)."""
@@ -137,7 +138,7 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
     ``gradient_cv``: the spread of one worker's gradient times (coefficient of variation
     of a lognormal factor with mean 1; 0 = every gradient exactly ``gradient_s``)."""
     from ..config import ConfigError
-    from ..data import load_data
+    from ..data import check_augment, load_data
     from ..runner import make_task, with_task
 
     cfg = config
@@ -146,6 +147,7 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
                           f"{', '.join(SIM_MODES)}")
     data = dataset if dataset is not None else load_data(cfg, train_data, test_data)
     data = data.subset(cfg.data.train_limit, cfg.data.test_limit)
+    check_augment(data, cfg.data.augment)
     if cfg.mode == "sequential":  # worker 0 alone, as the real sequential run
         cfg = cfg.replace(workers=1, slowdown=list(cfg.slowdown[:1]),
                           network=NetworkConfig().model_dump())  # no transfers to time
