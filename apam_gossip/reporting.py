@@ -147,8 +147,10 @@ def decentralized_result(cfg: RunConfig, reports: dict[int, WorkerReport], wall:
 
 def gossip_eval_record(cfg: RunConfig, evaluator: Evaluator, xs: torch.Tensor, wall: float,
                        done: int, train_loss: float | None,
-                       averages: int | None) -> tuple[EvalRecord, torch.Tensor]:
-    """Score the average model x_bar and each worker's model; returns (record, x_bar).
+                       averages: int | None,
+                       per_worker: bool = True) -> tuple[EvalRecord, torch.Tensor]:
+    """Score the average model x_bar and, with ``per_worker``, each worker's model;
+    returns (record, x_bar).
 
     The consensus distance mean_i |x_i - x_bar|^2 is over the parameters; a model with
     buffers (BatchNorm statistics) also gets ``buffer_consensus``, the same over its
@@ -158,18 +160,18 @@ def gossip_eval_record(cfg: RunConfig, evaluator: Evaluator, xs: torch.Tensor, w
     dev = ((xs - xbar) ** 2)
     consensus = float(dev[:, :n].sum(1).mean())
     loss, acc = evaluator(xbar)
-    # each worker's own model on a slice of the test set: n full evaluations per point
-    # would steal the workers' CPU on a small machine
-    n_test = min(WORKER_EVAL_SAMPLES, evaluator.test_size)
-    accs = [evaluator(xs[i], limit=n_test)[1] for i in range(len(xs))] if len(xs) > 1 \
-        else [acc]
-    worst = min(accs) if evaluator.metric.higher_is_better else max(accs)
-    extra: dict[str, Any] = {
-        "consensus_distance": consensus, "worst_worker_metric": worst,
-        "mean_worker_metric": sum(accs) / len(accs), "worker_eval_samples": n_test,
-    }
-    if evaluator.metric.name == "accuracy":  # the names results had before metrics
-        extra["worst_worker_acc"], extra["mean_worker_acc"] = worst, sum(accs) / len(accs)
+    extra: dict[str, Any] = {"consensus_distance": consensus}
+    if per_worker:
+        # each worker's own model on a slice of the test set: n full evaluations per
+        # point would steal the workers' CPU on a small machine
+        n_test = min(WORKER_EVAL_SAMPLES, evaluator.test_size)
+        accs = [evaluator(xs[i], limit=n_test)[1] for i in range(len(xs))] if len(xs) > 1 \
+            else [acc]
+        worst = min(accs) if evaluator.metric.higher_is_better else max(accs)
+        extra.update({"worst_worker_metric": worst, "mean_worker_metric": sum(accs) / len(accs),
+                      "worker_eval_samples": n_test})
+        if evaluator.metric.name == "accuracy":  # the names results had before metrics
+            extra["worst_worker_acc"], extra["mean_worker_acc"] = worst, sum(accs) / len(accs)
     if xs.shape[1] > n:
         buffer_consensus = float(dev[:, n:].sum(1).mean())
         extra["buffer_consensus"] = buffer_consensus

@@ -65,6 +65,14 @@ def test_ring_of_4_learns_digits(digits, adaptive_state, optim):
                  optim=optim), dataset=digits)
     assert r.mode == "decentralized"
     assert r.final_accuracy >= 0.95, [e.test_acc for e in r.evals]
+    # every evaluation point is taken, at (or just past) its update count: during the run
+    # only the average model is scored, so the coordinator keeps up
+    from apam_gossip.algorithms.common import eval_points
+
+    want = eval_points(r.updates, r.config["evals"])
+    assert len(r.evals) == len(want), ([e.updates for e in r.evals], want)
+    assert all(w <= e.updates for w, e in zip(want, r.evals, strict=True))
+    assert all("worst_worker_acc" not in e.extra for e in r.evals[:-1])
     last = r.evals[-1]
     assert last.extra["worst_worker_acc"] >= 0.9
     assert 0 <= last.extra["consensus_distance"] < 1.0
