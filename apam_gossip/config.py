@@ -126,8 +126,10 @@ class OptimConfig(_Section):
         "-> max(0, 1 - (1 - beta1) n); none: as given (the APAM paper)",
         "--staleness-momentum")
     gossip_lr: GossipLr = _f(
-        "none", "decentralized: multiply the lr by sqrt(n) or n (workers): the average "
-        "model moves 1/n of each local step", "--gossip-lr")
+        "sqrt", "decentralized: the average model moves 1/n of each local step, like one "
+        "run with an n-times larger batch: multiply the lr by sqrt(n) (Adam's square-root "
+        "scaling rule), by n (workers: the linear rule, best at 8-16 workers) or not at "
+        "all (none: the lr as given)", "--gossip-lr")
 
 
 class DataConfig(_Section):

@@ -157,15 +157,17 @@ def test_resume_errors_are_one_line_exit_2(tmp_path, capsys):
     assert "only the centralized and decentralized modes" in capsys.readouterr().err
 
 
-def test_a_checkpoint_from_before_the_momentum_rule_resumes_as_it_was_trained(tmp_path):
-    """A checkpoint whose config has no staleness_momentum (written before the rule) goes
-    on with beta1 as given ("none"), not with today's default."""
+def test_a_checkpoint_from_before_the_rules_resumes_as_it_was_trained(tmp_path):
+    """A checkpoint whose config has no staleness_momentum or gossip_lr (written before
+    the rules) goes on with beta1 and the lr as given ("none"), not today's defaults."""
     from apam_gossip.checkpoint import FORMAT, load_checkpoint
     from apam_gossip.config import RunConfig
 
     cfg = RunConfig().to_dict()
-    del cfg["optim"]["staleness_momentum"]
+    del cfg["optim"]["staleness_momentum"], cfg["optim"]["gossip_lr"]
     torch.save({"format": FORMAT, "config": cfg}, tmp_path / "old.pt")
     d = load_checkpoint(tmp_path / "old.pt")
-    assert RunConfig.from_dict(d["config"]).optim.staleness_momentum == "none"
-    assert RunConfig().optim.staleness_momentum == "workers"
+    old = RunConfig.from_dict(d["config"]).optim
+    assert (old.staleness_momentum, old.gossip_lr) == ("none", "none")
+    assert (RunConfig().optim.staleness_momentum, RunConfig().optim.gossip_lr) == (
+        "workers", "sqrt")
