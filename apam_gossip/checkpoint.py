@@ -29,8 +29,6 @@ from .errors import UserError
 from .files import atomic_write_bytes
 
 FORMAT = 1
-# optimizer options whose defaults change the update, with what a run did before them
-_BEFORE_THE_RULES = {"staleness_momentum": "none", "gossip_lr": "none"}
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -52,9 +50,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(d, dict) or d.get("format") != FORMAT or "config" not in d:
         raise UserError(f"{p} is not an apam_gossip checkpoint (format {FORMAT})")
     optim = d["config"].get("optim") if isinstance(d["config"], dict) else None
-    if isinstance(optim, dict):
-        # written before these rules existed: the run goes on as it was trained (the
-        # master's beta1, gossip's lr as given), not with today's defaults
-        for key, before in _BEFORE_THE_RULES.items():
-            optim.setdefault(key, before)
+    if isinstance(optim, dict) and "staleness_momentum" not in optim:
+        # written before the momentum rule existed: the run goes on as it was trained
+        # (the master's beta1 as given), not with today's default
+        optim["staleness_momentum"] = "none"
     return d

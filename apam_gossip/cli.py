@@ -717,11 +717,13 @@ def summary_text(r) -> str:
         f"{r.wall_time:.2f} s ({r.samples_per_s:.0f} samples/s); "
         f"final test {r.metric} {format_metric(r.metric, r.final_metric)}",
     ]
-    if r.mode == "decentralized" and r.evals:
+    if r.mode == "decentralized" and r.evals and "consensus_distance" in r.evals[-1].extra:
         x = r.evals[-1].extra
-        lines.append(f"averaged model x_bar: {format_metric(r.metric, r.final_metric)}; worst "
-                     f"worker {format_metric(r.metric, x['worst_worker_metric'])}; consensus "
-                     f"distance "
+        worst = x.get("worst_worker_metric")
+        lines.append(f"averaged model x_bar: {format_metric(r.metric, r.final_metric)}; "
+                     + (f"worst worker {format_metric(r.metric, worst)}; "
+                        if worst is not None else "")
+                     + "consensus distance "
                      f"{x['consensus_distance']:.3e}; {x['averages']} pairwise averages"
                      + (f" ({x['refused_averages']} refused: the peer was mid-average)"
                         if x.get("refused_averages") else "")

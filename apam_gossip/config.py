@@ -126,10 +126,9 @@ class OptimConfig(_Section):
         "-> max(0, 1 - (1 - beta1) n); none: as given (the APAM paper)",
         "--staleness-momentum")
     gossip_lr: GossipLr = _f(
-        "sqrt", "decentralized: the average model moves 1/n of each local step, like one "
-        "run with an n-times larger batch: multiply the lr by sqrt(n) (Adam's square-root "
-        "scaling rule), by n (workers: the linear rule, best at 8-16 workers) or not at "
-        "all (none: the lr as given)", "--gossip-lr")
+        "none", "decentralized: multiply the lr by sqrt(n) (Adam's square-root scaling "
+        "rule) or n (workers: the linear rule): the average model moves 1/n of each local "
+        "step; none: the lr as given", "--gossip-lr")
 
 
 class DataConfig(_Section):

@@ -7,6 +7,7 @@ messages mean, when it is finished and what it returns. The loop itself is
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -187,8 +188,8 @@ class DecentralizedMode(ShmMode):
     """AD-PSGD-style gossip: N worker processes, no master.
 
     The coordinator only watches: at each evaluation point it copies all workers' models
-    at one instant (all locks, in order), and scores the average model x_bar and every
-    worker's own model; the consensus distance is mean_i |x_i - x_bar|^2.
+    at one instant (all locks, in order), and scores the average model x_bar (at the end,
+    every worker's own model too); the consensus distance is mean_i |x_i - x_bar|^2.
     """
 
     poll_s = 0.02  # evaluation points are taken close to their update counts
@@ -204,9 +205,11 @@ class DecentralizedMode(ShmMode):
         g.x.copy_(plan.x0)  # every worker starts from the same model
         g.share_optimizer_state(Optimizer(cfg.optim).init(torch.zeros(plan.n_params)))
         self.resumes, self.wall_before = 0, 0.0
+        self.done_before = torch.zeros(cfg.workers, dtype=g.done_by.dtype)
         self.points = [p for p in plan.eval_at if p < plan.total]  # the end is scored apart
         if ckpt is not None:  # continue where the checkpoint left off
             self.resumes, self.wall_before = int(ckpt["resumes"]) + 1, float(ckpt["wall_time"])
+            self.done_before = ckpt["done_by"].clone()
             g.x.copy_(ckpt["x"])
             if g.u is not None:
                 g.u.copy_(ckpt["u"])
@@ -321,10 +324,18 @@ class DecentralizedMode(ShmMode):
         if self.audit_base is not None and not self.dead:  # a death mid-average breaks it
             self.evals[-1].extra.update(audit_errors(self.audit_base, self.gossip.x,
                                                      self.gossip.u, self.reports))
+        # a resumed run's counts are the whole run's, as its evaluations and wall time
+        # are: what each worker did before the checkpoint, plus since
+        bs = cfg.data.batch_size
+        for w, rep in list(self.reports.items()):
+            n = int(self.done_before[w])
+            if n and w not in self.dead:
+                self.reports[w] = replace(rep, updates=rep.updates + n,
+                                          samples=rep.samples + n * bs)
         for w in self.dead:  # what it did before it died
             n = int(self.gossip.done_by[w])
             self.reports[w] = WorkerReport(w, self.devices[w], 0.0, 0.0, updates=n,
-                                           samples=n * cfg.data.batch_size)
+                                           samples=n * bs)
         return decentralized_result(cfg, self.reports, wall, self.devices, self.evals,
                                     self.final_params, self.plan.n_params, "shm",
                                     failed=self.dead)

@@ -106,12 +106,12 @@ def staleness_momentum(rule: str, decay: float, workers: int) -> float:
 def gossip_lr_factor(rule: str, workers: int) -> float:
     """The factor on a gossip worker's learning rate. The models' average moves by 1/n of
     each local step, so n gossip workers make the progress of one sequential run with an
-    n-times larger batch at 1/n of its step. ``sqrt`` (the default) multiplies the lr by
-    sqrt(n), the square-root scaling rule of Adam-type steps (Malladi et al. 2022, arXiv
-    2205.10287); ``workers`` by n, the linear rule of large-batch SGD; ``none`` leaves
-    the lr as given. Simulated on LeNet5 / Fashion-MNIST on a ring (BENCHMARKS.md): both
-    rules beat ``none`` at 8 to 32 workers; ``workers`` is best at 8 and 16 and too large
-    at 32, where ``sqrt`` is best."""
+    n-times larger batch at 1/n of its step. ``sqrt`` multiplies the lr by sqrt(n), the
+    square-root scaling rule of Adam-type steps (Malladi et al. 2022, arXiv 2205.10287);
+    ``workers`` by n, the linear rule of large-batch SGD; ``none`` (the default, so that
+    every mode of a comparison gets the same lr) leaves it as given. Simulated on LeNet5 /
+    Fashion-MNIST on a ring (BENCHMARKS.md): ``sqrt`` beats ``none`` at 16 and 32
+    workers; ``workers`` is best at 8 and 16 and falls below ``none`` at 32."""
     if rule == "none" or workers <= 1:
         return 1.0
     if rule == "sqrt":

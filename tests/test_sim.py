@@ -364,14 +364,15 @@ def test_overlap_hides_a_link_up_to_the_gradient(digits):
 
 
 def test_gossip_lr_rules_are_the_lr_times_n_or_sqrt_n(digits):
-    """gossip_lr = workers multiplies each local step's lr by n, the default sqrt by
-    sqrt(n): the same simulation as that lr given by hand with none, bit for bit."""
+    """gossip_lr = workers multiplies each local step's lr by n, sqrt by sqrt(n): the same
+    simulation as that lr given by hand, bit for bit; the default leaves it as given."""
     kw = {"mode": "decentralized", "workers": 4, "topology": "ring", "steps": 80, "evals": 1}
 
     def final(lr: float, rule: str | None = None) -> torch.Tensor:
         optim = {"lr": lr} if rule is None else {"lr": lr, "gossip_lr": rule}
         return simulate(make_cfg(kw, optim=optim), dataset=digits, **COSTS).final_params
 
-    assert torch.equal(final(1e-3, "workers"), final(4e-3, "none"))
-    assert torch.equal(final(1e-3), final(2e-3, "none"))  # the default: sqrt(4) = 2
-    assert not torch.equal(final(1e-3, "none"), final(2e-3, "none"))
+    assert torch.equal(final(1e-3, "workers"), final(4e-3))
+    assert torch.equal(final(1e-3, "sqrt"), final(2e-3))
+    assert torch.equal(final(1e-3), final(1e-3, "none"))
+    assert not torch.equal(final(1e-3), final(2e-3))
