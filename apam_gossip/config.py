@@ -125,6 +125,11 @@ class OptimConfig(_Section):
         "shortens its first-moment window by the number of workers n: amsgrad/adam beta1 "
         "-> max(0, 1 - (1 - beta1) n); none: as given (the APAM paper)",
         "--staleness-momentum")
+    lookahead: float = _f(
+        0.0, "centralized, amsgrad/adam: hand each worker the master's model moved "
+        "lookahead x (n - 1) updates ahead along its current step, about where it will be "
+        "when the worker's gradient lands (0: the model as it is, the APAM paper)",
+        "--lookahead", ge=0, le=4)
     gossip_lr: GossipLr = _f(
         "none", "decentralized: multiply the lr by sqrt(n) (Adam's square-root scaling "
         "rule) or n (workers: the linear rule): the average model moves 1/n of each local "

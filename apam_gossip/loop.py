@@ -1075,7 +1075,7 @@ class _LoopMaster:
                         continue
                     m.apply(i, msg, grad)
                     self.applied = True
-                    m.send(i, m.x, Params(m.progress.version))
+                    m.send(i, m.model_for_workers(), Params(m.progress.version))
                 elif isinstance(msg, Done):
                     self.done[i] = msg
                 elif isinstance(msg, StateRequest):

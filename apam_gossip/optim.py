@@ -133,6 +133,31 @@ def for_async_master(hp: OptimConfig, workers: int) -> OptimConfig:
     return hp.model_copy(update={"beta1": staleness_momentum(rule, hp.beta1, workers)})
 
 
+def lookahead_point(out: Tensor, param: Tensor, state: OptState, hp: OptimConfig, lr: float,
+                    updates: float) -> Tensor:
+    """``out`` <- ``param`` moved ``updates`` steps of size ``lr`` along the current
+    AMSGrad/Adam update direction ``m / (sqrt(vhat) + eps)`` (bias-corrected as the step
+    is), i.e. about where the model will be ``updates`` updates from now if it keeps its
+    course. An asynchronous master hands this point to a worker whose gradient will land
+    ``updates`` updates later, so the gradient is taken near where it is applied (DANA,
+    Hakimi et al. 2019, arXiv 1906.07405, does this with SGD's momentum). A fresh state
+    (no step yet), SGD, or ``updates`` 0: ``param`` as it is."""
+    out.copy_(param)
+    step = int(state["step"]) if "step" in state else 0
+    if updates <= 0 or step == 0 or hp.name == "sgd":
+        return out
+    second = state["vhat"] if hp.name == "amsgrad" else state["v"]
+    root = second.sqrt()
+    scale = lr * updates
+    if hp.name == "adam" or hp.bias_correction:
+        root.div_(math.sqrt(1 - hp.beta2**step))
+        scale /= 1 - hp.beta1**step
+    root.add_(hp.eps)
+    if hp.eps == 0:
+        root.masked_fill_(root == 0, 1.0)  # m is 0 wherever the second moment is 0
+    return out.addcdiv_(state["m"], root, value=-scale)
+
+
 def _moments(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float,
              weight_decay: float) -> None:
     """m, v <- exponential moving averages of g and g^2 (with L2 weight decay in g)."""

@@ -162,3 +162,32 @@ def test_real_runs_evaluate_a_subset_during_and_everything_at_the_end(digits, mo
     assert marks[:-1] == [40] * (len(marks) - 1) and marks[-1] == digits.test_size()
     full = Evaluator(make_task(cfg, digits), digits)
     assert r.evals[-1].test_metric == full(r.final_params)[1]
+
+
+def test_with_lookahead_the_master_hands_out_the_model_ahead_of_its_course(digits):
+    """--lookahead 1 with 4 workers: after each update the model a worker gets is the
+    master's moved 3 updates along its step (the buffers as they are), x itself is
+    untouched; and a real run with it learns."""
+    from types import SimpleNamespace
+
+    from apam_gossip.algorithms.apam import ApamMaster
+    from apam_gossip.config import OptimConfig
+    from apam_gossip.messages import Grad
+    from apam_gossip.optim import lookahead_point
+
+    optim = OptimConfig(lr=0.1, lookahead=1.0, staleness_momentum="none")
+    master = ApamMaster(None, SimpleNamespace(n_workers=4), torch.zeros(3), optim,
+                        total=100, eval_at=[], snaps=torch.zeros(1, 3))
+    assert torch.equal(master.model_for_workers(), master.x)  # nothing to follow yet
+    master.apply(0, Grad(version=0, samples=1, loss=0.0, compute_s=0.0),
+                 torch.tensor([1.0, -1.0, 0.0]))
+    x = master.x.clone()
+    got = master.model_for_workers()
+    want = lookahead_point(torch.empty(3), x, master.state, master.opt.hp, 0.1, 3)
+    assert torch.equal(got, want) and torch.equal(master.x, x)
+    assert got[0] < x[0] and got[1] > x[1] and got[2] == x[2]  # further along the step
+
+    cfg = make_cfg(mode="centralized", workers=4, epochs=15, evals=2,
+                   optim={"lr": 2e-3, "lookahead": 1.0, "staleness_momentum": "none"})
+    r = run(cfg, dataset=digits)
+    assert r.final_accuracy >= 0.95, r.evals

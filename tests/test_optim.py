@@ -225,3 +225,41 @@ def test_the_gossip_lr_factor():
     assert gossip_lr_factor("workers", 8) == 8.0
     assert gossip_lr_factor("sqrt", 16) == 4.0
     assert gossip_lr_factor("workers", 1) == 1.0
+
+
+def test_the_lookahead_point_is_where_steps_of_the_same_course_lead():
+    """With a constant gradient, AMSGrad's (and Adam's) corrected direction is constant,
+    so the point ``k`` updates ahead is where k more steps take the model; a fresh state,
+    SGD or 0 updates give the model as it is."""
+    from apam_gossip.config import OptimConfig
+    from apam_gossip.optim import lookahead_point
+
+    g = torch.tensor([0.5, -2.0, 1e-3, 0.0], dtype=torch.float64)
+    for name, bias in (("amsgrad", True), ("amsgrad", False), ("adam", True)):
+        hp = OptimConfig(name=name, lr=0.01, bias_correction=bias, eps=1e-8)
+        opt = Optimizer(hp)
+        x = torch.zeros(4, dtype=torch.float64)
+        state = opt.init(x)
+        out = torch.empty_like(x)
+        assert torch.equal(lookahead_point(out, x, state, hp, 0.01, 3), x)  # no step yet
+        for _ in range(5):
+            opt.update(x, g, state)
+        ahead = lookahead_point(torch.empty_like(x), x, state, hp, 0.01, 3).clone()
+        if bias:  # the corrected moments are exactly g and g^2: the course is straight
+            y, s = x.clone(), {k: v.clone() for k, v in state.items()}
+            for _ in range(3):
+                opt.update(y, g, s)
+            assert torch.allclose(ahead, y, rtol=0, atol=1e-12), (ahead, y)
+        m, v = state["m"], state["vhat"] if name == "amsgrad" else state["v"]
+        t = int(state["step"])
+        if bias:
+            want = x - 0.03 / (1 - 0.9**t) * m / (v.sqrt() / (1 - 0.999**t) ** 0.5 + 1e-8)
+        else:
+            want = x - 0.03 * m / (v.sqrt() + 1e-8)
+        assert torch.allclose(ahead, want, rtol=1e-12, atol=0)
+        assert torch.equal(lookahead_point(out, x, state, hp, 0.01, 0), x)
+    sgd = OptimConfig(name="sgd", lr=0.1, momentum=0.9)
+    st = Optimizer(sgd).init(torch.zeros(4))
+    st["step"] += 1
+    assert torch.equal(lookahead_point(torch.empty(4), torch.ones(4), st, sgd, 0.1, 3),
+                       torch.ones(4))

@@ -47,7 +47,7 @@ from ..messages import (
     Stop,
     StopRequest,
 )
-from ..optim import Optimizer, for_async_master, staleness_scale
+from ..optim import Optimizer, for_async_master, lookahead_point, staleness_scale
 from ..task import Task
 from ..transport import Control, MasterEnd, PeerGone, WorkerEnd
 from .common import Diverged, LocalWorker
@@ -140,6 +140,11 @@ class ApamMaster:
         v = self.progress.version
         self.eval_points = iter([p for p in eval_at if p > v or (p == 0 and v == 0)])
         self.next_eval = next(self.eval_points, None)
+        # --lookahead: each worker gets the model where it will be when its gradient
+        # lands, about n - 1 updates from now (its own buffer: x keeps being updated)
+        self.ahead = self.opt.hp.lookahead * (self.n - 1)
+        self._ahead_buf = self.x.clone() if self.ahead > 0 else None
+        self.step_lr = self.opt.hp.lr
         self.gone: set[int] = set()  # workers whose process died: the run goes on
         self.slot = 0
         self.loss_sum, self.loss_n = 0.0, 0
@@ -153,6 +158,20 @@ class ApamMaster:
         self.gone.add(i)
         if len(self.gone) == self.n:
             raise RuntimeError(f"all {self.n} workers died; nothing left to train with")
+
+    def model_for_workers(self) -> Tensor:
+        """The model a worker computes its next gradient at: ``x``, or with
+        ``--lookahead`` the parameters moved ahead along the current step
+        (:func:`~apam_gossip.optim.lookahead_point`), the buffers as they are."""
+        if self._ahead_buf is None:
+            return self.x
+        n, buf = self.n_params, self._ahead_buf
+        # steps of the size of the last one (the schedule's, or the loop API user's, lr)
+        lookahead_point(buf[:n], self.x[:n], self.state, self.opt.hp, self.step_lr,
+                        self.ahead)
+        if self.x.numel() > n:
+            buf[n:].copy_(self.x[n:])
+        return buf
 
     def send(self, i: int, params: Tensor | None, msg: Params | Stop) -> None:
         try:
@@ -189,8 +208,10 @@ class ApamMaster:
         stale = p.version - msg.version
         if msg.lr is not None:  # the user's schedule; the staleness rule still applies
             lr = msg.lr * staleness_scale(self.opt.hp.staleness_lr, stale)
+            self.step_lr = msg.lr
         else:
             lr = self.opt.lr_at(p.version + 1, self.total, stale)
+            self.step_lr = self.opt.lr_at(p.version + 1, self.total)
         self.opt.update(self.x[:n], grad[:n], self.state, lr=lr)
         if self.x.numel() > n:
             self.x[n:].copy_(grad[n:])
@@ -270,7 +291,7 @@ class ApamMaster:
                 if p.version >= self.total:
                     self.finish(idle={i})
                     return
-                self.send(i, self.x, Params(p.version))
+                self.send(i, self.model_for_workers(), Params(p.version))
                 if p.version == self.next_eval:
                     self.snapshot()
                     self.next_eval = next(self.eval_points, None)

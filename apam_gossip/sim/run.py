@@ -42,7 +42,7 @@ from ..config import NetworkConfig, RunConfig
 from ..emulation import MASTER
 from ..evaluate import Evaluator, rescore_final
 from ..flat import flatten
-from ..optim import Optimizer, for_async_master, gossip_lr_factor
+from ..optim import Optimizer, for_async_master, gossip_lr_factor, lookahead_point
 from ..plan import RunPlan, topology_of
 from ..result import EvalRecord, RunResult, WorkerStats
 from ..task import Task, compute_loss
@@ -273,9 +273,14 @@ def _centralized(sim: _Sim) -> tuple[RunResult, int]:
     evals = [sim.evaluate(x if sim.math else None, 0.0, 0, 0, losses)]
     end = [0.0]
 
+    ahead = opt.hp.lookahead * (nw - 1)  # as ApamMaster.model_for_workers
+
     def give(i: int) -> None:  # the master sends its model to worker i
         arrive = cl.transfer(eng.now, MASTER, i)
         snap = x.clone() if sim.math else None
+        if snap is not None and ahead > 0:
+            lookahead_point(snap[:n], x[:n], state, opt.hp,
+                            opt.lr_at(max(version, 1), total), ahead)
         v = version
         eng.at(arrive, lambda: start(i, v, snap))
 
