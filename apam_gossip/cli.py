@@ -230,6 +230,8 @@ def _ignored_flags(a: argparse.Namespace, cfg, modes: list[str]) -> list[str]:
          "centralized" not in modes, "applies to the centralized mode"),
         (("optim.staleness_momentum", "optim.lookahead"),
          "centralized" in modes and cfg.optim.name == "sgd", "applies to amsgrad and adam"),
+        (("optim.staleness_momentum",), cfg.optim.lookahead > 0 and cfg.optim.name != "sgd",
+         "off with --lookahead, which follows beta1 as given"),
         (("data.data_dir",), cfg.data.dataset == "digits", "digits ships with scikit-learn"),
         (("optim.momentum", "optim.nesterov"), cfg.optim.name != "sgd",
          "applies to --optimizer sgd"),

@@ -128,7 +128,8 @@ class OptimConfig(_Section):
     lookahead: float = _f(
         0.0, "centralized, amsgrad/adam: hand each worker the master's model moved "
         "lookahead x (n - 1) updates ahead along its current step, about where it will be "
-        "when the worker's gradient lands (0: the model as it is, the APAM paper)",
+        "when the worker's gradient lands; it follows beta1 as given, so the "
+        "staleness_momentum rule is off with it (0: the model as it is, the APAM paper)",
         "--lookahead", ge=0, le=4)
     gossip_lr: GossipLr = _f(
         "none", "decentralized: multiply the lr by sqrt(n) (Adam's square-root scaling "

@@ -123,12 +123,15 @@ def gossip_lr_factor(rule: str, workers: int) -> float:
 
 def for_async_master(hp: OptimConfig, workers: int) -> OptimConfig:
     """``hp`` as an asynchronous master fed by ``workers`` workers applies it: AMSGrad's
-    and Adam's ``beta1`` by :func:`staleness_momentum`. SGD's momentum is left as given:
+    and Adam's ``beta1`` by :func:`staleness_momentum`, unless ``lookahead`` is on (it
+    handles staleness by following the momentum). SGD's momentum is left as given:
     a momentum shortened to 0 would drop the momentum buffer from the optimizer state, so
     a checkpoint would depend on the number of workers (and the rule is measured on
     AMSGrad only)."""
     rule = hp.staleness_momentum
-    if rule == "none" or workers <= 1 or hp.name == "sgd":
+    # lookahead follows the explicit momentum's course instead of shortening it (with the
+    # rule's short window the step it would follow is one noisy gradient's)
+    if rule == "none" or workers <= 1 or hp.name == "sgd" or hp.lookahead > 0:
         return hp
     return hp.model_copy(update={"beta1": staleness_momentum(rule, hp.beta1, workers)})
 

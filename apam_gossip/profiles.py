@@ -37,10 +37,9 @@ BENCH_MODES: dict[str, dict[str, Any]] = {
     # gossip with the average after the gradient, not beside it (AD-PSGD's second thread
     # off): shows what the overlap buys on a profile
     "decentralized-no-overlap": {"mode": "decentralized", "overlap": False},
-    # APAM whose workers compute at the model where it will be when their gradient lands,
-    # with the explicit momentum kept (the course to look ahead along)
-    "centralized-lookahead": {"mode": "centralized",
-                              "optim": {"lookahead": 1.0, "staleness_momentum": "none"}},
+    # APAM whose workers compute at the model where it will be when their gradient lands
+    # (with the explicit momentum kept: the course to look ahead along)
+    "centralized-lookahead": {"mode": "centralized", "optim": {"lookahead": 1.0}},
 }
 # [run] keys of the benchmark itself; every other [run] key is a run config key (as in a
 # config file: ``epochs``, ``[run.optim]``, ...) or its short alias (``lr``, ``dataset``)

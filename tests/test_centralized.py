@@ -175,9 +175,10 @@ def test_with_lookahead_the_master_hands_out_the_model_ahead_of_its_course(digit
     from apam_gossip.messages import Grad
     from apam_gossip.optim import lookahead_point
 
-    optim = OptimConfig(lr=0.1, lookahead=1.0, staleness_momentum="none")
+    optim = OptimConfig(lr=0.1, lookahead=1.0)  # the momentum rule is off with it
     master = ApamMaster(None, SimpleNamespace(n_workers=4), torch.zeros(3), optim,
                         total=100, eval_at=[], snaps=torch.zeros(1, 3))
+    assert master.opt.hp.beta1 == 0.9
     assert torch.equal(master.model_for_workers(), master.x)  # nothing to follow yet
     master.apply(0, Grad(version=0, samples=1, loss=0.0, compute_s=0.0),
                  torch.tensor([1.0, -1.0, 0.0]))
@@ -188,6 +189,6 @@ def test_with_lookahead_the_master_hands_out_the_model_ahead_of_its_course(digit
     assert got[0] < x[0] and got[1] > x[1] and got[2] == x[2]  # further along the step
 
     cfg = make_cfg(mode="centralized", workers=4, epochs=15, evals=2,
-                   optim={"lr": 2e-3, "lookahead": 1.0, "staleness_momentum": "none"})
+                   optim={"lr": 2e-3, "lookahead": 1.0})
     r = run(cfg, dataset=digits)
     assert r.final_accuracy >= 0.95, r.evals

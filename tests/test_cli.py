@@ -202,6 +202,8 @@ def test_resume_refuses_training_flags_it_would_ignore(tmp_path, capsys):
      "centralized mode)"),
     (["--mode", "centralized", "--optimizer", "sgd", "--staleness-momentum", "none"],
      "--staleness-momentum (applies to amsgrad and adam)"),
+    (["--mode", "centralized", "--lookahead", "1", "--staleness-momentum", "workers"],
+     "--staleness-momentum (off with --lookahead, which follows beta1 as given)"),
 ])
 def test_flags_that_do_not_apply_are_named_in_one_warning(tmp_path, capsys, argv, needle):
     out = tmp_path / "r.json"

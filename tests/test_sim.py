@@ -363,6 +363,20 @@ def test_overlap_hides_a_link_up_to_the_gradient(digits):
     assert per_step(0.01, False) == pytest.approx(0.010, rel=0.05)
 
 
+def test_simulated_lookahead_hands_out_a_model_ahead_and_still_learns(digits):
+    """centralized --lookahead: with 4 workers the run differs from lookahead 0 and
+    still learns; with 1 worker it looks 0 updates ahead, the plain run bit for bit."""
+    kw = {"mode": "centralized", "steps": 300, "evals": 1, "optim": {"lr": 2e-3}}
+    plain = simulate(make_cfg(kw, workers=4), dataset=digits, **COSTS)
+    ahead = simulate(make_cfg(kw, workers=4, optim={"lookahead": 1.0}), dataset=digits,
+                     **COSTS)
+    assert not torch.equal(plain.final_params, ahead.final_params)
+    assert ahead.final_accuracy > 0.8
+    one = [simulate(make_cfg(kw, workers=1, optim={"lookahead": la}), dataset=digits,
+                    **COSTS).final_params for la in (0.0, 1.0)]
+    assert torch.equal(*one)
+
+
 def test_gossip_lr_rules_are_the_lr_times_n_or_sqrt_n(digits):
     """gossip_lr = workers multiplies each local step's lr by n, sqrt by sqrt(n): the same
     simulation as that lr given by hand, bit for bit; the default leaves it as given."""

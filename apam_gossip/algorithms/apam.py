@@ -166,7 +166,7 @@ class ApamMaster:
         if self._ahead_buf is None:
             return self.x
         n, buf = self.n_params, self._ahead_buf
-        # steps of the size of the last one (the schedule's, or the loop API user's, lr)
+        # steps of the size of the last one (the lr it was applied with)
         lookahead_point(buf[:n], self.x[:n], self.state, self.opt.hp, self.step_lr,
                         self.ahead)
         if self.x.numel() > n:
@@ -208,10 +208,9 @@ class ApamMaster:
         stale = p.version - msg.version
         if msg.lr is not None:  # the user's schedule; the staleness rule still applies
             lr = msg.lr * staleness_scale(self.opt.hp.staleness_lr, stale)
-            self.step_lr = msg.lr
         else:
             lr = self.opt.lr_at(p.version + 1, self.total, stale)
-            self.step_lr = self.opt.lr_at(p.version + 1, self.total)
+        self.step_lr = lr  # --lookahead: the steps ahead are taken of this size
         self.opt.update(self.x[:n], grad[:n], self.state, lr=lr)
         if self.x.numel() > n:
             self.x[n:].copy_(grad[n:])

@@ -274,13 +274,13 @@ def _centralized(sim: _Sim) -> tuple[RunResult, int]:
     end = [0.0]
 
     ahead = opt.hp.lookahead * (nw - 1)  # as ApamMaster.model_for_workers
+    step_lr = [opt.hp.lr]  # the lr of the last update applied (lookahead's step size)
 
     def give(i: int) -> None:  # the master sends its model to worker i
         arrive = cl.transfer(eng.now, MASTER, i)
         snap = x.clone() if sim.math else None
         if snap is not None and ahead > 0:
-            lookahead_point(snap[:n], x[:n], state, opt.hp,
-                            opt.lr_at(max(version, 1), total), ahead)
+            lookahead_point(snap[:n], x[:n], state, opt.hp, step_lr[0], ahead)
         v = version
         eng.at(arrive, lambda: start(i, v, snap))
 
@@ -302,7 +302,8 @@ def _centralized(sim: _Sim) -> tuple[RunResult, int]:
         staleness[version - v] += 1
         if grad is not None:
             loss, b, msg = grad
-            opt.update(x[:n], msg[:n], state, lr=opt.lr_at(version + 1, total, version - v))
+            step_lr[0] = opt.lr_at(version + 1, total, version - v)
+            opt.update(x[:n], msg[:n], state, lr=step_lr[0])
             x[n:] = msg[n:]
             losses.append(loss)
         else:
