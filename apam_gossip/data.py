@@ -666,8 +666,7 @@ class BatchStream:
         self.batch_size = batch_size
         self.seed = int(seed)
         self.augment = augment
-        self._aug_gen = torch.Generator()
-        self._aug_gen.manual_seed(_pass_seed(self.seed, -1) if augment != "none" else 0)
+        self._aug_gen = torch.Generator().manual_seed(_pass_seed(self.seed, -1))
         self.epoch = 0
         self._gen = torch.Generator()
         self._order = self._permutation()
@@ -794,10 +793,7 @@ class UserData:
 
     def stream(self, shard: Tensor, batch_size: int, seed: int,
                device: torch.device, augment: str = "none") -> LoaderStream:
-        if augment != "none":
-            raise UserError(f"augment = {augment!r} applies to tensor datasets; {self.name} "
-                            "is a map-style dataset: augment in its own transforms, or "
-                            "set augment = \"none\"")
+        check_augment(self, augment)
         return LoaderStream(self, shard, batch_size, seed, device)
 
     def test_batches(self, batch_size: int, limit: int | None = None,

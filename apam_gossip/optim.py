@@ -149,16 +149,12 @@ def lookahead_point(out: Tensor, param: Tensor, state: OptState, hp: OptimConfig
     step = int(state["step"]) if "step" in state else 0
     if updates <= 0 or step == 0 or hp.name == "sgd":
         return out
+    # the step itself, ``updates`` times as long, from the state as it is now
     second = state["vhat"] if hp.name == "amsgrad" else state["v"]
-    root = second.sqrt()
-    scale = lr * updates
-    if hp.name == "adam" or hp.bias_correction:
-        root.div_(math.sqrt(1 - hp.beta2**step))
-        scale /= 1 - hp.beta1**step
-    root.add_(hp.eps)
-    if hp.eps == 0:
-        root.masked_fill_(root == 0, 1.0)  # m is 0 wherever the second moment is 0
-    return out.addcdiv_(state["m"], root, value=-scale)
+    _adaptive_update(out, state["m"], second.clone(), step=step, lr=lr * updates,
+                     beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
+                     bias_correction=hp.name == "adam" or hp.bias_correction)
+    return out
 
 
 def _moments(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float,
