@@ -243,16 +243,29 @@ class DecentralizedMode(ShmMode):
 
     def ready(self, name: str, msg: Hello) -> None:
         self.hello.add(msg.worker)
-        if len(self.hello) == self.cfg.workers:  # all ready: the clock starts
+        self.start_when_all_accounted_for()
+
+    def start_when_all_accounted_for(self) -> None:
+        """Start the clock and the workers once every worker has said hello or died.
+
+        A worker that died before its hello never sends one: waiting for all hellos
+        stalled the run until the workers' start timeout and then failed it (issue 19),
+        where a worker killed mid-run costs nothing. It is counted out instead; it was
+        marked dead (:meth:`died`) before the others start, so none ever picks it."""
+        if self.gossip.go.is_set():
+            return
+        if len(self.hello | self.dead) == self.cfg.workers:  # all ready: the clock starts
             self.t0 = time.monotonic() - self.wall_before
             self.gossip.go.set()
 
     def died(self, name: str, msg: Died) -> None:
-        """Its neighbours stop choosing it and the locks it held are freed."""
+        """Its neighbours stop choosing it and the locks it held are freed; one that died
+        during start-up is no longer waited for."""
         super().died(name, msg)
         self.gossip.recover(_worker_index(name))
         if len(self.dead) == self.cfg.workers:
             raise ChildFailed("workers", "all workers died")
+        self.start_when_all_accounted_for()
 
     def tick(self) -> None:
         if not self.gossip.go.is_set() or self.stopping:

@@ -131,3 +131,16 @@ def wide_digits_net() -> nn.Module:
     """About 1.1M parameters (4.4 MB): big enough for the fused pairwise average."""
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024),
                          nn.ReLU(), nn.Linear(1024, 10))
+
+
+def dies_in_worker_3() -> nn.Module:
+    """DigitsNet, except that the process named "worker 3" SIGKILLs itself while it
+    builds the model: a worker that dies during start-up, before its hello (the run's
+    own process and the other workers build it as usual)."""
+    import multiprocessing
+    import os
+    import signal
+
+    if multiprocessing.current_process().name == "worker 3":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return DigitsNet()
