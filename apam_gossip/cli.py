@@ -483,10 +483,12 @@ def _compare_results(a: argparse.Namespace) -> int:
 
 def _launch(a: argparse.Namespace) -> int:
     """``launch -n N script.py [args]``: mpirun with the settings of
-    :mod:`apam_gossip.mpirun`, this Python, the script's exit code."""
+    :mod:`apam_gossip.mpirun`, this Python, the script's exit code. SIGTERM or SIGHUP
+    (Slurm's time limit, a closed terminal) stops the whole job like Ctrl-C: exit 143
+    (129); SIGUSR1/SIGUSR2 are passed on to every rank."""
     import subprocess
 
-    from .mpirun import run_mpirun
+    from .mpirun import JobStopped, run_mpirun
 
     script = Path(a.script)
     if not script.is_file():
@@ -499,11 +501,14 @@ def _launch(a: argparse.Namespace) -> int:
         raise UserError(f"--timeout must be > 0 seconds, got {a.timeout:g}")
     try:
         job = run_mpirun(a.np, [sys.executable, str(script), *a.args], timeout=a.timeout,
-                         hostfile=a.hostfile, capture=False)
+                         hostfile=a.hostfile, capture=False, signals=True)
     except subprocess.TimeoutExpired:
         print(f"{PROG}: error: the job ran past --timeout {a.timeout:g} s and was stopped",
               file=sys.stderr)
         return 124
+    except JobStopped as e:
+        print(f"{PROG}: launch {e}: every rank of the job was stopped", file=sys.stderr)
+        return 128 + e.signum
     return job.returncode
 
 
@@ -923,7 +928,11 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import RunInterrupted
 
         if isinstance(e, RunInterrupted):
-            print(f"{PROG}: {e}", file=sys.stderr)
+            print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+            if sys.modules.get("mpi4py.MPI") is not None:
+                from .runner_mpi import exit_after_peers
+
+                exit_after_peers(e.peers)
             return 143
         if sys.modules.get("mpi4py.MPI") is not None:
             import traceback

@@ -4,7 +4,7 @@ The calling process starts the children of a mode (:class:`Mode.start`), then
 :class:`Coordinator` polls their control pipes and hands each typed message
 (:mod:`apam_gossip.messages`) to the mode; between polls the mode may act on time
 (:meth:`Mode.tick`: evaluation points, checkpoints). The coordinator owns what every
-mode needs the same way: the run's deadline, SIGTERM/SIGINT (asking the mode to stop in
+mode needs the same way: the run's deadline, SIGTERM/SIGINT/SIGUSR1 (asking the mode to stop in
 order, once; a second signal aborts), joining the children at the end and reporting
 a child that failed or would not exit. A mode is only: how its children start, what its
 messages mean, when it is finished and what result it builds.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .messages import Interrupted
@@ -33,6 +34,7 @@ class RunInterrupted(RuntimeError):
                  if checkpoint else "no --checkpoint was given, so nothing was saved")
         super().__init__(f"run interrupted after {updates} updates; {where}")
         self.checkpoint = checkpoint
+        self.peers: list[int] = []  # under mpirun: the other ranks on this host (rank 0)
 
 
 class Group(Protocol):
@@ -69,23 +71,32 @@ class Mode(Protocol):
         :attr:`interrupted` and report :meth:`finished`."""
 
 
-class SignalStop:
-    """While active (a context manager; only the main thread can install handlers),
-    SIGTERM and SIGINT set :attr:`flag` instead of killing the process; a second signal
-    raises KeyboardInterrupt at once."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
-    def __init__(self) -> None:
+
+class SignalStop:
+    """While active (a context manager; only the main thread can install handlers), a
+    stop request, SIGTERM, SIGINT or SIGUSR1 (Slurm's ``--signal=USR1@...`` warning),
+    sets :attr:`flag` and calls ``on_stop`` (once) instead of killing the process; a
+    second one raises KeyboardInterrupt at once."""
+
+    def __init__(self, on_stop: Callable[[], None] | None = None) -> None:
         self.flag = False
+        self.signum: int | None = None
+        self.on_stop = on_stop
         self._old: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
         if self.flag:
             raise KeyboardInterrupt
         self.flag = True
+        self.signum = signum
+        if self.on_stop is not None:
+            self.on_stop()
 
     def __enter__(self) -> SignalStop:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handler)
         return self
 

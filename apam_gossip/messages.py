@@ -121,7 +121,7 @@ class Stop:
 # -- coordinator -> master ------------------------------------------------------------
 @dataclass(frozen=True)
 class StopRequest:
-    """Checkpoint (if configured) and stop now (the job got SIGTERM or Ctrl-C)."""
+    """Checkpoint (if configured) and stop now (the job got SIGTERM, SIGUSR1 or Ctrl-C)."""
 
 
 # -- process group -> coordinator -----------------------------------------------------
@@ -142,21 +142,29 @@ class Died:
 
 class LocalOutbox:
     """Stands in for a control pipe when the coordinator is in the same process (MPI):
-    messages are kept in order; ``live(msg)`` may consume one at once (returns True)."""
+    messages are kept in order; ``live(msg)`` may consume one at once (returns True).
+    :meth:`post` puts a request the other way (a :class:`StopRequest` from a signal
+    handler), which the algorithm's :meth:`poll` / :meth:`recv` take."""
 
     def __init__(self, live: Callable[[Any], bool] | None = None) -> None:
         self.messages: list[Any] = []
         self.live = live
+        self.inbox: list[Any] = []
 
     def send(self, msg: Any) -> None:
         if self.live is None or not self.live(msg):
             self.messages.append(msg)
 
-    def poll(self) -> bool:  # nothing arrives from a coordinator in-process
-        return False
+    def post(self, msg: Any) -> None:
+        self.inbox.append(msg)
+
+    def poll(self) -> bool:
+        return bool(self.inbox)
 
     def recv(self) -> Any:
-        raise EOFError("nothing is sent to an in-process outbox")
+        if not self.inbox:
+            raise EOFError("nothing was posted to this in-process outbox")
+        return self.inbox.pop(0)
 
     def of_type(self, cls: type) -> list[Any]:
         return [m for m in self.messages if isinstance(m, cls)]

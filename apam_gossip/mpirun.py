@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -55,9 +57,20 @@ def mpi_env(base: dict[str, str] | None = None, multi_host: bool = False) -> dic
 @contextlib.contextmanager
 def job_shm_dir() -> Iterator[dict[str, str]]:
     """A private folder for one job's shared-memory segments; yields the environment
-    entries that point OpenMPI at it and removes it (with anything left inside) after."""
+    entries that point OpenMPI at it and removes it (with anything left inside) after.
+
+    The folder is ``/dev/shm/apam-mpi-XXXX``, or ``apam-mpi-TAG-XXXX`` when the
+    environment variable ``APAM_GOSSIP_SHM_TAG`` is set (characters other than letters,
+    digits, ``_``, ``.`` and ``-`` become ``_``; 64 at most are kept). A tag tells whose
+    folder is whose on a shared machine: a batch script can set it to its job's id, and
+    the test suite sets it to a tag of its own to count only the segments its own jobs
+    made. ``launch/mpirun.sh`` names its folder the same way."""
     root = SHM_ROOT if os.path.isdir(SHM_ROOT) and os.access(SHM_ROOT, os.W_OK) else None
-    d = tempfile.mkdtemp(prefix="apam-mpi-", dir=root)
+    # sanitized and cut short: a tag is part of one file name, so a "/" must not reach
+    # another folder, nor a long tag pass the 255 bytes a name may have
+    tag = "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "_"
+                  for c in os.environ.get("APAM_GOSSIP_SHM_TAG", ""))[:64]
+    d = tempfile.mkdtemp(prefix=f"apam-mpi-{tag}-" if tag else "apam-mpi-", dir=root)
     try:
         yield {"OMPI_MCA_btl_sm_backing_directory": d}
     finally:
@@ -73,37 +86,129 @@ def mpirun_command(n: int, hostfile: str | None = None) -> list[str]:
     return cmd
 
 
+class JobStopped(Exception):
+    """The launcher was told to stop (SIGTERM, SIGHUP): the job was stopped with it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 def run_mpirun(n: int, args: Sequence[str], *, timeout: float | None = None,
                env: dict[str, str] | None = None, hostfile: str | None = None,
-               capture: bool = True) -> subprocess.CompletedProcess:
+               capture: bool = True, signals: bool = False) -> subprocess.CompletedProcess:
     """Run ``mpirun -n n ARGS`` to completion (killed at ``timeout``, raising
-    ``subprocess.TimeoutExpired``) with the settings above and a private segment folder."""
+    ``subprocess.TimeoutExpired``) with the settings above and a private segment folder.
+
+    However this ends (an exception, Ctrl-C, a timeout), the whole job is stopped and
+    reaped (:func:`stop_job`), and if this process dies without a word (SIGKILL) the
+    kernel sends mpirun SIGTERM, so no rank trains on as an orphan. ``signals`` (the
+    ``launch`` command; main thread only): SIGTERM and SIGHUP, what Slurm and a closed
+    terminal send, stop the job the same way and raise :class:`JobStopped`; SIGUSR1 and
+    SIGUSR2 are passed on to mpirun, which forwards them to every rank."""
     cmd = [*mpirun_command(n, hostfile), *args]
     with job_shm_dir() as shm:
         full_env = {**mpi_env(env, multi_host=hostfile is not None), **shm}
         pipe = subprocess.PIPE if capture else None
-        # its own session, so that on a timeout the whole job (mpirun and its ranks) is
-        # signalled, not only mpirun
+        # its own session, so that a terminal's Ctrl-C reaches this process only, which
+        # then stops the job in order (the ranks are in their own groups: mpirun stops them)
         p = subprocess.Popen(cmd, env=full_env, stdout=pipe, stderr=pipe, text=True,
-                             start_new_session=True)
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except BaseException:
-            stop_job(p)
-            raise
+                             start_new_session=True, preexec_fn=_die_with_parent)
+        with _job_signals(p, signals):
+            try:
+                out, err = p.communicate(timeout=timeout)
+            except BaseException:
+                stop_job(p)
+                raise
         return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def stop_job(p: subprocess.Popen, grace: float = 10.0) -> None:
-    """End a job started in its own session: SIGTERM to the session (mpirun passes it on
-    to the ranks), then SIGKILL what is left; always reaps ``p``."""
-    import signal
+def _die_with_parent() -> None:
+    """In mpirun's process, before it starts: SIGTERM when the launcher dies (Linux's
+    PR_SET_PDEATHSIG; mpirun then stops its ranks)."""
+    import ctypes
 
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _job_signals(p: subprocess.Popen, active: bool) -> Iterator[None]:
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        for s in STOP_SIGNALS:  # a second signal while the job stops changes nothing
+            signal.signal(s, signal.SIG_IGN)
+        raise JobStopped(signum)
+
+    def forward(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signum)
+
+    old = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    old.update({s: signal.signal(s, forward) for s in FORWARDED_SIGNALS})
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _process_tree(pid: int) -> dict[int, str]:
+    """The live descendants of ``pid`` on this host (pid -> its start time, which tells
+    a process from a later one that reuses its pid), from /proc."""
+    kids: dict[int, list[tuple[int, str]]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kids.setdefault(int(fields[1]), []).append((int(d.name), fields[19]))
+    out: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        for child, start in kids.get(todo.pop(), []):
+            out[child] = start
+            todo.append(child)
+    return out
+
+
+def _kill_tree(tree: dict[int, str]) -> None:
+    """SIGKILL every process of ``tree`` that is still the same process."""
+    for pid, start in tree.items():
+        try:
+            now = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone
+        if now[19] == start:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def stop_job(p: subprocess.Popen, grace: float = 10.0) -> None:
+    """End a job started in its own session, always reaping ``p``: SIGTERM to mpirun
+    (OpenMPI's then sends its ranks SIGCONT, SIGTERM and, half a second later, SIGKILL),
+    then, after ``grace`` s, SIGKILL to mpirun. Its ranks on this host are looked up
+    first and killed last if any outlived it (each rank has a process group of its own,
+    so signalling mpirun's group does not reach them); ranks on other hosts end with
+    their host's OpenMPI daemon when mpirun goes."""
+    tree = _process_tree(p.pid)
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, sig)
+        if sig == signal.SIGKILL:
+            _kill_tree(tree)
         try:
             p.communicate(timeout=wait)
-            return
+            break
         except subprocess.TimeoutExpired:
             continue
+    _kill_tree(tree)

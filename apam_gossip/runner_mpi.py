@@ -16,8 +16,11 @@ messages stay in-process (:class:`~apam_gossip.messages.LocalOutbox`). Worker ``
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,8 +29,17 @@ from .algorithms import adpsgd, apam, sync
 from .algorithms.apam import CheckpointSpec
 from .algorithms.common import device_for, threads_per_worker
 from .config import ConfigError, RunConfig
+from .coordinator import RunInterrupted, SignalStop
 from .evaluate import Evaluator
-from .messages import LocalOutbox, MasterSummary, Progress, Snapshot, WorkerReport
+from .messages import (
+    Interrupted,
+    LocalOutbox,
+    MasterSummary,
+    Progress,
+    Snapshot,
+    StopRequest,
+    WorkerReport,
+)
 from .plan import RunPlan, worker_config
 from .reporting import (
     AuditBase,
@@ -71,11 +83,14 @@ def run_mpi(cfg: RunConfig, task: Task, data: Any, cb: Callback,
     lrank, on_node = tmpi.node_placement(comm)
     torch.set_num_threads(threads_per_worker(cfg, on_node))
     ctx = _RankContext(cfg, task, data, cb, comm, rank, device_for(cfg, lrank))
-    if cfg.mode == "centralized":
-        return _centralized(ctx, ckpt)
-    if cfg.mode in ("allreduce", "dpsgd"):
-        return _sync(ctx)
-    return _decentralized(ctx)
+    # a stop request (SIGTERM, SIGINT, SIGUSR1) to a rank: each mode says what it does
+    # (ctx.stop.on_stop); a rank never dies of the first one mid-message
+    with ctx.stop:
+        if cfg.mode == "centralized":
+            return _centralized(ctx, ckpt)
+        if cfg.mode in ("allreduce", "dpsgd"):
+            return _sync(ctx)
+        return _decentralized(ctx)
 
 
 class _RankContext:
@@ -87,6 +102,7 @@ class _RankContext:
         self.comm, self.rank = comm, rank
         self.device = device
         self.plan = RunPlan.of(cfg, data, task)
+        self.stop = SignalStop()
 
     def progress_outbox(self) -> LocalOutbox:
         """An outbox that shows progress live (on rank 0) and keeps everything else."""
@@ -120,6 +136,7 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
     cfg, plan, comm = ctx.cfg, ctx.plan, ctx.comm
     resumes = int(ckpt["resumes"]) + 1 if ckpt is not None else 0
     devices = comm.gather(str(ctx.device), root=0)
+    peers = comm.gather((socket.gethostname(), os.getpid()), root=0)
     outbox = ctx.progress_outbox()
     if ctx.rank != 0:
         end = tmpi.MpiStarWorker(comm, plan.numel)
@@ -130,6 +147,9 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
         return None
     snaps = torch.zeros(len(plan.eval_at) + 1, plan.numel)
     ctx.start_event()
+    # the master checkpoints at once and stops the workers in order; the workers only
+    # note the signal (the master's stop reaches them)
+    ctx.stop.on_stop = partial(outbox.post, StopRequest())
     end = tmpi.MpiStarMaster(comm, plan.numel, timeout=cfg.timeout_s)
     checkpoint = None if cfg.checkpoint is None else CheckpointSpec(
         cfg.checkpoint, cfg.checkpoint_every_s, cfg.replace(transport="auto").to_dict(),
@@ -141,6 +161,12 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
         rep = comm.recv(source=r, tag=tmpi.T_STATS)
         reports[rep.worker] = rep
     comm.Barrier()
+    stopped = outbox.of_type(Interrupted)
+    if stopped:
+        e = RunInterrupted(stopped[-1].checkpoint, stopped[-1].updates)
+        here = socket.gethostname()
+        e.peers = [pid for host, pid in peers[1:] if host == here]
+        raise e
     scorer = ctx.scorer(snaps)
     for msg in outbox.of_type(Snapshot):
         scorer(msg)
@@ -245,6 +271,21 @@ def _sync(ctx: _RankContext) -> RunResult | None:
                        plan.n_params, "mpi")
 
 
+def exit_after_peers(peers: list[int], timeout: float = 5.0) -> None:
+    """Rank 0 of a job that stopped on request, about to exit with 143: finalize MPI, then
+    let the other ranks on this host exit first (at most ``timeout`` s). mpirun then
+    reports the job's code quietly; a rank that exits non-zero while others still run
+    makes it print a notice that it terminated the job."""
+    from mpi4py import MPI
+
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+    deadline = time.monotonic() + timeout
+    while peers and time.monotonic() < deadline:
+        peers = [p for p in peers if os.path.exists(f"/proc/{p}")]
+        time.sleep(0.02)
+
+
 def mpi_gossip_consensus(graph, x0: torch.Tensor, averages_per_worker: int, seed: int = 0,
                          timeout_s: float = 120.0) -> torch.Tensor | None:
     """The MPI twin of :func:`apam_gossip.modes.gossip_consensus`: call on every rank
@@ -263,4 +304,4 @@ def mpi_gossip_consensus(graph, x0: torch.Tensor, averages_per_worker: int, seed
     return out
 
 
-__all__ = ["run_mpi", "mpi_gossip_consensus"]
+__all__ = ["run_mpi", "mpi_gossip_consensus", "exit_after_peers"]

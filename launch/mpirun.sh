@@ -12,7 +12,7 @@
 # * as root, OpenMPI refuses to start unless OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1: set here.
 # * OpenMPI's shared-memory segments (16 MB per rank) go to a folder of this job's own,
 #   removed when the job ends however it ends (an aborted or killed job leaves nothing in
-#   /dev/shm).
+#   /dev/shm); APAM_GOSSIP_SHM_TAG=TAG names it apam-mpi-TAG-XXXXXX.
 # Everything after the options is passed to apam-gossip.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -53,22 +53,70 @@ else
 fi
 SHM_BASE=/dev/shm
 [ -d "$SHM_BASE" ] && [ -w "$SHM_BASE" ] || SHM_BASE="${TMPDIR:-/tmp}"
-JOB_SHM="$(mktemp -d "$SHM_BASE/apam-mpi-XXXXXX")"
+# APAM_GOSSIP_SHM_TAG, if set, goes into the folder's name (as in apam_gossip/mpirun.py:
+# sanitized, 64 characters at most), so that on a shared machine whose folder is whose
+# can be told
+TAG="${APAM_GOSSIP_SHM_TAG:-}"
+TAG="${TAG//[^A-Za-z0-9_.-]/_}"
+TAG="${TAG:0:64}"
+JOB_SHM="$(mktemp -d "$SHM_BASE/apam-mpi-${TAG:+$TAG-}XXXXXX")"
 export OMPI_MCA_btl_sm_backing_directory="$JOB_SHM"
-PID=""
-cleanup() { rm -rf "$JOB_SHM"; }
+# Signals. mpirun forwards SIGUSR1 to every rank, and apam-gossip's ranks take it as an
+# orderly stop (the centralized master checkpoints, the workers stop in order, exit 143).
+# mpirun's own answer to SIGTERM is SIGTERM then, half a second later, SIGKILL to every
+# rank. So a SIGTERM here (Slurm's time limit, scancel) asks for the orderly stop first
+# and gives mpirun its SIGTERM only if the job is still running $APAM_GOSSIP_STOP_GRACE_S
+# seconds later (default 30), or at a second SIGTERM.
+GRACE="${APAM_GOSSIP_STOP_GRACE_S:-30}"
+PID="" STOPPING="" WATCH="" ESCALATED=""
+cleanup() {
+    [ -n "$WATCH" ] && kill "$WATCH" 2>/dev/null
+    rm -rf "$JOB_SHM"
+}
 forward() { [ -n "$PID" ] && kill -"$1" "$PID" 2>/dev/null; }
+stop() {
+    [ -n "$PID" ] || return 0
+    if [ -z "$STOPPING" ]; then
+        STOPPING=1
+        kill -USR1 "$PID" 2>/dev/null
+        # the grace period's clock (its output away from ours: a caller reading our
+        # pipes must not wait for it)
+        sleep "$GRACE" </dev/null >/dev/null 2>&1 &
+        WATCH=$!
+    else
+        ESCALATED=1
+        kill -TERM "$PID" 2>/dev/null
+    fi
+}
 trap cleanup EXIT
-trap 'forward TERM' TERM
+trap stop TERM
 trap 'forward INT' INT
+trap 'forward USR1' USR1
+trap 'forward USR2' USR2
 "$MPIRUN" "${ARGS[@]}" "$APAM" "$@" &
 PID=$!
-# wait returns early when a trapped signal arrives: keep waiting for mpirun to finish
+# wait returns early when a trapped signal arrives: keep waiting for mpirun to finish,
+# and give it its SIGTERM once the grace period after an orderly stop request is over
 while true; do
     set +e
-    wait "$PID"
-    RC=$?
+    if [ -n "$WATCH" ] && [ -z "$ESCALATED" ]; then
+        wait -n "$PID" "$WATCH"
+    else
+        wait "$PID"
+    fi
     set -e
     kill -0 "$PID" 2>/dev/null || break
+    if [ -n "$WATCH" ] && [ -z "$ESCALATED" ] && ! kill -0 "$WATCH" 2>/dev/null; then
+        ESCALATED=1
+        kill -TERM "$PID" 2>/dev/null
+    fi
 done
+set +e
+wait "$PID"
+RC=$?
+set -e
+# stopped by SIGTERM: 143, whether the ranks stopped in order or mpirun had to kill them
+if [ -n "$STOPPING" ] && [ "$RC" != 0 ]; then
+    RC=143
+fi
 exit "$RC"

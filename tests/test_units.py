@@ -184,19 +184,21 @@ def test_coordinator_reports_children_that_do_not_exit():
         Coordinator(FakeGroup([[("worker 0", Hello(0))]], joins=False), mode, 10).run()
 
 
-def test_sigterm_asks_the_mode_to_stop_once_then_raises_interrupted():
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_asks_the_mode_to_stop_once_then_raises_interrupted(sig):
+    """SIGTERM (a scheduler's preemption) and SIGUSR1 (Slurm's --signal warning) alike."""
     mode = FakeMode(until=99)
 
     class Signalling(FakeGroup):
         def poll(self, timeout):
             if self.polls == 1:
-                os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's preemption
+                os.kill(os.getpid(), sig)
             return super().poll(timeout)
 
     with pytest.raises(RunInterrupted, match="--resume x.ckpt"):
         Coordinator(Signalling([[], [], []]), mode, timeout_s=10).run()
     assert mode.stops == 1
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler put back
+    assert signal.getsignal(sig) is signal.SIG_DFL  # handler put back
 
 
 def test_centralized_mode_builds_its_result_from_messages(digits):

@@ -294,6 +294,11 @@ class ApamMaster:
                 if p.version == self.next_eval:
                     self.snapshot()
                     self.next_eval = next(self.eval_points, None)
+                if self.ctrl.poll():  # a stop request is answered before anything else
+                    break
+            if self.ctrl.poll():  # the coordinator asks to stop (SIGTERM): save, then stop
+                self.interrupt()
+                return
             now = time.monotonic()
             if now - last_progress > PROGRESS_EVERY_S:
                 self.ctrl.send(Progress(p.samples, p.version))
@@ -301,16 +306,19 @@ class ApamMaster:
             if self.checkpoint is not None and now - last_ckpt > self.checkpoint.every_s:
                 self.save()
                 last_ckpt = time.monotonic()
-            if self.ctrl.poll():  # the coordinator asks to stop (SIGTERM): save, then stop
-                msg = self.ctrl.recv()
-                assert isinstance(msg, StopRequest), msg
-                if self.checkpoint is not None:
-                    self.save()
-                self.stop_workers(idle=set())  # every live worker holds a model: busy
-                self.ctrl.send(Interrupted(self.checkpoint.path if self.checkpoint else None,
-                                           p.version))
-                return
         self.finish(idle=set())  # reached only when the budget was already spent
+
+    def interrupt(self) -> None:
+        """A stop request: the checkpoint first (under mpirun, a SIGTERM from mpirun
+        itself is followed by its SIGKILL half a second later), then stop the workers in
+        order and report :class:`Interrupted`."""
+        msg = self.ctrl.recv()
+        assert isinstance(msg, StopRequest), msg
+        if self.checkpoint is not None:
+            self.save()
+        self.stop_workers(idle=set())  # every live worker holds a model: busy
+        self.ctrl.send(Interrupted(self.checkpoint.path if self.checkpoint else None,
+                                   self.progress.version))
 
     def finish(self, idle: set[int]) -> None:
         p = self.progress

@@ -1,0 +1,173 @@
+"""The ends of jobs under mpirun and `launch`: SIGTERM to the launcher, an orderly stop
+of a `train` job on SIGTERM/SIGUSR1, a resume with another number of workers. Every job
+runs in its own session and is stopped and reaped however the test ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from apam_gossip.mpirun import _process_tree, mpi_env, stop_job
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+MPIRUN = Path(sys.executable).parent / "mpirun"
+
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(not MPIRUN.exists(), reason="mpirun not in the venv: pip install "
+                       "'apam_gossip[mpi]' (launch/setup.sh does)"),
+]
+
+ENV = {**mpi_env(), "PYTHONUNBUFFERED": "1"}
+
+
+def _ranks(root: int, marker: str) -> dict[int, str]:
+    """The processes under ``root`` whose command line holds ``marker``, with the
+    segment folder each was given (from its environment)."""
+    out = {}
+    for pid in _process_tree(root):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in cmd and b"prterun" not in cmd:
+            folder = next((e.split(b"=", 1)[1].decode() for e in env
+                           if e.startswith(b"OMPI_MCA_btl_sm_backing_directory=")), "")
+            out[pid] = folder
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _start(cmd: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=kw.pop("env", ENV), **kw)
+
+
+def _reap(p: subprocess.Popen) -> None:
+    """However the test ended: the launcher and everything under it, gone."""
+    if p.poll() is None:
+        tree = _process_tree(p.pid)
+        stop_job(p, grace=2.0)
+        for pid in tree:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_to_launch_stops_every_rank_and_removes_the_segment_folder():
+    """Slurm's time limit on `apam-gossip launch`: the whole job ends, nothing is left
+    (it used to exit at once and leave mpirun and its ranks training under PID 1)."""
+    p = _start([sys.executable, "-m", "apam_gossip", "launch", "-n", "3",
+                str(HERE / "loop_script.py"), "--steps", "1000000"])
+    try:
+        ranks: dict[int, str] = {}
+
+        def started() -> bool:
+            ranks.update(_ranks(p.pid, "loop_script.py"))
+            return len(ranks) == 3 and all(Path(f).is_dir() for f in ranks.values())
+
+        _wait_for(started, 90, "3 ranks")
+        folders = set(ranks.values())
+        assert len(folders) == 1 and all(folders)  # the job's own folder
+        time.sleep(3.0)  # into the training loop (or still starting: either must end)
+        t = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        took = time.monotonic() - t
+        assert p.returncode == 143, err
+        assert "launch stopped by SIGTERM" in err
+        _wait_for(lambda: not any(_alive(r) for r in ranks), 10, "the ranks to end")
+        assert took < 10, took
+        assert not any(Path(f).exists() for f in folders)
+    finally:
+        _reap(p)
+
+
+def test_sigusr1_to_launch_reaches_every_rank():
+    """SIGUSR1 is passed on (mpirun forwards it to every rank): a rank without a handler
+    ends, so the job ends; launch itself does not die of it (it used to: mpirun orphaned)."""
+    p = _start([sys.executable, "-m", "apam_gossip", "launch", "-n", "2",
+                str(HERE / "loop_script.py"), "--steps", "1000000"])
+    try:
+        ranks: dict[int, str] = {}
+
+        def started() -> bool:
+            ranks.update(_ranks(p.pid, "loop_script.py"))
+            return len(ranks) == 2
+
+        _wait_for(started, 90, "2 ranks")
+        time.sleep(3.0)
+        p.send_signal(signal.SIGUSR1)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode != 0
+        _wait_for(lambda: not any(_alive(r) for r in ranks), 10, "the ranks to end")
+    finally:
+        _reap(p)
+
+
+def _train(ckpt: Path, *extra: str) -> list[str]:
+    return ["train", "--mode", "centralized", "--epochs", "400", "--lr", "2e-3",
+            "--slow", "1=3", "--evals", "2", "--checkpoint", str(ckpt),
+            "--checkpoint-every", "0.5", *extra]
+
+
+@pytest.mark.parametrize("how", ["sigterm-mpirun.sh", "sigusr1-launch"])
+def test_an_mpi_train_job_stops_in_order_with_a_checkpoint(tmp_path, how):
+    """README: a stop request checkpoints and exits 143 with one line, under mpirun too
+    (it used to end with rc 1 in half a second, no checkpoint of the stop, no word).
+    launch/mpirun.sh turns SIGTERM into the orderly stop; SIGUSR1 to `launch` or mpirun
+    is passed to every rank."""
+    from apam_gossip.checkpoint import load_checkpoint
+
+    ckpt = tmp_path / "run.ckpt"
+    out = tmp_path / "never.json"
+    if how == "sigterm-mpirun.sh":
+        cmd = ["bash", str(ROOT / "launch" / "mpirun.sh"), "-n", "3",
+               *_train(ckpt, "-o", str(out))]
+        sig = signal.SIGTERM
+        env = {**ENV, "APAM": str(Path(sys.executable).parent / "apam-gossip"),
+               "MPIRUN": str(MPIRUN)}
+    else:
+        cmd = [sys.executable, "-m", "apam_gossip", "launch", "-n", "3",
+               str(Path(sys.executable).parent / "apam-gossip"), *_train(ckpt, "-o", str(out))]
+        sig = signal.SIGUSR1
+        env = ENV
+    p = _start(cmd, env=env)
+    try:
+        _wait_for(ckpt.exists, 120, "the first periodic checkpoint")
+        first = load_checkpoint(ckpt)["version"]
+        p.send_signal(sig)
+        stdout, err = p.communicate(timeout=90)
+        assert p.returncode == 143, stdout + err
+        lines = [ln for ln in err.splitlines() if "interrupted" in ln]
+        assert len(lines) == 1, err  # one line, from rank 0
+        assert "prterun detected" not in err  # the ranks stopped in order: no kill notice
+        ck = load_checkpoint(ckpt)
+        # the stop's own checkpoint: the master's state when it stopped, named in the line
+        assert ck["version"] >= first and f"after {ck['version']} updates" in lines[0]
+        assert f"--resume {ckpt}" in lines[0]
+        assert not out.exists()
+    finally:
+        _reap(p)
