@@ -251,3 +251,24 @@ def test_user_model_and_data_by_import_string_on_every_rank(tmp_path, mode):
     d = json.loads(out.read_text())
     assert d["transport"] == "mpi" and d["task"]["model"] == "user_models:DigitsBN"
     assert d["final_metric"] <= 0.1  # error rate
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_gossip_over_mpi_tells_a_reply_from_a_refusal_at_any_model_size(tmp_path, dim):
+    """Issue 19 (5): a refusal was told from a reply by its size (1 element), so with a
+    1-element model every reply read as a refusal: 0 averages, and the mean moved (the
+    peer had averaged, the asker kept its model). Pure gossip conserves sum_i x_i; every
+    try is either an average or a refusal, counted once."""
+    n, per_worker = 4, 200
+    out = tmp_path / "g.pt"
+    p = mpirun(n, sys.executable, str(HERE / "mpi_scripts" / "gossip_counts.py"), str(dim),
+               str(per_worker), str(out), timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = torch.load(out, weights_only=True)
+    x0, x = r["x0"].double(), r["x"].double()
+    rel = ((x.mean(0) - x0.mean(0)).norm() / x0.mean(0).norm()).item()
+    assert rel <= 1e-5, (rel, x0.mean(0), x.mean(0))
+    assert sum(r["averages"]) > 0, r
+    assert sum(r["averages"]) + sum(r["refused"]) == n * per_worker, r
+    d0 = ((x0 - x0.mean(0)) ** 2).sum(1).mean()
+    assert ((x - x.mean(0)) ** 2).sum(1).mean() < 1e-3 * d0  # and they did mix

@@ -8,17 +8,19 @@ a second message from that worker only. Parameters go back to that worker only.
 Gossip (decentralized): every rank is a worker and runs a *server thread* besides its
 training thread (MPI_THREAD_MULTIPLE). To average with neighbour j, worker i sends
 [x_i | u_i] straight from its model (no packed copy) to j's server; the server, holding
-j's local lock, sets x_j <- (x_i + x_j)/2 in one pass and replies with it from its model,
-still under the lock; worker i's model becomes the reply. That is exact because the model
-is read-locked while the average is in flight: i's local step waits for the reply, and
-i's server does not mix another rank's model into x_i meanwhile (an average asked by a
-higher rank waits until i's is done, one asked by a lower rank is refused and the asker
-tries another neighbour). So no update is lost, the sum of all models changes only by
-local steps, and every average is a convex combination (the tracked second moment stays
->= 0). A blocking wait only ever goes from a higher rank to a lower one, so no cycle of
-waits can form: deadlock-free on any connected graph. All progress is ordinary two-sided
-point-to-point messages driven by a thread that is always in MPI, so it works between
-hosts over any network MPI supports (no reliance on shared-memory one-sided progress).
+j's local lock, sets x_j <- (x_i + x_j)/2 in one pass and replies with it from its
+model, still under the lock; worker i's model becomes the reply. That is exact because
+the model is read-locked while the average is in flight: i's local step waits for the
+reply, and i's server does not mix another rank's model into x_i meanwhile (an average
+asked by a higher rank waits until i's is done, one asked by a lower rank is refused and
+the asker tries another neighbour; a refusal is a message of its own tag, never told
+from a reply by its size, which a 1-element model's reply shares). So no update is lost,
+the sum of all models changes only by local steps, and every average is a convex
+combination (the tracked second moment stays >= 0). A blocking wait only ever goes from
+a higher rank to a lower one, so no cycle of waits can form: deadlock-free on any
+connected graph. All progress is ordinary two-sided point-to-point messages driven by a
+thread that is always in MPI, so it works between hosts over any network MPI supports
+(no reliance on shared-memory one-sided progress).
 Rank 0's server also hands out the shared update budget (one claim per update).
 
 Other control objects (the loop API's :mod:`apam_gossip.loop` messages) travel either way
@@ -45,6 +47,7 @@ from ..messages import Grad, Hello, Params, Stop
 # message tags
 T_META, T_TENSOR = 11, 12  # star
 T_REQ, T_DATA, T_REPLY, T_SNAP_REPLY, T_CLAIM_REPLY = 21, 22, 23, 24, 25  # gossip
+T_REFUSED = 26  # gossip: the answer to an average that was refused (nothing changed)
 T_STATS = 31
 T_OBJ = 13  # star: a pickled control object after a K_OBJ metadata message
 
@@ -127,6 +130,23 @@ class _Poll:
             os.sched_yield()
         else:
             time.sleep(NAP_S)
+
+
+def _wait_any(reqs: list, timeout: float, what: str) -> int:
+    """Wait for the first of ``reqs`` to complete (with a timeout, yielding the CPU while
+    none has); returns its index. The completed request becomes MPI.REQUEST_NULL in
+    ``reqs``, the others stay pending."""
+    from mpi4py import MPI
+
+    deadline = time.monotonic() + timeout
+    poll = _Poll()
+    while True:
+        index, done = MPI.Request.Testany(reqs)
+        if done and index != MPI.UNDEFINED:
+            return index
+        poll.pause()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:g} s for {what}")
 
 
 def _wait(req, timeout: float, what: str, patient: bool = False, status=None) -> None:
@@ -308,7 +328,10 @@ class MpiGossip:
         self.averages = 0
         self.refused = 0  # averages this rank asked for and its peer refused (busy)
         self.in_flight = False  # this rank's own average is on its way (under self.lock)
-        self._busy = _host_buffer(1)  # the refusal: a 1-element reply
+        # a refusal's payload, out and in; its tag (T_REFUSED), not its size, says what
+        # it is: a 1-element model's reply is 1 element long too
+        self._busy = _host_buffer(1)
+        self._refusal_buf = _host_buffer(1)
         self.snapshots: list[tuple[float, int, Tensor]] = []  # rank 0: (wall, claimed, xs)
         self.snap_at: list[int] = []
         self.t0 = 0.0
@@ -324,7 +347,7 @@ class MpiGossip:
 
         While this rank's own average is in flight, an average asked by a higher rank
         waits (it is served as soon as this rank's average is done) and one asked by a
-        lower rank is refused (a 1-element reply). So every average is exact, and a
+        lower rank is refused (a T_REFUSED message). So every average is exact, and a
         blocking wait only ever goes from a higher rank to a lower one: no cycle of
         waits, no deadlock."""
         from mpi4py import MPI
@@ -354,7 +377,7 @@ class MpiGossip:
                     if busy and src > self.rank:  # wait until this rank's average is done
                         waiting.append((src, buf.clone()))
                     elif busy:  # refuse: its model stays as it is
-                        self.comm.Send(self._busy, dest=src, tag=T_REPLY)
+                        self.comm.Send(self._busy, dest=src, tag=T_REFUSED)
                     reqs[1] = self.comm.Irecv(buf, source=MPI.ANY_SOURCE, tag=T_DATA)
                     continue
                 kind = int(hdr[0])
@@ -450,12 +473,20 @@ class MpiGossip:
         # server refuses or defers averages, and update_local waits. So it is sent as it
         # is (no packed copy) and the reply, the exact average, simply replaces it.
         try:
-            req = self.comm.Irecv(self._recv_buf, source=j, tag=T_REPLY)
+            # j answers with exactly one of the two (its tag says which), so the other
+            # receive is cancelled once the answer is in
+            answers = [self.comm.Irecv(self._recv_buf, source=j, tag=T_REPLY),
+                       self.comm.Irecv(self._refusal_buf, source=j, tag=T_REFUSED)]
             self.comm.Send(self.state, dest=j, tag=T_DATA)
+            got = _wait_any(answers, self.timeout,
+                            f"rank {self.rank}: rank {j}'s answer to an average")
+            unused = answers[1 - got]
+            unused.Cancel()
             status = MPI.Status()
-            _wait(req, self.timeout, f"rank {self.rank}: rank {j}'s answer to an average",
-                  status=status)
-            if status.Get_count(MPI.FLOAT) == 1:  # refused: j is averaging with another
+            unused.Wait(status)
+            if not status.Is_cancelled():
+                raise AssertionError(f"rank {self.rank}: rank {j} both averaged and refused")
+            if got == 1:  # refused: j is averaging with another rank, nothing changed
                 self.refused += 1
                 return False
             with self.lock:
