@@ -41,6 +41,7 @@ from .reporting import (
     centralized_result,
     decentralized_result,
     gossip_eval_record,
+    merge_counts,
     sync_result,
 )
 from .result import EvalRecord, RunResult
@@ -206,10 +207,14 @@ class DecentralizedMode(ShmMode):
         g.share_optimizer_state(Optimizer(cfg.optim).init(torch.zeros(plan.n_params)))
         self.resumes, self.wall_before = 0, 0.0
         self.done_before = torch.zeros(cfg.workers, dtype=g.done_by.dtype)
+        self.staleness_before: dict[int, int] = {}  # the resumed runs' histogram
         self.points = [p for p in plan.eval_at if p < plan.total]  # the end is scored apart
         if ckpt is not None:  # continue where the checkpoint left off
             self.resumes, self.wall_before = int(ckpt["resumes"]) + 1, float(ckpt["wall_time"])
             self.done_before = ckpt["done_by"].clone()
+            # checkpoints from before the histogram was kept: what came after the resume
+            self.staleness_before = {int(k): int(v)
+                                     for k, v in ckpt.get("staleness", {}).items()}
             g.x.copy_(ckpt["x"])
             if g.u is not None:
                 g.u.copy_(ckpt["u"])
@@ -308,6 +313,8 @@ class DecentralizedMode(ShmMode):
             "opt_state": c.opt_state, "completed": c.completed, "averages": c.averages,
             "done_by": c.done_by, "wall_time": time.monotonic() - self.t0,
             "resumes": self.resumes,
+            # the whole run's, as its counts are: the resumed runs' and this one's so far
+            "staleness": merge_counts(self.staleness_before, c.staleness_counts()),
         })
 
     def evaluate(self, wall: float, per_worker: bool = True) -> torch.Tensor:
@@ -345,13 +352,15 @@ class DecentralizedMode(ShmMode):
             if n and w not in self.dead:
                 self.reports[w] = replace(rep, updates=rep.updates + n,
                                           samples=rep.samples + n * bs)
-        for w in self.dead:  # what it did before it died
+        staleness = dict(self.staleness_before)
+        for w in self.dead:  # what it did before it died (its histogram is in the shm)
             n = int(self.gossip.done_by[w])
+            hist = {k: int(v) for k, v in enumerate(self.gossip.staleness[w].tolist()) if v}
             self.reports[w] = WorkerReport(w, self.devices[w], 0.0, 0.0, updates=n,
-                                           samples=n * bs)
+                                           samples=n * bs, staleness=hist)
         return decentralized_result(cfg, self.reports, wall, self.devices, self.evals,
                                     self.final_params, self.plan.n_params, "shm",
-                                    failed=self.dead)
+                                    failed=self.dead, staleness_before=staleness)
 
 
 class SyncMode(ShmMode):

@@ -127,15 +127,23 @@ def sync_result(cfg: RunConfig, reports: dict[int, WorkerReport], devices: list[
     )
 
 
+def merge_counts(*counts: dict[int, int]) -> dict[int, int]:
+    """Histograms (value -> count) added up."""
+    out: dict[int, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[int(k)] = out.get(int(k), 0) + int(v)
+    return out
+
+
 def decentralized_result(cfg: RunConfig, reports: dict[int, WorkerReport], wall: float,
                          devices: list[str], evals: list[EvalRecord],
                          final_params: torch.Tensor | None, n_params: int, transport: str,
-                         failed: Iterable[int] = ()) -> RunResult:
-    """The RunResult of gossip from the workers' reports."""
-    staleness: dict[int, int] = {}
-    for r in reports.values():
-        for k, v in r.staleness.items():
-            staleness[int(k)] = staleness.get(int(k), 0) + v
+                         failed: Iterable[int] = (),
+                         staleness_before: dict[int, int] | None = None) -> RunResult:
+    """The RunResult of gossip from the workers' reports (``staleness_before``: the
+    histogram of the runs a resumed run continues)."""
+    staleness = merge_counts(staleness_before or {}, *(r.staleness for r in reports.values()))
     workers = worker_stats(cfg, reports, devices, wall)
     return RunResult(
         config=cfg.to_dict(), mode="decentralized", transport=transport, n_params=n_params,

@@ -103,6 +103,16 @@ class _RankContext:
         self.device = device
         self.plan = RunPlan.of(cfg, data, task)
         self.stop = SignalStop()
+        # rank 0: the other ranks on its host, which it lets exit first after a stop
+        here = socket.gethostname()
+        peers = comm.gather((here, os.getpid()), root=0)
+        self.peers = [pid for host, pid in peers[1:] if host == here] if rank == 0 else []
+
+    def interrupted(self, checkpoint: str | None, updates: int) -> RunInterrupted:
+        """Rank 0's exception for a run stopped on request (after every collective)."""
+        e = RunInterrupted(checkpoint, updates)
+        e.peers = self.peers
+        return e
 
     def progress_outbox(self) -> LocalOutbox:
         """An outbox that shows progress live (on rank 0) and keeps everything else."""
@@ -136,7 +146,6 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
     cfg, plan, comm = ctx.cfg, ctx.plan, ctx.comm
     resumes = int(ckpt["resumes"]) + 1 if ckpt is not None else 0
     devices = comm.gather(str(ctx.device), root=0)
-    peers = comm.gather((socket.gethostname(), os.getpid()), root=0)
     outbox = ctx.progress_outbox()
     if ctx.rank != 0:
         end = tmpi.MpiStarWorker(comm, plan.numel)
@@ -163,10 +172,7 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
     comm.Barrier()
     stopped = outbox.of_type(Interrupted)
     if stopped:
-        e = RunInterrupted(stopped[-1].checkpoint, stopped[-1].updates)
-        here = socket.gethostname()
-        e.peers = [pid for host, pid in peers[1:] if host == here]
-        raise e
+        raise ctx.interrupted(stopped[-1].checkpoint, stopped[-1].updates)
     scorer = ctx.scorer(snaps)
     for msg in outbox.of_type(Snapshot):
         scorer(msg)
@@ -179,6 +185,10 @@ def _decentralized(ctx: _RankContext) -> RunResult | None:
     nb, probs = plan.neighbors(rank)
     g = tmpi.MpiGossip(comm, plan.x0, cfg.adaptive_state == "tracked", plan.total,
                        cfg.timeout_s, n_tracked=plan.n_params)
+    # a stop request: this rank claims no more updates, and rank 0 hands out no more,
+    # so a stop on rank 0 (or on all, as mpirun forwards it) ends every rank within one
+    # update; they finish together as at the end of the budget (no checkpoint here)
+    ctx.stop.on_stop = g.request_stop
     points = [p for p in plan.eval_at if p < plan.total]
     monitor = None
     stop_monitor = threading.Event()
@@ -227,6 +237,8 @@ def _decentralized(ctx: _RankContext) -> RunResult | None:
         comm.Gather(g.u.contiguous(), us, root=0)
     if rank != 0:
         return None
+    if g.stopping and g.claimed < plan.total:
+        raise ctx.interrupted(None, g.claimed)
 
     evaluator = Evaluator(ctx.task, ctx.data, ctx.device, during=cfg.eval_samples)
     evals: list[EvalRecord] = []
@@ -257,6 +269,8 @@ def _sync(ctx: _RankContext) -> RunResult | None:
     end = tmpi.MpiSync(comm, plan.numel, nbrs, cfg.timeout_s)
     ctx.start_event()
     outbox = ctx.progress_outbox()
+    # a stop request: the ranks vote at every step and stop together (no checkpoint)
+    ctx.stop.on_stop = partial(outbox.post, StopRequest())
     sync.sync_worker_main(outbox, end, cfg, ctx.task, ctx.data, plan.shards[rank],
                           str(ctx.device),
                           plan.x0, plan.rounds, plan.eval_at, snaps, weights, nbrs)
@@ -264,6 +278,9 @@ def _sync(ctx: _RankContext) -> RunResult | None:
     devices = comm.gather(str(ctx.device), root=0)
     if rank != 0:
         return None
+    stopped = outbox.of_type(Interrupted)
+    if stopped:
+        raise ctx.interrupted(None, stopped[-1].updates)  # rounds, as its result counts
     scorer = ctx.scorer(snaps)
     for msg in outbox.of_type(Snapshot):
         scorer(msg)

@@ -70,6 +70,8 @@ def test_sigterm_checkpoints_and_resume_reaches_the_target(tmp_path, digits, mod
         # and wall time are): before the checkpoint plus since
         assert r.updates == sum(w.updates for w in r.workers) == total
         assert r.samples == 32 * total
+        # the staleness histogram too: the checkpoint carries the part before it
+        assert sum(r.staleness.values()) == total
         # the audit starts from the checkpoint's models, not the fresh initial model
         assert r.evals[-1].extra["audit_error"] <= 1e-5
     assert r.final_accuracy >= 0.95

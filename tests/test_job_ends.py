@@ -171,3 +171,90 @@ def test_an_mpi_train_job_stops_in_order_with_a_checkpoint(tmp_path, how):
         assert not out.exists()
     finally:
         _reap(p)
+
+
+def test_a_centralized_checkpoint_resumes_under_mpirun_with_more_workers(tmp_path, digits):
+    """The master's state does not depend on the number of workers, so `-n` may differ
+    at a resume (it used to crash mid-run with an IndexError)."""
+    import json
+
+    from apam_gossip.checkpoint import load_checkpoint
+    from apam_gossip.mpirun import run_mpirun
+    from apam_gossip.runner import RunInterrupted, run
+
+    from helpers import make_cfg
+
+    ckpt = tmp_path / "two.ckpt"
+    cfg = make_cfg(mode="centralized", workers=2, epochs=6, evals=2, checkpoint=str(ckpt),
+                   data={"batch_size": 32}, optim={"lr": 2e-3})
+    sent: list[int] = []
+
+    def stop_at_a_third(ev) -> None:
+        if not sent and ev.total_samples and ev.samples > ev.total_samples / 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            sent.append(ev.samples)
+
+    with pytest.raises(RunInterrupted):
+        run(cfg, dataset=digits, callback=stop_at_a_third)
+    done = load_checkpoint(ckpt)["version"]
+    total = -(-6 * len(digits.y_train) // 32)
+    assert 0 < done < total
+    out = tmp_path / "five.json"
+    p = run_mpirun(5, [sys.executable, "-m", "apam_gossip", "train", "--resume", str(ckpt),
+                       "-o", str(out)], timeout=180, env=ENV)
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(out.read_text())
+    assert d["updates"] == total and len(d["workers"]) == 4
+    assert sum(d["staleness"].values()) == total  # the histogram carried over
+    assert all(w["updates"] > 0 for w in d["workers"])  # the new workers trained too
+    assert d["final_accuracy"] >= 0.9
+
+
+class _Lines:
+    """Reads a process's stderr as it comes (a thread), so a test can wait for a line."""
+
+    def __init__(self, p: subprocess.Popen) -> None:
+        import threading
+
+        self.lines: list[str] = []
+        self.t = threading.Thread(target=self._read, args=(p,), daemon=True)
+        self.t.start()
+
+    def _read(self, p: subprocess.Popen) -> None:
+        for line in p.stderr:
+            self.lines.append(line)
+
+    def has(self, text: str) -> bool:
+        return any(text in ln for ln in self.lines)
+
+    def text(self) -> str:
+        self.t.join(timeout=30)
+        return "".join(self.lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["decentralized", "allreduce", "dpsgd"])
+def test_modes_without_mpi_checkpoints_stop_together_on_sigusr1(mode):
+    """Gossip (rank 0 hands out no more updates) and the lockstep modes (a stop vote
+    rides beside every step) stop every rank at once: one line, exit 143, nothing
+    killed."""
+    from apam_gossip.mpirun import job_shm_dir
+
+    with job_shm_dir() as shm:  # OpenMPI's segments in a folder of this job's own
+        p = subprocess.Popen([str(MPIRUN), "-n", "3", "--map-by", ":OVERSUBSCRIBE",
+                              sys.executable, "-m", "apam_gossip", "train", "--mode", mode,
+                              "--topology", "ring", "--epochs", "400", "--slow", "1=2"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True, env={**ENV, **shm})
+        try:
+            lines = _Lines(p)
+            _wait_for(lambda: lines.has("progress"), 120, "training (a progress line)")
+            p.send_signal(signal.SIGUSR1)  # mpirun forwards it to every rank
+            p.wait(timeout=90)
+            err = lines.text()
+            assert p.returncode == 143, err
+            stops = [ln for ln in err.splitlines() if "run interrupted after" in ln]
+            assert len(stops) == 1, err
+            assert "prterun" not in err and "Traceback" not in err, err
+        finally:
+            _reap(p)

@@ -176,7 +176,8 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
         averages += averaged
         refused += no
         v1 = end.update_local(partial(local_step, opt, g, state, tracked, audit,
-                                      opt.lr_at(k, total) * lr_factor, n_params, delta))
+                                      opt.lr_at(k, total) * lr_factor, n_params, delta),
+                              since=v0 + averaged)
         staleness[v1 - v0 - 1 - averaged] += 1
         updates += 1
         samples += n

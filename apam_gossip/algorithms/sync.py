@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..config import RunConfig
 from ..emulation import LinkModel
-from ..messages import Progress, Snapshot
+from ..messages import Interrupted, Progress, Snapshot
 from ..optim import Optimizer
 from ..task import Task
 from ..transport import Control, SyncEnd
@@ -77,8 +77,16 @@ def sync_worker_main(ctrl: Control, end: SyncEnd, cfg: RunConfig, task: Task, da
 
     if i == 0 and 0 in points and mix_weights is None:
         snapshot(0, w.flat.state.detach().cpu(), {})
+    stopped_at = None  # the last step taken, when the workers agreed to stop early
     for k in range(1, steps + 1):
+        # a stop request (SIGTERM under mpirun) must stop every worker at the same step,
+        # or one would wait forever for the others' next exchange: the vote runs beside
+        # this step's gradient
+        vote = end.vote_stop(ctrl.poll())
         loss, nb, _ = w.gradient()
+        if vote.agreed():
+            stopped_at = k - 1
+            break
         samples += nb
         msg = w.flat.pack_grad_msg()  # [grads | buffers after this forward pass]
         if g_cpu is not msg:
@@ -109,6 +117,10 @@ def sync_worker_main(ctrl: Control, end: SyncEnd, cfg: RunConfig, task: Task, da
                 ctrl.send(Progress(k * n * cfg.data.batch_size, k))
                 last_progress = now
     wall = time.monotonic() - t0
+    if stopped_at is not None:  # no result: say so, and what this worker did
+        ctrl.send(Interrupted(None, stopped_at))
+        ctrl.send(w.report(updates=stopped_at, samples=samples, wall_time=wall))
+        return
     if mix_weights is None:
         if i == 0:
             snapshot(steps, w.flat.state.detach().cpu(), {}, final=True)

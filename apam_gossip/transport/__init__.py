@@ -87,9 +87,12 @@ class GossipEnd(Protocol):
         """Atomically set x_i, x_j (and u_i, u_j) to their mean; False when ``j``
         refused (it was averaging with another worker) and nothing changed."""
 
-    def update_local(self, fn: Callable[[Tensor, Tensor | None], None]) -> int:
+    def update_local(self, fn: Callable[[Tensor, Tensor | None], None],
+                     since: int | None = None) -> int:
         """Apply ``fn(x_i, u_i)`` atomically (a local step), count it; returns the new
-        version."""
+        version. ``since`` (the snapshot's version plus this worker's own averages since):
+        the transport may record the step's staleness, ``version before the step -
+        since``, with it (a checkpoint then carries the histogram)."""
 
     def report_loss(self, loss: float) -> None: ...
 
@@ -116,3 +119,21 @@ class SyncEnd(Protocol):
             on_all: Callable[[Tensor], None] | None = None, gather: bool = False) -> None:
         """``x`` <- sum_j w_j x_j over (worker, weight) pairs, self included;
         ``on_all(models)`` sees every worker's model before the mix when ``gather``."""
+
+    def vote_stop(self, mine: bool) -> StopVote:
+        """Collective, once per step: put this worker's wish to stop to the vote (a stop
+        request reached it). The vote runs beside the step's gradient; its
+        :meth:`StopVote.agreed` is the same on every worker, so all stop at one step (a
+        transport whose coordinator ends the workers itself may answer False always)."""
+
+
+class StopVote(Protocol):
+    def agreed(self) -> bool:
+        """True on every worker when any worker voted to stop (waits for the vote)."""
+
+
+class NoVote:
+    """A transport's vote when its coordinator stops the workers itself: never agreed."""
+
+    def agreed(self) -> bool:
+        return False

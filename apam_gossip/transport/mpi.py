@@ -322,6 +322,9 @@ class MpiGossip:
         self.version = 0
         self.total = total
         self.claimed = 0  # rank 0 only: updates handed out
+        # a stop request reached this rank: it claims no more, and rank 0 hands out no
+        # more, so on rank 0 it stops every rank within one update
+        self.stopping = False
         self.losses = [0.0, 0]
         self._recv_buf = _host_buffer(self.state.numel())
         self._srv_buf = _host_buffer(self.state.numel())
@@ -391,7 +394,7 @@ class MpiGossip:
                     self.comm.Send(snap, dest=src, tag=T_SNAP_REPLY)
                 elif kind == R_CLAIM:  # reply with the update's index, 0 when none is left
                     index = 0
-                    if self.claimed < self.total:
+                    if self.claimed < self.total and not self.stopping:
                         self.claimed += 1
                         index = self.claimed
                     self.comm.Send(np.array([index], dtype=np.int64), dest=src,
@@ -426,10 +429,16 @@ class MpiGossip:
             raise RuntimeError(f"rank {self.rank}: gossip server failed: {self.error}")
 
     # -- the training thread --------------------------------------------------------
+    def request_stop(self) -> None:
+        """Stop claiming (a signal handler may call it; see :attr:`stopping`)."""
+        self.stopping = True
+
     def claim(self, total: int) -> int:
         """Claim one of the ``total`` updates from rank 0: its index 1..total, or 0 when
-        none is left."""
+        none is left or a stop was requested."""
         self._check()
+        if self.stopping:
+            return 0
         self.comm.Send(np.array([R_CLAIM, 0], dtype=np.int64), dest=0, tag=T_REQ)
         ans = np.zeros(1, dtype=np.int64)
         req = self.comm.Irecv(ans, source=0, tag=T_CLAIM_REPLY)
@@ -499,7 +508,9 @@ class MpiGossip:
                 self.in_flight = False
                 self.idle.notify_all()
 
-    def update_local(self, fn) -> int:
+    def update_local(self, fn, since: int | None = None) -> int:
+        """``since``: unused here (see :meth:`ShmGossipEnd.update_local`; gossip writes
+        no checkpoints under mpirun, and the worker keeps its own histogram)."""
         with self.lock:
             # a step taken while this rank's own average is on the wire would be
             # overwritten by its reply: wait for it (it never waits on this thread)
@@ -553,6 +564,15 @@ class MpiSync:
               f"rank {self.worker}: the all-reduce")
         t.copy_(self.tmp.div_(self.n_workers))
 
+    def vote_stop(self, mine: bool) -> _MpiVote:
+        """A non-blocking all-reduce (max) of every rank's wish to stop."""
+        from mpi4py import MPI
+
+        vote = _MpiVote(np.array([int(mine)], dtype=np.int32), np.zeros(1, dtype=np.int32),
+                        self.timeout, f"rank {self.worker}: the other ranks' stop vote")
+        vote.req = self.comm.Iallreduce(vote.mine, vote.all, op=MPI.MAX)
+        return vote
+
     def mix(self, x: Tensor, weights: list[tuple[int, float]], on_all=None,
             gather: bool = False) -> None:
         if gather:  # every rank's pre-mix model to rank 0, for evaluation
@@ -569,6 +589,18 @@ class MpiSync:
         for j, w in weights:
             self.tmp.add_(x if j == self.worker else self.recv[j], alpha=w)
         x.copy_(self.tmp)
+
+
+class _MpiVote:
+    """One step's stop vote in flight (its buffers live as long as the request)."""
+
+    def __init__(self, mine: np.ndarray, all_: np.ndarray, timeout: float, what: str) -> None:
+        self.mine, self.all, self.timeout, self.what = mine, all_, timeout, what
+        self.req: Any = None
+
+    def agreed(self) -> bool:
+        _wait(self.req, self.timeout, self.what)
+        return bool(self.all[0])
 
 
 def _wait_all(reqs: list, timeout: float, what: str) -> None:

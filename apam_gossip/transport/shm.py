@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..average import FUSED_MIN_NUMEL, average_pair_, fused_available
 from ..procs import CTX
-from . import PeerGone
+from . import NoVote, PeerGone
 
 
 class ShmStar:
@@ -105,6 +105,9 @@ class ShmWorkerEnd:
         return meta
 
 
+STALENESS_BINS = 256  # gossip staleness rarely passes a few dozen: 2 KB per worker
+
+
 class ShmGossip:
     """Shared-memory state for decentralized gossip: every worker's parameters (and,
     optionally, a tracked second moment) in shared memory, one lock per worker.
@@ -137,6 +140,11 @@ class ShmGossip:
         self.alive = torch.ones(n_workers, dtype=torch.int8).share_memory_()
         self.done_by = torch.zeros(n_workers, dtype=torch.int64).share_memory_()
         self.stop = torch.zeros(1, dtype=torch.int8).share_memory_()  # 1: claim no more
+        # each worker's staleness histogram, counted with each local step (see
+        # ShmGossipEnd.update_local), so a checkpoint carries it; the last bin also holds
+        # everything staler
+        self.staleness = torch.zeros(n_workers, STALENESS_BINS,
+                                     dtype=torch.int64).share_memory_()
         # the workers' optimizer states (filled by share_optimizer_state), so that a
         # checkpoint can copy them under the workers' locks
         self.opt_state: dict[str, Tensor] = {}
@@ -182,7 +190,7 @@ class ShmGossip:
                 else None
             return GossipCopy(self.x.clone(), self.u.clone() if self.u is not None else None,
                               states, int(self.counters[1]), int(self.counters[2]),
-                              self.done_by.clone())
+                              self.done_by.clone(), self.staleness.sum(0))
         finally:
             for lk in reversed(taken):
                 lk.release()
@@ -198,6 +206,10 @@ class GossipCopy:
     completed: int  # local steps applied, all workers
     averages: int
     done_by: Tensor  # local steps applied, per worker
+    staleness: Tensor  # how many local steps had each staleness (STALENESS_BINS bins)
+
+    def staleness_counts(self) -> dict[int, int]:
+        return {k: int(v) for k, v in enumerate(self.staleness.tolist()) if v}
 
 
 class ShmGossipEnd:
@@ -215,6 +227,7 @@ class ShmGossipEnd:
         self.alive = g.alive
         self.done_by = g.done_by
         self.stop = g.stop
+        self.staleness = g.staleness
         self.shared_opt_state = g.opt_state
         self.counter_lock = g.counter_lock
         self.locks = g.locks
@@ -296,15 +309,21 @@ class ShmGossipEnd:
             self._release(a)
         return True
 
-    def update_local(self, fn) -> int:
+    def update_local(self, fn, since: int | None = None) -> int:
         """Run ``fn(x_i, u_i)`` under this worker's lock (a local step never interleaves
         with an average, so neither is lost) and count it as a completed update in the
         same critical section, so a consistent copy never sees a step without its count
-        (or a count without its step); returns the new version."""
+        (or a count without its step); returns the new version. ``since``: the version
+        the step's gradient was computed at, plus this worker's own averages since; the
+        step's staleness (the writes of others to x_i since then) joins the histogram
+        in the same critical section."""
         i = self.worker
         self._acquire(i)
         try:
             fn(self.x[i], self.u[i] if self.u is not None else None)
+            if since is not None:
+                stale = min(max(int(self.versions[i]) - since, 0), STALENESS_BINS - 1)
+                self.staleness[i, stale] += 1
             self.versions[i] += 1
             self.done_by[i] += 1
             with self.counter_lock:
@@ -360,6 +379,11 @@ class ShmSyncEnd:
         torch.mean(self.slots, 0, out=self.tmp)
         self.barrier()  # nobody overwrites a slot before everyone has read it
         t.copy_(self.tmp)
+
+    def vote_stop(self, mine: bool) -> NoVote:
+        """On one machine the coordinator stops lockstep workers itself (no checkpoint
+        to write): nothing to agree."""
+        return NoVote()
 
     def mix(self, x: Tensor, weights: list[tuple[int, float]], on_all=None,
             gather: bool = False) -> None:
