@@ -219,34 +219,12 @@ def _given(a: argparse.Namespace) -> list[str]:
 
 def _ignored_flags(a: argparse.Namespace, cfg, modes: list[str]) -> list[str]:
     """Flags given on the command line that have no effect on a run of ``cfg`` in any of
-    ``modes``, each with the reason (one warning line names them all)."""
+    ``modes``, each with the reason (one warning line names them all; the table is
+    :func:`~apam_gossip.config.ignored_settings`, which the loop API shares)."""
+    from .config import ignored_settings
+
     _, flags = _overrides(a)
-    checks = [
-        (("topology",), {"decentralized", "dpsgd"}.isdisjoint(modes),
-         "applies to the decentralized and dpsgd modes"),
-        (("adaptive_state", "audit", "overlap", "optim.gossip_lr"),
-         "decentralized" not in modes, "applies to the decentralized mode"),
-        (("optim.staleness_lr", "optim.staleness_momentum", "optim.lookahead"),
-         "centralized" not in modes, "applies to the centralized mode"),
-        (("optim.staleness_momentum", "optim.lookahead"),
-         "centralized" in modes and cfg.optim.name == "sgd", "applies to amsgrad and adam"),
-        (("optim.staleness_momentum",), cfg.optim.lookahead > 0 and cfg.optim.name != "sgd",
-         "off with --lookahead, which follows beta1 as given"),
-        (("data.data_dir",), cfg.data.dataset == "digits", "digits ships with scikit-learn"),
-        (("optim.momentum", "optim.nesterov"), cfg.optim.name != "sgd",
-         "applies to --optimizer sgd"),
-        (("optim.beta1", "optim.beta2", "optim.eps"), cfg.optim.name == "sgd",
-         "applies to amsgrad and adam"),
-        (("optim.bias_correction",), cfg.optim.name != "amsgrad", "applies to amsgrad"),
-        (("checkpoint_every_s",), cfg.checkpoint is None, "applies with --checkpoint"),
-        (("data.dirichlet_alpha",), cfg.data.partition != "dirichlet",
-         "applies to --partition dirichlet"),
-    ]
-    out = []
-    for keys, ignored, why in checks:
-        if ignored:
-            out += [f"{flags[k]} ({why})" for k in keys if k in flags]
-    return out
+    return [f"{flags[k]} ({why})" for k, why in ignored_settings(flags, modes, cfg.optim, cfg)]
 
 
 def _warn_ignored(a: argparse.Namespace, cfg, modes: list[str]) -> None:
@@ -334,13 +312,11 @@ def check_target(flag: str, target: float, metric: str) -> None:
         raise UserError(f"{flag} must be a finite number, got {target}")
 
 
-def _check_output(path: Path) -> None:
+def _check_output(path: Path, name: str = "--output") -> None:
     """Fail before training, not after, if the result cannot be written there."""
-    if path.exists() and path.is_dir():
-        raise UserError(f"--output {path} is a directory; give a file path")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise UserError(f"--output {path}: {parent} is not a directory")
+    from .files import check_output_path
+
+    check_output_path(path, name)
 
 
 def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
@@ -365,7 +341,7 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     out = Path(a.output) if a.output else _default_output(cfg)
     _check_output(out)
     if a.save_model:
-        _check_output(Path(a.save_model))
+        _check_output(Path(a.save_model), "--save-model")
     dataset = load_data(cfg)
     rank, size = _mpi_rank(cfg)
     if rank != 0:
@@ -428,7 +404,7 @@ def _compare(a: argparse.Namespace) -> int:
         f"{stamp}-compare-{cfg.model}-{cfg.data.dataset}.json")
     plot = Path(a.plot) if a.plot else out.with_suffix(".png")
     _check_output(out)
-    _check_output(plot)
+    _check_output(plot, "--plot")
     dataset = load_data(cfg)
 
     def announce(r) -> None:
@@ -475,7 +451,7 @@ def _compare_results(a: argparse.Namespace) -> int:
     check_target("--target", a.target, results[0].metric)
     print(comparison_table(results, a.target))
     if a.plot:
-        _check_output(Path(a.plot))
+        _check_output(Path(a.plot), "--plot")
         plot_comparison(results, Path(a.plot), a.target, title="compared runs")
         print(f"plot written to {a.plot}")
     return 0
@@ -648,7 +624,7 @@ def _topology(a: argparse.Namespace) -> int:
         g = make_topology(a.spec, n, seed=a.seed)
     g = validate_topology(g, n)
     if a.png:
-        _check_output(Path(a.png))
+        _check_output(Path(a.png), "--png")
     print(describe_text(g, a.spec))
     if a.png:
         draw_topology(g, a.png, name=a.spec)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import json
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -135,6 +136,41 @@ class OptimConfig(_Section):
         "none", "decentralized: multiply the lr by sqrt(n) (Adam's square-root scaling "
         "rule) or n (workers: the linear rule): the average model moves 1/n of each local "
         "step; none: the lr as given", "--gossip-lr")
+
+
+def ignored_settings(given: Collection[str], modes: Collection[str], optim: OptimConfig,
+                     run: RunConfig | None = None) -> list[tuple[str, str]]:
+    """The settings among ``given`` that have no effect on a run in any of ``modes`` with
+    the optimizer ``optim`` (and, for ``train``, the rest of ``run``), each with the
+    reason, in a fixed order. Settings are config keys (``topology``, ``optim.lookahead``)
+    or the loop API's ``master``: one table of what applies to which mode for the CLI,
+    which names flags, and the loop API, which names keywords; both warn and go on."""
+    modes = set(modes)
+    sgd = optim.name == "sgd"
+    rows: list[tuple[tuple[str, ...], bool, str]] = [
+        (("topology",), modes.isdisjoint({"decentralized", "dpsgd"}),
+         "applies to the decentralized and dpsgd modes"),
+        (("adaptive_state", "audit", "overlap", "optim.gossip_lr"),
+         "decentralized" not in modes, "applies to the decentralized mode"),
+        (("master", "optim.staleness_lr", "optim.staleness_momentum", "optim.lookahead"),
+         "centralized" not in modes, "applies to the centralized mode"),
+        (("optim.staleness_momentum", "optim.lookahead"), "centralized" in modes and sgd,
+         "applies to amsgrad and adam"),
+        (("optim.staleness_momentum",), optim.lookahead > 0 and not sgd,
+         "off with --lookahead, which follows beta1 as given"),
+        (("optim.momentum", "optim.nesterov"), not sgd, "applies to --optimizer sgd"),
+        (("optim.beta1", "optim.beta2", "optim.eps"), sgd, "applies to amsgrad and adam"),
+        (("optim.bias_correction",), optim.name != "amsgrad", "applies to amsgrad"),
+    ]
+    if run is not None:
+        rows += [
+            (("data.data_dir",), run.data.dataset == "digits", "digits ships with "
+             "scikit-learn"),
+            (("checkpoint_every_s",), run.checkpoint is None, "applies with --checkpoint"),
+            (("data.dirichlet_alpha",), run.data.partition != "dirichlet",
+             "applies to --partition dirichlet"),
+        ]
+    return [(k, why) for keys, ignored, why in rows if ignored for k in keys if k in given]
 
 
 class DataConfig(_Section):

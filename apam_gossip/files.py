@@ -42,3 +42,21 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def check_output_path(path: str | os.PathLike[str], name: str) -> None:
+    """Fail before the work, not after it, when no file can be written at ``path``
+    (``name``: how the user gave it, e.g. ``--output``): the path is a folder, a part
+    of it is a file, or its nearest existing folder is not writable."""
+    from .errors import UserError
+
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{name} {p} is a directory; give a file path")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{name} {p}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{name} {p}: the folder {parent} is not writable")

@@ -45,8 +45,9 @@ Samples are counted by a forward pre-hook: the first dimension of the first tens
 model is called with in training mode (the per-rank samples/s at ``finish()``).
 
 Errors: under MPI, :func:`init` installs an exception hook: a user error raised on any
-rank prints one line (``apam_gossip: error: rank R: ...``) and ends the whole job with exit
-code 2 (a check every rank makes alike is printed once, by rank 0); any other exception
+rank prints one line (``apam-gossip: error: rank R: ...``) and ends the whole job with exit
+code 2 (a check the ranks make together, :func:`init`'s and the model's agreement, is
+printed once, by rank 0, naming each rank that failed); any other exception
 prints its traceback and ends it with 1. So a failing rank never leaves the others
 waiting. Waiting for the others at ``finish()`` has no deadline (a slow worker may train
 for hours longer; a rank that dies ends the whole MPI job); ``timeout_s`` bounds each
@@ -79,7 +80,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, OptimConfig
+from .config import ConfigError, OptimConfig, ignored_settings
 from .errors import UserError
 from .flat import FlatModel, flatten
 from .messages import (
@@ -97,7 +98,13 @@ from .messages import (
 from .optim import Optimizer
 from .result import EvalRecord, RunResult, WorkerStats
 
+PROG = "apam-gossip"  # the prefix of every line the loop API prints, as the CLI's
 MODES = ("centralized", "decentralized", "allreduce")
+# OptimConfig fields that shape the lr over a budget: the loop API has no budget (the
+# user's loop is the budget) and takes the user's own schedule instead
+NOT_LOOP_SETTINGS = ("schedule", "warmup")
+INIT_DEFAULTS = {"topology": None, "adaptive_state": "local", "overlap": True,
+                 "master": "exit"}
 MASTER_CHOICES = ("exit", "return")
 ADAPTIVE_STATES = ("local", "tracked")
 TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE")
@@ -203,8 +210,10 @@ def _install_hooks() -> None:
             if getattr(e, "collective", False) and rank != 0:
                 time.sleep(2.0)  # every rank has it: rank 0 prints it, once
             else:
-                msg = str(e) if str(e).startswith("rank ") else f"rank {rank}: {e}"
-                print(f"apam_gossip: error: {msg}", file=sys.stderr, flush=True)
+                msg = str(e) if str(e).startswith(("rank ", "ranks ", "every rank")) \
+                    else f"rank {rank}: {e}"
+                for line in msg.splitlines():
+                    print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
             code = 2
         else:
             previous(tp, e, tb)
@@ -228,70 +237,68 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     or ``tracked``. ``timeout_s``: how long one exchange may take (an average, a reply
     of the master; waiting for the other ranks to finish has no deadline). ``result``:
     where rank 0 writes the RunResult JSON at the end (as ``train`` does; ``compare
-    --results`` reads it). ``master``: centralized, what rank 0 does once the workers are
-    done, ``exit`` (the process exits 0) or ``return`` (a :class:`MasterHandle`).
-    ``device``: ``auto`` (a worker's GPU, ``cuda:(its index among the host's workers mod
-    n_gpus)``, when CUDA is present; the master never uses one) or ``cpu``. ``threads``:
+    --results`` reads it; checked here, before any training). ``master``: centralized,
+    what rank 0 does once the workers are done, ``exit`` (the process exits 0) or
+    ``return`` (a :class:`MasterHandle`). ``device``: ``auto`` (a worker's GPU when CUDA
+    is present, see :func:`device`; the master never uses one) or ``cpu``. ``threads``:
     torch threads of this rank (default under MPI: a fair share of the host's cores among
     its ranks, as every mode does; without a launcher torch's own default). ``overlap``:
     decentralized, average with the neighbour in a second thread while your loop computes
-    the next gradient (as ``train`` does; False: inside ``step()``). Returns None except
-    on a returning master.
+    the next gradient (as ``train`` does; False: inside ``step()``). A setting that does
+    not apply to ``mode`` (``topology`` with ``centralized``, say) is named in one
+    ``warning: ignored:`` line and the job goes on, as on the command line, so a script
+    switches modes by one word. Returns None except on a returning master.
+
+    Under MPI every rank's checks are agreed before anything collective: an error that
+    only some ranks raise (a topology file missing on one host) is printed by rank 0,
+    naming each rank that failed, and ends the job with exit code 2.
     """
     global _session
     _install_hooks()
     if _session is not None:
         raise LoopError(f"rank {_session.rank}: apam_gossip.init() was called twice; call "
                         "opt.finish() before starting again")
-
-    def bad(message: str) -> LoopError:
-        return LoopError(message, collective=True)
-
-    if mode not in MODES:
-        raise bad(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if master not in MASTER_CHOICES:
-        raise bad(f"master must be 'exit' or 'return', got {master!r}")
-    if adaptive_state not in ADAPTIVE_STATES:
-        raise bad(f"adaptive_state must be 'local' or 'tracked', got {adaptive_state!r}")
-    if device not in ("auto", "cpu"):
-        raise bad(f"device must be 'auto' or 'cpu', got {device!r}")
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) \
-            or not 0 < timeout_s <= 1e6:
-        raise bad(f"timeout_s must be a number of seconds in (0, 1e6], got {timeout_s!r}")
-    if topology is not None and mode != "decentralized":
-        raise bad(f"topology is for mode 'decentralized' only (mode is {mode!r})")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise bad(f"threads must be an integer >= 1, got {threads!r}")
-    if not isinstance(overlap, bool):
-        raise bad(f"overlap must be True or False, got {overlap!r}")
     from .transport.mpi import launched_by_mpi
 
-    worker_here = 0  # this rank's index among the training ranks on its host
-    if not launched_by_mpi():
-        if any(k in os.environ for k in TORCHRUN_VARS):
-            raise LoopError("apam_gossip's loop API runs under MPI, not torchrun: start the "
-                            "script with `apam-gossip launch -n N script.py` (or "
-                            "`mpirun -n N python script.py`)")
-        print("apam_gossip: no MPI launcher: running as one process (start N with "
-              "`apam-gossip launch -n N script.py`)", file=sys.stderr, flush=True)
-        comm, rank, size, local_rank = None, 0, 1, 0
-    else:
-        from .transport import mpi as tmpi
+    mpi = launched_by_mpi()
+    if not mpi and any(k in os.environ for k in TORCHRUN_VARS):
+        raise LoopError("apam_gossip's loop API runs under MPI, not torchrun: start the "
+                        "script with `apam-gossip launch -n N script.py` (or "
+                        "`mpirun -n N python script.py`)")
+    comm, rank, size = None, 0, 1
+    if mpi:
+        from .transport.mpi import world
 
-        comm, rank, size = tmpi.world()
+        comm, rank, size = world()
+    values = {"topology": topology, "adaptive_state": adaptive_state, "overlap": overlap,
+              "master": master}
+    given = {k for k, v in values.items() if v != INIT_DEFAULTS[k]}
+    graph = None
+    problem: UserError | None = None
+    try:  # this rank's own checks: nothing collective before every rank has passed them
+        _check_init(mode, master, adaptive_state, device, timeout_s, threads, overlap,
+                    result, comm, size)
+        if mode == "decentralized":
+            graph = _topology(topology, size, seed)
+    except UserError as e:
+        problem = e
+    _agreed(comm, rank, problem)
+    ignored = ignored_settings(given, [mode], OptimConfig())
+    if ignored and rank == 0:
+        _warn_ignored([f"{k}={values[k]!r} ({why})" for k, why in ignored])
+    if any(k == "topology" for k, _ in ignored):
+        topology = None
+    if not mpi:
+        print(f"{PROG}: no MPI launcher: running as one process (start N with "
+              "`apam-gossip launch -n N script.py`)", file=sys.stderr, flush=True)
+    worker_here, local_rank = 0, 0  # this rank's index among the training ranks on its host
+    if comm is not None:
         local_rank, on_node, master_here = _placement(comm, rank)
         worker_here = local_rank - 1 if mode == "centralized" and master_here else local_rank
         if threads is None:
             from .algorithms.common import available_cores
 
             threads = max(1, available_cores() // on_node)
-        if mode == "decentralized":
-            tmpi.require_thread_multiple("decentralized mode (a server thread serves "
-                                         "averages beside your training loop)")
-        if mode == "centralized" and size < 2:
-            raise bad("centralized mode needs a master and at least one worker: launch 2 or "
-                      "more ranks (or run without a launcher for one process)")
     if threads is not None:
         torch.set_num_threads(threads)
     dev = torch.device("cpu")
@@ -301,15 +308,7 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
         torch.cuda.set_device(dev)
     s = _Session(mode, comm, rank, size, local_rank, dev, topology, adaptive_state, seed,
                  float(timeout_s), result, overlap=overlap)
-    if mode == "decentralized":
-        from .topology import make_topology, validate_topology
-
-        spec = topology if topology is not None else "ring"
-        try:
-            s.graph = validate_topology(make_topology(spec, size, seed), size)
-        except UserError as e:
-            raise bad(f"topology {spec}: {e} (the job has {size} rank"
-                      f"{'s' if size != 1 else ''})") from None
+    s.graph = graph
     _session = s
     if is_master_rank:
         handle = _run_master(s)
@@ -320,6 +319,104 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
             sys.exit(0)
         return handle
     return None
+
+
+def _check_init(mode: str, master: str, adaptive_state: str, device: str, timeout_s: Any,
+                threads: Any, overlap: Any, result: str | None, comm: Any, size: int) -> None:
+    """:func:`init`'s own checks of its arguments (no communication)."""
+    if mode not in MODES:
+        raise LoopError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if master not in MASTER_CHOICES:
+        raise LoopError(f"master must be 'exit' or 'return', got {master!r}")
+    if adaptive_state not in ADAPTIVE_STATES:
+        raise LoopError(f"adaptive_state must be 'local' or 'tracked', got "
+                        f"{adaptive_state!r}")
+    if device not in ("auto", "cpu"):
+        raise LoopError(f"device must be 'auto' or 'cpu', got {device!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) \
+            or not 0 < timeout_s <= 1e6:
+        raise LoopError(f"timeout_s must be a number of seconds in (0, 1e6], got "
+                        f"{timeout_s!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise LoopError(f"threads must be an integer >= 1, got {threads!r}")
+    if not isinstance(overlap, bool):
+        raise LoopError(f"overlap must be True or False, got {overlap!r}")
+    if result is not None:
+        if not isinstance(result, str | os.PathLike):
+            raise LoopError(f"result must be a file path, got {type(result).__name__}")
+        from .files import check_output_path
+
+        try:
+            check_output_path(result, "result")
+        except UserError as e:
+            raise LoopError(str(e)) from None
+    if comm is not None:
+        if mode == "decentralized":
+            from .transport.mpi import require_thread_multiple
+
+            require_thread_multiple("decentralized mode (a server thread serves averages "
+                                    "beside your training loop)")
+        if mode == "centralized" and size < 2:
+            raise LoopError("centralized mode needs a master and at least one worker: "
+                            "launch 2 or more ranks (or run without a launcher for one "
+                            "process)")
+
+
+def _topology(spec: str | None, size: int, seed: int) -> Any:
+    from .topology import make_topology, validate_topology
+
+    spec = spec if spec is not None else "ring"
+    try:
+        return validate_topology(make_topology(spec, size, seed), size)
+    except UserError as e:
+        raise LoopError(f"topology {spec}: {e} (the job has {size} rank"
+                        f"{'s' if size != 1 else ''})") from None
+
+
+def _agreed(comm: Any, rank: int, problem: UserError | None) -> None:
+    """Raise ``problem`` (one process), or under MPI every rank's problems on every rank:
+    the same :class:`LoopError`, printed by rank 0, which names each rank that failed
+    (``every rank`` when all failed alike); so an error of a few ranks is never lost in
+    an MPI_Abort that another rank's print did not survive."""
+    if comm is None:
+        if problem is not None:
+            raise problem
+        return
+    said = comm.allgather(None if problem is None else _without_rank(str(problem)))
+    failed: dict[str, list[int]] = {}
+    for r, msg in enumerate(said):
+        if msg is not None:
+            failed.setdefault(msg, []).append(r)
+    if not failed:
+        return
+    lines = []
+    for msg, ranks in failed.items():
+        who = "every rank" if len(ranks) == len(said) and len(said) > 1 else \
+            f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {_ranges(ranks)}"
+        lines.append(f"{who}: {msg}")
+    raise LoopError("\n".join(lines), collective=True)
+
+
+def _without_rank(message: str) -> str:
+    """A message without its leading ``rank R: `` (the agreement names the ranks)."""
+    import re
+
+    return re.sub(r"^rank \d+: ", "", message)
+
+
+def _ranges(ranks: list[int]) -> str:
+    """``0-3, 5`` for [0, 1, 2, 3, 5]."""
+    out, start = [], ranks[0]
+    for a, b in zip(ranks, [*ranks[1:], None], strict=True):
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(out)
+
+
+def _warn_ignored(items: list[str]) -> None:
+    print(f"{PROG}: warning: ignored: {'; '.join(items)}", file=sys.stderr, flush=True)
 
 
 def _placement(comm: Any, rank: int) -> tuple[int, int, bool]:
@@ -367,7 +464,9 @@ def worker_index() -> int:
 
 
 def device() -> torch.device:
-    """This rank's device: ``cuda:(local_rank mod n_gpus)`` when CUDA is present."""
+    """This rank's device: with CUDA present (and ``init(device="auto")``), a worker's
+    ``cuda:(i mod n_gpus)``, ``i`` its index among the training ranks on its host (the
+    centralized master, rank 0, is not one: it stays on the CPU); else the CPU."""
     return _current("ag.device()").device
 
 
@@ -510,12 +609,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise LoopError(f"rank {s.rank}: model must be an nn.Module, got "
                             f"{type(model).__name__}")
+        for k in NOT_LOOP_SETTINGS:
+            if k in optim:
+                raise LoopError(f"rank {s.rank}: DistributedOptimizer({k}=...): the loop "
+                                "API's learning rate is yours: pass lr as a function of the "
+                                "step, or put a torch.optim.lr_scheduler on the optimizer")
         self.lr_fn = lr if callable(lr) else None
         lr0 = self._checked_lr(lr(1) if callable(lr) else lr, s.rank)
         try:  # lr 0 is allowed here (pure gossip); the config's lr is never read
             self.hp = OptimConfig(name=optimizer, lr=lr0 or 1.0, **optim)
         except ConfigError as e:
             raise LoopError(f"rank {s.rank}: DistributedOptimizer: {e}") from None
+        ignored = ignored_settings({f"optim.{k}" for k in optim}, [s.mode], self.hp)
+        if ignored and s.rank == (1 if s.mode == "centralized" and s.comm is not None else 0):
+            _warn_ignored([f"{k[6:]}={optim[k[6:]]!r} ({why})" for k, why in ignored])
         if s.mode == "decentralized" and s.adaptive_state == "tracked" \
                 and self.hp.name != "amsgrad":
             raise LoopError(f"rank {s.rank}: adaptive_state='tracked' needs "
@@ -655,7 +762,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             _wait(comm.Ibarrier(), s, "every rank's gossip server to start")
         else:
             self.opt_state = self.opt.init(self.flat.params)
-            self.red = torch.zeros(self.flat.numel + 1)  # [grads | buffers | active]
+            self.red = torch.zeros(self.flat.numel + 2)  # [grads | buffers | active | lr]
 
     # -- torch.optim.Optimizer --------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -750,18 +857,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self.buffers0.copy_(self.flat.buffers)
 
     def _step_allreduce(self, active: bool) -> bool:
-        """One all-reduce of ``[grads | buffers | 1]`` (``active``) or of zeros (a rank
-        that finished: it still takes the step, so every replica stays the same); returns
-        False once no rank is active any more. No deadline: the other ranks may be busy
-        with anything between their steps (an evaluation); a dead rank ends the job."""
+        """One all-reduce of ``[grads | buffers | 1 | lr]`` (``active``) or of zeros (a
+        rank that finished: it still takes the step, so every replica stays the same);
+        returns False once no rank is active any more. Every rank steps with the mean lr
+        of the active ranks (they agree, being at the same step of the same schedule), so
+        a rank that finished early follows the schedule too instead of keeping its last
+        lr. No deadline: the other ranks may be busy with anything between their steps (an
+        evaluation); a dead rank ends the job."""
         s, red, n = self.session, self.red, self.flat.numel
         if active:
             red[:n].copy_(self.flat.pack_grad_msg())
             red[n] = 1.0
-            lr = self._lr(self.steps + 1)
+            red[n + 1] = self._lr(self.steps + 1)
         else:
             red.zero_()
-            lr = float(self.param_groups[0]["lr"])
         from mpi4py import MPI
 
         _wait(s.comm.Iallreduce(MPI.IN_PLACE, red, op=MPI.SUM), s, "the all-reduce",
@@ -769,9 +878,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         k = float(red[n])
         if k == 0:
             return False
+        lr = float(red[n + 1]) / k  # the same number on every rank (to float32's 1e-7)
         mean = red[:n].div_(k).to(self.flat.state.device)
         self.flat.buffers.copy_(mean[self.flat.n_params:])
-        # the lr of an active rank: ranks that finished take the same step with theirs
         self.opt.update(self.flat.params, mean[: self.flat.n_params], self.opt_state, lr=lr)
         return True
 
@@ -881,12 +990,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         then the job ends (under MPI the exception hook aborted it already)."""
         if self.finished or _crashed:
             return
-        print(f"apam_gossip: warning: {self.who} ended without opt.finish(); finishing "
+        print(f"{PROG}: warning: {self.who} ended without opt.finish(); finishing "
               "now", file=sys.stderr, flush=True)
         try:
             self.finish()
         except BaseException as e:  # noqa: BLE001 - at exit nobody else would see it
-            print(f"apam_gossip: error: {self.who}: finishing at exit failed: "
+            print(f"{PROG}: error: {self.who}: finishing at exit failed: "
                   f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
             if self.session.comm is not None:
                 self.session.comm.Abort(1)
@@ -915,6 +1024,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             d.update(x=torch.from_numpy(st.x), version=st.version,
                      opt={k: torch.from_numpy(v) for k, v in st.opt.items()})
             return d
+        if s.mode == "decentralized":
+            d["adaptive_state"] = s.adaptive_state
         if s.comm is not None and s.mode == "decentralized":
             with self.gossip.lock:
                 d["x"] = self.gossip.x.clone()
@@ -940,6 +1051,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if not isinstance(d.get("x"), Tensor) or d["x"].numel() != self.flat.numel:
             raise LoopError(f"{self.who}: load_state_dict: the state's model does not match "
                             f"this one ({self.flat.numel} entries)")
+        if s.mode == "decentralized":
+            theirs = d.get("adaptive_state", "tracked" if "u" in d else "local")
+            if theirs != s.adaptive_state:  # a tracked job from a local state collapses
+                raise LoopError(f"{self.who}: load_state_dict: the state is of "
+                                f"adaptive_state {theirs!r}, this job's is "
+                                f"{s.adaptive_state!r}: resume with init(adaptive_state="
+                                f"{theirs!r}), or start afresh")
         if s.mode == "decentralized" and (d["rank"], d["size"]) != (s.rank, s.size):
             raise LoopError(f"{self.who}: load_state_dict: the state is rank {d['rank']} of "
                             f"{d['size']}; load each rank's own state into the same ranks")
@@ -1037,6 +1155,11 @@ class _LoopMaster:
             self.fault(i, f"rank {i + 1}: load_state_dict() after training started: every "
                        "worker loads before its first step()")
             return
+        if self.done:
+            self.fault(i, f"rank {i + 1}: load_state_dict() after rank {min(self.done) + 1} "
+                       "finished without loading: every worker loads the same state before "
+                       "its first step(), or none does")
+            return
         self.loading[i] = st
         if set(self.loading) != m.live() - set(self.done):
             return  # the others are still loading: their replies wait
@@ -1078,6 +1201,13 @@ class _LoopMaster:
                     m.send(i, m.model_for_workers(), Params(m.progress.version))
                 elif isinstance(msg, Done):
                     self.done[i] = msg
+                    # the loading workers wait for every live worker to load: one that
+                    # finished instead never will (misuse: one line, not a hang)
+                    for k in sorted(self.loading):
+                        self.fault(k, f"rank {k + 1}: load_state_dict() while rank {i + 1} "
+                                   "finished without loading: every worker loads the same "
+                                   "state before its first step(), or none does")
+                    self.loading.clear()
                 elif isinstance(msg, StateRequest):
                     end.send(i, None, LoopState(m.x.numpy().copy(), {
                         k: v.numpy().copy() for k, v in m.state.items()}, m.progress.version))
@@ -1171,7 +1301,7 @@ def summary_table(result: RunResult, reports: list[LoopReport]) -> str:
     """The per-rank summary rank 0 prints at the end."""
     mode = result.mode
     first = 1 if mode == "centralized" and result.transport == "mpi" else 0
-    lines = [f"apam_gossip: {mode} finished: {result.updates} updates, {result.samples} "
+    lines = [f"{PROG}: {mode} finished: {result.updates} updates, {result.samples} "
              f"samples in {result.wall_time:.2f} s ({result.samples_per_s:.0f} samples/s)"]
     if mode == "centralized":
         lines[0] += (f"; staleness mean {result.staleness_mean():.2f} max "
@@ -1202,7 +1332,7 @@ def _finish_rank0(s: _Session, result: RunResult, reports: list[LoopReport],
     if s.result is not None:
         result.save(s.result)
         if not quiet:
-            print(f"apam_gossip: result written to {s.result}", flush=True)
+            print(f"{PROG}: result written to {s.result}", flush=True)
 
 
 def _reset() -> None:

@@ -9,6 +9,7 @@ first worker) in centralized mode, which holds the master's final model after fi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -72,10 +73,19 @@ def main() -> int:
     p.add_argument("--bad-lr-on-rank", type=int, default=-1, help="lr -1 on this rank only")
     p.add_argument("--master-return", default=None, help="centralized: rank 0 saves the "
                    "master's final model here (init(master='return'))")
+    p.add_argument("--load-on-rank", type=int, default=-1, help="only this rank loads "
+                   "--load-state")
+    p.add_argument("--missing-topology-on-rank", type=int, default=-1, help="this rank "
+                   "passes a topology file that does not exist")
+    p.add_argument("--momentum", type=float, default=None, help="passed to the optimizer")
     a = p.parse_args()
     if a.step_before_init:
         ag.DistributedOptimizer(make_model())
-    handle = ag.init(mode=a.mode, topology=a.topology, result=a.result,
+    topology = a.topology
+    rank_env = int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+    if rank_env == a.missing_topology_on_rank:
+        topology = "no/such/topology.edgelist"
+    handle = ag.init(mode=a.mode, topology=topology, result=a.result,
                      adaptive_state=a.adaptive_state, overlap=not a.no_overlap,
                      master="return" if a.master_return else "exit")
     if handle is not None:  # the centralized master, back after every worker finished
@@ -87,11 +97,12 @@ def main() -> int:
     lr = (lambda k: a.lr * 0.99 ** k) if a.schedule == "callable" else a.lr
     if ag.rank() == a.bad_lr_on_rank:
         lr = -1.0
-    opt = ag.DistributedOptimizer(model, lr=lr, broadcast=not a.no_broadcast)
+    extra = {} if a.momentum is None else {"momentum": a.momentum}
+    opt = ag.DistributedOptimizer(model, lr=lr, broadcast=not a.no_broadcast, **extra)
     if a.dump:
         torch.save(flat(model), f"{a.dump}/first{ag.rank()}.pt")
     sched = torch.optim.lr_scheduler.StepLR(opt, 20, 0.5) if a.schedule == "steplr" else None
-    if a.load_state:  # "{rank}" in the path: each rank its own file
+    if a.load_state and a.load_on_rank in (-1, ag.rank()):  # "{rank}": each rank its own
         opt.load_state_dict(torch.load(a.load_state.format(rank=ag.rank()),
                                        weights_only=False))
     x, y = digits()
@@ -107,7 +118,6 @@ def main() -> int:
         loss_fn(model(xb), yb).backward()
         opt.step()
         if a.die_at and k == a.die_at and ag.rank() == 2:
-            import os
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)

@@ -73,11 +73,16 @@ class MasterProgress:
         return cls(0, 0, Counter(), [0] * n_workers, [0] * n_workers)
 
     @classmethod
-    def from_checkpoint(cls, ck: dict[str, Any]) -> MasterProgress:
+    def from_checkpoint(cls, ck: dict[str, Any], n_workers: int) -> MasterProgress:
+        """The progress a checkpoint saved, continued by ``n_workers`` workers: the
+        master's state does not depend on how many there are, so a run may resume with
+        more (under mpirun, ``-n`` decides); the per-worker counts of workers that are no
+        longer there stay in the totals."""
+        pad = [0] * max(0, n_workers - len(ck["updates_of"]))
         return cls(int(ck["version"]), int(ck["samples"]),
                    Counter({int(k): int(v) for k, v in ck["staleness"].items()}),
-                   [int(v) for v in ck["updates_of"]], [int(v) for v in ck["samples_of"]],
-                   float(ck["wall_time"]))
+                   [int(v) for v in ck["updates_of"]] + pad,
+                   [int(v) for v in ck["samples_of"]] + pad, float(ck["wall_time"]))
 
     def record(self, worker: int, v_from: int, n_samples: int) -> None:
         """Count one applied gradient of ``worker`` computed at version ``v_from``."""
@@ -136,7 +141,7 @@ class ApamMaster:
             self.x.copy_(resume["x"])
             self.state = {k: v.clone() for k, v in resume["opt_state"].items()}
             torch.set_rng_state(resume["rng_torch"])
-            self.progress = MasterProgress.from_checkpoint(resume)
+            self.progress = MasterProgress.from_checkpoint(resume, self.n)
         v = self.progress.version
         self.eval_points = iter([p for p in eval_at if p > v or (p == 0 and v == 0)])
         self.next_eval = next(self.eval_points, None)
