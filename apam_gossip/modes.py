@@ -228,6 +228,7 @@ class DecentralizedMode(ShmMode):
         self.audit_base = AuditBase.of(g.x, g.u, g.opt_state.get("vhat")) if cfg.audit \
             else None
         self.hello: set[int] = set()
+        self.dead_at_start: set[int] = set()
         self.t0 = 0.0
         self.evals: list[EvalRecord] = []
         self.last_loss = torch.zeros(cfg.workers, 2, dtype=torch.float64)
@@ -267,6 +268,8 @@ class DecentralizedMode(ShmMode):
         """Its neighbours stop choosing it and the locks it held are freed; one that died
         during start-up is no longer waited for."""
         super().died(name, msg)
+        if not self.gossip.go.is_set():  # never trained nor averaged: the audit holds
+            self.dead_at_start.add(_worker_index(name))
         self.gossip.recover(_worker_index(name))
         if len(self.dead) == self.cfg.workers:
             raise ChildFailed("workers", "all workers died")
@@ -341,7 +344,8 @@ class DecentralizedMode(ShmMode):
     def result(self) -> RunResult:
         cfg = self.cfg
         wall = max(r.finished_at for r in self.reports.values()) - self.t0
-        if self.audit_base is not None and not self.dead:  # a death mid-average breaks it
+        # a death mid-average breaks the audit; one before the start changed nothing
+        if self.audit_base is not None and not self.dead - self.dead_at_start:
             self.evals[-1].extra.update(audit_errors(self.audit_base, self.gossip.x,
                                                      self.gossip.u, self.reports))
         # a resumed run's counts are the whole run's, as its evaluations and wall time
