@@ -26,6 +26,7 @@ def no_leaks():
     """Fail a test that leaves child processes or shared-memory segments of this session
     behind (and kill the leftover processes so later tests are not affected). Entries
     other processes on the machine make meanwhile are not this test's and are ignored."""
+    leaks.keep_semaphore_naming()  # in case something a test imported replaced it
     snap = leaks.Snapshot.take(leaks.SESSION_TAG)
     yield
     leaked = snap.leaked_processes(wait=10.0)

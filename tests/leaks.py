@@ -13,7 +13,11 @@ session by :func:`tagging` before any test module is imported (modules that copy
   the name of each MPI job's segment folder: ``apam-mpi-TAG-XXXX``;
 * multiprocessing's semaphore prefix in this process, ``/mp-TAG``, so its semaphores and
   locks (the shared-memory transport's) are ``sem.mp-TAG-XXXX``; spawned children copy
-  their parent's prefix with the rest of its process configuration.
+  their parent's prefix with the rest of its process configuration. joblib's loky, which
+  scikit-learn imports (the digits data), replaces multiprocessing's naming in the whole
+  process with ``/loky-PID-XXXX``, which would hide this session's semaphores from the
+  check: loky is imported first and multiprocessing's own naming put back over it
+  (:func:`keep_semaphore_naming`, again at every test in case anything else replaces it).
 
 An entry is this session's if ``-TAG-`` is part of its name; everything else is of
 unknown origin and ignored. Torch's shared tensors never show (the ``file_descriptor``
@@ -32,6 +36,7 @@ import signal
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from multiprocessing import synchronize
 from pathlib import Path
 
 SHM = Path("/dev/shm")
@@ -54,17 +59,42 @@ def semprefix() -> str:
     return multiprocessing.current_process()._config["semprefix"]
 
 
+def _prefixed_name() -> str:
+    """multiprocessing's own name for a new semaphore: the prefix, then a random part."""
+    return f"{semprefix()}-{next(synchronize.SemLock._rand)}"
+
+
+_NAMING = staticmethod(_prefixed_name)
+
+
+def keep_semaphore_naming() -> bool:
+    """Put multiprocessing's own semaphore naming (by :func:`semprefix`) back if a
+    library replaced it; whether it had to."""
+    if synchronize.SemLock.__dict__.get("_make_name") is _NAMING:
+        return False
+    synchronize.SemLock._make_name = _NAMING
+    return True
+
+
 @contextlib.contextmanager
 def tagging(tag: str) -> Iterator[None]:
     """While inside: processes started from here carry ``tag`` in their environment and
-    this process's semaphores in their names; both restored after."""
+    this process's semaphores in their names; all restored after."""
+    # loky renames every semaphore of the process when it is first imported: it is
+    # imported now, so that the naming put in place below stays
+    with contextlib.suppress(ImportError):
+        import joblib.externals.loky.backend  # noqa: F401
     config = multiprocessing.current_process()._config
     old_env, old_prefix = os.environ.get(TAG_ENV), config.get("semprefix")
+    old_naming = synchronize.SemLock.__dict__.get("_make_name")
     os.environ[TAG_ENV] = tag
     config["semprefix"] = f"/mp-{tag}"
+    keep_semaphore_naming()
     try:
         yield
     finally:
+        if old_naming is not None:
+            synchronize.SemLock._make_name = old_naming
         if old_env is None:
             os.environ.pop(TAG_ENV, None)
         else:
