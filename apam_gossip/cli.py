@@ -350,7 +350,9 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
         n = size - 1 if cfg.mode == "centralized" else size
         print(f"MPI: {size} ranks ({'rank 0 is the master, ' if cfg.mode == 'centralized' else ''}"
               f"{n} workers; --workers is taken from mpirun -n)")
-        cfg = cfg.replace(workers=n)
+        # a resume may run on fewer ranks than its checkpoint's run: its per-worker
+        # settings are cut to the workers there are (runner_mpi does the same)
+        cfg = cfg.for_workers(n) if resume else cfg.replace(workers=n)
     if banner and not a.quiet:
         print(banner)
     ui = _ProgressUI(quiet=a.quiet, metric=cfg.metric)
@@ -863,6 +865,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in ("train", "demo"):
+        return _run_command(args)
+    from .coordinator import hold_stop_signals
+
+    with hold_stop_signals():  # no stop request kills a run half-way, however early
+        return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
             return _train(args)

@@ -157,8 +157,8 @@ def ignored_settings(given: Collection[str], modes: Collection[str], optim: Opti
         (("optim.staleness_momentum", "optim.lookahead"), "centralized" in modes and sgd,
          "applies to amsgrad and adam"),
         (("optim.staleness_momentum",), optim.lookahead > 0 and not sgd,
-         "off with --lookahead, which follows beta1 as given"),
-        (("optim.momentum", "optim.nesterov"), not sgd, "applies to --optimizer sgd"),
+         "off with a lookahead, which follows beta1 as given"),
+        (("optim.momentum", "optim.nesterov"), not sgd, "applies to the sgd optimizer"),
         (("optim.beta1", "optim.beta2", "optim.eps"), sgd, "applies to amsgrad and adam"),
         (("optim.bias_correction",), optim.name != "amsgrad", "applies to amsgrad"),
     ]
@@ -384,6 +384,18 @@ class RunConfig(_Section):
         """Raise :class:`ConfigError` if invalid (a constructed config always is valid;
         kept for callers that check explicitly)."""
         RunConfig.from_dict(self.to_dict())
+
+    def for_workers(self, n: int) -> RunConfig:
+        """This config with ``n`` workers, its per-worker settings (``slowdown``,
+        ``network.worker_*``, ``network.links``) cut to workers ``0..n-1``: a checkpoint
+        resumed under mpirun with fewer ranks (more ranks need nothing cut)."""
+        net = self.network
+        return self.replace(
+            workers=n, slowdown=list(self.slowdown[:n]),
+            network={"worker_latency_ms": list(net.worker_latency_ms[:n]),
+                     "worker_bandwidth_gbps": list(net.worker_bandwidth_gbps[:n]),
+                     "links": [list(link) for link in net.links
+                               if link[0] < n and link[1] < n]})
 
     def slowdown_of(self, worker: int) -> float:
         return self.slowdown[worker] if worker < len(self.slowdown) else 1.0

@@ -12,26 +12,36 @@ messages mean, when it is finished and what result it builds.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from .messages import Interrupted
-from .procs import ChildFailed
+from .procs import STOP_SIGNALS, ChildFailed
 
 
 class RunTimeout(RuntimeError):
     """The run exceeded ``config.timeout_s``."""
 
 
-class RunInterrupted(RuntimeError):
-    """SIGTERM/SIGINT stopped the run; ``checkpoint`` is where it was saved (or None)."""
+NO_CHECKPOINT = "no --checkpoint was given, so nothing was saved"
+UNSAVED_LOCKSTEP = "this mode writes no checkpoints, so nothing was saved"
+UNSAVED_GOSSIP_MPI = ("decentralized mode writes checkpoints on one machine only, so "
+                      "nothing was saved")
 
-    def __init__(self, checkpoint: str | None, updates: int) -> None:
+
+class RunInterrupted(RuntimeError):
+    """A stop request (SIGTERM, SIGINT, SIGUSR1) stopped the run; ``checkpoint`` is where
+    it was saved, or None (``unsaved`` says why: one of the ``NO_CHECKPOINT``,
+    ``UNSAVED_*`` lines)."""
+
+    def __init__(self, checkpoint: str | None, updates: int,
+                 unsaved: str = NO_CHECKPOINT) -> None:
         where = (f"checkpoint written to {checkpoint}; continue with --resume {checkpoint}"
-                 if checkpoint else "no --checkpoint was given, so nothing was saved")
+                 if checkpoint else unsaved)
         super().__init__(f"run interrupted after {updates} updates; {where}")
         self.checkpoint = checkpoint
         self.peers: list[int] = []  # under mpirun: the other ranks on this host (rank 0)
@@ -71,38 +81,76 @@ class Mode(Protocol):
         :attr:`interrupted` and report :meth:`finished`."""
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-
 class SignalStop:
     """While active (a context manager; only the main thread can install handlers), a
     stop request, SIGTERM, SIGINT or SIGUSR1 (Slurm's ``--signal=USR1@...`` warning),
-    sets :attr:`flag` and calls ``on_stop`` (once) instead of killing the process; a
-    second one raises KeyboardInterrupt at once."""
+    sets :attr:`flag` and calls ``on_stop`` (once; also when it is set after the
+    request came) instead of killing the process; a second one raises KeyboardInterrupt
+    at once. A request kept by :func:`hold_stop_signals` before this one was active
+    counts as made on entry."""
+
+    pending: int | None = None  # a request held by hold_stop_signals, not acted on yet
 
     def __init__(self, on_stop: Callable[[], None] | None = None) -> None:
         self.flag = False
         self.signum: int | None = None
-        self.on_stop = on_stop
+        self._on_stop = on_stop
         self._old: dict[int, Any] = {}
+
+    @property
+    def on_stop(self) -> Callable[[], None] | None:
+        return self._on_stop
+
+    @on_stop.setter
+    def on_stop(self, fn: Callable[[], None] | None) -> None:
+        self._on_stop = fn
+        if self.flag and fn is not None:  # the request came while nothing could act on it
+            fn()
 
     def _handler(self, signum, frame) -> None:
         if self.flag:
             raise KeyboardInterrupt
         self.flag = True
         self.signum = signum
-        if self.on_stop is not None:
-            self.on_stop()
+        if self._on_stop is not None:
+            self._on_stop()
 
     def __enter__(self) -> SignalStop:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handler)
+            if SignalStop.pending is not None:
+                signum, SignalStop.pending = SignalStop.pending, None
+                self._handler(signum, None)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def hold_stop_signals() -> Iterator[None]:
+    """While active (the ``train`` command runs inside it): a stop request outside a
+    run's own :class:`SignalStop` (while the data loads, the workers start, the result
+    is written) is held instead of killing the process half-way: a run that starts
+    afterwards stops at once, in order; one that has finished completes. A second
+    request raises KeyboardInterrupt."""
+
+    def held(signum, frame) -> None:
+        if SignalStop.pending is not None:
+            raise KeyboardInterrupt
+        SignalStop.pending = signum
+
+    old: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {sig: signal.signal(sig, held) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        SignalStop.pending = None
 
 
 class Coordinator:

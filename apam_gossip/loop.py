@@ -277,12 +277,12 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     problem: UserError | None = None
     try:  # this rank's own checks: nothing collective before every rank has passed them
         _check_init(mode, master, adaptive_state, device, timeout_s, threads, overlap,
-                    result, comm, size)
+                    result if rank == 0 else None, comm, size)  # rank 0 writes it
         if mode == "decentralized":
             graph = _topology(topology, size, seed)
     except UserError as e:
         problem = e
-    _agreed(comm, rank, problem)
+    _agreed(comm, rank, problem, 600.0 if problem is not None else timeout_s)
     ignored = ignored_settings(given, [mode], OptimConfig())
     if ignored and rank == 0:
         _warn_ignored([f"{k}={values[k]!r} ({why})" for k, why in ignored])
@@ -374,15 +374,25 @@ def _topology(spec: str | None, size: int, seed: int) -> Any:
                         f"{'s' if size != 1 else ''})") from None
 
 
-def _agreed(comm: Any, rank: int, problem: UserError | None) -> None:
+def _agreed(comm: Any, rank: int, problem: UserError | None, timeout_s: float) -> None:
     """Raise ``problem`` (one process), or under MPI every rank's problems on every rank:
     the same :class:`LoopError`, printed by rank 0, which names each rank that failed
     (``every rank`` when all failed alike); so an error of a few ranks is never lost in
-    an MPI_Abort that another rank's print did not survive."""
+    an MPI_Abort that another rank's print did not survive. A rank that never calls
+    init() (it failed before, or took another branch) is an error after ``timeout_s``,
+    not a hang."""
     if comm is None:
         if problem is not None:
             raise problem
         return
+    req = comm.Ibarrier()  # every rank is here: then the allgather cannot block
+    deadline = time.monotonic() + float(timeout_s)
+    while not req.Test():
+        if time.monotonic() > deadline:
+            raise LoopError(f"rank {rank}: not every rank called apam_gossip.init() within "
+                            f"timeout_s={float(timeout_s):g} s; each rank of the job must "
+                            "call it (a rank that failed before it ends the job)")
+        time.sleep(0.005)
     said = comm.allgather(None if problem is None else _without_rank(str(problem)))
     failed: dict[str, list[int]] = {}
     for r, msg in enumerate(said):

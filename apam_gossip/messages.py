@@ -144,11 +144,15 @@ class LocalOutbox:
     """Stands in for a control pipe when the coordinator is in the same process (MPI):
     messages are kept in order; ``live(msg)`` may consume one at once (returns True).
     :meth:`post` puts a request the other way (a :class:`StopRequest` from a signal
-    handler), which the algorithm's :meth:`poll` / :meth:`recv` take."""
+    handler), which the algorithm's :meth:`poll` / :meth:`recv` take; ``asked()``, when
+    given, is another source of one: a stop request that reached another rank and came
+    over the transport."""
 
-    def __init__(self, live: Callable[[Any], bool] | None = None) -> None:
+    def __init__(self, live: Callable[[Any], bool] | None = None,
+                 asked: Callable[[], bool] | None = None) -> None:
         self.messages: list[Any] = []
         self.live = live
+        self.asked = asked
         self.inbox: list[Any] = []
 
     def send(self, msg: Any) -> None:
@@ -159,6 +163,9 @@ class LocalOutbox:
         self.inbox.append(msg)
 
     def poll(self) -> bool:
+        if not self.inbox and self.asked is not None and self.asked():
+            self.asked = None  # asked once
+            self.inbox.append(StopRequest())
         return bool(self.inbox)
 
     def recv(self) -> Any:

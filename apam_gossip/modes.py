@@ -17,7 +17,7 @@ from .algorithms.apam import CheckpointSpec
 from .algorithms.common import device_for, threads_per_worker
 from .checkpoint import save_checkpoint
 from .config import RunConfig
-from .coordinator import Coordinator, RunInterrupted
+from .coordinator import UNSAVED_LOCKSTEP, Coordinator, RunInterrupted
 from .evaluate import Evaluator
 from .messages import (
     Died,
@@ -399,7 +399,8 @@ class SyncMode(ShmMode):
         return self.all_reported()
 
     def request_stop(self) -> None:  # no checkpoints in lockstep modes: stop at once
-        raise RunInterrupted(None, max((r.updates for r in self.reports.values()), default=0))
+        raise RunInterrupted(None, max((r.updates for r in self.reports.values()), default=0),
+                             UNSAVED_LOCKSTEP)
 
     def result(self) -> RunResult:
         return sync_result(self.cfg, self.reports, self.devices, self.scorer,
@@ -452,7 +453,7 @@ class ConsensusMode:
         pass
 
     def request_stop(self) -> None:
-        raise RunInterrupted(None, 0)
+        raise RunInterrupted(None, 0, UNSAVED_LOCKSTEP)
 
 
 def run_mode(mode: Any, timeout_s: float) -> None:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import UserError
@@ -113,7 +113,7 @@ def run_mpirun(n: int, args: Sequence[str], *, timeout: float | None = None,
         # its own session, so that a terminal's Ctrl-C reaches this process only, which
         # then stops the job in order (the ranks are in their own groups: mpirun stops them)
         p = subprocess.Popen(cmd, env=full_env, stdout=pipe, stderr=pipe, text=True,
-                             start_new_session=True, preexec_fn=_die_with_parent)
+                             start_new_session=True, preexec_fn=_die_with_parent_fn())
         with _job_signals(p, signals):
             try:
                 out, err = p.communicate(timeout=timeout)
@@ -123,13 +123,18 @@ def run_mpirun(n: int, args: Sequence[str], *, timeout: float | None = None,
         return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def _die_with_parent() -> None:
-    """In mpirun's process, before it starts: SIGTERM when the launcher dies (Linux's
-    PR_SET_PDEATHSIG; mpirun then stops its ranks)."""
+def _die_with_parent_fn() -> Callable[[], None] | None:
+    """For mpirun's process, to run between fork and exec: SIGTERM when the launcher
+    dies (Linux's PR_SET_PDEATHSIG; mpirun then stops its ranks). The C function is
+    found here, before the fork, so the child only calls it (loading a library in a
+    forked child of a threaded process may deadlock)."""
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not glibc/Linux: launch's own handlers remain
+        return None
+    return lambda: prctl(1, signal.SIGTERM)
 
 
 @contextlib.contextmanager

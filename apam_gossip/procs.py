@@ -69,6 +69,10 @@ def _main_module_hidden() -> Iterator[None]:
             main.__dict__.update(saved)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""The signals that ask a run to stop in order (SIGUSR1: Slurm's ``--signal=USR1@...``)."""
+
+
 def _set_parent_death_signal() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -82,10 +86,11 @@ def _child_main(name: str, target: Callable[..., None], args: tuple, ctrl: Conne
     _set_parent_death_signal()
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
-    # SIGTERM (a preemption, Ctrl-C of a job) goes to the parent, which stops the run in
+    # A stop request (SIGTERM for a preemption, Ctrl-C, Slurm's SIGUSR1 warning, any of
+    # them sent to the whole process group) is the parent's to act on: it stops the run in
     # order and checkpoints; children are ended by the parent (SIGKILL) or its death.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         target(ctrl, *args)

@@ -64,6 +64,8 @@ class RunResult:
     updates: int
     samples: int
     evals: list[EvalRecord]
+    # updates per staleness; shared-memory gossip counts into 256 bins, so there key 255
+    # counts every staleness of 255 or more (gossip's rarely passes a few dozen)
     staleness: dict[int, int]
     workers: list[WorkerStats]
     final_params: torch.Tensor | None = None  # the final model state [params | buffers]

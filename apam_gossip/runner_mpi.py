@@ -29,7 +29,13 @@ from .algorithms import adpsgd, apam, sync
 from .algorithms.apam import CheckpointSpec
 from .algorithms.common import device_for, threads_per_worker
 from .config import ConfigError, RunConfig
-from .coordinator import RunInterrupted, SignalStop
+from .coordinator import (
+    NO_CHECKPOINT,
+    UNSAVED_GOSSIP_MPI,
+    UNSAVED_LOCKSTEP,
+    RunInterrupted,
+    SignalStop,
+)
 from .evaluate import Evaluator
 from .messages import (
     Interrupted,
@@ -69,6 +75,8 @@ def run_mpi(cfg: RunConfig, task: Task, data: Any, cb: Callback,
     if n < 1:
         raise ConfigError("centralized mode over MPI needs at least 2 ranks (a master and a "
                           "worker): use mpirun -n 2 or more")
+    if ckpt is not None:  # a resume may have fewer (or more) ranks than the run it goes on
+        cfg = cfg.for_workers(n)
     cfg = cfg.replace(workers=n, transport="mpi")
     if len(cfg.slowdown) > n:
         raise ConfigError(f"slowdown has {len(cfg.slowdown)} entries but mpirun started "
@@ -108,9 +116,10 @@ class _RankContext:
         peers = comm.gather((here, os.getpid()), root=0)
         self.peers = [pid for host, pid in peers[1:] if host == here] if rank == 0 else []
 
-    def interrupted(self, checkpoint: str | None, updates: int) -> RunInterrupted:
+    def interrupted(self, checkpoint: str | None, updates: int,
+                    unsaved: str = NO_CHECKPOINT) -> RunInterrupted:
         """Rank 0's exception for a run stopped on request (after every collective)."""
-        e = RunInterrupted(checkpoint, updates)
+        e = RunInterrupted(checkpoint, updates, unsaved)
         e.peers = self.peers
         return e
 
@@ -149,6 +158,9 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
     outbox = ctx.progress_outbox()
     if ctx.rank != 0:
         end = tmpi.MpiStarWorker(comm, plan.numel)
+        # a stop request on a worker's rank rides on its next message to the master,
+        # which then stops the whole job as on its own stop request
+        ctx.stop.on_stop = end.request_stop
         apam.worker_main(outbox, end, worker_config(cfg, resumes), ctx.task, ctx.data,
                          plan.shards[ctx.rank - 1], str(ctx.device))
         comm.send(outbox.of_type(WorkerReport)[-1], dest=0, tag=tmpi.T_STATS)
@@ -156,10 +168,11 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
         return None
     snaps = torch.zeros(len(plan.eval_at) + 1, plan.numel)
     ctx.start_event()
-    # the master checkpoints at once and stops the workers in order; the workers only
-    # note the signal (the master's stop reaches them)
+    # the master checkpoints at once and stops the workers in order (a request that
+    # reached a worker's rank comes with its next gradient)
     ctx.stop.on_stop = partial(outbox.post, StopRequest())
     end = tmpi.MpiStarMaster(comm, plan.numel, timeout=cfg.timeout_s)
+    outbox.asked = lambda: end.stop_asked
     checkpoint = None if cfg.checkpoint is None else CheckpointSpec(
         cfg.checkpoint, cfg.checkpoint_every_s, cfg.replace(transport="auto").to_dict(),
         resumes)
@@ -185,9 +198,9 @@ def _decentralized(ctx: _RankContext) -> RunResult | None:
     nb, probs = plan.neighbors(rank)
     g = tmpi.MpiGossip(comm, plan.x0, cfg.adaptive_state == "tracked", plan.total,
                        cfg.timeout_s, n_tracked=plan.n_params)
-    # a stop request: this rank claims no more updates, and rank 0 hands out no more,
-    # so a stop on rank 0 (or on all, as mpirun forwards it) ends every rank within one
-    # update; they finish together as at the end of the budget (no checkpoint here)
+    # a stop request on any rank: it claims no more updates and its next claim tells
+    # rank 0, which hands out no more, so every rank ends within one update; they
+    # finish together as at the end of the budget (no checkpoint here)
     ctx.stop.on_stop = g.request_stop
     points = [p for p in plan.eval_at if p < plan.total]
     monitor = None
@@ -238,7 +251,7 @@ def _decentralized(ctx: _RankContext) -> RunResult | None:
     if rank != 0:
         return None
     if g.stopping and g.claimed < plan.total:
-        raise ctx.interrupted(None, g.claimed)
+        raise ctx.interrupted(None, g.claimed, UNSAVED_GOSSIP_MPI)
 
     evaluator = Evaluator(ctx.task, ctx.data, ctx.device, during=cfg.eval_samples)
     evals: list[EvalRecord] = []
@@ -280,7 +293,8 @@ def _sync(ctx: _RankContext) -> RunResult | None:
         return None
     stopped = outbox.of_type(Interrupted)
     if stopped:
-        raise ctx.interrupted(None, stopped[-1].updates)  # rounds, as its result counts
+        # rounds, as its result counts
+        raise ctx.interrupted(None, stopped[-1].updates, UNSAVED_LOCKSTEP)
     scorer = ctx.scorer(snaps)
     for msg in outbox.of_type(Snapshot):
         scorer(msg)
@@ -288,7 +302,7 @@ def _sync(ctx: _RankContext) -> RunResult | None:
                        plan.n_params, "mpi")
 
 
-def exit_after_peers(peers: list[int], timeout: float = 5.0) -> None:
+def exit_after_peers(peers: list[int], timeout: float = 30.0) -> None:
     """Rank 0 of a job that stopped on request, about to exit with 143: finalize MPI, then
     let the other ranks on this host exit first (at most ``timeout`` s). mpirun then
     reports the job's code quietly; a rank that exits non-zero while others still run

@@ -10,6 +10,7 @@ import torch
 
 from .algorithms.common import LocalWorker, device_for, threads_per_worker
 from .config import RunConfig
+from .coordinator import UNSAVED_LOCKSTEP, RunInterrupted, SignalStop
 from .evaluate import Evaluator
 from .optim import Optimizer
 from .plan import RunPlan
@@ -51,19 +52,22 @@ def run_sequential(cfg: RunConfig, task: Task, data: Any, cb: Callback) -> RunRe
         cb(Event("eval", samples, total_samples, rec))
 
     evaluate(0)
-    for k in range(1, total + 1):
-        t = time.perf_counter()
-        loss, n, _ = w.gradient()
-        opt.update(w.flat.params, w.flat.grads, state, lr=opt.lr_at(k, total))
-        train_time += time.perf_counter() - t
-        samples += n
-        loss_sum += loss
-        loss_n += 1
-        if k in points:
-            evaluate(k)
-        elif time.monotonic() - last_progress > 0.25:
-            cb(Event("progress", samples, total_samples))
-            last_progress = time.monotonic()
+    with SignalStop() as stop:  # a stop request ends the run after the current step
+        for k in range(1, total + 1):
+            if stop.flag:
+                raise RunInterrupted(None, k - 1, UNSAVED_LOCKSTEP)
+            t = time.perf_counter()
+            loss, n, _ = w.gradient()
+            opt.update(w.flat.params, w.flat.grads, state, lr=opt.lr_at(k, total))
+            train_time += time.perf_counter() - t
+            samples += n
+            loss_sum += loss
+            loss_n += 1
+            if k in points:
+                evaluate(k)
+            elif time.monotonic() - last_progress > 0.25:
+                cb(Event("progress", samples, total_samples))
+                last_progress = time.monotonic()
     stats = WorkerStats(0, str(w.device), w.slowdown, total, samples,
                         samples / train_time if train_time else 0.0, w.compute_s, w.sleep_s)
     return RunResult(

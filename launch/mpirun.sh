@@ -64,20 +64,24 @@ export OMPI_MCA_btl_sm_backing_directory="$JOB_SHM"
 # Signals. mpirun forwards SIGUSR1 to every rank, and apam-gossip's ranks take it as an
 # orderly stop (the centralized master checkpoints, the workers stop in order, exit 143).
 # mpirun's own answer to SIGTERM is SIGTERM then, half a second later, SIGKILL to every
-# rank. So a SIGTERM here (Slurm's time limit, scancel) asks for the orderly stop first
-# and gives mpirun its SIGTERM only if the job is still running $APAM_GOSSIP_STOP_GRACE_S
-# seconds later (default 30), or at a second SIGTERM.
+# rank. So a SIGTERM here (Slurm's time limit, scancel) or SIGINT (Ctrl-C) asks for the
+# orderly stop first and gives mpirun its SIGTERM only if the job is still running
+# $APAM_GOSSIP_STOP_GRACE_S seconds later (default 30), or at a second SIGTERM/SIGINT.
 GRACE="${APAM_GOSSIP_STOP_GRACE_S:-30}"
+if ! [[ "$GRACE" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
+    echo "launch/mpirun.sh: error: APAM_GOSSIP_STOP_GRACE_S must be a number of seconds >= 0, got '$GRACE'" >&2
+    exit 2
+fi
 PID="" STOPPING="" WATCH="" ESCALATED=""
 cleanup() {
     [ -n "$WATCH" ] && kill "$WATCH" 2>/dev/null
     rm -rf "$JOB_SHM"
 }
 forward() { [ -n "$PID" ] && kill -"$1" "$PID" 2>/dev/null; }
-stop() {
+stop() {  # $1: the signal's exit code (143 SIGTERM, 130 SIGINT)
     [ -n "$PID" ] || return 0
     if [ -z "$STOPPING" ]; then
-        STOPPING=1
+        STOPPING="$1"
         kill -USR1 "$PID" 2>/dev/null
         # the grace period's clock (its output away from ours: a caller reading our
         # pipes must not wait for it)
@@ -89,8 +93,8 @@ stop() {
     fi
 }
 trap cleanup EXIT
-trap stop TERM
-trap 'forward INT' INT
+trap 'stop 143' TERM
+trap 'stop 130' INT
 trap 'forward USR1' USR1
 trap 'forward USR2' USR2
 "$MPIRUN" "${ARGS[@]}" "$APAM" "$@" &
@@ -115,8 +119,9 @@ set +e
 wait "$PID"
 RC=$?
 set -e
-# stopped by SIGTERM: 143, whether the ranks stopped in order or mpirun had to kill them
+# stopped by SIGTERM (SIGINT): 143 (130), whether the ranks stopped in order or mpirun
+# had to kill them
 if [ -n "$STOPPING" ] && [ "$RC" != 0 ]; then
-    RC=143
+    RC="$STOPPING"
 fi
 exit "$RC"

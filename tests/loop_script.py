@@ -78,6 +78,9 @@ def main() -> int:
     p.add_argument("--missing-topology-on-rank", type=int, default=-1, help="this rank "
                    "passes a topology file that does not exist")
     p.add_argument("--momentum", type=float, default=None, help="passed to the optimizer")
+    p.add_argument("--no-init-on-rank", type=int, default=-1, help="this rank waits "
+                   "and never calls init()")
+    p.add_argument("--timeout", type=float, default=600.0, help="init(timeout_s=)")
     a = p.parse_args()
     if a.step_before_init:
         ag.DistributedOptimizer(make_model())
@@ -85,7 +88,13 @@ def main() -> int:
     rank_env = int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
     if rank_env == a.missing_topology_on_rank:
         topology = "no/such/topology.edgelist"
-    handle = ag.init(mode=a.mode, topology=topology, result=a.result,
+    if rank_env == a.no_init_on_rank:
+        import time
+
+        from mpi4py import MPI  # noqa: F401 - MPI is up here (its init needs every rank)
+
+        time.sleep(600)  # a rank stuck elsewhere: the others time out, not hang
+    handle = ag.init(mode=a.mode, topology=topology, result=a.result, timeout_s=a.timeout,
                      adaptive_state=a.adaptive_state, overlap=not a.no_overlap,
                      master="return" if a.master_return else "exit")
     if handle is not None:  # the centralized master, back after every worker finished

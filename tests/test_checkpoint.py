@@ -174,3 +174,76 @@ def test_a_checkpoint_from_before_the_momentum_rule_resumes_as_it_was_trained(tm
     d = load_checkpoint(tmp_path / "old.pt")
     assert RunConfig.from_dict(d["config"]).optim.staleness_momentum == "none"
     assert RunConfig().optim.staleness_momentum == "workers"
+
+
+def _train_cmd(tmp_path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "apam_gossip", "train", "--mode", "centralized",
+            "--workers", "3", "--epochs", "400", "--lr", "2e-3", "--slow", "1=3",
+            "--evals", "2", "--checkpoint", str(tmp_path / "run.ckpt"),
+            "-o", str(tmp_path / "never.json"), *extra]
+
+
+def test_sigusr1_to_the_whole_process_group_stops_in_order(tmp_path):
+    """Slurm's `--signal=USR1@T` (and `kill -USR1 -PGID`) reaches the workers too: they
+    leave it to the coordinator, which checkpoints and stops (the workers used to die of
+    it, so the run failed with 'worker 0 killed by signal 10')."""
+    p = subprocess.Popen(_train_cmd(tmp_path, "--checkpoint-every", "0.5"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run.ckpt").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.1)
+        os.killpg(p.pid, signal.SIGUSR1)
+        out, err = p.communicate(timeout=90)
+        assert p.returncode == 143, out + err
+        assert "killed by signal" not in err and "Traceback" not in err, err
+        assert err.count("run interrupted after") == 1, err
+        assert f"--resume {tmp_path / 'run.ckpt'}" in err
+        assert not (tmp_path / "never.json").exists()
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def test_a_stop_request_while_the_data_loads_stops_the_run_when_it_starts(
+        tmp_path, digits, monkeypatch, capsys):
+    """A request before the run's own handler is up (data loading, say) is held, not
+    fatal: the run then stops at once, in order, with its checkpoint."""
+    import apam_gossip.data
+
+    def load_and_get_a_signal(cfg, *a, **kw):
+        os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's warning, early
+        return digits
+
+    monkeypatch.setattr(apam_gossip.data, "load_data", load_and_get_a_signal)
+    old = signal.getsignal(signal.SIGUSR1)
+    rc = main(["train", "--mode", "centralized", "--workers", "2", "--epochs", "400",
+               "--checkpoint", str(tmp_path / "run.ckpt"), "-o", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 143, err
+    assert "run interrupted after" in err and "--resume" in err, err
+    assert load_checkpoint(tmp_path / "run.ckpt")["version"] < 10
+    assert not (tmp_path / "r.json").exists()
+    assert signal.getsignal(signal.SIGUSR1) is old  # the handlers were put back
+
+
+def test_sequential_stops_on_request(tmp_path, digits, monkeypatch, capsys):
+    """The sequential mode stops too (one line, 143), saying it writes no checkpoint."""
+    import apam_gossip.data
+
+    monkeypatch.setattr(apam_gossip.data, "load_data", lambda cfg, *a, **kw: digits)
+    sent = []
+
+    class Term:
+        def __call__(self, ev) -> None:
+            if ev.kind == "progress" and not sent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                sent.append(ev.samples)
+
+    r = None
+    with pytest.raises(RunInterrupted, match="this mode writes no checkpoints"):
+        r = run(make_cfg(mode="sequential", epochs=400), dataset=digits, callback=Term())
+    assert r is None and sent

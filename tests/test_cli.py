@@ -196,14 +196,14 @@ def test_resume_refuses_training_flags_it_would_ignore(tmp_path, capsys):
      "--topology (applies to the decentralized and dpsgd modes); --audit (applies to the "
      "decentralized mode)"),
     (["--data-dir", "/somewhere"], "--data-dir (digits ships with scikit-learn)"),
-    (["--momentum", "0.9"], "--momentum (applies to --optimizer sgd)"),
+    (["--momentum", "0.9"], "--momentum (applies to the sgd optimizer)"),
     (["--mode", "sequential", "--gossip-lr", "workers", "--staleness-lr", "sqrt"],
      "--gossip-lr (applies to the decentralized mode); --staleness-lr (applies to the "
      "centralized mode)"),
     (["--mode", "centralized", "--optimizer", "sgd", "--staleness-momentum", "none"],
      "--staleness-momentum (applies to amsgrad and adam)"),
     (["--mode", "centralized", "--lookahead", "1", "--staleness-momentum", "workers"],
-     "--staleness-momentum (off with --lookahead, which follows beta1 as given)"),
+     "--staleness-momentum (off with a lookahead, which follows beta1 as given)"),
 ])
 def test_flags_that_do_not_apply_are_named_in_one_warning(tmp_path, capsys, argv, needle):
     out = tmp_path / "r.json"

@@ -174,7 +174,7 @@ def test_a_setting_of_another_mode_is_a_warning_as_on_the_command_line(capsys):
         in err and "overlap=False (applies to the decentralized mode)" in err
     opt = ag.DistributedOptimizer(make_model(), momentum=0.9, lookahead=1.0)
     err = capsys.readouterr().err
-    assert "warning: ignored: momentum=0.9 (applies to --optimizer sgd)" in err
+    assert "warning: ignored: momentum=0.9 (applies to the sgd optimizer)" in err
     assert "lookahead" not in err  # centralized: it applies
     opt.finish(quiet=True)
 
@@ -483,6 +483,17 @@ def test_an_init_error_on_one_rank_only_is_printed_naming_it():
     errors = [ln for ln in p.stderr.splitlines() if "apam-gossip: error:" in ln]
     assert len(errors) == 1, p.stderr
     assert "rank 2: topology no/such/topology.edgelist" in errors[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@needs_mpi
+def test_a_rank_that_never_calls_init_is_a_timeout_not_a_hang():
+    """init()'s agreement waits at most timeout_s for every rank (it was a blocking
+    allgather: one rank stuck before init() hung the others forever)."""
+    p = launch(3, SCRIPT, "--steps", "5", "--no-init-on-rank", "1", "--timeout", "3",
+               timeout=120)
+    assert p.returncode != 0, p.stdout + p.stderr
+    assert "not every rank called apam_gossip.init() within timeout_s=3 s" in p.stderr
     assert "Traceback" not in p.stderr
 
 

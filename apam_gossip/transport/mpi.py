@@ -51,9 +51,10 @@ T_REFUSED = 26  # gossip: the answer to an average that was refused (nothing cha
 T_STATS = 31
 T_OBJ = 13  # star: a pickled control object after a K_OBJ metadata message
 
-# star metadata kinds (float64 vectors: [kind, a, b, c, d, e])
+# star metadata kinds (float64 vectors: [kind, a, b, c, d, e, stop]); a worker's last
+# entry is 1 when a stop was requested on its rank (the master then stops the whole job)
 K_HELLO, K_GRAD, K_PARAMS, K_STOP, K_OBJ = 1.0, 2.0, 3.0, 4.0, 5.0
-META = 6
+META = 7
 # gossip request kinds
 R_SNAP, R_CLAIM, R_STOP = 2, 3, 4  # (averages travel as T_DATA payloads)
 
@@ -188,6 +189,7 @@ class MpiStarMaster:
         # with unread data does) until recv takes it
         self.arrived: set[int] = set()
         self.outstanding = [False] * self.n_workers  # params sent, gradient not yet received
+        self.stop_asked = False  # a worker's rank got a stop request (SIGTERM, SIGUSR1)
 
     def _post(self, w: int):
         return self.comm.Irecv(self.meta[w], source=w + 1, tag=T_META)
@@ -207,6 +209,7 @@ class MpiStarMaster:
 
     def recv(self, worker: int) -> tuple[Any, Tensor]:
         m = self.meta[worker].copy()
+        self.stop_asked = self.stop_asked or m[META - 1] == 1.0
         grad: Tensor | None = self.grad
         if m[0] == K_HELLO:
             meta: Any = Hello(worker)
@@ -250,17 +253,29 @@ class MpiStarWorker:
         self.worker = comm.Get_rank() - 1
         self.host = _host_buffer(numel)
         self.meta = np.zeros(META)
+        self.stopping = False
+
+    def request_stop(self) -> None:
+        """A stop request on this rank (a signal handler may call it): the next message
+        to the master asks it to stop the job; until the master's stop comes, this
+        worker goes on as usual."""
+        self.stopping = True
+
+    def _meta(self, kind: float, *values: float) -> np.ndarray:
+        m = _meta(kind, *values)
+        m[META - 1] = 1.0 if self.stopping else 0.0
+        return m
 
     def send(self, grad: Tensor | None, meta: Any) -> None:
         """``Hello``, ``Grad`` (with ``grad``), or any other picklable object."""
         if isinstance(meta, Hello):
-            self.comm.Send(_meta(K_HELLO), dest=0, tag=T_META)
+            self.comm.Send(self._meta(K_HELLO), dest=0, tag=T_META)
             return
         if not isinstance(meta, Grad):
-            self.comm.Send(_meta(K_OBJ), dest=0, tag=T_META)
+            self.comm.Send(self._meta(K_OBJ), dest=0, tag=T_META)
             self.comm.send(meta, dest=0, tag=T_OBJ)
             return
-        self.comm.Send(_meta(K_GRAD, meta.version, meta.samples, meta.loss, meta.compute_s,
+        self.comm.Send(self._meta(K_GRAD, meta.version, meta.samples, meta.loss, meta.compute_s,
                              float("nan") if meta.lr is None else meta.lr),
                        dest=0, tag=T_META)
         assert grad is not None
@@ -325,6 +340,7 @@ class MpiGossip:
         # a stop request reached this rank: it claims no more, and rank 0 hands out no
         # more, so on rank 0 it stops every rank within one update
         self.stopping = False
+        self._told_stop = False  # rank 0 knows of this rank's stop request
         self.losses = [0.0, 0]
         self._recv_buf = _host_buffer(self.state.numel())
         self._srv_buf = _host_buffer(self.state.numel())
@@ -393,6 +409,8 @@ class MpiGossip:
                         snap = self.x.clone()
                     self.comm.Send(snap, dest=src, tag=T_SNAP_REPLY)
                 elif kind == R_CLAIM:  # reply with the update's index, 0 when none is left
+                    if hdr[1]:  # the asker got a stop request: the whole job stops
+                        self.stopping = True
                     index = 0
                     if self.claimed < self.total and not self.stopping:
                         self.claimed += 1
@@ -430,16 +448,19 @@ class MpiGossip:
 
     # -- the training thread --------------------------------------------------------
     def request_stop(self) -> None:
-        """Stop claiming (a signal handler may call it; see :attr:`stopping`)."""
+        """Stop claiming (a signal handler may call it; see :attr:`stopping`). The next
+        claim tells rank 0, which then hands out no more updates to any rank."""
         self.stopping = True
 
     def claim(self, total: int) -> int:
         """Claim one of the ``total`` updates from rank 0: its index 1..total, or 0 when
-        none is left or a stop was requested."""
+        none is left or a stop was requested (here or on any rank)."""
         self._check()
-        if self.stopping:
+        if self.stopping and self._told_stop:
             return 0
-        self.comm.Send(np.array([R_CLAIM, 0], dtype=np.int64), dest=0, tag=T_REQ)
+        stop = self.stopping
+        self.comm.Send(np.array([R_CLAIM, int(stop)], dtype=np.int64), dest=0, tag=T_REQ)
+        self._told_stop = stop
         ans = np.zeros(1, dtype=np.int64)
         req = self.comm.Irecv(ans, source=0, tag=T_CLAIM_REPLY)
         _wait(req, self.timeout, f"rank {self.rank}: the budget from rank 0")

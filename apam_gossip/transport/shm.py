@@ -105,7 +105,9 @@ class ShmWorkerEnd:
         return meta
 
 
-STALENESS_BINS = 256  # gossip staleness rarely passes a few dozen: 2 KB per worker
+# gossip staleness rarely passes a few dozen: 2 KB per worker; the last bin counts every
+# staleness of STALENESS_BINS - 1 or more (RunResult.staleness says so)
+STALENESS_BINS = 256
 
 
 class ShmGossip:
