@@ -1,4 +1,6 @@
-"""The pairwise average ``a, b <- (a + b) / 2`` at memory speed.
+"""The averaging arithmetic of decentralized training: the pairwise average
+``a, b <- (a + b) / 2`` at memory speed (gossip) and a weighted mix (D-PSGD,
+:func:`mix_into`).
 
 torch has no single kernel that writes two outputs, so ``lerp`` then ``copy`` reads both
 models, writes one, then reads it again and writes the other: five memory streams where
@@ -16,6 +18,7 @@ is used for every size (slower, identical result up to float rounding).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -66,3 +69,14 @@ def average_pair_(a: Tensor, b: Tensor, fused: bool | None = None) -> None:
         return
     torch.lerp(a, b, 0.5, out=a)  # a + 0.5 (b - a): one pass
     b.copy_(a)
+
+
+def mix_into(out: Tensor, weights: list[tuple[int, float]],
+             model_of: Callable[[int], Tensor]) -> Tensor:
+    """``out`` <- sum_j w_j x_j over the (worker, weight) pairs, in their order (the one
+    arithmetic of a D-PSGD mix: the transports and the simulator call it, so a simulated
+    D-PSGD is the real one bit for bit); ``out`` must not be one of the x_j."""
+    out.zero_()
+    for j, w in weights:
+        out.add_(model_of(j), alpha=w)
+    return out

@@ -73,7 +73,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -81,13 +80,14 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError, OptimConfig, ignored_settings
+from .core.consensus import consensus_from_sums, squares
+from .core.sync import allreduce_step
 from .errors import UserError
 from .flat import FlatModel, flatten
 from .messages import (
     Done,
     Grad,
     Hello,
-    LocalOutbox,
     LoopFault,
     LoopReport,
     LoopState,
@@ -568,26 +568,20 @@ def _wait(req: Any, s: _Session, what: str, deadline: float | None = None) -> No
 
 
 def _consensus(comm: Any, x: Tensor, n_params: int, size: int, s: _Session
-               ) -> tuple[Tensor, float, float | None]:
-    """(the average of every rank's ``x``, the parameters' consensus distance
-    mean_i |x_i - xbar|^2, the same over the buffers) from two all-reduces, without
-    gathering every model anywhere."""
+               ) -> tuple[Tensor, dict[str, float]]:
+    """(the average of every rank's ``x``, the consensus distances of
+    :mod:`apam_gossip.core.consensus`) from two all-reduces, without gathering every
+    model anywhere."""
     from mpi4py import MPI
 
-    xd = x.double()
-    total = xd.clone()
+    total = x.to(torch.float64, copy=True)  # the all-reduce works in place
     _wait(comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM), s, "averaging the models",
           NO_DEADLINE_S)
-    sq = torch.tensor([float((xd[:n_params] ** 2).sum()), float((xd[n_params:] ** 2).sum())],
-                      dtype=torch.float64)
+    sq = squares(x, n_params)
     _wait(comm.Iallreduce(MPI.IN_PLACE, sq, op=MPI.SUM), s, "the consensus distance",
           NO_DEADLINE_S)
-    xbar = total / size
-    cons = max(0.0, float(sq[0]) / size - float((xbar[:n_params] ** 2).sum()))
-    bufs = None
-    if x.numel() > n_params:
-        bufs = max(0.0, float(sq[1]) / size - float((xbar[n_params:] ** 2).sum()))
-    return xbar.float(), cons, bufs
+    xbar, extra = consensus_from_sums(total, float(sq[0]), float(sq[1]), size, n_params)
+    return xbar.float(), extra
 
 
 # ----------------------------------------------------------------------- the optimizer
@@ -752,13 +746,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
         elif s.mode == "decentralized":
             from .algorithms.adpsgd import neighbor_picker
             from .algorithms.common import worker_seed
+            from .core.gossip import GossipRule
             from .topology import neighbor_probabilities
             from .transport.mpi import MpiGossip
 
             tracked = s.adaptive_state == "tracked"
             self.gossip = MpiGossip(comm, host, tracked, 0, s.timeout_s,
                                     n_tracked=self.flat.n_params)
-            self.opt_state = self.opt.init(torch.zeros(self.flat.n_params))
+            self.rule = GossipRule(self.hp, s.size, self.flat.n_params, tracked)
+            self.opt_state = self.rule.init_state()
             nb, probs = neighbor_probabilities(s.graph)[s.rank]
             self.pick = neighbor_picker(nb, probs, worker_seed(s.seed, s.rank) + 1) \
                 if nb else None
@@ -826,21 +822,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.version = back.version
 
     def _step_decentralized(self) -> None:
-        from .algorithms.adpsgd import local_step
-        from .optim import gossip_lr_factor
-
         g = self.flat.grads
         if self.grad_cpu is not None:
             self.grad_cpu.copy_(g)
             g = self.grad_cpu
-        delta = (self.flat.buffers - self.buffers0).cpu() if self.flat.n_buffers else None
-        lr = self._lr(self.steps + 1) * gossip_lr_factor(self.hp.gossip_lr, self.session.size)
+        rule = self.rule
+        delta = rule.buffer_delta(self.flat.buffers, self.buffers0)
+        lr = rule.lr(self._lr(self.steps + 1))
         averaged = self._join_average() if self.in_flight is not None else self._average()
-        tracked = self.session.adaptive_state == "tracked"
-        v1 = self.gossip.update_local(partial(
-            local_step, self.opt, g, self.opt_state, tracked, None, lr, self.flat.n_params,
-            delta))
-        self.staleness[v1 - self.v0 - 1 - averaged] += 1
+        v1 = self.gossip.update_local(rule.step(g, self.opt_state, lr, delta))
+        self.staleness[rule.staleness(self.v0, v1, averaged)] += 1
         self._refresh()
         if self.comm_thread is not None:  # the next average runs beside your next gradient
             self.in_flight = self.comm_thread.submit(self._average)
@@ -890,8 +881,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             return False
         lr = float(red[n + 1]) / k  # the same number on every rank (to float32's 1e-7)
         mean = red[:n].div_(k).to(self.flat.state.device)
-        self.flat.buffers.copy_(mean[self.flat.n_params:])
-        self.opt.update(self.flat.params, mean[: self.flat.n_params], self.opt_state, lr=lr)
+        allreduce_step(self.opt, self.flat.params, self.flat.buffers, mean, self.opt_state, lr)
         return True
 
     # -- the end ------------------------------------------------------------------------
@@ -980,10 +970,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         verdict = comm.bcast(verdict, root=0)
         if verdict is not None:
             raise LoopError(verdict, collective=True)
-        xbar, cons, bufs = _consensus(comm, self.gossip.x, self.flat.n_params, s.size, s)
-        extra: dict[str, float] = {"consensus_distance": cons}
-        if bufs is not None:
-            extra["buffer_consensus"] = bufs
+        xbar, extra = _consensus(comm, self.gossip.x, self.flat.n_params, s.size, s)
         if average:
             self.host.copy_(xbar)
             self._from_host()
@@ -1135,22 +1122,21 @@ class MasterHandle:
 
 
 class _LoopMaster:
-    """Rank 0 of a centralized loop-API job: the APAM master's steps (``ApamMaster``)
-    driven by the workers' loops instead of a budget: it serves until every worker has
+    """Rank 0 of a centralized loop-API job: the APAM master's rule
+    (:class:`~apam_gossip.core.apam.ApamCore`) driven by the workers' loops instead of a
+    budget: each gradient brings its worker's lr, and it serves until every worker has
     finished."""
 
     def __init__(self, s: _Session, sig: _Signature, x0: Tensor) -> None:
-        from .algorithms.apam import ApamMaster
+        from .core.apam import ApamCore
         from .transport.mpi import MpiStarMaster
 
         self.s = s
         self.lr0 = sig.lr0
         self.end = MpiStarMaster(s.comm, sig.numel, timeout=s.timeout_s, pin=False)
         self.hp = OptimConfig(**dict(sig.optim), lr=sig.lr0 or 1.0)
-        # each gradient brings its worker's lr; the budget is the workers' loops
-        self.m = ApamMaster(LocalOutbox(), self.end, x0, self.hp, 2**62, [],
-                            torch.zeros(1, sig.numel), n_params=sig.n_params,
-                            drain_timeout=s.timeout_s)
+        self.n = self.end.n_workers
+        self.m = ApamCore(x0, self.hp, self.n, n_params=sig.n_params)
         self.done: dict[int, Done] = {}
         self.loading: dict[int, LoopState] = {}
         self.applied = False
@@ -1171,7 +1157,7 @@ class _LoopMaster:
                        "its first step(), or none does")
             return
         self.loading[i] = st
-        if set(self.loading) != m.live() - set(self.done):
+        if set(self.loading) != set(range(self.n)) - set(self.done):
             return  # the others are still loading: their replies wait
         first = self.loading[min(self.loading)]
         for j, other in self.loading.items():
@@ -1183,20 +1169,24 @@ class _LoopMaster:
                                "every worker")
                 self.loading.clear()
                 return
-        m.x.copy_(torch.from_numpy(first.x))
-        m.state = {k: torch.from_numpy(v).clone() for k, v in first.opt.items()}
-        m.progress.version = int(first.version)
+        m.restore(torch.from_numpy(first.x),
+                  {k: torch.from_numpy(v) for k, v in first.opt.items()},
+                  version=int(first.version))
         for j in sorted(self.loading):
-            m.send(j, m.x, Params(m.progress.version))
+            self.end.send(j, m.x, Params(m.version))
         self.loading.clear()
 
     def serve(self) -> MasterHandle:
         m, end, s = self.m, self.end, self.s
-        m.hello()
-        m.t0 = time.monotonic()
-        for i in m.live():
-            m.send(i, m.x, Params(0))
-        while m.live() - set(self.done):
+        waiting = set(range(self.n))
+        while waiting:  # every worker has its model (a rank that dies ends the job)
+            for i in end.ready(1.0):
+                msg, _ = end.recv(i)
+                assert isinstance(msg, Hello), msg
+                waiting.discard(i)
+        for i in range(self.n):
+            end.send(i, m.x, Params(0))
+        while set(range(self.n)) - set(self.done):
             # no deadline: a worker may do anything between two steps (an evaluation);
             # a rank that dies ends the whole job
             for i in end.ready(1.0):
@@ -1206,9 +1196,9 @@ class _LoopMaster:
                         self.fault(i, f"rank {i + 1}: step() while other workers load a "
                                    "checkpoint: every worker loads before its first step()")
                         continue
-                    m.apply(i, msg, grad)
+                    m.apply(i, grad, msg.version, msg.samples, msg.lr)
                     self.applied = True
-                    m.send(i, m.model_for_workers(), Params(m.progress.version))
+                    end.send(i, m.model_for_workers(), Params(m.version))
                 elif isinstance(msg, Done):
                     self.done[i] = msg
                     # the loading workers wait for every live worker to load: one that
@@ -1219,8 +1209,9 @@ class _LoopMaster:
                                    "state before its first step(), or none does")
                     self.loading.clear()
                 elif isinstance(msg, StateRequest):
+                    assert m.state is not None
                     end.send(i, None, LoopState(m.x.numpy().copy(), {
-                        k: v.numpy().copy() for k, v in m.state.items()}, m.progress.version))
+                        k: v.numpy().copy() for k, v in m.state.items()}, m.version))
                 elif isinstance(msg, LoopState):
                     self.on_load(i, msg)
                 else:

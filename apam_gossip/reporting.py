@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .config import RunConfig
+from .core.consensus import consensus
 from .evaluate import Evaluator
 from .messages import MasterSummary, Snapshot, WorkerReport
 from .result import EvalRecord, RunResult, WorkerStats
@@ -160,15 +161,10 @@ def gossip_eval_record(cfg: RunConfig, evaluator: Evaluator, xs: torch.Tensor, w
     """Score the average model x_bar and, with ``per_worker``, each worker's model;
     returns (record, x_bar).
 
-    The consensus distance mean_i |x_i - x_bar|^2 is over the parameters; a model with
-    buffers (BatchNorm statistics) also gets ``buffer_consensus``, the same over its
-    buffers, with both relative to |x_bar|^2 as ``*_relative``."""
-    xbar = xs.mean(0)
-    n = evaluator.flat.n_params
-    dev = ((xs - xbar) ** 2)
-    consensus = float(dev[:, :n].sum(1).mean())
+    The consensus distances are :func:`apam_gossip.core.consensus.consensus`'s."""
+    xbar, distances = consensus(xs, evaluator.flat.n_params)
     loss, acc = evaluator(xbar)
-    extra: dict[str, Any] = {"consensus_distance": consensus}
+    extra: dict[str, Any] = dict(distances)
     if per_worker:
         # each worker's own model on a slice of the test set: n full evaluations per
         # point would steal the workers' CPU on a small machine
@@ -180,12 +176,6 @@ def gossip_eval_record(cfg: RunConfig, evaluator: Evaluator, xs: torch.Tensor, w
                       "worker_eval_samples": n_test})
         if evaluator.metric.name == "accuracy":  # the names results had before metrics
             extra["worst_worker_acc"], extra["mean_worker_acc"] = worst, sum(accs) / len(accs)
-    if xs.shape[1] > n:
-        buffer_consensus = float(dev[:, n:].sum(1).mean())
-        extra["buffer_consensus"] = buffer_consensus
-        extra["consensus_relative"] = consensus / max(float((xbar[:n] ** 2).sum()), 1e-30)
-        extra["buffer_consensus_relative"] = buffer_consensus / max(
-            float((xbar[n:] ** 2).sum()), 1e-30)
     if averages is not None:
         extra["averages"] = averages
     rec = EvalRecord(wall, done * cfg.data.batch_size, done, train_loss, loss, acc,

@@ -107,24 +107,19 @@ def test_cuda_request_without_cuda_is_a_config_error(digits):
 
 @pytest.mark.parametrize("rule,factor", [("none", 1.0), ("sqrt", 0.5), ("inverse", 0.25)])
 def test_the_master_scales_a_stale_gradients_step(rule, factor):
-    """ApamMaster.apply: a gradient computed 3 updates ago moves the model by lr x
+    """ApamCore.apply: a gradient computed 3 updates ago moves the model by lr x
     factor(3) (SGD: exactly), the user's lr (loop API) too; a fresh one by lr."""
-    from types import SimpleNamespace
-
-    from apam_gossip.algorithms.apam import ApamMaster
     from apam_gossip.config import OptimConfig
-    from apam_gossip.messages import Grad
+    from apam_gossip.core.apam import ApamCore
 
     optim = OptimConfig(name="sgd", lr=0.1, staleness_lr=rule)
-    master = ApamMaster(None, SimpleNamespace(n_workers=2), torch.zeros(3), optim,
-                        total=100, eval_at=[], snaps=torch.zeros(1, 3))
+    master = ApamCore(torch.zeros(3), optim, 2, n_params=3, total=100)
     master.progress.version = 3
-    master.apply(0, Grad(version=0, samples=1, loss=0.0, compute_s=0.0), torch.ones(3))
+    assert master.apply(0, torch.ones(3), version=0, samples=1) == 3
     assert torch.allclose(master.x, torch.full((3,), -0.1 * factor))
-    master.apply(1, Grad(version=4, samples=1, loss=0.0, compute_s=0.0), torch.ones(3))
+    master.apply(1, torch.ones(3), version=4, samples=1)
     assert torch.allclose(master.x, torch.full((3,), -0.1 * factor - 0.1))  # fresh
-    master.apply(0, Grad(version=2, samples=1, loss=0.0, compute_s=0.0, lr=0.2),
-                 torch.ones(3))  # the loop API's own lr, 3 stale
+    master.apply(0, torch.ones(3), version=2, samples=1, lr=0.2)  # the loop API's own lr
     assert torch.allclose(master.x, torch.full((3,), -0.1 * factor - 0.1 - 0.2 * factor))
     assert dict(master.progress.staleness) == {3: 2, 0: 1}
 
@@ -132,20 +127,16 @@ def test_the_master_scales_a_stale_gradients_step(rule, factor):
 @pytest.mark.parametrize("rule,workers,beta1", [("workers", 8, 0.2), ("workers", 1, 0.9),
                                                 ("none", 8, 0.9)])
 def test_the_master_steps_with_a_momentum_shortened_by_its_workers(rule, workers, beta1):
-    """ApamMaster's optimizer: beta1 0.9 becomes 1 - 0.1 x 8 = 0.2 with 8 workers (the
+    """The master's optimizer: beta1 0.9 becomes 1 - 0.1 x 8 = 0.2 with 8 workers (the
     default rule), stays 0.9 with one worker (= the sequential run) or rule none: the
     first step with m = 0 moves by (1 - beta1) g / sqrt(v) scaled, checked through m."""
-    from types import SimpleNamespace
-
-    from apam_gossip.algorithms.apam import ApamMaster
     from apam_gossip.config import OptimConfig
-    from apam_gossip.messages import Grad
+    from apam_gossip.core.apam import ApamCore
 
     optim = OptimConfig(lr=0.1, staleness_momentum=rule)
-    master = ApamMaster(None, SimpleNamespace(n_workers=workers), torch.zeros(3), optim,
-                        total=100, eval_at=[], snaps=torch.zeros(1, 3))
+    master = ApamCore(torch.zeros(3), optim, workers, n_params=3, total=100)
     assert master.opt.hp.beta1 == pytest.approx(beta1)
-    master.apply(0, Grad(version=0, samples=1, loss=0.0, compute_s=0.0), torch.ones(3))
+    master.apply(0, torch.ones(3), version=0, samples=1)
     assert torch.allclose(master.state["m"], torch.full((3,), 1 - beta1))
 
 
@@ -168,20 +159,15 @@ def test_with_lookahead_the_master_hands_out_the_model_ahead_of_its_course(digit
     """--lookahead 1 with 4 workers: after each update the model a worker gets is the
     master's moved 3 updates along its step (the buffers as they are), x itself is
     untouched; and a real run with it learns."""
-    from types import SimpleNamespace
-
-    from apam_gossip.algorithms.apam import ApamMaster
     from apam_gossip.config import OptimConfig
-    from apam_gossip.messages import Grad
+    from apam_gossip.core.apam import ApamCore
     from apam_gossip.optim import lookahead_point
 
     optim = OptimConfig(lr=0.1, lookahead=1.0)  # the momentum rule is off with it
-    master = ApamMaster(None, SimpleNamespace(n_workers=4), torch.zeros(3), optim,
-                        total=100, eval_at=[], snaps=torch.zeros(1, 3))
+    master = ApamCore(torch.zeros(3), optim, 4, n_params=3, total=100)
     assert master.opt.hp.beta1 == 0.9
     assert torch.equal(master.model_for_workers(), master.x)  # nothing to follow yet
-    master.apply(0, Grad(version=0, samples=1, loss=0.0, compute_s=0.0),
-                 torch.tensor([1.0, -1.0, 0.0]))
+    master.apply(0, torch.tensor([1.0, -1.0, 0.0]), version=0, samples=1)
     x = master.x.clone()
     got = master.model_for_workers()
     want = lookahead_point(torch.empty(3), x, master.state, master.opt.hp, 0.1, 3)

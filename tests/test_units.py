@@ -223,3 +223,39 @@ def test_centralized_mode_builds_its_result_from_messages(digits):
     assert [w.updates for w in r.workers] == [10, 0] and r.workers[0].compute_s == 0.4
     assert torch.equal(r.final_params, mode.plan.x0)
     assert [e.kind for e in events] == ["eval", "progress", "died", "eval"]
+
+
+def test_one_consensus_distance_over_the_parameters_and_one_over_the_buffers():
+    """core.consensus: the parameters' distance ignores the buffers (BatchNorm statistics
+    are reported apart, as buffer_consensus; D-PSGD used to mix them into one number),
+    and the loop API's form from all-reduced sums is the same quantity."""
+    from apam_gossip.core.consensus import consensus, consensus_from_sums, squares
+
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(4, 10, generator=g)
+    xbar, d = consensus(xs, n_params=7)
+    want = float(((xs[:, :7] - xs[:, :7].mean(0)) ** 2).sum(1).mean())
+    assert d["consensus_distance"] == pytest.approx(want, rel=1e-6)
+    moved = xs.clone()
+    moved[:, 7:] += torch.randn(4, 3, generator=g) * 100  # only the buffers differ
+    _, d2 = consensus(moved, n_params=7)
+    assert d2["consensus_distance"] == d["consensus_distance"]
+    assert d2["buffer_consensus"] > 100 * d["buffer_consensus"]
+    sq = sum(squares(x, 7) for x in xs)
+    xbar2, d3 = consensus_from_sums(xs.double().sum(0), float(sq[0]), float(sq[1]), 4, 7)
+    assert torch.allclose(xbar2.float(), xbar)
+    for k in d:
+        assert d3[k] == pytest.approx(d[k], rel=1e-5), k
+    assert set(consensus(xs[:, :7], n_params=7)[1]) == {"consensus_distance"}  # no buffers
+
+
+def test_dpsgd_and_gossip_report_the_same_consensus_on_a_batchnorm_model(digits):
+    """Both decentralized modes name the same two distances for a model with buffers."""
+    from apam_gossip import run
+
+    from helpers import make_cfg
+
+    for mode in ("dpsgd", "decentralized"):
+        r = run(make_cfg(mode=mode, workers=2, steps=20, evals=1,
+                         model="user_models:DigitsBN"), dataset=digits)
+        assert {"consensus_distance", "buffer_consensus"} <= set(r.evals[-1].extra), mode

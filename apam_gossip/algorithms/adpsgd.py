@@ -50,9 +50,9 @@ import torch
 from torch import Tensor
 
 from ..config import RunConfig
+from ..core.gossip import GossipRule
 from ..emulation import LinkModel
 from ..messages import Hello, WorkerReport
-from ..optim import Optimizer, gossip_lr_factor
 from ..task import Task
 from ..transport import Control, GossipEnd
 from .common import LocalWorker, worker_seed
@@ -103,22 +103,6 @@ def average_with_a_neighbour(end: GossipEnd, pick, link: LinkModel | None = None
     return False, refusals
 
 
-def local_step(opt, g: Tensor, state, tracked: bool, audit: Tensor | None, lr: float,
-                n_params: int, buffer_delta: Tensor | None, x: Tensor,
-                u: Tensor | None) -> None:
-    """The local step on this worker's current state ``x = [params | buffers]``: the
-    optimizer step on the parameters, and the change the forward pass made to the
-    buffers (BatchNorm statistics) applied as a delta, so averages that reached x_i
-    meanwhile are kept."""
-    if audit is not None:
-        audit.sub_(x)
-    opt.update(x[:n_params], g, state, lr=lr, tracked=u if tracked else None)
-    if buffer_delta is not None:
-        x[n_params:].add_(buffer_delta)
-    if audit is not None:
-        audit.add_(x)  # audit accumulates x_after - x_before: exactly this step
-
-
 def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data: Any,
                 shard: Tensor, device: str, neighbors: list[int], probs: list[float],
                 total: int) -> None:
@@ -126,16 +110,15 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
     i = end.worker
     w = LocalWorker.build(cfg, task, data, shard, i, torch.device(device))
     n_params, n_buffers = w.flat.n_params, w.flat.n_buffers
-    opt = Optimizer(cfg.optim)
+    tracked = cfg.adaptive_state == "tracked"
+    rule = GossipRule(cfg.optim, end.n_workers, n_params, tracked)
     # where the transport keeps it (shm: shared, so the coordinator can checkpoint it; the
     # local step runs under this worker's lock), else private
-    state = end.optimizer_state() or opt.init(torch.zeros(n_params))
+    state = end.optimizer_state() or rule.init_state()
     grad_cpu = torch.zeros(n_params) if w.device.type != "cpu" else None
     buffers0 = torch.zeros(n_buffers, device=w.device) if n_buffers else None
     pick = neighbor_picker(neighbors, probs, worker_seed(cfg.seed, i) + 1, end.is_alive) \
         if neighbors else None
-    tracked = cfg.adaptive_state == "tracked"
-    lr_factor = gossip_lr_factor(cfg.optim.gossip_lr, end.n_workers)
     link = LinkModel(cfg.network, 4 * (w.flat.numel + (n_params if tracked else 0)))
     # audit: the sum of this worker's local steps, to check that none was lost
     audit = torch.zeros(w.flat.numel, dtype=torch.float64) if cfg.audit else None
@@ -170,15 +153,12 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
         if grad_cpu is not None:
             grad_cpu.copy_(g)
             g = grad_cpu
-        delta = None
-        if buffers0 is not None:  # what this batch's forward pass did to the buffers
-            delta = (w.flat.buffers - buffers0).cpu()
+        delta = rule.buffer_delta(w.flat.buffers, buffers0)
         averages += averaged
         refused += no
-        v1 = end.update_local(partial(local_step, opt, g, state, tracked, audit,
-                                      opt.lr_at(k, total) * lr_factor, n_params, delta),
+        v1 = end.update_local(rule.step(g, state, rule.lr_at(k, total), delta, audit),
                               since=v0 + averaged)
-        staleness[v1 - v0 - 1 - averaged] += 1
+        staleness[rule.staleness(v0, v1, averaged)] += 1
         updates += 1
         samples += n
         loss_sum += loss
@@ -213,4 +193,4 @@ def gossip_worker_main(ctrl: Control, end: GossipEnd, neighbors: list[int],
     ctrl.send(WorkerReport(end.worker, "cpu", 0.0, 0.0))
 
 
-__all__ = ["worker_main", "gossip_worker_main"]
+__all__ = ["worker_main", "gossip_worker_main", "neighbor_picker", "average_with_a_neighbour"]

@@ -26,7 +26,6 @@ before each worker is told to stop, so a slow worker finishing last ends cleanly
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from ..checkpoint import save_checkpoint
 from ..config import OptimConfig, RunConfig
+from ..core.apam import ApamCore, MasterProgress
 from ..emulation import MASTER, LinkModel
 from ..messages import (
     Grad,
@@ -47,50 +47,12 @@ from ..messages import (
     Stop,
     StopRequest,
 )
-from ..optim import Optimizer, for_async_master, lookahead_point, staleness_scale
 from ..task import Task
 from ..transport import Control, MasterEnd, PeerGone, WorkerEnd
 from .common import Diverged, LocalWorker
 
 HELLO_TIMEOUT_S = 300.0
 PROGRESS_EVERY_S = 0.25
-
-
-@dataclass
-class MasterProgress:
-    """What the master has done so far: everything a checkpoint carries besides x and the
-    optimizer state (``wall_before``: training seconds of the runs this one resumes)."""
-
-    version: int
-    samples: int
-    staleness: Counter[int]
-    updates_of: list[int]
-    samples_of: list[int]
-    wall_before: float = 0.0
-
-    @classmethod
-    def fresh(cls, n_workers: int) -> MasterProgress:
-        return cls(0, 0, Counter(), [0] * n_workers, [0] * n_workers)
-
-    @classmethod
-    def from_checkpoint(cls, ck: dict[str, Any], n_workers: int) -> MasterProgress:
-        """The progress a checkpoint saved, continued by ``n_workers`` workers: the
-        master's state does not depend on how many there are, so a run may resume with
-        more (under mpirun, ``-n`` decides); the per-worker counts of workers that are no
-        longer there stay in the totals."""
-        pad = [0] * max(0, n_workers - len(ck["updates_of"]))
-        return cls(int(ck["version"]), int(ck["samples"]),
-                   Counter({int(k): int(v) for k, v in ck["staleness"].items()}),
-                   [int(v) for v in ck["updates_of"]] + pad,
-                   [int(v) for v in ck["samples_of"]] + pad, float(ck["wall_time"]))
-
-    def record(self, worker: int, v_from: int, n_samples: int) -> None:
-        """Count one applied gradient of ``worker`` computed at version ``v_from``."""
-        self.staleness[self.version - v_from] += 1
-        self.version += 1
-        self.samples += n_samples
-        self.updates_of[worker] += 1
-        self.samples_of[worker] += n_samples
 
 
 @dataclass(frozen=True)
@@ -116,10 +78,10 @@ class ApamMaster:
     from. At the end the master waits up to ``drain_timeout`` s for the gradients still
     being computed (see :meth:`stop_workers`).
 
-    The model state ``x0`` is ``[params | buffers]`` with ``n_params`` trained entries
-    (all of it by default). The master owns the buffers too (BatchNorm statistics): a
-    gradient message carries the buffers as the worker's forward pass left them (it
-    started from the master's), and the master adopts them with the gradient.
+    The rule of an update is :class:`~apam_gossip.core.apam.ApamCore`'s (``core``: the
+    model ``x0`` = ``[params | buffers]`` with ``n_params`` trained entries, its optimizer
+    state and progress); this class is its driver: the budget, snapshots, checkpoints,
+    the workers' messages and deaths.
     """
 
     def __init__(self, ctrl: Control, end: MasterEnd, x0: Tensor, optim: OptimConfig,
@@ -130,26 +92,18 @@ class ApamMaster:
         self.ctrl, self.end, self.total, self.snaps = ctrl, end, total, snaps
         self.checkpoint, self.drain_timeout = checkpoint, drain_timeout
         self.n = end.n_workers
-        self.opt = Optimizer(for_async_master(optim, self.n))
-        self.x = x0.clone()
-        self.n_params = x0.numel() if n_params is None else n_params
-        self.state = self.opt.init(self.x[: self.n_params])
-        self.progress = MasterProgress.fresh(self.n)
+        self.core = ApamCore(x0, optim, self.n, total=total,
+                             n_params=x0.numel() if n_params is None else n_params)
+        self.x = self.core.x  # the model (updated in place by the core)
         # everything is restored before the first model goes out, so the versions the
         # workers see (and hence the recorded staleness) continue from the checkpoint
         if resume is not None:
-            self.x.copy_(resume["x"])
-            self.state = {k: v.clone() for k, v in resume["opt_state"].items()}
+            self.core.restore(resume["x"], resume["opt_state"],
+                              progress=MasterProgress.from_checkpoint(resume, self.n))
             torch.set_rng_state(resume["rng_torch"])
-            self.progress = MasterProgress.from_checkpoint(resume, self.n)
-        v = self.progress.version
+        v = self.core.version
         self.eval_points = iter([p for p in eval_at if p > v or (p == 0 and v == 0)])
         self.next_eval = next(self.eval_points, None)
-        # --lookahead: each worker gets the model where it will be when its gradient
-        # lands, about n - 1 updates from now (its own buffer: x keeps being updated)
-        self.ahead = self.opt.hp.lookahead * (self.n - 1)
-        self._ahead_buf = self.x.clone() if self.ahead > 0 else None
-        self.step_lr = self.opt.hp.lr
         self.gone: set[int] = set()  # workers whose process died: the run goes on
         self.slot = 0
         self.loss_sum, self.loss_n = 0.0, 0
@@ -163,20 +117,6 @@ class ApamMaster:
         self.gone.add(i)
         if len(self.gone) == self.n:
             raise RuntimeError(f"all {self.n} workers died; nothing left to train with")
-
-    def model_for_workers(self) -> Tensor:
-        """The model a worker computes its next gradient at: ``x``, or with
-        ``--lookahead`` the parameters moved ahead along the current step
-        (:func:`~apam_gossip.optim.lookahead_point`), the buffers as they are."""
-        if self._ahead_buf is None:
-            return self.x
-        n, buf = self.n_params, self._ahead_buf
-        # steps of the size of the last one (the lr it was applied with)
-        lookahead_point(buf[:n], self.x[:n], self.state, self.opt.hp, self.step_lr,
-                        self.ahead)
-        if self.x.numel() > n:
-            buf[n:].copy_(self.x[n:])
-        return buf
 
     def send(self, i: int, params: Tensor | None, msg: Params | Stop) -> None:
         try:
@@ -206,26 +146,14 @@ class ApamMaster:
                 waiting.discard(i)
 
     def apply(self, i: int, msg: Grad, grad: Tensor) -> None:
-        """One AMSGrad (or other) step with worker ``i``'s gradient (and its buffers)."""
-        p, n = self.progress, self.n_params
-        # the loop API's workers send their own learning rate (their schedule); else the
-        # master's schedule over the budget
-        stale = p.version - msg.version
-        if msg.lr is not None:  # the user's schedule; the staleness rule still applies
-            lr = msg.lr * staleness_scale(self.opt.hp.staleness_lr, stale)
-        else:
-            lr = self.opt.lr_at(p.version + 1, self.total, stale)
-        self.step_lr = lr  # --lookahead: the steps ahead are taken of this size
-        self.opt.update(self.x[:n], grad[:n], self.state, lr=lr)
-        if self.x.numel() > n:
-            self.x[n:].copy_(grad[n:])
-        p.record(i, msg.version, msg.samples)
+        """The core's update with worker ``i``'s gradient (and its buffers)."""
+        self.core.apply(i, grad, msg.version, msg.samples, msg.lr)
         self.loss_sum += msg.loss
         self.loss_n += 1
 
     def snapshot(self, final: bool = False) -> None:
         """Copy the model into the next snapshot slot and announce it."""
-        p = self.progress
+        p = self.core.progress
         self.snaps[self.slot].copy_(self.x)
         train_loss = self.loss_sum / self.loss_n if self.loss_n else None
         self.ctrl.send(Snapshot(self.slot, self.wall(), p.samples, p.version, train_loss,
@@ -235,14 +163,15 @@ class ApamMaster:
 
     def save(self) -> None:
         assert self.checkpoint is not None
-        if not bool(torch.isfinite(self.x).all()):  # keep the last good checkpoint
+        if not self.core.finite():  # keep the last good checkpoint
             raise Diverged(f"master: the model is no longer finite at update "
-                           f"{self.progress.version}; the run stopped and the checkpoint "
+                           f"{self.core.version}; the run stopped and the checkpoint "
                            f"{self.checkpoint.path} was left as it was")
-        p = self.progress
+        p = self.core.progress
+        assert self.core.state is not None
         save_checkpoint(self.checkpoint.path, {
             "config": self.checkpoint.config, "mode": "centralized", "x": self.x.clone(),
-            "opt_state": {k: v.clone() for k, v in self.state.items()},
+            "opt_state": {k: v.clone() for k, v in self.core.state.items()},
             "version": p.version, "samples": p.samples,
             "staleness": {int(k): int(v) for k, v in p.staleness.items()},
             "updates_of": list(p.updates_of), "samples_of": list(p.samples_of),
@@ -276,7 +205,7 @@ class ApamMaster:
     # -- the loop -----------------------------------------------------------------
     def run(self) -> None:
         self.hello()
-        p = self.progress
+        p = self.core.progress
         self.t0 = time.monotonic() - p.wall_before
         for i in self.live():
             self.send(i, self.x, Params(p.version))
@@ -295,7 +224,7 @@ class ApamMaster:
                 if p.version >= self.total:
                     self.finish(idle={i})
                     return
-                self.send(i, self.model_for_workers(), Params(p.version))
+                self.send(i, self.core.model_for_workers(), Params(p.version))
                 if p.version == self.next_eval:
                     self.snapshot()
                     self.next_eval = next(self.eval_points, None)
@@ -323,10 +252,10 @@ class ApamMaster:
             self.save()
         self.stop_workers(idle=set())  # every live worker holds a model: busy
         self.ctrl.send(Interrupted(self.checkpoint.path if self.checkpoint else None,
-                                   self.progress.version))
+                                   self.core.version))
 
     def finish(self, idle: set[int]) -> None:
-        p = self.progress
+        p = self.core.progress
         wall = self.wall()
         self.snapshot(final=True)  # scored while the last gradients drain
         self.stop_workers(idle)

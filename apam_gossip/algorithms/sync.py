@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from ..config import RunConfig
+from ..core.consensus import consensus
+from ..core.sync import allreduce_step
 from ..emulation import LinkModel
 from ..messages import Interrupted, Progress, Snapshot
 from ..optim import Optimizer
@@ -70,9 +72,8 @@ def sync_worker_main(ctrl: Control, end: SyncEnd, cfg: RunConfig, task: Task, da
 
     def on_all(k: int, final: bool):
         def see(slots: Tensor) -> None:
-            xbar = slots.mean(0)
-            cons = float(((slots - xbar) ** 2).sum(1).mean())
-            snapshot(k, xbar, {"consensus_distance": cons}, final)
+            xbar, extra = consensus(slots, n_params)
+            snapshot(k, xbar, extra, final)
         return see
 
     if i == 0 and 0 in points and mix_weights is None:
@@ -96,8 +97,7 @@ def sync_worker_main(ctrl: Control, end: SyncEnd, cfg: RunConfig, task: Task, da
             end.allreduce_mean(g_cpu)
             if g_cpu is not msg:
                 msg.copy_(g_cpu)
-            w.flat.buffers.copy_(msg[n_params:])  # every replica: the mean statistics
-            opt.update(w.flat.params, w.flat.grads, state, lr=opt.lr_at(k, steps))
+            allreduce_step(opt, w.flat.params, w.flat.buffers, msg, state, opt.lr_at(k, steps))
         else:
             if x_cpu is not w.flat.state:
                 x_cpu.copy_(w.flat.state)

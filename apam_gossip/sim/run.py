@@ -9,7 +9,7 @@ The algorithms are the real ones, step for step:
 * **decentralized** (gossip): each update claims its place in the shared budget, computes
   its gradient on a snapshot of the worker's model, averages with a random neighbour
   (the real picker and seeds) when the exchange there and back has completed, then takes
-  the local step (:func:`~apam_gossip.algorithms.adpsgd.local_step`). With
+  the local step (:class:`~apam_gossip.core.gossip.GossipRule`). With
   ``overlap`` (the default, as in real runs) the exchange starts with the gradient and
   the step waits for both; without, it starts after the gradient. The simulated average
   is always exact and never refused: an idealized protocol;
@@ -35,14 +35,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..algorithms.adpsgd import local_step, neighbor_picker
+from ..algorithms.adpsgd import neighbor_picker
 from ..algorithms.common import Diverged, batch_size_of, worker_seed
-from ..average import average_pair_
+from ..average import average_pair_, mix_into
 from ..config import NetworkConfig, RunConfig
+from ..core.apam import ApamCore
+from ..core.consensus import consensus
+from ..core.gossip import GossipRule
+from ..core.sync import allreduce_step
 from ..emulation import MASTER
 from ..evaluate import Evaluator, rescore_final
 from ..flat import flatten
-from ..optim import Optimizer, for_async_master, gossip_lr_factor, lookahead_point
+from ..optim import Optimizer
 from ..plan import RunPlan, topology_of
 from ..result import EvalRecord, RunResult, WorkerStats
 from ..task import Task, compute_loss
@@ -260,28 +264,21 @@ def _sequential(sim: _Sim) -> tuple[RunResult, int]:
 def _centralized(sim: _Sim) -> tuple[RunResult, int]:
     cfg, plan, cl = sim.cfg, sim.plan, sim.cluster
     eng, master = Engine(), Resource()
-    n, total, nw = plan.n_params, plan.total, cfg.workers
-    opt = Optimizer(for_async_master(cfg.optim, nw))
-    x = plan.x0.clone()
-    state = opt.init(x[:n]) if sim.math else None
-    version = 0
-    staleness: Counter[int] = Counter()
-    updates, samples, compute = [0] * nw, [0] * nw, [0.0] * nw
+    total, nw = plan.total, cfg.workers
+    # the real master's rule (timing only: its progress alone)
+    core = ApamCore(plan.x0 if sim.math else None, cfg.optim, nw, n_params=plan.n_params,
+                    total=total)
+    compute = [0.0] * nw
     points = iter(p for p in plan.eval_at if p > 0)
     next_eval = next(points, None)
     losses: list[float] = []
-    evals = [sim.evaluate(x if sim.math else None, 0.0, 0, 0, losses)]
+    evals = [sim.evaluate(core.x, 0.0, 0, 0, losses)]
     end = [0.0]
-
-    ahead = opt.hp.lookahead * (nw - 1)  # as ApamMaster.model_for_workers
-    step_lr = [opt.hp.lr]  # the lr of the last update applied (lookahead's step size)
 
     def give(i: int) -> None:  # the master sends its model to worker i
         arrive = cl.transfer(eng.now, MASTER, i)
-        snap = x.clone() if sim.math else None
-        if snap is not None and ahead > 0:
-            lookahead_point(snap[:n], x[:n], state, opt.hp, step_lr[0], ahead)
-        v = version
+        snap = core.model_for_workers().clone() if sim.math else None
+        v = core.version
         eng.at(arrive, lambda: start(i, v, snap))
 
     def start(i: int, v: int, snap: Tensor | None) -> None:
@@ -296,24 +293,18 @@ def _centralized(sim: _Sim) -> tuple[RunResult, int]:
         eng.at(master.serve(eng.now, cl.master_update_s), lambda: apply(i, v, grad))
 
     def apply(i: int, v: int, grad) -> None:
-        nonlocal version, next_eval
-        if version >= total:
+        nonlocal next_eval
+        if core.version >= total:
             return  # the budget is spent: dropped, as the real master drops it
-        staleness[version - v] += 1
+        msg, b = None, cfg.data.batch_size
         if grad is not None:
             loss, b, msg = grad
-            step_lr[0] = opt.lr_at(version + 1, total, version - v)
-            opt.update(x[:n], msg[:n], state, lr=step_lr[0])
-            x[n:] = msg[n:]
             losses.append(loss)
-        else:
-            b = cfg.data.batch_size
-        version += 1
-        updates[i] += 1
-        samples[i] += b
+        core.apply(i, msg, v, b)
+        version = core.version
         if version == next_eval:
-            evals.append(sim.evaluate(x if sim.math else None, eng.now, sum(samples),
-                                      version, losses))
+            evals.append(sim.evaluate(core.x, eng.now, core.progress.samples, version,
+                                      losses))
             next_eval = next(points, None)
         if version >= total:
             end[0] = eng.now
@@ -325,9 +316,10 @@ def _centralized(sim: _Sim) -> tuple[RunResult, int]:
         give(i)
     eng.run()
     wall = end[0]
-    workers = _workers(cfg, updates, samples, compute, wall)
-    result = _result(sim, wall, version, sum(samples), evals, dict(staleness), workers,
-                     x if sim.math else None)
+    p = core.progress
+    workers = _workers(cfg, p.updates_of, p.samples_of, compute, wall)
+    result = _result(sim, wall, p.version, p.samples, evals, dict(p.staleness), workers,
+                     core.x)
     if evals and wall > 0:
         evals[-1].extra["master_busy"] = master.busy_until(wall) / wall
         evals[-1].extra["master_nic_busy"] = max(
@@ -339,9 +331,8 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
     cfg, plan, cl = sim.cfg, sim.plan, sim.cluster
     eng = Engine()
     n, total, nw = plan.n_params, plan.total, cfg.workers
-    opt = Optimizer(cfg.optim)
-    factor = gossip_lr_factor(cfg.optim.gossip_lr, nw)
     tracked = cfg.adaptive_state == "tracked"
+    rule = GossipRule(cfg.optim, nw, n, tracked)
     starts = sim.initial_models
     if starts is not None and tuple(starts.shape) != (nw, plan.numel):
         from ..config import ConfigError
@@ -351,7 +342,7 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
     xs = [(plan.x0 if starts is None else starts[i]).clone() for i in range(nw)] \
         if sim.math else None
     us = [torch.zeros(n) for _ in range(nw)] if sim.math and tracked else None
-    states = [opt.init(torch.zeros(n)) for _ in range(nw)] if sim.math else None
+    states = [rule.init_state() for _ in range(nw)] if sim.math else None
     probs = neighbor_probabilities(topology_of(cfg))
     picks = [neighbor_picker(*probs[i], worker_seed(cfg.seed, i) + 1) if probs[i][0] else None
              for i in range(nw)]
@@ -366,12 +357,7 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
     end = [0.0]
 
     def mean_and_consensus() -> tuple[Tensor | None, dict[str, float]]:
-        if not sim.math:
-            return None, {}
-        stack = torch.stack(xs)
-        xbar = stack.mean(0)
-        return xbar, {"consensus_distance":
-                      float(((stack[:, :n] - xbar[:n]) ** 2).sum(1).mean())}
+        return consensus(torch.stack(xs), n) if sim.math else (None, {})
 
     xbar0, extra0 = mean_and_consensus()
     evals = [sim.evaluate(xbar0, 0.0, 0, 0, losses, extra0)]
@@ -390,7 +376,7 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
         if sim.math:  # at the snapshot; the forward pass moves the buffers from its own
             buffers0 = xs[i][n:].clone()
             loss, b, msg = sim.oracle.gradient(i, xs[i])
-            grad = (loss, b, msg, msg[n:] - buffers0 if msg.numel() > n else None)
+            grad = (loss, b, msg, rule.buffer_delta(msg[n:], buffers0))
         c = cl.compute_s(i)
         compute[i] += c
         if not cfg.overlap:  # the gradient, then the exchange, then the local step
@@ -438,11 +424,11 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
         b = cfg.data.batch_size
         if grad is not None:
             loss, b, msg, delta = grad
-            local_step(opt, msg[:n], states[i], tracked, None, opt.lr_at(k, total) * factor, n,
-                       delta, xs[i], us[i] if us is not None else None)
+            rule.step(msg[:n], states[i], rule.lr_at(k, total), delta)(
+                xs[i], us[i] if us is not None else None)
             losses.append(loss)
         versions[i] += 1
-        staleness[versions[i] - v0 - 1 - (j is not None)] += 1
+        staleness[rule.staleness(v0, versions[i], j is not None)] += 1
         updates[i] += 1
         samples[i] += b
         completed += 1
@@ -488,11 +474,7 @@ def _sync(sim: _Sim) -> tuple[RunResult, int]:
     def model() -> tuple[Tensor | None, dict[str, float]]:
         if not sim.math:
             return None, {}
-        if not dpsgd:
-            return x, {}
-        stack = torch.stack(xs)
-        xbar = stack.mean(0)
-        return xbar, {"consensus_distance": float(((stack - xbar) ** 2).sum(1).mean())}
+        return consensus(torch.stack(xs), n) if dpsgd else (x, {})
 
     m0, e0 = model()
     evals = [sim.evaluate(m0, 0.0, 0, 0, losses, e0)]
@@ -510,8 +492,7 @@ def _sync(sim: _Sim) -> tuple[RunResult, int]:
                 losses.append(loss)
                 samples[i] += b
             mean = torch.stack(msgs).mean(0)
-            x[n:] = mean[n:]
-            opt.update(x[:n], mean[:n], state, lr=lr)
+            allreduce_step(opt, x[:n], x[n:], mean, state, lr)
         elif sim.math:
             grads, after = [], []
             for i in range(nw):
@@ -520,8 +501,8 @@ def _sync(sim: _Sim) -> tuple[RunResult, int]:
                 after.append(torch.cat([xs[i][:n], msg[n:]]))  # buffers moved by forward
                 losses.append(loss)
                 samples[i] += b
-            for i in range(nw):
-                xs[i] = sum(w * after[j] for j, w in weights[i])
+            for i in range(nw):  # the transports' arithmetic of a mix
+                xs[i] = mix_into(torch.empty_like(after[i]), weights[i], after.__getitem__)
                 opt.update(xs[i][:n], grads[i], states[i], lr=lr)
         else:
             for i in range(nw):

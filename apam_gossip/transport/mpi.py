@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..average import mix_into
 from ..errors import UserError
 from ..messages import Grad, Hello, Params, Stop
 
@@ -606,9 +607,7 @@ class MpiSync:
         reqs = [self.comm.Irecv(self.recv[j], source=j, tag=T_DATA) for j in others]
         reqs += [self.comm.Isend(x, dest=j, tag=T_DATA) for j in others]
         _wait_all(reqs, self.timeout, f"rank {self.worker}: neighbours' models")
-        self.tmp.zero_()
-        for j, w in weights:
-            self.tmp.add_(x if j == self.worker else self.recv[j], alpha=w)
+        mix_into(self.tmp, weights, lambda j: x if j == self.worker else self.recv[j])
         x.copy_(self.tmp)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..average import FUSED_MIN_NUMEL, average_pair_, fused_available
+from ..average import FUSED_MIN_NUMEL, average_pair_, fused_available, mix_into
 from ..procs import CTX
 from . import NoVote, PeerGone
 
@@ -399,8 +399,6 @@ class ShmSyncEnd:
         self.barrier()
         if on_all is not None:
             on_all(self.slots)
-        self.tmp.zero_()
-        for j, w in weights:
-            self.tmp.add_(self.slots[j], alpha=w)
+        mix_into(self.tmp, weights, self.slots.__getitem__)
         self.barrier()
         x.copy_(self.tmp)
