@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .algorithms.common import available_cores
 from .compare import fair_share, metric_axis
 from .config import RunConfig
 from .data import load_dataset
@@ -31,6 +30,7 @@ from .errors import UserError
 from .files import atomic_write_bytes, atomic_write_text
 from .mpirun import run_mpirun
 from .optim import Optimizer
+from .placement import available_cores
 from .result import format_metric
 from .runner import check_runnable, run
 from .transport.mpi import MpiGossip, _wait, world
@@ -285,8 +285,8 @@ def _timed_once(profile, dataset, simulate: dict) -> dict:
     simulation, modes would be compared on slightly different gradient times)."""
     if {"gradient_s", "master_update_s", "worker_update_s"} <= set(simulate):
         return simulate
-    from .runner import make_task
     from .sim.cluster import calibrate
+    from .task import make_task
 
     task = make_task(profile.base, dataset, check=False)
     g, u = calibrate(task, dataset, profile.base)

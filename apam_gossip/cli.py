@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .config import ConfigError, RunConfig, load_config, merge, nest, schema_fields, to_toml
 from .errors import UserError
+from .placement import mpi_workers
 from .result import format_metric
 
 PROG = "apam-gossip"
@@ -347,11 +348,11 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     if rank != 0:
         a.quiet = True
     elif size > 1 and not a.quiet:
-        n = size - 1 if cfg.mode == "centralized" else size
+        n = mpi_workers(cfg.mode == "centralized", size)
         print(f"MPI: {size} ranks ({'rank 0 is the master, ' if cfg.mode == 'centralized' else ''}"
               f"{n} workers; --workers is taken from mpirun -n)")
         # a resume may run on fewer ranks than its checkpoint's run: its per-worker
-        # settings are cut to the workers there are (runner_mpi does the same)
+        # settings are cut to the workers there are (runtime.mpi does the same)
         cfg = cfg.for_workers(n) if resume else cfg.replace(workers=n)
     if banner and not a.quiet:
         print(banner)
@@ -373,7 +374,7 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     result.save(out)
     if a.save_model:
         from .model_io import save_model
-        from .runner import make_task
+        from .task import make_task
 
         norm = dataset.normalization
         save_model(a.save_model, result.final_params, make_task(cfg, dataset, check=False),
@@ -917,7 +918,7 @@ def _run_command(args: argparse.Namespace) -> int:
         if isinstance(e, RunInterrupted):
             print(f"{PROG}: {e}", file=sys.stderr, flush=True)
             if sys.modules.get("mpi4py.MPI") is not None:
-                from .runner_mpi import exit_after_peers
+                from .runtime.mpi import exit_after_peers
 
                 exit_after_peers(e.peers)
             return 143

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .algorithms.common import available_cores
 from .config import MODES, RunConfig
 from .errors import UserError
 from .files import atomic_write_bytes, atomic_write_text
+from .placement import available_cores
 from .result import RunResult, format_metric, target_text
 from .runner import Callback, check_runnable, run
 

@@ -1,8 +1,8 @@
 """What every runner reports, written once: progress events, snapshot scoring, worker
 statistics, the RunResult of each mode, and the gossip audit.
 
-Both the shared-memory runner (:mod:`apam_gossip.modes`) and the MPI runner
-(:mod:`apam_gossip.runner_mpi`) build their results here, so a RunResult means the same
+Both the shared-memory runner (:mod:`apam_gossip.runtime.shm`) and the MPI runner
+(:mod:`apam_gossip.runtime.mpi`) build their results here, so a RunResult means the same
 whichever transport produced it.
 """
 

@@ -2,9 +2,9 @@
 
 On one machine the calling process is the coordinator: it loads the data once (into
 shared memory, so workers do not each hold a copy), starts the processes of the chosen
-mode (:mod:`apam_gossip.modes`), and :class:`~apam_gossip.coordinator.Coordinator`
+mode (:mod:`apam_gossip.runtime.shm`), and :class:`~apam_gossip.coordinator.Coordinator`
 runs them to the end, always reaping them, also on errors, Ctrl-C and timeouts. Under
-``mpirun`` every rank calls :func:`run` and :mod:`apam_gossip.runner_mpi` takes over.
+``mpirun`` every rank calls :func:`run` and :mod:`apam_gossip.runtime.mpi` takes over.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from .config import ConfigError, RunConfig
 from .coordinator import RunInterrupted, RunTimeout
 from .data import Dataset, UserData, check_augment, load_data
 from .evaluate import rescore_final
-from .models import MODELS
-from .modes import CentralizedMode, DecentralizedMode, SyncMode, run_mode
+from .placement import eval_device
 from .plan import topology_of
 from .reporting import Callback, Event, no_callback, with_task
 from .result import RunResult
-from .runner_mpi import run_mpi
-from .sequential import eval_device, run_sequential
-from .task import Task, preflight
+from .runtime.mpi import run_mpi
+from .runtime.sequential import run_sequential
+from .runtime.shm import CentralizedMode, DecentralizedMode, SyncMode, run_mode
+from .task import make_task
 from .transport.mpi import launched_by_mpi, world
 
 
@@ -91,19 +91,6 @@ def run(config: RunConfig | None = None, *, model: Any = None, train_data: Any =
     finally:
         torch.set_num_threads(old_threads)
     return with_task(result, task) if result is not None else None
-
-
-def make_task(cfg: RunConfig, data: Any, *, model: Any = None, loss: Any = None,
-              metric: Any = None, check: bool = True) -> Task:
-    """The run's :class:`~apam_gossip.task.Task`; with ``check``, tried on two training
-    samples (see :func:`~apam_gossip.task.preflight`) before any process starts."""
-    spec = model if model is not None else cfg.model
-    builtin = isinstance(spec, str) and spec in MODELS
-    task = Task.of(cfg, data.in_shape if builtin else None,
-                   data.n_classes if builtin else None, model=model, loss=loss, metric=metric)
-    if check:
-        preflight(task, data)
-    return task
 
 
 MAX_REAL_WORKERS = 4096

@@ -256,6 +256,19 @@ def compute_loss(task: Task, model: nn.Module, x: Any, y: Any, who: str) -> Tens
     return loss
 
 
+def make_task(cfg: RunConfig, data: Any, *, model: Any = None, loss: Any = None,
+              metric: Any = None, check: bool = True) -> Task:
+    """The run's :class:`~apam_gossip.task.Task`; with ``check``, tried on two training
+    samples (see :func:`~apam_gossip.task.preflight`) before any process starts."""
+    spec = model if model is not None else cfg.model
+    builtin = isinstance(spec, str) and spec in MODELS
+    task = Task.of(cfg, data.in_shape if builtin else None,
+                   data.n_classes if builtin else None, model=model, loss=loss, metric=metric)
+    if check:
+        preflight(task, data)
+    return task
+
+
 def preflight(task: Task, data: Any) -> None:
     """Build the model and push two training samples through it, the loss, a backward
     pass and the metric, in this process, before any worker starts: a factory that

@@ -13,7 +13,8 @@ from apam_gossip.config import NetworkConfig
 from apam_gossip.data import partition
 from apam_gossip.emulation import MASTER, LinkModel
 from apam_gossip.optim import Optimizer
-from apam_gossip.runner import make_task, run
+from apam_gossip.runner import run
+from apam_gossip.task import make_task
 from apam_gossip.topology import make_topology, metropolis_hastings_weights
 
 from helpers import make_cfg

@@ -25,7 +25,7 @@ def test_one_worker_equals_sequential_amsgrad(digits, variant):
     diff = (cen.final_params - seq.final_params).abs().max().item()
     assert diff <= 1e-6, f"APAM (1 worker) drifted from sequential AMSGrad by {diff}"
     # and the model really trained (a trivial equality of untouched params proves nothing)
-    from apam_gossip.runner import make_task
+    from apam_gossip.task import make_task
 
     x0, _ = make_task(cen_cfg(cen), digits, check=False).initial_state()
     assert (cen.final_params - x0).abs().max() > 1e-2
@@ -145,7 +145,7 @@ def test_real_runs_evaluate_a_subset_during_and_everything_at_the_end(digits, mo
     """eval_samples on real processes (shared memory): the records during the run say 40,
     the final one the whole test set, and its metric is the final model's on all of it."""
     from apam_gossip.evaluate import Evaluator
-    from apam_gossip.runner import make_task
+    from apam_gossip.task import make_task
 
     cfg = make_cfg(mode=mode, workers=2, steps=60, evals=3, eval_samples=40)
     r = run(cfg, dataset=digits)

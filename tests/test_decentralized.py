@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from apam_gossip.config import RunConfig
-from apam_gossip.modes import gossip_consensus
 from apam_gossip.runner import run
+from apam_gossip.runtime.shm import gossip_consensus
 from apam_gossip.topology import make_topology, validate_topology
 
 from helpers import make_cfg

@@ -346,7 +346,7 @@ def test_evaluations_during_the_run_on_a_subset_the_final_on_all(digits, mode):
     """eval_samples: the records during the run score the first N test samples, the last
     the whole test set (real sequential run and every simulated mode)."""
     from apam_gossip.evaluate import Evaluator
-    from apam_gossip.runner import make_task
+    from apam_gossip.task import make_task
 
     cfg = make_cfg(mode=mode, workers=3, steps=90, evals=4, eval_samples=40,
                    threads_per_worker=1)

@@ -203,8 +203,8 @@ def test_a_stop_signal_asks_the_mode_to_stop_once_then_raises_interrupted(sig):
 
 def test_centralized_mode_builds_its_result_from_messages(digits):
     """The real CentralizedMode handlers, fed scripted messages (no processes)."""
-    from apam_gossip.modes import CentralizedMode
-    from apam_gossip.runner import make_task
+    from apam_gossip.runtime.shm import CentralizedMode
+    from apam_gossip.task import make_task
 
     events = []
     cfg = make_cfg(mode="centralized", workers=2, steps=10, evals=1)

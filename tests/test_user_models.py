@@ -17,8 +17,7 @@ from apam_gossip.cli import main
 from apam_gossip.data import load_data
 from apam_gossip.errors import UserError
 from apam_gossip.procs import ChildFailed
-from apam_gossip.runner import make_task
-from apam_gossip.task import Metric
+from apam_gossip.task import Metric, make_task
 
 from helpers import make_cfg
 

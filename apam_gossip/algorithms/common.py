@@ -9,7 +9,6 @@ the sequential run, for the built-in data and a user's datasets alike.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -26,27 +25,6 @@ from ..task import Task, compute_loss
 
 def worker_seed(seed: int, worker: int) -> int:
     return seed * 1_000_003 + 7919 * (worker + 1)
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def threads_per_worker(cfg: RunConfig, n_procs: int) -> int:
-    """Torch threads for each of ``n_procs`` computing processes: a fair share of the cores."""
-    if cfg.threads_per_worker is not None:
-        return cfg.threads_per_worker
-    return max(1, available_cores() // n_procs)
-
-
-def device_for(cfg: RunConfig, worker: int) -> torch.device:
-    """cuda:(worker mod n_gpus) when CUDA is wanted and present, else the CPU."""
-    if cfg.device != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", worker % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def eval_points(total: int, evals: int) -> list[int]:

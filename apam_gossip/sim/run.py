@@ -38,18 +38,20 @@ from torch import Tensor
 from ..algorithms.adpsgd import neighbor_picker
 from ..algorithms.common import Diverged, batch_size_of, worker_seed
 from ..average import average_pair_, mix_into
-from ..config import NetworkConfig, RunConfig
+from ..config import ConfigError, NetworkConfig, RunConfig
 from ..core.apam import ApamCore
 from ..core.consensus import consensus
 from ..core.gossip import GossipRule
 from ..core.sync import allreduce_step
+from ..data import check_augment, load_data
 from ..emulation import MASTER
 from ..evaluate import Evaluator, rescore_final
 from ..flat import flatten
 from ..optim import Optimizer
 from ..plan import RunPlan, topology_of
+from ..reporting import with_task
 from ..result import EvalRecord, RunResult, WorkerStats
-from ..task import Task, compute_loss
+from ..task import Task, compute_loss, make_task
 from ..topology import metropolis_hastings_weights, neighbor_probabilities
 from .cluster import Cluster, calibrate
 from .engine import Engine, Resource
@@ -141,10 +143,6 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
     so its accuracy curve is the task model's under that cluster's timing.
     ``gradient_cv``: the spread of one worker's gradient times (coefficient of variation
     of a lognormal factor with mean 1; 0 = every gradient exactly ``gradient_s``)."""
-    from ..config import ConfigError
-    from ..data import check_augment, load_data
-    from ..runner import make_task, with_task
-
     cfg = config
     if cfg.mode not in SIM_MODES:
         raise ConfigError(f"mode {cfg.mode!r} cannot be simulated; use one of "
@@ -335,8 +333,6 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
     rule = GossipRule(cfg.optim, nw, n, tracked)
     starts = sim.initial_models
     if starts is not None and tuple(starts.shape) != (nw, plan.numel):
-        from ..config import ConfigError
-
         raise ConfigError(f"initial_models must be workers x numel = ({nw}, {plan.numel}), "
                           f"got {tuple(starts.shape)}")
     xs = [(plan.x0 if starts is None else starts[i]).clone() for i in range(nw)] \

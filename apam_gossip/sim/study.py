@@ -34,7 +34,7 @@ def scale_study(profile: ClusterProfile, workers: list[int], dataset: Any,
     """One row per (workers, mode): samples/s, speed-up over all-reduce (epoch time, and
     time to target in math mode), staleness and, for the master, its busy fraction."""
     from ..plan import total_updates
-    from ..runner import make_task
+    from ..task import make_task
     from .cluster import calibrate
 
     if not {"gradient_s", "master_update_s"} <= set(costs):  # time the model once

@@ -93,18 +93,6 @@ def require_thread_multiple(what: str) -> None:
             "library built with thread support")
 
 
-def node_placement(comm) -> tuple[int, int]:
-    """(this rank's index among the ranks on its host, how many ranks share the host):
-    for cuda:(local_rank mod n_gpus) and for each rank's share of the host's cores."""
-    from mpi4py import MPI
-
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return node.Get_rank(), node.Get_size()
-    finally:
-        node.Free()
-
-
 def _host_buffer(numel: int, dtype: torch.dtype = torch.float32,
                  pin: bool | None = None) -> Tensor:
     """A CPU buffer for MPI; pinned when CUDA is present so GPU copies are DMA transfers
@@ -634,5 +622,4 @@ def _wait_all(reqs: list, timeout: float, what: str) -> None:
             raise TimeoutError(f"waited {timeout:g} s for {what}")
 
 
-__all__ = ["MpiStarMaster", "MpiSync", "MpiStarWorker", "MpiGossip", "launched_by_mpi", "world",
-           "node_placement"]
+__all__ = ["MpiStarMaster", "MpiSync", "MpiStarWorker", "MpiGossip", "launched_by_mpi", "world"]

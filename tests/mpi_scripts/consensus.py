@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from apam_gossip.runner_mpi import mpi_gossip_consensus
+from apam_gossip.runtime.mpi import mpi_gossip_consensus
 from apam_gossip.topology import make_topology, validate_topology
 from apam_gossip.transport.mpi import world
 

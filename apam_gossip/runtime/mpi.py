@@ -25,19 +25,18 @@ from typing import Any
 
 import torch
 
-from .algorithms import adpsgd, apam, sync
-from .algorithms.apam import CheckpointSpec
-from .algorithms.common import device_for, threads_per_worker
-from .config import ConfigError, RunConfig
-from .coordinator import (
+from ..algorithms import adpsgd, apam, sync
+from ..algorithms.apam import CheckpointSpec
+from ..config import ConfigError, RunConfig
+from ..coordinator import (
     NO_CHECKPOINT,
     UNSAVED_GOSSIP_MPI,
     UNSAVED_LOCKSTEP,
     RunInterrupted,
     SignalStop,
 )
-from .evaluate import Evaluator
-from .messages import (
+from ..evaluate import Evaluator
+from ..messages import (
     Interrupted,
     LocalOutbox,
     MasterSummary,
@@ -46,8 +45,9 @@ from .messages import (
     StopRequest,
     WorkerReport,
 )
-from .plan import RunPlan, worker_config
-from .reporting import (
+from ..placement import device_for, mpi_workers, node_placement, threads_per_worker
+from ..plan import RunPlan, worker_config
+from ..reporting import (
     AuditBase,
     Callback,
     Event,
@@ -59,11 +59,11 @@ from .reporting import (
     mean_train_loss,
     sync_result,
 )
-from .result import EvalRecord, RunResult
+from ..result import EvalRecord, RunResult
+from ..task import Task
+from ..topology import neighbor_probabilities
+from ..transport import mpi as tmpi
 from .sequential import run_sequential
-from .task import Task
-from .topology import neighbor_probabilities
-from .transport import mpi as tmpi
 
 
 def run_mpi(cfg: RunConfig, task: Task, data: Any, cb: Callback,
@@ -71,7 +71,7 @@ def run_mpi(cfg: RunConfig, task: Task, data: Any, cb: Callback,
     comm, rank, size = tmpi.world()
     if cfg.mode == "sequential":
         return run_sequential(cfg, task, data, cb) if rank == 0 else None
-    n = size - 1 if cfg.mode == "centralized" else size
+    n = mpi_workers(cfg.mode == "centralized", size)
     if n < 1:
         raise ConfigError("centralized mode over MPI needs at least 2 ranks (a master and a "
                           "worker): use mpirun -n 2 or more")
@@ -88,7 +88,7 @@ def run_mpi(cfg: RunConfig, task: Task, data: Any, cb: Callback,
             raise ConfigError("checkpoints of the decentralized mode are written on one "
                               "machine only so far; under mpirun use --mode centralized or "
                               "drop --checkpoint")
-    lrank, on_node = tmpi.node_placement(comm)
+    lrank, on_node, _ = node_placement(comm)
     torch.set_num_threads(threads_per_worker(cfg, on_node))
     ctx = _RankContext(cfg, task, data, cb, comm, rank, device_for(cfg, lrank))
     # a stop request (SIGTERM, SIGINT, SIGUSR1) to a rank: each mode says what it does
@@ -319,7 +319,7 @@ def exit_after_peers(peers: list[int], timeout: float = 30.0) -> None:
 
 def mpi_gossip_consensus(graph, x0: torch.Tensor, averages_per_worker: int, seed: int = 0,
                          timeout_s: float = 120.0) -> torch.Tensor | None:
-    """The MPI twin of :func:`apam_gossip.modes.gossip_consensus`: call on every rank
+    """The MPI twin of :func:`apam_gossip.runtime.shm.gossip_consensus`: call on every rank
     (rank r starts from row r of ``x0``); rank 0 gets the final rows."""
     comm, rank, size = tmpi.world()
     if x0.shape[0] != size:

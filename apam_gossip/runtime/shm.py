@@ -12,14 +12,13 @@ from typing import Any
 
 import torch
 
-from .algorithms import adpsgd, apam, sync
-from .algorithms.apam import CheckpointSpec
-from .algorithms.common import device_for, threads_per_worker
-from .checkpoint import save_checkpoint
-from .config import RunConfig
-from .coordinator import UNSAVED_LOCKSTEP, Coordinator, RunInterrupted
-from .evaluate import Evaluator
-from .messages import (
+from ..algorithms import adpsgd, apam, sync
+from ..algorithms.apam import CheckpointSpec
+from ..checkpoint import save_checkpoint
+from ..config import RunConfig
+from ..coordinator import UNSAVED_LOCKSTEP, Coordinator, RunInterrupted
+from ..evaluate import Evaluator
+from ..messages import (
     Died,
     Hello,
     Interrupted,
@@ -29,10 +28,11 @@ from .messages import (
     StopRequest,
     WorkerReport,
 )
-from .optim import Optimizer
-from .plan import RunPlan, worker_config
-from .procs import ChildFailed, ProcessGroup
-from .reporting import (
+from ..optim import Optimizer
+from ..placement import device_for, eval_device, threads_per_worker
+from ..plan import RunPlan, worker_config
+from ..procs import ChildFailed, ProcessGroup
+from ..reporting import (
     AuditBase,
     Callback,
     Event,
@@ -44,11 +44,10 @@ from .reporting import (
     merge_counts,
     sync_result,
 )
-from .result import EvalRecord, RunResult
-from .sequential import eval_device
-from .task import Task
-from .topology import neighbor_probabilities
-from .transport.shm import ShmGossip, ShmStar, ShmSync
+from ..result import EvalRecord, RunResult
+from ..task import Task
+from ..topology import neighbor_probabilities
+from ..transport.shm import ShmGossip, ShmStar, ShmSync
 
 LOCK_TIMEOUT_S = 120.0
 

@@ -8,22 +8,16 @@ from typing import Any
 
 import torch
 
-from .algorithms.common import LocalWorker, device_for, threads_per_worker
-from .config import RunConfig
-from .coordinator import UNSAVED_LOCKSTEP, RunInterrupted, SignalStop
-from .evaluate import Evaluator
-from .optim import Optimizer
-from .plan import RunPlan
-from .reporting import Callback, Event
-from .result import EvalRecord, RunResult, WorkerStats
-from .task import Task
-
-
-def eval_device(cfg: RunConfig) -> torch.device:
-    """Where the coordinator (or rank 0) scores models: the first GPU if wanted and
-    present, else the CPU."""
-    return torch.device("cuda", 0) if cfg.device != "cpu" and torch.cuda.is_available() \
-        else torch.device("cpu")
+from ..algorithms.common import LocalWorker
+from ..config import RunConfig
+from ..coordinator import UNSAVED_LOCKSTEP, RunInterrupted, SignalStop
+from ..evaluate import Evaluator
+from ..optim import Optimizer
+from ..placement import device_for, eval_device, threads_per_worker
+from ..plan import RunPlan
+from ..reporting import Callback, Event
+from ..result import EvalRecord, RunResult, WorkerStats
+from ..task import Task
 
 
 def run_sequential(cfg: RunConfig, task: Task, data: Any, cb: Callback) -> RunResult:

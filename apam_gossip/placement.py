@@ -1,0 +1,72 @@
+"""Where each process of a run goes: its device, its torch threads, and under MPI how many
+ranks train and which share a host. One home for what every runtime derives (the
+shared-memory and MPI runtimes, the sequential run, the loop API, ``compare`` and
+``bench``).
+
+Conventions: worker ``i`` of a host uses ``cuda:(i mod n_gpus)`` when CUDA is wanted and
+present; the processes that compute on a host share its cores evenly (at least one
+thread each); models are scored on the first GPU or the CPU; under MPI a centralized job's
+rank 0 is the master, so it has ``size - 1`` workers (every other mode: ``size``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, as Slurm and taskset set it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(cfg: RunConfig, n_procs: int) -> int:
+    """Torch threads for each of ``n_procs`` computing processes: a fair share of the cores
+    (``cfg.threads_per_worker`` when set)."""
+    if cfg.threads_per_worker is not None:
+        return cfg.threads_per_worker
+    return max(1, available_cores() // n_procs)
+
+
+def device_for(cfg: RunConfig, worker: int) -> torch.device:
+    """cuda:(worker mod n_gpus) when CUDA is wanted and present, else the CPU."""
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", worker % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def eval_device(cfg: RunConfig) -> torch.device:
+    """Where the coordinator (or rank 0) scores models: the first GPU if wanted and
+    present, else the CPU."""
+    return torch.device("cuda", 0) if cfg.device != "cpu" and torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def mpi_workers(has_master: bool, size: int) -> int:
+    """How many of ``size`` ranks train: all but the master (rank 0) when there is one."""
+    return size - 1 if has_master else size
+
+
+def node_placement(comm: Any) -> tuple[int, int, bool]:
+    """(this rank's index among the ranks on its host, how many ranks share the host,
+    whether rank 0 is one of them): for cuda:(local_rank mod n_gpus) and for each rank's
+    share of the host's cores. Collective."""
+    from mpi4py import MPI  # here: importing mpi4py initializes MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        ranks = node.allgather(comm.Get_rank())
+        return node.Get_rank(), node.Get_size(), 0 in ranks
+    finally:
+        node.Free()
+
+
+__all__ = ["available_cores", "threads_per_worker", "device_for", "eval_device",
+           "mpi_workers", "node_placement"]
