@@ -81,10 +81,8 @@ def worker_stats(cfg: RunConfig, reports: dict[int, WorkerReport], devices: list
         r = reports.get(i) or WorkerReport(i, devices[i], 0.0, 0.0)
         updates = updates_of[i] if updates_of is not None else r.updates
         samples = samples_of[i] if samples_of is not None else r.samples
-        out.append(WorkerStats(worker=i, device=devices[i], slowdown=cfg.slowdown_of(i),
-                               updates=updates, samples=samples,
-                               samples_per_s=samples / wall if wall else 0.0,
-                               compute_s=r.compute_s, sleep_s=r.sleep_s))
+        out.append(WorkerStats.of(i, devices[i], cfg.slowdown_of(i), updates, samples, wall,
+                                  r.compute_s, r.sleep_s))
     return out
 
 
@@ -103,15 +101,12 @@ def centralized_result(cfg: RunConfig, summary: MasterSummary,
                        failed: Iterable[int] = ()) -> RunResult:
     """The RunResult of APAM from the master's summary and the workers' reports."""
     wall = summary.wall_time
-    return RunResult(
-        config=cfg.to_dict(), mode="centralized", transport=transport, n_params=n_params,
-        wall_time=wall, updates=summary.updates, samples=summary.samples, evals=scorer.evals,
-        staleness=dict(summary.staleness),
-        workers=worker_stats(cfg, reports, devices, wall, summary.updates_of,
-                             summary.samples_of),
-        final_params=scorer.final_params,
-        failed_workers=sorted(set(failed) | set(summary.failed_workers)),
-    )
+    return RunResult.of(
+        cfg.to_dict(), "centralized", transport, n_params, wall, summary.updates,
+        scorer.evals, dict(summary.staleness),
+        worker_stats(cfg, reports, devices, wall, summary.updates_of, summary.samples_of),
+        scorer.final_params, samples=summary.samples,
+        failed=set(failed) | set(summary.failed_workers))
 
 
 def sync_result(cfg: RunConfig, reports: dict[int, WorkerReport], devices: list[str],
@@ -120,12 +115,8 @@ def sync_result(cfg: RunConfig, reports: dict[int, WorkerReport], devices: list[
     """The RunResult of a synchronous baseline (allreduce, dpsgd)."""
     wall = max(r.wall_time for r in reports.values())
     workers = worker_stats(cfg, reports, devices, wall)
-    return RunResult(
-        config=cfg.to_dict(), mode=cfg.mode, transport=transport, n_params=n_params,
-        wall_time=wall, updates=rounds, samples=sum(w.samples for w in workers),
-        evals=scorer.evals, staleness={0: rounds}, workers=workers,
-        final_params=scorer.final_params,
-    )
+    return RunResult.of(cfg.to_dict(), cfg.mode, transport, n_params, wall, rounds,
+                        scorer.evals, {0: rounds}, workers, scorer.final_params)
 
 
 def merge_counts(*counts: dict[int, int]) -> dict[int, int]:
@@ -146,12 +137,9 @@ def decentralized_result(cfg: RunConfig, reports: dict[int, WorkerReport], wall:
     histogram of the runs a resumed run continues)."""
     staleness = merge_counts(staleness_before or {}, *(r.staleness for r in reports.values()))
     workers = worker_stats(cfg, reports, devices, wall)
-    return RunResult(
-        config=cfg.to_dict(), mode="decentralized", transport=transport, n_params=n_params,
-        wall_time=wall, updates=sum(w.updates for w in workers),
-        samples=sum(w.samples for w in workers), evals=evals, staleness=staleness,
-        workers=workers, final_params=final_params, failed_workers=sorted(failed),
-    )
+    return RunResult.of(cfg.to_dict(), "decentralized", transport, n_params, wall,
+                        sum(w.updates for w in workers), evals, staleness, workers,
+                        final_params, failed=failed)
 
 
 def gossip_eval_record(cfg: RunConfig, evaluator: Evaluator, xs: torch.Tensor, wall: float,

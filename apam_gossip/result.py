@@ -51,6 +51,14 @@ class WorkerStats:
     compute_s: float  # time spent computing gradients (excluding injected sleep)
     sleep_s: float  # injected slowdown
 
+    @classmethod
+    def of(cls, worker: int, device: str, slowdown: float, updates: int, samples: int,
+           wall: float, compute_s: float, sleep_s: float = 0.0) -> WorkerStats:
+        """The one way every runtime builds them: ``samples_per_s`` over the run's
+        ``wall`` seconds (0 for a run of no time)."""
+        return cls(worker, device, slowdown, updates, samples,
+                   samples / wall if wall > 0 else 0.0, compute_s, sleep_s)
+
 
 @dataclass
 class RunResult:
@@ -77,6 +85,20 @@ class RunResult:
     # set for a simulated run (apam_gossip.sim): how it was simulated; wall times are
     # then virtual seconds
     simulation: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, config: dict[str, Any], mode: str, transport: str, n_params: int,
+           wall: float, updates: int, evals: list[EvalRecord], staleness: dict[int, int],
+           workers: list[WorkerStats], final_params: torch.Tensor | None, *,
+           samples: int | None = None, failed: Any = (), **more: Any) -> RunResult:
+        """The one way every runtime builds a result: ``samples`` defaults to the
+        workers' sum, ``failed`` is sorted; ``more``: the metric, task or simulation
+        fields."""
+        return cls(config=config, mode=mode, transport=transport, n_params=n_params,
+                   wall_time=wall, updates=updates,
+                   samples=sum(w.samples for w in workers) if samples is None else samples,
+                   evals=evals, staleness=staleness, workers=workers,
+                   final_params=final_params, failed_workers=sorted(failed), **more)
 
     @property
     def simulated(self) -> bool:

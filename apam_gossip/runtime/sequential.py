@@ -62,10 +62,7 @@ def run_sequential(cfg: RunConfig, task: Task, data: Any, cb: Callback) -> RunRe
             elif time.monotonic() - last_progress > 0.25:
                 cb(Event("progress", samples, total_samples))
                 last_progress = time.monotonic()
-    stats = WorkerStats(0, str(w.device), w.slowdown, total, samples,
-                        samples / train_time if train_time else 0.0, w.compute_s, w.sleep_s)
-    return RunResult(
-        config=cfg.to_dict(), mode="sequential", transport="none", n_params=w.flat.n_params,
-        wall_time=train_time, updates=total, samples=samples, evals=evals, staleness={0: total},
-        workers=[stats], final_params=w.flat.state.detach().cpu().clone(),
-    )
+    stats = WorkerStats.of(0, str(w.device), w.slowdown, total, samples, train_time,
+                           w.compute_s, w.sleep_s)
+    return RunResult.of(cfg.to_dict(), "sequential", "none", w.flat.n_params, train_time,
+                        total, evals, {0: total}, [stats], w.flat.state.detach().cpu().clone())

@@ -215,18 +215,15 @@ def _plan(cfg: RunConfig, data: Any, task: Task, timing_only: bool) -> RunPlan:
 
 def _workers(cfg: RunConfig, updates: list[int], samples: list[int], compute: list[float],
              wall: float) -> list[WorkerStats]:
-    return [WorkerStats(i, "simulated", cfg.slowdown_of(i), updates[i], samples[i],
-                        samples[i] / wall if wall > 0 else 0.0, compute[i], 0.0)
-            for i in range(cfg.workers)]
+    return [WorkerStats.of(i, "simulated", cfg.slowdown_of(i), updates[i], samples[i], wall,
+                           compute[i]) for i in range(cfg.workers)]
 
 
 def _result(sim: _Sim, wall: float, updates: int, samples: int, evals: list[EvalRecord],
             staleness: dict[int, int], workers: list[WorkerStats],
             final: Tensor | None) -> RunResult:
-    return RunResult(config=sim.cfg.to_dict(), mode=sim.cfg.mode, transport="simulated",
-                     n_params=sim.plan.n_params, wall_time=wall, updates=updates,
-                     samples=samples, evals=evals, staleness=staleness, workers=workers,
-                     final_params=final)
+    return RunResult.of(sim.cfg.to_dict(), sim.cfg.mode, "simulated", sim.plan.n_params, wall,
+                        updates, evals, staleness, workers, final, samples=samples)
 
 
 # ----------------------------------------------------------------------------- modes
