@@ -252,7 +252,7 @@ class RunConfig(_Section):
 
     Synchronous baselines: ``allreduce`` (every step averages all workers' gradients, then
     every replica takes the same optimizer step: global batch = batch_size x workers) and
-    ``dpsgd`` (synchronous D-PSGD: every round each worker mixes its neighbours' models
+    ``dpsgd`` (synchronous D-PSGD: every round each worker mixes its neighbors' models
     with Metropolis-Hastings weights, then takes a local step).
 
     Decentralized mode: ``topology`` is a generator name (``ring``, ``complete``, ...) or
@@ -305,7 +305,7 @@ class RunConfig(_Section):
                        "chain", min_length=1)
     adaptive_state: AdaptiveState = _f("local", "decentralized: local AMSGrad moments, or "
                                        "tracked (a second moment gossiped with the model)")
-    overlap: bool = _f(True, "decentralized: average with the neighbour while the next "
+    overlap: bool = _f(True, "decentralized: average with the neighbor while the next "
                        "gradient is computed (AD-PSGD's two threads; --no-overlap: one after "
                        "the other)")
     audit: bool = _f(False, "decentralized: check at the end that sum_i x_i = sum_i x_i(0) "

@@ -23,6 +23,9 @@ class Hello:
     worker: int
 
 
+PROGRESS_EVERY_S = 0.25  # how often a run reports its progress (every runtime)
+
+
 @dataclass(frozen=True)
 class Progress:
     """How far training is (for progress display)."""

@@ -26,7 +26,7 @@ AMSGrad comes in two named variants (``bias_correction``):
 
 For decentralized training, :func:`damsgrad_step` is AMSGrad with a *tracked* second
 moment ``u`` (DAMSGrad, Chen et al., arXiv 2109.03194): ``u`` is gossiped (averaged with
-neighbours together with ``x``) and, at each local step, moved by the change of the local
+neighbors together with ``x``) and, at each local step, moved by the change of the local
 running max, ``u += vhat_new - vhat_old``, so its network average tracks the average
 ``vhat``; the step divides by ``sqrt(max(u, 0))`` in place of ``sqrt(vhat)``.
 

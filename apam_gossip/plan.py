@@ -103,12 +103,12 @@ class RunPlan:
         return topology_of(self.cfg)
 
     def neighbors(self, i: int) -> tuple[list[int], list[float]]:
-        """Gossip: worker ``i``'s neighbours and how often each is picked."""
+        """Gossip: worker ``i``'s neighbors and how often each is picked."""
         return neighbor_probabilities(self.graph)[i]
 
     def mixing(self, i: int) -> tuple[list[tuple[int, float]] | None, list[int]]:
         """dpsgd: worker ``i``'s Metropolis-Hastings weights (self included) and its
-        neighbours; allreduce: (None, [])."""
+        neighbors; allreduce: (None, [])."""
         if self.cfg.mode != "dpsgd":
             return None, []
         weights = metropolis_hastings_weights(self.graph)[i]

@@ -8,8 +8,8 @@ This module knows nothing about communication. Conventions (stated once, used ev
 * **Edges are allowed averages.** An undirected edge ``i - j`` means workers ``i`` and ``j``
   may average their models. No self-loops; the graph must be connected.
 * **Weights are selection probabilities, not mixing weights.** The optional edge attribute
-  ``weight`` (a finite number > 0, default 1) makes worker ``i`` pick neighbour ``j`` with
-  probability ``p_ij = w_ij / sum_k w_ik`` (all weights 1 = uniform over neighbours).
+  ``weight`` (a finite number > 0, default 1) makes worker ``i`` pick neighbor ``j`` with
+  probability ``p_ij = w_ij / sum_k w_ik`` (all weights 1 = uniform over neighbors).
   Every pairwise average uses mixing weight 1/2, ``x_i, x_j <- (x_i + x_j) / 2``, which is
   doubly stochastic: the average over all workers is conserved.
 * **Expected gossip matrix.** Each gossip event activates a uniformly random worker ``i``,
@@ -225,7 +225,7 @@ def _regular(n: int, param: str | None, seed: int) -> nx.Graph:
     if n == 1:
         if d != 0:
             raise TopologyError(f"regular:{d} needs more than {d} workers; one worker has no "
-                                f"neighbours (use regular:0 or 'ring')")
+                                f"neighbors (use regular:0 or 'ring')")
         return _ranks(nx.empty_graph(1))
     if d >= n:
         raise TopologyError(f"regular:{d} needs more than {d} workers, there are {n}; use a "
@@ -523,7 +523,7 @@ def validate_topology(g: nx.Graph, n_workers: int) -> nx.Graph:
         w = d["weight"]
         if not _is_number(w) or not math.isfinite(float(w)) or float(w) <= 0:
             raise TopologyError(f"edge {_edge_name(u, v)} has weight {_short(w)}; weights must "
-                                f"be finite numbers > 0 (they set neighbour-selection "
+                                f"be finite numbers > 0 (they set neighbor-selection "
                                 f"probabilities)")
     if n > 1 and not nx.is_connected(h):
         comps = sorted(nx.connected_components(h), key=lambda c: (len(c), min(c)))
@@ -548,7 +548,7 @@ def _checked(g: nx.Graph) -> nx.Graph:
 
 
 def neighbor_probabilities(g: nx.Graph) -> dict[int, tuple[list[int], list[float]]]:
-    """For each rank ``i``: (sorted neighbours, probabilities ``w_ij / sum_k w_ik``)."""
+    """For each rank ``i``: (sorted neighbors, probabilities ``w_ij / sum_k w_ik``)."""
     h = _checked(g)
     out: dict[int, tuple[list[int], list[float]]] = {}
     for i in range(h.number_of_nodes()):
@@ -615,7 +615,7 @@ def describe_text(g: nx.Graph, name: str) -> str:
         weights = (f"weighted (edge weights {min(ws):g} .. {max(ws):g}): worker i picks j "
                    f"with probability w_ij / sum_k w_ik")
     else:
-        weights = "unweighted: each worker picks a neighbour uniformly"
+        weights = "unweighted: each worker picks a neighbor uniformly"
     return "\n".join([
         f"topology {name}: {d['n']} workers, {d['edges']} edges",
         f"degree: min {d['degree_min']}, mean {d['degree_mean']:.2f}, max {d['degree_max']}",
@@ -624,7 +624,7 @@ def describe_text(g: nx.Graph, name: str) -> str:
         f"bigger = faster consensus)",
         f"diameter: {d['diameter']}",
         f"bipartite: {'yes' if d['bipartite'] else 'no'}",
-        f"neighbour choice: {weights}; each average mixes 1/2 : 1/2",
+        f"neighbor choice: {weights}; each average mixes 1/2 : 1/2",
     ])
 
 

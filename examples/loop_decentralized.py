@@ -7,7 +7,7 @@ lines marked ``# apam_gossip``.
 
 Each rank trains on its shard of scikit-learn's 8x8 digits (real data, no download) with
 its own DataLoader, model, loss and learning-rate scheduler; ``step()`` averages its model
-with a random neighbour on the topology and takes a local AMSGrad step.
+with a random neighbor on the topology and takes a local AMSGrad step.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 workers' sys.path) is a small digits MLP. In a worker process, when
 ``$APAM_TEST_OVERLAP_LOG`` names a file, each training forward pass (the start of a
 gradient) first watches the process's other threads for up to :data:`WATCH_S` seconds
-for one inside an average with a neighbour
-(:func:`apam_gossip.algorithms.adpsgd.average_with_a_neighbour`), then appends one line
+for one inside an average with a neighbor
+(:func:`apam_gossip.algorithms.adpsgd.average_with_a_neighbor`), then appends one line
 to the file: ``1`` if it saw one, ``0`` if not. It looks at what runs, not at clocks, so
 a loaded machine cannot make the answer wrong, only slower.
 """
@@ -25,7 +25,7 @@ LOG_ENV = "APAM_TEST_OVERLAP_LOG"
 # long enough to see an average that is scheduled late on a loaded machine; a run
 # without overlap pays it at every step, so such runs are kept short
 WATCH_S = 0.5
-AVERAGE = "average_with_a_neighbour"
+AVERAGE = "average_with_a_neighbor"
 
 
 def _in_average(frame: FrameType | None) -> bool:
@@ -38,7 +38,7 @@ def _in_average(frame: FrameType | None) -> bool:
 
 def average_in_another_thread(watch_s: float) -> bool:
     """Whether, within ``watch_s`` seconds, another thread of this process is seen
-    inside an average with a neighbour."""
+    inside an average with a neighbor."""
     me = threading.get_ident()
     deadline = time.monotonic() + watch_s
     while True:

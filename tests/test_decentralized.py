@@ -89,7 +89,7 @@ def test_plain_sgd_adpsgd_learns(digits):
 
 
 def test_single_worker_decentralized_is_sequential(digits):
-    """One worker, no neighbours: the gossip loop is plain sequential AMSGrad."""
+    """One worker, no neighbors: the gossip loop is plain sequential AMSGrad."""
     dec = run(_cfg(workers=1, steps=100, topology="ring"), dataset=digits)
     seq = run(_cfg(mode="sequential", workers=1, steps=100), dataset=digits)
     assert (dec.final_params - seq.final_params).abs().max().item() <= 1e-6
@@ -130,7 +130,7 @@ def test_a_model_big_enough_for_the_fused_average_keeps_the_sum(digits):
 
 
 def test_overlap_runs_the_average_beside_the_gradient(digits, tmp_path, monkeypatch):
-    """AD-PSGD's two threads: with overlap each step's average with a neighbour runs in
+    """AD-PSGD's two threads: with overlap each step's average with a neighbor runs in
     a second thread while the gradient is computed; without, never at the same time.
     Each worker's gradient looks for its average in flight (tests/overlap_probe.py) behind
     an emulated link slow enough to be seen (60 ms there and back); what it sees does

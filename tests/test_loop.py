@@ -358,7 +358,7 @@ def test_centralized_example_and_compare_reads_loop_results(tmp_path):
 @pytest.mark.slow
 def test_tracked_second_moment_and_a_one_rank_job(tmp_path):
     """decentralized with the tracked (DAMSGrad) state over 2 ranks, and a 1-rank job
-    under mpirun (no neighbour: local AMSGrad)."""
+    under mpirun (no neighbor: local AMSGrad)."""
     # (the tracked run averages inside step(): both orders of the loop API, once each)
     for n, extra in ((2, ["--adaptive-state", "tracked", "--no-overlap"]), (1, [])):
         res = tmp_path / f"t{n}.json"

@@ -125,7 +125,7 @@ def test_lr_override():
 @pytest.mark.parametrize("bias_correction", [False, True])
 def test_damsgrad_matches_hand_reference_in_float64(bias_correction):
     """The tracked-second-moment step: u moves by this worker's change of vhat and the
-    denominator uses max(u, 0). Between steps u is perturbed, as averages with neighbours
+    denominator uses max(u, 0). Between steps u is perturbed, as averages with neighbors
     would (including to negative values, where the clamp matters)."""
     n, steps, lr, b1, b2, eps = 40, 120, 1e-2, 0.9, 0.999, 1e-8
     gen = torch.Generator().manual_seed(5)
@@ -136,7 +136,7 @@ def test_damsgrad_matches_hand_reference_in_float64(bias_correction):
     x, u = x0.clone(), torch.zeros(n, dtype=torch.float64)
     st = opt.init(x)
     for g, kick in zip(grads, kicks, strict=True):
-        u += kick  # a neighbour's average moved u
+        u += kick  # a neighbor's average moved u
         opt.update(x, g, st, tracked=u)
     xr, ur = x0.tolist(), [0.0] * n
     m, v, vh = [0.0] * n, [0.0] * n, [0.0] * n

@@ -25,7 +25,7 @@ def main() -> None:
         "complete8.json": (make_topology("complete", 8), None),
         "star8.graphml": (make_topology("star", 8), None),
         "weighted_ring4.edgelist": (
-            weighted, "ring of 4; worker i picks neighbour j with probability "
+            weighted, "ring of 4; worker i picks neighbor j with probability "
                       "w_ij / sum_k w_ik (worker 0: 1 w.p. 1/4, 3 w.p. 3/4)"),
         "bipartite8.gml": (make_topology("bipartite", 8), None),
     }

@@ -4,12 +4,12 @@ No master. Every worker ``i`` repeats::
 
     x_hat = snapshot of x_i                      # the gradient point (stale by design)
     g = minibatch gradient at x_hat
-    j = random neighbour on the topology         # P(j) = w_ij / sum_k w_ik
+    j = random neighbor on the topology         # P(j) = w_ij / sum_k w_ik
     x_i, x_j <- (x_i + x_j) / 2                  # atomic pairwise average
     x_i <- x_i - step(g)                         # local AMSGrad (or SGD) step
 
 The local step is applied to the *current* x_i (which may have been averaged by
-neighbours since the snapshot), never to x_hat, so no average is undone and, because the
+neighbors since the snapshot), never to x_hat, so no average is undone and, because the
 step and every average that touches x_i hold x_i's lock, no local step is lost to a
 concurrent average. Deadlock freedom on any connected graph comes from lock ordering
 (see :class:`apam_gossip.transport.shm.ShmGossip`): a worker never waits for another
@@ -59,13 +59,13 @@ from .common import LocalWorker, worker_seed
 
 GO_TIMEOUT_S = 300.0
 # an average the peer refuses (MPI: it was mid-average) is tried again with a fresh
-# neighbour, this many tries in all, before the step goes on without one
+# neighbor, this many tries in all, before the step goes on without one
 AVERAGE_TRIES = 3
 
 
 def neighbor_picker(neighbors: list[int], probs: list[float], seed: int, alive=None):
-    """A function returning a random neighbour (P(j) ~ probs), skipping dead ones when
-    ``alive(j)`` says so; None when no neighbour is left."""
+    """A function returning a random neighbor (P(j) ~ probs), skipping dead ones when
+    ``alive(j)`` says so; None when no neighbor is left."""
     rng = np.random.default_rng(seed)
     nb = np.asarray(neighbors)
     p = np.asarray(probs, dtype=np.float64)
@@ -84,16 +84,16 @@ def neighbor_picker(neighbors: list[int], probs: list[float], seed: int, alive=N
     return pick
 
 
-def average_with_a_neighbour(end: GossipEnd, pick, link: LinkModel | None = None
+def average_with_a_neighbor(end: GossipEnd, pick, link: LinkModel | None = None
                              ) -> tuple[bool, int]:
-    """One average with a neighbour from ``pick`` (None, or a pick of None: no live
-    neighbour left); a refusal (the neighbour was mid-average) is retried with a fresh
+    """One average with a neighbor from ``pick`` (None, or a pick of None: no live
+    neighbor left); a refusal (the neighbor was mid-average) is retried with a fresh
     pick, :data:`AVERAGE_TRIES` in all. ``link``: sleep the emulated transfer there and
     back first. Returns (whether it averaged, how many refusals)."""
     refusals = 0
     for _ in range(AVERAGE_TRIES):
         j = pick() if pick is not None else None
-        if j is None:  # every neighbour died: keep training alone
+        if j is None:  # every neighbor died: keep training alone
             break
         if link is not None:
             link.sleep(2 * link.seconds(end.worker, j))  # emulated link: model and back
@@ -103,7 +103,7 @@ def average_with_a_neighbour(end: GossipEnd, pick, link: LinkModel | None = None
     return False, refusals
 
 
-def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data: Any,
+def gossip_worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data: Any,
                 shard: Tensor, device: str, neighbors: list[int], probs: list[float],
                 total: int) -> None:
     """One gossip worker: gradient on a snapshot, pairwise average, local step."""
@@ -124,7 +124,7 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
     audit = torch.zeros(w.flat.numel, dtype=torch.float64) if cfg.audit else None
     staleness: Counter[int] = Counter()
     loss_sum, updates, samples, averages, refused = 0.0, 0, 0, 0, 0
-    average = partial(average_with_a_neighbour, end, pick, link)
+    average = partial(average_with_a_neighbor, end, pick, link)
 
     # the communication thread (AD-PSGD's second thread): the average runs there while
     # this thread computes the gradient, so a link only costs time when it is slower
@@ -178,9 +178,9 @@ def worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data:
     ))
 
 
-def gossip_worker_main(ctrl: Control, end: GossipEnd, neighbors: list[int],
+def consensus_worker_main(ctrl: Control, end: GossipEnd, neighbors: list[int],
                        probs: list[float], averages: int, seed: int) -> None:
-    """Gossip only (no gradients): ``averages`` pairwise averages with random neighbours."""
+    """Gossip only (no gradients): ``averages`` pairwise averages with random neighbors."""
     pick = neighbor_picker(neighbors, probs, seed) if neighbors else None
     ctrl.send(Hello(end.worker))
     if not end.wait_start(GO_TIMEOUT_S):
@@ -188,9 +188,10 @@ def gossip_worker_main(ctrl: Control, end: GossipEnd, neighbors: list[int],
     for _ in range(averages if pick is not None else 0):
         end.average_with(pick())
         # stands in for the gradient computation between averages; without it a worker
-        # would do hundreds of averages with the same neighbours in one time slice
+        # would do hundreds of averages with the same neighbors in one time slice
         os.sched_yield()
     ctrl.send(WorkerReport(end.worker, "cpu", 0.0, 0.0))
 
 
-__all__ = ["worker_main", "gossip_worker_main", "neighbor_picker", "average_with_a_neighbour"]
+__all__ = ["gossip_worker_main", "consensus_worker_main", "neighbor_picker",
+           "average_with_a_neighbor"]

@@ -37,6 +37,7 @@ from ..config import OptimConfig, RunConfig
 from ..core.apam import ApamCore, MasterProgress
 from ..emulation import MASTER, LinkModel
 from ..messages import (
+    PROGRESS_EVERY_S,
     Grad,
     Hello,
     Interrupted,
@@ -52,7 +53,6 @@ from ..transport import Control, MasterEnd, PeerGone, WorkerEnd
 from .common import Diverged, LocalWorker
 
 HELLO_TIMEOUT_S = 300.0
-PROGRESS_EVERY_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,7 @@ def master_main(ctrl: Control, end: MasterEnd, *args: Any, **kwargs: Any) -> Non
     ApamMaster(ctrl, end, *args, **kwargs).run()
 
 
-def worker_main(ctrl: Control, end: WorkerEnd, cfg: RunConfig, task: Task, data: Any,
+def apam_worker_main(ctrl: Control, end: WorkerEnd, cfg: RunConfig, task: Task, data: Any,
                 shard: Tensor, device: str) -> None:
     """Receive x, compute one gradient at it, send it (with the buffers its forward pass
     moved); until the master says stop."""

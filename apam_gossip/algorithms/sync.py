@@ -24,13 +24,11 @@ from ..config import RunConfig
 from ..core.consensus import consensus
 from ..core.sync import allreduce_step
 from ..emulation import LinkModel
-from ..messages import Interrupted, Progress, Snapshot
+from ..messages import PROGRESS_EVERY_S, Interrupted, Progress, Snapshot
 from ..optim import Optimizer
 from ..task import Task
 from ..transport import Control, SyncEnd
 from .common import LocalWorker
-
-PROGRESS_EVERY_S = 0.25
 
 
 def sync_worker_main(ctrl: Control, end: SyncEnd, cfg: RunConfig, task: Task, data: Any,

@@ -2,7 +2,7 @@
 
 A worker takes a snapshot of its model ``x_i = [params | buffers]`` at version ``v0``,
 computes a gradient there (its forward pass moves the buffers: BatchNorm statistics),
-averages with a neighbour (the transport's atomic pairwise average) and then applies
+averages with a neighbor (the transport's atomic pairwise average) and then applies
 :meth:`GossipRule.step` to its *current* ``x_i``: the optimizer step on the parameters
 with the learning rate ``lr x factor`` (``optim.gossip_lr``, see
 :func:`~apam_gossip.optim.gossip_lr_factor`) and the buffers' change made by the forward

@@ -4,7 +4,7 @@
   adopts the mean buffers and applies the optimizer step with the mean gradient, so the
   replicas stay identical (:func:`allreduce_step`);
 * D-PSGD: each worker mixes ``[params | buffers]`` (the buffers as its forward pass left
-  them) with its neighbours', ``x_i <- sum_j W_ij x_j`` (Metropolis-Hastings weights; the
+  them) with its neighbors', ``x_i <- sum_j W_ij x_j`` (Metropolis-Hastings weights; the
   arithmetic is :func:`apam_gossip.average.mix_into`, which the transports run), then
   applies its own optimizer step with its own gradient.
 """

@@ -161,7 +161,7 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
         # a stop request on a worker's rank rides on its next message to the master,
         # which then stops the whole job as on its own stop request
         ctx.stop.on_stop = end.request_stop
-        apam.worker_main(outbox, end, worker_config(cfg, resumes), ctx.task, ctx.data,
+        apam.apam_worker_main(outbox, end, worker_config(cfg, resumes), ctx.task, ctx.data,
                          plan.shards[ctx.rank - 1], str(ctx.device))
         comm.send(outbox.of_type(WorkerReport)[-1], dest=0, tag=tmpi.T_STATS)
         comm.Barrier()
@@ -231,7 +231,7 @@ def _decentralized(ctx: _RankContext) -> RunResult | None:
         monitor.start()
     outbox = LocalOutbox()
     try:
-        adpsgd.worker_main(outbox, g, cfg, ctx.task, ctx.data, plan.shards[rank],
+        adpsgd.gossip_worker_main(outbox, g, cfg, ctx.task, ctx.data, plan.shards[rank],
                            str(ctx.device),
                            nb, probs, plan.total)
     finally:
@@ -327,7 +327,7 @@ def mpi_gossip_consensus(graph, x0: torch.Tensor, averages_per_worker: int, seed
     nb, probs = neighbor_probabilities(graph)[rank]
     g = tmpi.MpiGossip(comm, x0[rank], tracked=False, total=0, timeout=timeout_s)
     comm.Barrier()
-    adpsgd.gossip_worker_main(LocalOutbox(), g, nb, probs, averages_per_worker,
+    adpsgd.consensus_worker_main(LocalOutbox(), g, nb, probs, averages_per_worker,
                               seed * 1000 + rank)
     g.finish()
     out = torch.zeros_like(x0) if rank == 0 else None

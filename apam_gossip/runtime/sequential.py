@@ -12,6 +12,7 @@ from ..algorithms.common import LocalWorker
 from ..config import RunConfig
 from ..coordinator import UNSAVED_LOCKSTEP, RunInterrupted, SignalStop
 from ..evaluate import Evaluator
+from ..messages import PROGRESS_EVERY_S
 from ..optim import Optimizer
 from ..placement import device_for, eval_device, threads_per_worker
 from ..plan import RunPlan
@@ -59,7 +60,7 @@ def run_sequential(cfg: RunConfig, task: Task, data: Any, cb: Callback) -> RunRe
             loss_n += 1
             if k in points:
                 evaluate(k)
-            elif time.monotonic() - last_progress > 0.25:
+            elif time.monotonic() - last_progress > PROGRESS_EVERY_S:
                 cb(Event("progress", samples, total_samples))
                 last_progress = time.monotonic()
     stats = WorkerStats.of(0, str(w.device), w.slowdown, total, samples, train_time,

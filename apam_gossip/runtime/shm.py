@@ -19,6 +19,7 @@ from ..config import RunConfig
 from ..coordinator import UNSAVED_LOCKSTEP, Coordinator, RunInterrupted
 from ..evaluate import Evaluator
 from ..messages import (
+    PROGRESS_EVERY_S,
     Died,
     Hello,
     Interrupted,
@@ -155,7 +156,7 @@ class CentralizedMode(ShmMode):
                     threads=1)
         wcfg = worker_config(cfg, self.resumes)
         for i in range(cfg.workers):
-            group.start(f"worker {i}", apam.worker_main,
+            group.start(f"worker {i}", apam.apam_worker_main,
                         (star.worker_end(i), wcfg, self.task, self.data, plan.shards[i],
                          self.devices[i]), threads=self.threads)
         star.close_parent_copies()
@@ -240,7 +241,7 @@ class DecentralizedMode(ShmMode):
         wcfg = worker_config(cfg, self.resumes)
         for i in range(cfg.workers):
             nb, p = plan.neighbors(i)
-            group.start(f"worker {i}", adpsgd.worker_main,
+            group.start(f"worker {i}", adpsgd.gossip_worker_main,
                         (self.gossip.end(i, LOCK_TIMEOUT_S), wcfg, self.task, self.data,
                          plan.shards[i], self.devices[i], nb, p, plan.total),
                         threads=self.threads)
@@ -264,7 +265,7 @@ class DecentralizedMode(ShmMode):
             self.gossip.go.set()
 
     def died(self, name: str, msg: Died) -> None:
-        """Its neighbours stop choosing it and the locks it held are freed; one that died
+        """Its neighbors stop choosing it and the locks it held are freed; one that died
         during start-up is no longer waited for."""
         super().died(name, msg)
         if not self.gossip.go.is_set():  # never trained nor averaged: the audit holds
@@ -286,7 +287,7 @@ class DecentralizedMode(ShmMode):
             self.evaluate(now - self.t0, per_worker=False)
             while self.points and self.points[0] <= done:
                 self.points.pop(0)
-        elif now - self.last_progress > 0.25:
+        elif now - self.last_progress > PROGRESS_EVERY_S:
             total = self.plan.total_samples
             self.cb(Event("progress", done * self.cfg.data.batch_size, total))
             self.last_progress = now
@@ -428,7 +429,7 @@ class ConsensusMode:
     def start(self, group: ProcessGroup) -> None:
         for i in range(self.n):
             nb, p = self.nbp[i]
-            group.start(f"worker {i}", adpsgd.gossip_worker_main,
+            group.start(f"worker {i}", adpsgd.consensus_worker_main,
                         (self.gossip.end(i, self.lock_timeout), nb, p, self.averages,
                          self.seed * 1000 + i))
 

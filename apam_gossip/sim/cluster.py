@@ -18,8 +18,8 @@
   model: calibrated), one after the other; a worker's own optimizer step takes
   ``worker_update_s``;
 * the synchronous collectives: a ring all-reduce is ``2(n-1)`` steps of ``bytes/n`` over the
-  slowest link; D-PSGD's neighbour exchange lasts as long as a node's slowest neighbour
-  transfer, its NIC carrying one model per neighbour.
+  slowest link; D-PSGD's neighbor exchange lasts as long as a node's slowest neighbor
+  transfer, its NIC carrying one model per neighbor.
 """
 
 from __future__ import annotations
@@ -103,12 +103,12 @@ class Cluster:
     def allreduce_s(self) -> float:
         return self.link.allreduce_seconds(self.n)
 
-    def exchange_s(self, i: int, neighbours: list[int]) -> float:
-        """D-PSGD: node ``i`` sends its model to each neighbour and receives theirs."""
-        if not neighbours:
+    def exchange_s(self, i: int, neighbors: list[int]) -> float:
+        """D-PSGD: node ``i`` sends its model to each neighbor and receives theirs."""
+        if not neighbors:
             return 0.0
-        lat = max(self.link.parts(i, j)[0] for j in neighbours)
-        ser = sum(self.link.seconds(i, j) - self.link.parts(i, j)[0] for j in neighbours)
+        lat = max(self.link.parts(i, j)[0] for j in neighbors)
+        ser = sum(self.link.seconds(i, j) - self.link.parts(i, j)[0] for j in neighbors)
         return lat + ser
 
 

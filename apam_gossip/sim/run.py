@@ -7,7 +7,7 @@ The algorithms are the real ones, step for step:
   queues, is applied (the optimizer of :mod:`apam_gossip.optim`, the lr of the global
   update count, BatchNorm buffers adopted) and the new model travels back;
 * **decentralized** (gossip): each update claims its place in the shared budget, computes
-  its gradient on a snapshot of the worker's model, averages with a random neighbour
+  its gradient on a snapshot of the worker's model, averages with a random neighbor
   (the real picker and seeds) when the exchange there and back has completed, then takes
   the local step (:class:`~apam_gossip.core.gossip.GossipRule`). With
   ``overlap`` (the default, as in real runs) the exchange starts with the gradient and
@@ -388,8 +388,8 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
         exchange(i, lambda j: one_done(j, True))
 
     def exchange(i: int, then) -> None:
-        """The model to a random neighbour and the average back; the average is applied
-        (atomically) when it arrives, then ``then(j)`` (j None: no neighbour)."""
+        """The model to a random neighbor and the average back; the average is applied
+        (atomically) when it arrives, then ``then(j)`` (j None: no neighbor)."""
         j = picks[i]() if picks[i] is not None else None
         if j is None:
             then(None)

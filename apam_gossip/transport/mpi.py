@@ -6,14 +6,14 @@ completes first (``Testsome``, never round-robin); the gradient follows the meta
 a second message from that worker only. Parameters go back to that worker only.
 
 Gossip (decentralized): every rank is a worker and runs a *server thread* besides its
-training thread (MPI_THREAD_MULTIPLE). To average with neighbour j, worker i sends
+training thread (MPI_THREAD_MULTIPLE). To average with neighbor j, worker i sends
 [x_i | u_i] straight from its model (no packed copy) to j's server; the server, holding
 j's local lock, sets x_j <- (x_i + x_j)/2 in one pass and replies with it from its
 model, still under the lock; worker i's model becomes the reply. That is exact because
 the model is read-locked while the average is in flight: i's local step waits for the
 reply, and i's server does not mix another rank's model into x_i meanwhile (an average
 asked by a higher rank waits until i's is done, one asked by a lower rank is refused and
-the asker tries another neighbour; a refusal is a message of its own tag, never told
+the asker tries another neighbor; a refusal is a message of its own tag, never told
 from a reply by its size, which a 1-element model's reply shares). So no update is lost,
 the sum of all models changes only by local steps, and every average is a convex
 combination (the tracked second moment stays >= 0). A blocking wait only ever goes from
@@ -340,8 +340,6 @@ class MpiGossip:
         # it is: a 1-element model's reply is 1 element long too
         self._busy = _host_buffer(1)
         self._refusal_buf = _host_buffer(1)
-        self.snapshots: list[tuple[float, int, Tensor]] = []  # rank 0: (wall, claimed, xs)
-        self.snap_at: list[int] = []
         self.t0 = 0.0
         self.error: BaseException | None = None
         self.server = threading.Thread(target=self._serve, name="gossip-server", daemon=True)
@@ -594,7 +592,7 @@ class MpiSync:
         others = [j for j, _ in weights if j != self.worker]
         reqs = [self.comm.Irecv(self.recv[j], source=j, tag=T_DATA) for j in others]
         reqs += [self.comm.Isend(x, dest=j, tag=T_DATA) for j in others]
-        _wait_all(reqs, self.timeout, f"rank {self.worker}: neighbours' models")
+        _wait_all(reqs, self.timeout, f"rank {self.worker}: neighbors' models")
         mix_into(self.tmp, weights, lambda j: x if j == self.worker else self.recv[j])
         x.copy_(self.tmp)
 

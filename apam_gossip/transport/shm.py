@@ -162,10 +162,10 @@ class ShmGossip:
         return ShmGossipEnd(i, self, lock_timeout)
 
     def recover(self, dead: int) -> list[int]:
-        """After worker ``dead``'s process died: mark it dead so neighbours stop choosing
+        """After worker ``dead``'s process died: mark it dead so neighbors stop choosing
         it, and release the locks it held (a semaphore may be released by any process).
         Returns the locks released. If it died between acquiring a lock and recording
-        that, the lock stays taken and its neighbours fail after their lock timeout."""
+        that, the lock stays taken and its neighbors fail after their lock timeout."""
         self.alive[dead] = 0
         freed = []
         for k in range(self.n_workers):
@@ -389,7 +389,7 @@ class ShmSyncEnd:
 
     def mix(self, x: Tensor, weights: list[tuple[int, float]], on_all=None,
             gather: bool = False) -> None:
-        """``x`` <- sum_j w_j x_j over (neighbour, weight) pairs, self included.
+        """``x`` <- sum_j w_j x_j over (neighbor, weight) pairs, self included.
 
         ``on_all(slots)``, if given, sees every worker's pre-mix model (for evaluation);
         ``gather`` tells every worker that this round is such a round (unused here: the
