@@ -1,6 +1,8 @@
 """Every mode on the virtual clock (see :mod:`apam_gossip.sim`).
 
-The algorithms are the real ones, step for step:
+The algorithms are the real ones, step for step: the rules are the cores of
+:mod:`apam_gossip.core` that every runtime drives, and the simulator drives them on a
+virtual clock:
 
 * **centralized** (APAM): the master is a FIFO server; a worker's gradient is computed on
   the model it last received (its version fixes the staleness), travels to the master,

@@ -1,0 +1,337 @@
+"""One small step strategy per mode, behind :class:`~apam_gossip.loop.DistributedOptimizer`
+(chosen once, by :func:`strategy_for`, as Horovod picks its optimizer class):
+
+* :class:`Local`: no launcher, one process: the plain optimizer step;
+* :class:`CentralizedWorker`: a worker rank of APAM: send ``[grads | buffers]`` with this
+  rank's lr, load the model the master sends back;
+* :class:`Gossip`: a rank of AD-PSGD: average with a random neighbor (in a second thread
+  beside your next gradient, with ``overlap``), then the local step of
+  :class:`~apam_gossip.core.gossip.GossipRule`;
+* :class:`Allreduce`: all-reduce ``[grads | buffers | active | lr]``, then every rank takes
+  :func:`~apam_gossip.core.sync.allreduce_step`.
+
+Each says what ``start`` (after the model is agreed and broadcast), ``step``, ``end`` (at
+``finish()``), ``state`` (``state_dict()``) and ``load`` (``load_state_dict()``) do; the
+facade keeps everything the modes share (lr, counters, the hook that counts samples).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..algorithms.adpsgd import average_with_a_neighbor, neighbor_picker
+from ..algorithms.common import worker_seed
+from ..core.consensus import consensus_from_sums, squares
+from ..core.gossip import GossipRule
+from ..core.sync import allreduce_step
+from ..messages import (
+    Done,
+    Grad,
+    Hello,
+    LoopFault,
+    LoopReport,
+    LoopState,
+    Params,
+    StateRequest,
+    Stop,
+)
+from ..topology import neighbor_probabilities
+from .base import NO_DEADLINE_S, T_METRIC, LoopError, Session, score, wait
+
+if TYPE_CHECKING:
+    from .optimizer import DistributedOptimizer
+
+
+@dataclass
+class Ending:
+    """``finish()``'s arguments."""
+
+    metric: Any
+    metric_name: str
+    higher_is_better: bool
+    average: bool
+
+
+# (reports on rank 0, extra metrics, the final model), or None: this rank reports nothing
+Ended = tuple[list[LoopReport] | None, dict[str, float], Tensor] | None
+
+
+class Strategy:
+    """The modes' common interface (the base is the one-process behaviour)."""
+
+    def __init__(self, opt: DistributedOptimizer) -> None:
+        self.opt = opt
+        self.s: Session = opt.session
+
+    def start(self) -> None:
+        o = self.opt
+        o.opt_state = o.opt.init(o.flat.params)
+
+    def step(self, samples: int) -> None:
+        o = self.opt
+        o.opt.update(o.flat.params, o.flat.grads, o.opt_state, lr=o.lr_of(o.steps + 1))
+
+    def before_end(self) -> None:
+        """``finish()`` begins: settle anything in flight before this rank's report."""
+
+    def end(self, rep: LoopReport, how: Ending) -> Ended:
+        return [rep], {}, self.opt.flat.state.detach().cpu()
+
+    def state(self) -> dict[str, Any]:
+        o = self.opt
+        return {"x": o.flat.state.detach().cpu().clone(),
+                "opt": {k: v.detach().cpu().clone() for k, v in o.opt_state.items()},
+                "version": o.steps}
+
+    def load(self, d: dict[str, Any]) -> None:
+        o = self.opt
+        o.opt_state = {k: v.clone().to(o.opt_state[k].device) for k, v in d["opt"].items()}
+        o.flat.state.copy_(d["x"])
+
+
+Local = Strategy
+
+
+class CentralizedWorker(Strategy):
+    """A worker rank: the master (rank 0) owns the model and optimizer state."""
+
+    def start(self) -> None:
+        from ..transport.mpi import MpiStarWorker
+
+        o = self.opt
+        self.end_ = MpiStarWorker(self.s.comm, o.flat.numel)
+        self.end_.send(None, Hello(self.end_.worker))
+        msg = self.end_.recv(o.flat.state, self.s.timeout_s)
+        assert isinstance(msg, Params), msg
+        o.version = msg.version
+
+    def step(self, samples: int) -> None:
+        o = self.opt
+        self.end_.send(o.flat.pack_grad_msg(), Grad(o.version, samples, float("nan"), 0.0,
+                                                     o.lr_of(o.version + 1)))
+        back = self.end_.recv(o.flat.state, self.s.timeout_s)
+        if isinstance(back, LoopFault):
+            raise LoopError(back.message)
+        if not isinstance(back, Params):
+            raise RuntimeError(f"{o.who}: the master answered {back!r} to a gradient")
+        o.version = back.version
+
+    def end(self, rep: LoopReport, how: Ending) -> Ended:
+        """Report to the master, wait for every worker, take the master's final model;
+        the first worker (rank 1) scores it when the metric is a function."""
+        o, s = self.opt, self.s
+        first = s.rank == 1
+        later = first and callable(how.metric)
+        self.end_.send(None, Done(rep, how.metric if first and not later else None, later,
+                                  how.metric_name, how.higher_is_better))
+        msg = self.end_.recv(None, NO_DEADLINE_S)  # until every worker is done
+        assert isinstance(msg, Stop), msg
+        host = o.to_host()
+        wait(s.comm.Ibcast(host, root=0), s, "the final model from the master")
+        o.from_host()
+        if later:
+            s.comm.send(score(how.metric, o.model, o.who), dest=0, tag=T_METRIC)
+        return None
+
+    def state(self) -> dict[str, Any]:
+        self.end_.send(None, StateRequest())
+        st = self.end_.recv(None, self.s.timeout_s)
+        assert isinstance(st, LoopState), st
+        return {"x": torch.from_numpy(st.x), "version": st.version,
+                "opt": {k: torch.from_numpy(v) for k, v in st.opt.items()}}
+
+    def load(self, d: dict[str, Any]) -> None:
+        """Every worker sends the state to the master, which resumes once all have."""
+        o = self.opt
+        self.end_.send(None, LoopState(d["x"].numpy(),
+                                       {k: v.numpy() for k, v in d["opt"].items()},
+                                       int(d["version"])))
+        back = self.end_.recv(o.flat.state, NO_DEADLINE_S)  # until all have loaded
+        if isinstance(back, LoopFault):
+            raise LoopError(back.message)
+        assert isinstance(back, Params), back
+        o.version = back.version
+
+
+class Gossip(Strategy):
+    """A rank of decentralized gossip over MPI."""
+
+    def start(self) -> None:
+        from ..transport.mpi import MpiGossip
+
+        o, s = self.opt, self.s
+        tracked = s.adaptive_state == "tracked"
+        self.gossip = MpiGossip(s.comm, o.to_host(), tracked, 0, s.timeout_s,
+                                n_tracked=o.flat.n_params)
+        self.rule = GossipRule(o.hp, s.size, o.flat.n_params, tracked)
+        o.opt_state = self.rule.init_state()
+        nb, probs = neighbor_probabilities(s.graph)[s.rank]
+        self.pick = neighbor_picker(nb, probs, worker_seed(s.seed, s.rank) + 1) \
+            if nb else None
+        self.buffers0 = o.flat.buffers.clone()
+        self.grad_cpu = torch.zeros(o.flat.n_params) if o.flat.state.device.type != "cpu" \
+            else None
+        self.v0 = self.gossip.version
+        # the next average runs beside your next gradient (a second thread)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="gossip-average") \
+            if s.overlap else None
+        self.in_flight: Future | None = None
+        wait(s.comm.Ibarrier(), s, "every rank's gossip server to start")
+
+    def step(self, samples: int) -> None:
+        o, rule = self.opt, self.rule
+        g = o.flat.grads
+        if self.grad_cpu is not None:
+            self.grad_cpu.copy_(g)
+            g = self.grad_cpu
+        delta = rule.buffer_delta(o.flat.buffers, self.buffers0)
+        lr = rule.lr(o.lr_of(o.steps + 1))
+        averaged = self._join() if self.in_flight is not None else self._average()
+        v1 = self.gossip.update_local(rule.step(g, o.opt_state, lr, delta))
+        o.staleness[rule.staleness(self.v0, v1, averaged)] += 1
+        self._refresh()
+        if self.thread is not None:
+            self.in_flight = self.thread.submit(self._average)
+
+    def _average(self) -> bool:
+        """One average with a random neighbor (a refusal is retried with another)."""
+        averaged, refusals = average_with_a_neighbor(self.gossip, self.pick)
+        self.opt.averages += averaged
+        self.opt.refused += refusals
+        return averaged
+
+    def _join(self) -> bool:
+        """Wait for the average started at the last step (its error is raised here)."""
+        fut, self.in_flight = self.in_flight, None
+        return fut.result() if fut is not None else False
+
+    def _refresh(self) -> None:
+        """The next gradient is computed at a snapshot of x_i (averages keep arriving)."""
+        o = self.opt
+        self.v0 = self.gossip.snapshot(o.host)
+        o.from_host()
+        if o.flat.n_buffers:
+            self.buffers0.copy_(o.flat.buffers)
+
+    def before_end(self) -> None:
+        """The last average started: wait for it (no local step follows)."""
+        if self.thread is not None:
+            try:
+                self._join()
+            finally:
+                self.thread.shutdown()
+
+    def end(self, rep: LoopReport, how: Ending) -> Ended:
+        """Gather the reports, check that every rank chose the same ``average``, and
+        measure consensus (and average, if asked) with all-reduces, without gathering
+        every model anywhere."""
+        from mpi4py import MPI  # here: importing mpi4py initializes MPI
+
+        o, s = self.opt, self.s
+        self.gossip.finish(timeout=NO_DEADLINE_S)
+        self._refresh()
+        comm = s.comm
+        reports = comm.gather((rep, bool(how.average)), root=0)
+        verdict = None
+        if s.rank == 0 and len({a for _, a in reports}) > 1:
+            odd = next(r for r, (_, a) in enumerate(reports) if a != bool(how.average))
+            verdict = (f"rank {odd}: finish(average={not how.average}) but rank 0 has "
+                       f"average={how.average}: every rank must pass the same")
+        verdict = comm.bcast(verdict, root=0)
+        if verdict is not None:
+            raise LoopError(verdict, collective=True)
+        n_params = o.flat.n_params
+        total = self.gossip.x.to(torch.float64, copy=True)  # the all-reduce is in place
+        wait(comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM), s, "averaging the models",
+             NO_DEADLINE_S)
+        sq = squares(self.gossip.x, n_params)
+        wait(comm.Iallreduce(MPI.IN_PLACE, sq, op=MPI.SUM), s, "the consensus distance",
+             NO_DEADLINE_S)
+        xbar, extra = consensus_from_sums(total, float(sq[0]), float(sq[1]), s.size,
+                                          n_params)
+        xbar = xbar.float()
+        if how.average:
+            o.host.copy_(xbar)
+            o.from_host()
+        if s.rank != 0:
+            return None, extra, xbar
+        reports = [r for r, _ in reports]
+        extra["averages"] = float(sum(r.averages for r in reports))
+        extra["refused_averages"] = float(sum(r.refused_averages for r in reports))
+        return reports, extra, xbar
+
+    def state(self) -> dict[str, Any]:
+        d = super().state()
+        with self.gossip.lock:
+            d["x"] = self.gossip.x.clone()
+            if self.gossip.u is not None:
+                d["u"] = self.gossip.u.clone()
+        return d
+
+    def load(self, d: dict[str, Any]) -> None:
+        o, s = self.opt, self.s
+        o.opt_state = {k: v.clone().to(o.opt_state[k].device) for k, v in d["opt"].items()}
+        with self.gossip.lock:
+            self.gossip.x.copy_(d["x"])
+            if self.gossip.u is not None and "u" in d:
+                self.gossip.u.copy_(d["u"])
+        self._refresh()
+        # nobody averages before every rank has its state back
+        wait(s.comm.Ibarrier(), s, "every rank to load its state", NO_DEADLINE_S)
+
+
+class Allreduce(Strategy):
+    """A rank of the synchronous all-reduce baseline over MPI."""
+
+    def start(self) -> None:
+        super().start()
+        self.red = torch.zeros(self.opt.flat.numel + 2)  # [grads | buffers | active | lr]
+
+    def step(self, samples: int) -> None:
+        self._exchange(active=True)
+
+    def _exchange(self, active: bool) -> bool:
+        """One all-reduce of ``[grads | buffers | 1 | lr]`` (``active``) or of zeros (a
+        rank that finished: it still takes the step, so every replica stays the same);
+        returns False once no rank is active any more. Every rank steps with the mean lr
+        of the active ranks (they agree, being at the same step of the same schedule), so
+        a rank that finished early follows the schedule too instead of keeping its last
+        lr. No deadline: the other ranks may be busy with anything between their steps (an
+        evaluation); a dead rank ends the job."""
+        from mpi4py import MPI  # here: importing mpi4py initializes MPI
+
+        o, s, red, n = self.opt, self.s, self.red, self.opt.flat.numel
+        if active:
+            red[:n].copy_(o.flat.pack_grad_msg())
+            red[n] = 1.0
+            red[n + 1] = o.lr_of(o.steps + 1)
+        else:
+            red.zero_()
+        wait(s.comm.Iallreduce(MPI.IN_PLACE, red, op=MPI.SUM), s, "the all-reduce",
+             NO_DEADLINE_S)
+        k = float(red[n])
+        if k == 0:
+            return False
+        lr = float(red[n + 1]) / k  # the same number on every rank (to float32's 1e-7)
+        mean = red[:n].div_(k).to(o.flat.state.device)
+        allreduce_step(o.opt, o.flat.params, o.flat.buffers, mean, o.opt_state, lr)
+        return True
+
+    def end(self, rep: LoopReport, how: Ending) -> Ended:
+        while self._exchange(active=False):  # join the others' remaining steps
+            pass
+        return self.s.comm.gather(rep, root=0), {}, self.opt.flat.state.detach().cpu()
+
+
+def strategy_for(opt: DistributedOptimizer) -> Strategy:
+    """The mode's strategy: chosen once, here."""
+    s = opt.session
+    if s.comm is None:
+        return Local(opt)
+    return {"centralized": CentralizedWorker, "decentralized": Gossip,
+            "allreduce": Allreduce}[s.mode](opt)
