@@ -123,6 +123,37 @@ def test_help_is_fast_and_clean():
     p = subprocess.run([sys.executable, "-m", "apam_gossip", "--help"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0 and "train" in p.stdout and "demo" in p.stdout
+    # fast because the command line imports torch only when a command needs it (a check
+    # of what is imported, not of wall time)
+    p = subprocess.run([sys.executable, "-c", "import sys, apam_gossip.cli.commands; "
+                        "print('torch' in sys.modules)"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.stdout.strip() == "False", p.stdout + p.stderr
+
+
+def test_every_relative_import_in_the_package_resolves():
+    """Function-local imports run only on their path (a stop under mpirun, say): resolve
+    every one here, so a moved module is found at once, not by a user."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    import apam_gossip
+
+    root = Path(apam_gossip.__file__).parent
+    bad = []
+    for f in root.rglob("*.py"):
+        pkg = ".".join(("apam_gossip", *f.relative_to(root).with_suffix("").parts))
+        if f.name != "__init__.py":
+            pkg = pkg.rsplit(".", 1)[0]
+        elif pkg.endswith(".__init__"):
+            pkg = pkg[: -len(".__init__")]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""), pkg)
+                if importlib.util.find_spec(base) is None:
+                    bad.append(f"{f.relative_to(root)}:{node.lineno}: {base}")
+    assert not bad, bad
 
 
 @pytest.mark.slow

@@ -85,7 +85,7 @@ def _run_command(args: argparse.Namespace) -> int:
         if isinstance(e, RunInterrupted):
             print(f"{PROG}: {e}", file=sys.stderr, flush=True)
             if sys.modules.get("mpi4py.MPI") is not None:
-                from .runtime.mpi import exit_after_peers
+                from ..runtime.mpi import exit_after_peers
 
                 exit_after_peers(e.peers)
             return 143

@@ -12,7 +12,6 @@ from typing import Any
 
 from ..config import RunConfig, to_toml
 from ..errors import UserError
-from ..placement import mpi_workers
 from .common import PROG
 from .parser import _build_config, _given, _warn_ignored
 from .ui import _ProgressUI, summary_text
@@ -112,6 +111,8 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     if rank != 0:
         a.quiet = True
     elif size > 1 and not a.quiet:
+        from ..placement import mpi_workers
+
         n = mpi_workers(cfg.mode == "centralized", size)
         print(f"MPI: {size} ranks ({'rank 0 is the master, ' if cfg.mode == 'centralized' else ''}"
               f"{n} workers; --workers is taken from mpirun -n)")

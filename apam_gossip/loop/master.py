@@ -94,7 +94,11 @@ class LoopMaster:
     def serve(self) -> MasterHandle:
         m, end, s = self.m, self.end, self.s
         waiting = set(range(self.n))
+        deadline = time.monotonic() + s.timeout_s
         while waiting:  # every worker has its model (a rank that dies ends the job)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 (master): workers {sorted(waiting)} did not "
+                                   f"start within timeout_s={s.timeout_s:g} s")
             for i in end.ready(1.0):
                 msg, _ = end.recv(i)
                 assert isinstance(msg, Hello), msg

@@ -266,11 +266,13 @@ class Gossip(Strategy):
         return reports, extra, xbar
 
     def state(self) -> dict[str, Any]:
-        d = super().state()
-        with self.gossip.lock:
-            d["x"] = self.gossip.x.clone()
+        o = self.opt
+        with self.gossip.lock:  # the gossip state is the model (averages land there)
+            d = {"x": self.gossip.x.clone()}
             if self.gossip.u is not None:
                 d["u"] = self.gossip.u.clone()
+        d["opt"] = {k: v.detach().cpu().clone() for k, v in o.opt_state.items()}
+        d["version"] = o.steps
         return d
 
     def load(self, d: dict[str, Any]) -> None:
