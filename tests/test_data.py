@@ -255,7 +255,7 @@ def test_idx_dataset_validation_errors(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_missing_fashion_mnist_messages(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setattr(data.builtin, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
     with pytest.raises(DataError) as e:
         load_dataset("fashion-mnist")
     msg = str(e.value)
@@ -334,7 +334,7 @@ def test_cifar10_fallback_reader(tmp_path):
 @pytest.mark.timeout(60)
 def test_cifar10_via_load_dataset_without_torchvision(tmp_path, monkeypatch):
     _tiny_cifar(tmp_path)
-    monkeypatch.setattr(data, "import_torchvision", lambda: None)
+    monkeypatch.setattr(data.builtin, "import_torchvision", lambda: None)
     ds = load_dataset("cifar10", tmp_path)
     assert ds.x_train.shape == (20, 3, 32, 32) and ds.y_test.shape == (4,)
 
