@@ -1,5 +1,12 @@
-"""Micro-benchmarks of the transports (``apam-gossip bench transport | pairwise``).
+"""``apam-gossip bench``: a cluster profile and the micro-benchmarks.
 
+* ``bench PROFILE.toml`` (:func:`bench_profile`): every mode of a cluster profile (see
+  ``launch/*.toml``) with the same model, data and budget, ``--seeds`` times; a table
+  (:func:`profile_table`), accuracy and throughput plots (:func:`plot_profile`) and a
+  JSON of every run; ``--simulate`` runs it on the simulator instead;
+* ``master``: the APAM master's update rate against the memory-bandwidth bound;
+  ``shm-pairwise``: one shared-memory pairwise average against a memcpy; ``scaling``:
+  homogeneous throughput from 1 to ``--max-workers`` workers;
 * ``transport``: the same training run on the single-machine runtime (shared memory) and
   under ``mpirun``, alternated ``--repeats`` times, side by side; reports samples/s of
   each and the MPI/shm ratio (the goal: MPI within 20%).
@@ -7,7 +14,8 @@
   of ``--size-mb`` MB (the model out, the average back, which becomes the model) next to the
   MPI ping-pong time of the same number of bytes (send there and back).
 
-Both launch ``mpirun`` themselves with the settings of ``launch/mpirun.sh``.
+``transport`` and ``pairwise`` launch ``mpirun`` themselves with the settings of
+``launch/mpirun.sh``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""Command line: ``apam-gossip train | compare | topology | bench | demo``.
+"""Command line: ``apam-gossip train | compare | topology | bench | simulate | launch | demo``.
+
+The package's parts: :mod:`.parser` (the flags, generated from the schema), :mod:`.commands`
+(one function per command), :mod:`.ui` (the progress line and the summary).
 
 Every user mistake (flag, file, config value, missing data) ends in one line on stderr,
 ``apam-gossip: error: ...``, and exit code 2, without a traceback and without writing a
 partial output file. The run flags are generated from the config schema
 (:mod:`apam_gossip.config`). Each command imports the heavy modules it needs (torch, the
-runners) when it runs, so ``apam-gossip --help`` stays well under a second.
+runtimes) when it runs, so ``apam-gossip --help`` stays well under a second.
 """
 
 from __future__ import annotations
