@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import UserError
 from ..placement import mpi_workers
-
-if TYPE_CHECKING:
-    from .optimizer import DistributedOptimizer
 
 PROG = "apam-gossip"  # the prefix of every line the loop API prints, as the CLI's
 # OptimConfig fields that shape the lr over a budget: the loop API has no budget (the
@@ -72,7 +69,7 @@ class Session:
     result: str | None
     graph: Any = None
     overlap: bool = True
-    optimizer: DistributedOptimizer | None = None
+    optimizer: Any = None  # the job's DistributedOptimizer (loop.optimizer imports this)
     master_done: bool = False  # centralized rank 0, back from init(master="return")
 
     @property

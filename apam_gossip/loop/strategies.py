@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,9 +43,6 @@ from ..messages import (
 from ..topology import neighbor_probabilities
 from .base import NO_DEADLINE_S, T_METRIC, LoopError, Session, score, wait
 
-if TYPE_CHECKING:
-    from .optimizer import DistributedOptimizer
-
 
 @dataclass
 class Ending:
@@ -64,7 +61,7 @@ Ended = tuple[list[LoopReport] | None, dict[str, float], Tensor] | None
 class Strategy:
     """The modes' common interface (the base is the one-process behaviour)."""
 
-    def __init__(self, opt: DistributedOptimizer) -> None:
+    def __init__(self, opt: Any) -> None:  # the DistributedOptimizer (it imports this)
         self.opt = opt
         self.s: Session = opt.session
 
@@ -330,7 +327,7 @@ class Allreduce(Strategy):
         return self.s.comm.gather(rep, root=0), {}, self.opt.flat.state.detach().cpu()
 
 
-def strategy_for(opt: DistributedOptimizer) -> Strategy:
+def strategy_for(opt: Any) -> Strategy:
     """The mode's strategy: chosen once, here."""
     s = opt.session
     if s.comm is None:
