@@ -88,3 +88,13 @@ def test_unreadable_configs(tmp_path, name, content, msg):
     with pytest.raises(ConfigError, match=msg) as e:
         load_config(p)
     assert "\n" not in str(e.value)
+
+
+def test_an_error_quoting_a_key_with_control_characters_stays_on_one_line(tmp_path):
+    # found by test_hardening's fuzzing: a JSON key "\n" under [data] printed a two-line error
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"data": {"\n\x1b[2J": None}}))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+    assert "unknown config key data.\\n\\x1b[2J" in str(e.value)
