@@ -67,7 +67,10 @@ def average_pair_(a: Tensor, b: Tensor, fused: bool | None = None) -> None:
             and a.is_contiguous() and b.is_contiguous() and (kernel := _fused()) is not None):
         kernel(a.numpy(), b.numpy())
         return
-    torch.lerp(a, b, 0.5, out=a)  # a + 0.5 (b - a): one pass
+    if a.device != b.device:  # two GPUs (or a GPU and the host): average on a's
+        torch.lerp(a, b.to(a.device), 0.5, out=a)  # device, copy the mean back
+    else:
+        torch.lerp(a, b, 0.5, out=a)  # a + 0.5 (b - a): one pass
     b.copy_(a)
 
 

@@ -305,9 +305,10 @@ class RunConfig(_Section):
                        "chain", min_length=1)
     adaptive_state: AdaptiveState = _f("local", "decentralized: local AMSGrad moments, or "
                                        "tracked (a second moment gossiped with the model)")
-    overlap: bool = _f(True, "decentralized: average with the neighbor while the next "
-                       "gradient is computed (AD-PSGD's two threads; --no-overlap: one after "
-                       "the other)")
+    overlap: bool | None = _f(None, "decentralized: average with the neighbor while the next "
+                              "gradient is computed (AD-PSGD's two threads); --no-overlap: one "
+                              "after the other (default: each worker times both ways over its "
+                              "first steps and keeps the faster)")
     audit: bool = _f(False, "decentralized: check at the end that sum_i x_i = sum_i x_i(0) "
                      "+ all local steps")
     straggler_prob: float = _f(0.0, "each gradient is a straggler with this probability",

@@ -95,6 +95,10 @@ class WorkerReport:
     train_loss: tuple[float, int] = (0.0, 0)  # (sum, count) of its training losses
     audit: np.ndarray | None = None
     audit_vhat: np.ndarray | None = None
+    # gossip: whether its averages ran beside its gradients (None: the run ended before
+    # the measured choice was made) and the probe's median step times
+    overlap: bool | None = None
+    overlap_probe: dict[str, float] | None = None
 
 
 # -- star (centralized) data plane: each travels with a model or a gradient ----------------

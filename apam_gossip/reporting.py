@@ -81,8 +81,10 @@ def worker_stats(cfg: RunConfig, reports: dict[int, WorkerReport], devices: list
         r = reports.get(i) or WorkerReport(i, devices[i], 0.0, 0.0)
         updates = updates_of[i] if updates_of is not None else r.updates
         samples = samples_of[i] if samples_of is not None else r.samples
-        out.append(WorkerStats.of(i, devices[i], cfg.slowdown_of(i), updates, samples, wall,
-                                  r.compute_s, r.sleep_s))
+        ws = WorkerStats.of(i, devices[i], cfg.slowdown_of(i), updates, samples, wall,
+                            r.compute_s, r.sleep_s)
+        ws.overlap = r.overlap
+        out.append(ws)
     return out
 
 

@@ -50,6 +50,9 @@ class WorkerStats:
     samples_per_s: float  # applied samples per second of the whole run
     compute_s: float  # time spent computing gradients (excluding injected sleep)
     sleep_s: float  # injected slowdown
+    # gossip: whether its averages ran beside its gradients (measured, unless --overlap or
+    # --no-overlap forced it; None where no choice was made: other modes, very short runs)
+    overlap: bool | None = None
 
     @classmethod
     def of(cls, worker: int, device: str, slowdown: float, updates: int, samples: int,

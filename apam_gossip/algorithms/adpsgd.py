@@ -39,6 +39,7 @@ snapshot and the local step.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -103,25 +104,84 @@ def average_with_a_neighbor(end: GossipEnd, pick, link: LinkModel | None = None
     return False, refusals
 
 
+class OverlapChoice:
+    """Whether a worker's average runs beside its next gradient (AD-PSGD's second thread)
+    or after it, for ``allowed`` = True (always beside), False (never) or None (measured).
+
+    Measured: after :attr:`WARMUP` untimed steps, :attr:`PROBE` steps are timed one after
+    the other and :attr:`PROBE` with the thread, and the faster way (by median step time)
+    is kept for the rest of the run. The thread pays when the link is slow next to the
+    gradient and a core is free for it; it costs when the cores are all busy computing or
+    when its hand-offs cost more than the average (a small model on a GPU): both seen
+    (issue 21), so neither way is a safe default. The math is the same either way."""
+
+    WARMUP = 2
+    PROBE = 8
+
+    def __init__(self, allowed: bool | None) -> None:
+        self.decided: bool | None = allowed
+        self.times: dict[bool, list[float]] = {False: [], True: []}
+        self.steps = 0
+
+    def now(self) -> bool:
+        """Whether this step overlaps."""
+        if self.decided is not None:
+            return self.decided
+        return self.steps >= self.WARMUP + self.PROBE
+
+    def record(self, overlapped: bool, seconds: float) -> None:
+        """One step took ``seconds``, overlapped or not."""
+        self.steps += 1
+        if self.decided is not None or self.steps <= self.WARMUP:
+            return
+        self.times[overlapped].append(seconds)
+        if len(self.times[True]) == self.PROBE:
+            self.decided = statistics.median(self.times[True]) \
+                < statistics.median(self.times[False])
+
+    def measured(self) -> dict[str, float] | None:
+        """The probe's median step times (seconds), once both ways were timed."""
+        if not self.times[True] or not self.times[False]:
+            return None
+        return {"sequential_s": statistics.median(self.times[False]),
+                "overlapped_s": statistics.median(self.times[True])}
+
+
+def _on_stream(fn, stream):
+    """``fn`` run with ``stream`` as the thread's current CUDA stream (None: as is)."""
+    if stream is None:
+        return fn
+
+    def run():
+        with torch.cuda.stream(stream):
+            return fn()
+    return run
+
+
 def gossip_worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task, data: Any,
                 shard: Tensor, device: str, neighbors: list[int], probs: list[float],
                 total: int) -> None:
-    """One gossip worker: gradient on a snapshot, pairwise average, local step."""
+    """One gossip worker: gradient on a snapshot, pairwise average, local step.
+
+    The local step runs where the transport keeps x_i (``end.device``): on shared memory,
+    the worker's own device (its GPU: no copy through the host); under MPI, the host
+    buffer MPI sends from."""
     i = end.worker
     w = LocalWorker.build(cfg, task, data, shard, i, torch.device(device))
     n_params, n_buffers = w.flat.n_params, w.flat.n_buffers
     tracked = cfg.adaptive_state == "tracked"
     rule = GossipRule(cfg.optim, end.n_workers, n_params, tracked)
+    sdev = end.device
     # where the transport keeps it (shm: shared, so the coordinator can checkpoint it; the
     # local step runs under this worker's lock), else private
-    state = end.optimizer_state() or rule.init_state()
-    grad_cpu = torch.zeros(n_params) if w.device.type != "cpu" else None
+    state = end.optimizer_state() or rule.init_state(sdev)
+    grad_out = torch.zeros(n_params, device=sdev) if w.device != sdev else None
     buffers0 = torch.zeros(n_buffers, device=w.device) if n_buffers else None
     pick = neighbor_picker(neighbors, probs, worker_seed(cfg.seed, i) + 1, end.is_alive) \
         if neighbors else None
     link = LinkModel(cfg.network, 4 * (w.flat.numel + (n_params if tracked else 0)))
     # audit: the sum of this worker's local steps, to check that none was lost
-    audit = torch.zeros(w.flat.numel, dtype=torch.float64) if cfg.audit else None
+    audit = torch.zeros(w.flat.numel, dtype=torch.float64, device=sdev) if cfg.audit else None
     staleness: Counter[int] = Counter()
     loss_sum, updates, samples, averages, refused = 0.0, 0, 0, 0, 0
     average = partial(average_with_a_neighbor, end, pick, link)
@@ -129,36 +189,46 @@ def gossip_worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task
     # the communication thread (AD-PSGD's second thread): the average runs there while
     # this thread computes the gradient, so a link only costs time when it is slower
     # than a gradient. The math is the same either way: the gradient is taken at the
-    # snapshot, the average and then the local step land on the current model.
-    comm = ThreadPoolExecutor(1, thread_name_prefix=f"gossip-{i}") if cfg.overlap else None
+    # snapshot, the average and then the local step land on the current model. On a GPU
+    # the thread's average runs on its own CUDA stream, so it never queues behind (or
+    # holds up) the gradient's kernels; see apam_gossip.transport.rows for its ordering.
+    choice = OverlapChoice(cfg.overlap)
+    comm = ThreadPoolExecutor(1, thread_name_prefix=f"gossip-{i}") \
+        if cfg.overlap is not False else None
+    comm_stream = torch.cuda.Stream(sdev) if comm is not None and sdev.type == "cuda" \
+        else None
+    beside = _on_stream(average, comm_stream)
     ctrl.send(Hello(i))
     if not end.wait_start(GO_TIMEOUT_S):
         raise TimeoutError(f"worker {i}: the coordinator did not start the run within "
                            f"{GO_TIMEOUT_S:g} s")
     while k := end.claim(total):  # k: this update's place in the global budget
+        t_step = time.perf_counter()
         v0 = end.snapshot(w.flat.state)
         if buffers0 is not None:
             buffers0.copy_(w.flat.buffers)
-        if comm is None:
+        overlapped = comm is not None and choice.now()
+        if not overlapped:
             loss, n, _ = w.gradient()
             averaged, no = average()
         else:
-            in_flight = comm.submit(average)
+            in_flight = comm.submit(beside)
             try:
                 loss, n, _ = w.gradient()
             finally:  # never leave an average running behind an error (the gradient's
                 wait([in_flight])  # error, if any, is the one raised)
             averaged, no = in_flight.result()
         g = w.flat.grads
-        if grad_cpu is not None:
-            grad_cpu.copy_(g)
-            g = grad_cpu
-        delta = rule.buffer_delta(w.flat.buffers, buffers0)
+        if grad_out is not None:
+            grad_out.copy_(g)
+            g = grad_out
+        delta = rule.buffer_delta(w.flat.buffers, buffers0, sdev)
         averages += averaged
         refused += no
         v1 = end.update_local(rule.step(g, state, rule.lr_at(k, total), delta, audit),
                               since=v0 + averaged)
         staleness[rule.staleness(v0, v1, averaged)] += 1
+        choice.record(overlapped, time.perf_counter() - t_step)
         updates += 1
         samples += n
         loss_sum += loss
@@ -170,11 +240,12 @@ def gossip_worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task
         staleness=dict(staleness),
         finished_at=time.monotonic(), train_loss=(loss_sum, updates),
         # numpy (pickled by value), never a torch tensor (see apam_gossip.messages)
-        audit=audit.numpy() if audit is not None else None,
+        audit=audit.cpu().numpy() if audit is not None else None,
         # tracked state: this worker's final running max, for the audit of u (only this
         # worker's local steps change vhat_i, so it is final now)
-        audit_vhat=state["vhat"].double().numpy().copy() if audit is not None and tracked
-        else None,
+        audit_vhat=state["vhat"].double().cpu().numpy().copy()
+        if audit is not None and tracked else None,
+        overlap=choice.decided, overlap_probe=choice.measured(),
     ))
 
 
@@ -194,4 +265,4 @@ def consensus_worker_main(ctrl: Control, end: GossipEnd, neighbors: list[int],
 
 
 __all__ = ["gossip_worker_main", "consensus_worker_main", "neighbor_picker",
-           "average_with_a_neighbor"]
+           "average_with_a_neighbor", "OverlapChoice"]

@@ -51,9 +51,9 @@ class GossipRule:
         self.n_params, self.tracked = n_params, tracked
         self.lr_factor = gossip_lr_factor(optim.gossip_lr, n_workers)
 
-    def init_state(self) -> OptState:
-        """A fresh local optimizer state."""
-        return self.opt.init(torch.zeros(self.n_params))
+    def init_state(self, device: torch.device | str = "cpu") -> OptState:
+        """A fresh local optimizer state on ``device`` (where the worker's model is)."""
+        return self.opt.init(torch.zeros(self.n_params, device=device))
 
     def lr(self, base: float) -> float:
         """The local step's lr for the schedule's (or the user's) ``base`` lr."""
@@ -64,9 +64,12 @@ class GossipRule:
         return self.lr(self.opt.lr_at(update, total))
 
     @staticmethod
-    def buffer_delta(after: Tensor, before: Tensor | None) -> Tensor | None:
-        """What a forward pass did to the buffers (None for a model without any)."""
-        return None if before is None or before.numel() == 0 else (after - before).cpu()
+    def buffer_delta(after: Tensor, before: Tensor | None,
+                     device: torch.device | str = "cpu") -> Tensor | None:
+        """What a forward pass did to the buffers (None for a model without any), on
+        ``device`` (where the local step runs)."""
+        return None if before is None or before.numel() == 0 \
+            else (after - before).to(device)
 
     def step(self, g: Tensor, state: OptState, lr: float, delta: Tensor | None,
              audit: Tensor | None = None) -> Callable[[Tensor, Tensor | None], None]:

@@ -200,9 +200,11 @@ class DecentralizedMode(ShmMode):
                  ckpt: dict[str, Any] | None = None) -> None:
         super().__init__(cfg, task, data, cb)
         plan = self.plan
+        # each worker's model and optimizer state where it computes (its GPU: CUDA IPC)
         self.gossip = g = ShmGossip(cfg.workers, plan.numel,
                                     tracked=cfg.adaptive_state == "tracked",
-                                    n_tracked=plan.n_params)
+                                    n_tracked=plan.n_params,
+                                    devices=[torch.device(d) for d in self.devices])
         g.x.copy_(plan.x0)  # every worker starts from the same model
         g.share_optimizer_state(Optimizer(cfg.optim).init(torch.zeros(plan.n_params)))
         self.resumes, self.wall_before = 0, 0.0
@@ -225,7 +227,9 @@ class DecentralizedMode(ShmMode):
             g.done_by.copy_(ckpt["done_by"])
             self.points = [p for p in self.points if p > int(ckpt["completed"])]
         # the audit starts from the models the workers start from (the checkpoint's)
-        self.audit_base = AuditBase.of(g.x, g.u, g.opt_state.get("vhat")) if cfg.audit \
+        self.audit_base = AuditBase.of(
+            g.x.clone(), g.u.clone() if g.u is not None else None,
+            g.opt_state["vhat"].clone() if "vhat" in g.opt_state else None) if cfg.audit \
             else None
         self.hello: set[int] = set()
         self.dead_at_start: set[int] = set()
@@ -346,8 +350,10 @@ class DecentralizedMode(ShmMode):
         wall = max(r.finished_at for r in self.reports.values()) - self.t0
         # a death mid-average breaks the audit; one before the start changed nothing
         if self.audit_base is not None and not self.dead - self.dead_at_start:
-            self.evals[-1].extra.update(audit_errors(self.audit_base, self.gossip.x,
-                                                     self.gossip.u, self.reports))
+            u = self.gossip.u
+            self.evals[-1].extra.update(audit_errors(self.audit_base, self.gossip.x.clone(),
+                                                     u.clone() if u is not None else None,
+                                                     self.reports))
         # a resumed run's counts are the whole run's, as its evaluations and wall time
         # are: what each worker did before the checkpoint, plus since
         bs = cfg.data.batch_size

@@ -374,7 +374,7 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
             grad = (loss, b, msg, rule.buffer_delta(msg[n:], buffers0))
         c = cl.compute_s(i)
         compute[i] += c
-        if not cfg.overlap:  # the gradient, then the exchange, then the local step
+        if cfg.overlap is False:  # the gradient, then the exchange, then the local step
             eng.after(c, lambda: exchange(i, lambda j: step(i, j, k, v0, grad)))
             return
         # overlap: the exchange starts with the gradient; the step waits for both

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 
@@ -72,6 +73,7 @@ class GossipEnd(Protocol):
 
     worker: int
     n_workers: int
+    device: torch.device  # where x_i lives: the local step runs there
 
     def wait_start(self, timeout: float) -> bool:
         """Wait until every worker is ready to train; False on timeout."""

@@ -312,6 +312,7 @@ class MpiGossip:
         self.worker = self.rank
         self.size = comm.Get_size()
         self.n_workers = self.size
+        self.device = torch.device("cpu")  # x lives in a host buffer MPI sends from
         self.timeout = timeout
         n, n_u = x0.numel(), x0.numel() if n_tracked is None else n_tracked
         # [x | u] in one buffer: an average sends it as it is, with no packed copy

@@ -21,6 +21,7 @@ from torch import Tensor
 from ..average import FUSED_MIN_NUMEL, average_pair_, fused_available, mix_into
 from ..procs import CTX
 from . import NoVote, PeerGone
+from .rows import Rows, fence
 
 
 class ShmStar:
@@ -111,8 +112,9 @@ STALENESS_BINS = 256
 
 
 class ShmGossip:
-    """Shared-memory state for decentralized gossip: every worker's parameters (and,
-    optionally, a tracked second moment) in shared memory, one lock per worker.
+    """Shared state for decentralized gossip: every worker's parameters (and, optionally,
+    a tracked second moment, and its optimizer state) where that worker computes (host
+    shared memory, or its GPU shared by CUDA IPC: see :mod:`.rows`), one lock per worker.
 
     Pairwise averaging is done by the initiating worker on both buffers while holding
     both workers' locks, always taken in increasing worker order. A local step holds
@@ -122,13 +124,16 @@ class ShmGossip:
     """
 
     def __init__(self, n_workers: int, numel: int, tracked: bool = False,
-                 dtype: torch.dtype = torch.float32, n_tracked: int | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, n_tracked: int | None = None,
+                 devices: list[torch.device] | None = None) -> None:
         """``numel``: each worker's model state; ``n_tracked``: the length of the tracked
-        second moment (the trained parameters: default all of the state)."""
+        second moment (the trained parameters: default all of the state); ``devices``:
+        where each worker computes (default: all on the CPU)."""
         self.n_workers = n_workers
-        self.x = torch.zeros(n_workers, numel, dtype=dtype).share_memory_()
-        self.u = torch.zeros(n_workers, numel if n_tracked is None else n_tracked,
-                             dtype=dtype).share_memory_() if tracked else None
+        self.devices = devices
+        self.x = Rows(n_workers, numel, dtype, devices)
+        self.u = Rows(n_workers, numel if n_tracked is None else n_tracked, dtype,
+                      devices) if tracked else None
         self.versions = torch.zeros(n_workers, dtype=torch.int64).share_memory_()
         # counters: [0] updates claimed, [1] updates completed, [2] averages done
         self.counters = torch.zeros(3, dtype=torch.int64).share_memory_()
@@ -149,13 +154,14 @@ class ShmGossip:
                                      dtype=torch.int64).share_memory_()
         # the workers' optimizer states (filled by share_optimizer_state), so that a
         # checkpoint can copy them under the workers' locks
-        self.opt_state: dict[str, Tensor] = {}
+        self.opt_state: dict[str, Rows] = {}
 
     def share_optimizer_state(self, template: dict[str, Tensor]) -> None:
-        """Allocate every worker's optimizer state in shared memory, shaped like
-        ``template`` (one worker's fresh state); workers use their rows in place."""
+        """Allocate every worker's optimizer state beside its model, shaped like
+        ``template`` (one worker's fresh state); workers use their rows in place. Scalars
+        (the step count) stay in host memory, where reading one costs no device sync."""
         n = self.n_workers
-        self.opt_state = {k: torch.zeros((n, *v.shape), dtype=v.dtype).share_memory_()
+        self.opt_state = {k: Rows(n, v.shape, v.dtype, self.devices if v.dim() else None)
                           for k, v in template.items()}
 
     def end(self, i: int, lock_timeout: float) -> ShmGossipEnd:
@@ -189,7 +195,7 @@ class ShmGossip:
                                        f"within {lock_timeout:g} s")
                 taken.append(lk)
             states = {k: v.clone() for k, v in self.opt_state.items()} if with_opt_state \
-                else None
+                else None  # Rows.clone: a host copy
             return GossipCopy(self.x.clone(), self.u.clone() if self.u is not None else None,
                               states, int(self.counters[1]), int(self.counters[2]),
                               self.done_by.clone(), self.staleness.sum(0))
@@ -220,6 +226,7 @@ class ShmGossipEnd:
     def __init__(self, i: int, g: ShmGossip, lock_timeout: float) -> None:
         self.worker = i
         self.n_workers = g.n_workers
+        self.device = g.x[i].device
         self.x = g.x
         self.u = g.u
         self.versions = g.versions
@@ -241,7 +248,7 @@ class ShmGossipEnd:
         1 s, once), when the model is big enough to use it, and not inside the first
         average, which holds two workers' locks."""
         self.__dict__.update(state)
-        if self.x.shape[1] >= FUSED_MIN_NUMEL:
+        if not self.x.on_gpu and self.x.shape[1] >= FUSED_MIN_NUMEL:
             fused_available()
 
     def _acquire(self, j: int) -> None:
@@ -286,6 +293,7 @@ class ShmGossipEnd:
         self._acquire(i)
         try:
             out.copy_(self.x[i])
+            fence(out)  # the copy is whole before an average may write x_i
             return int(self.versions[i])
         finally:
             self._release(i)
@@ -301,6 +309,7 @@ class ShmGossipEnd:
             try:
                 for buf in (self.x, self.u) if self.u is not None else (self.x,):
                     average_pair_(buf[i], buf[j])
+                    fence(buf[i], buf[j])  # done before the locks go (see .rows)
                 self.versions[i] += 1
                 self.versions[j] += 1
                 with self.counter_lock:  # counted under the locks: see consistent_copy
@@ -323,6 +332,7 @@ class ShmGossipEnd:
         self._acquire(i)
         try:
             fn(self.x[i], self.u[i] if self.u is not None else None)
+            fence(self.x[i])
             if since is not None:
                 stale = min(max(int(self.versions[i]) - since, 0), STALENESS_BINS - 1)
                 self.staleness[i, stale] += 1
