@@ -152,7 +152,8 @@ def ignored_settings(given: Collection[str], modes: Collection[str], optim: Opti
          "applies to the decentralized and dpsgd modes"),
         (("adaptive_state", "audit", "overlap", "optim.gossip_lr"),
          "decentralized" not in modes, "applies to the decentralized mode"),
-        (("master", "optim.staleness_lr", "optim.staleness_momentum", "optim.lookahead"),
+        (("master", "master_device", "optim.staleness_lr", "optim.staleness_momentum",
+          "optim.lookahead"),
          "centralized" not in modes, "applies to the centralized mode"),
         (("optim.staleness_momentum", "optim.lookahead"), "centralized" in modes and sgd,
          "applies to amsgrad and adam"),
@@ -294,6 +295,9 @@ class RunConfig(_Section):
     eval_samples: int = _f(0, "score the evaluations during the run on the first N test "
                            "samples, the final one on all (0 = all every time)", ge=0)
     device: Device = _f("auto", "auto: cuda:(worker mod n_gpus) when CUDA is available")
+    master_device: Device = _f("auto", "centralized: where the master keeps the model and "
+                               "its AMSGrad state and applies updates (auto: the first GPU "
+                               "when the workers are GPUs)")
     threads_per_worker: int | None = _f(None, "torch threads per worker (default: cores / "
                                         "workers)", ge=1, le=1024)
     transport: Transport = _f("auto", "auto: MPI when started by mpirun with several ranks, "

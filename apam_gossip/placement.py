@@ -42,6 +42,17 @@ def device_for(cfg: RunConfig, worker: int) -> torch.device:
     return torch.device("cpu")
 
 
+def master_device(cfg: RunConfig) -> torch.device:
+    """Where APAM's master keeps its model and optimizer state: cuda:0 when asked for
+    (``master_device = "cuda"``, or ``"auto"`` with GPU workers) and present, else the
+    CPU. An update costs a few elementwise passes over the model: on a GPU well under a
+    millisecond for 11M parameters, where the CPU took 85 ms (issue 21)."""
+    want = cfg.master_device if cfg.master_device != "auto" else \
+        ("cpu" if cfg.device == "cpu" else "cuda")
+    return torch.device("cuda", 0) if want == "cuda" and torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
 def eval_device(cfg: RunConfig) -> torch.device:
     """Where the coordinator (or rank 0) scores models: the first GPU if wanted and
     present, else the CPU."""
@@ -68,5 +79,5 @@ def node_placement(comm: Any) -> tuple[int, int, bool]:
         node.Free()
 
 
-__all__ = ["available_cores", "threads_per_worker", "device_for", "eval_device",
+__all__ = ["available_cores", "threads_per_worker", "device_for", "master_device", "eval_device",
            "mpi_workers", "node_placement"]

@@ -82,19 +82,30 @@ class ApamMaster:
     model ``x0`` = ``[params | buffers]`` with ``n_params`` trained entries, its optimizer
     state and progress); this class is its driver: the budget, snapshots, checkpoints,
     the workers' messages and deaths.
+
+    ``device``: where the model and optimizer state live and updates are applied (a GPU:
+    see :func:`~apam_gossip.placement.master_device`). Gradients arrive, and models leave,
+    in the transport's buffers (``end.device``): the same GPU on shared memory, host
+    buffers under MPI, staged through a pinned host copy.
     """
 
     def __init__(self, ctrl: Control, end: MasterEnd, x0: Tensor, optim: OptimConfig,
                  total: int, eval_at: list[int], snaps: Tensor,
                  checkpoint: CheckpointSpec | None = None,
                  resume: dict[str, Any] | None = None, drain_timeout: float = 3600.0,
-                 n_params: int | None = None) -> None:
+                 n_params: int | None = None, device: torch.device | str = "cpu") -> None:
         self.ctrl, self.end, self.total, self.snaps = ctrl, end, total, snaps
         self.checkpoint, self.drain_timeout = checkpoint, drain_timeout
         self.n = end.n_workers
-        self.core = ApamCore(x0, optim, self.n, total=total,
+        self.device = torch.device(device)
+        self.core = ApamCore(x0.to(self.device), optim, self.n, total=total,
                              n_params=x0.numel() if n_params is None else n_params)
         self.x = self.core.x  # the model (updated in place by the core)
+        end_device = getattr(end, "device", torch.device("cpu"))
+        # a GPU master behind host buffers (MPI): models leave through one pinned copy
+        self._staged = None if end_device == self.device else torch.empty(
+            x0.numel(), dtype=x0.dtype, device=end_device,
+            pin_memory=end_device.type == "cpu" and self.device.type == "cuda")
         # everything is restored before the first model goes out, so the versions the
         # workers see (and hence the recorded staleness) continue from the checkpoint
         if resume is not None:
@@ -119,6 +130,9 @@ class ApamMaster:
             raise RuntimeError(f"all {self.n} workers died; nothing left to train with")
 
     def send(self, i: int, params: Tensor | None, msg: Params | Stop) -> None:
+        if params is not None and self._staged is not None:
+            self._staged.copy_(params)  # waits for the copy: the buffer is whole
+            params = self._staged
         try:
             self.end.send(i, params, msg)
         except PeerGone:
@@ -147,7 +161,7 @@ class ApamMaster:
 
     def apply(self, i: int, msg: Grad, grad: Tensor) -> None:
         """The core's update with worker ``i``'s gradient (and its buffers)."""
-        self.core.apply(i, grad, msg.version, msg.samples, msg.lr)
+        self.core.apply(i, grad.to(self.device), msg.version, msg.samples, msg.lr)
         self.loss_sum += msg.loss
         self.loss_n += 1
 
@@ -170,8 +184,9 @@ class ApamMaster:
         p = self.core.progress
         assert self.core.state is not None
         save_checkpoint(self.checkpoint.path, {
-            "config": self.checkpoint.config, "mode": "centralized", "x": self.x.clone(),
-            "opt_state": {k: v.clone() for k, v in self.core.state.items()},
+            "config": self.checkpoint.config, "mode": "centralized",
+            "x": self.x.to("cpu", copy=True),  # checkpoints hold host tensors
+            "opt_state": {k: v.to("cpu", copy=True) for k, v in self.core.state.items()},
             "version": p.version, "samples": p.samples,
             "staleness": {int(k): int(v) for k, v in p.staleness.items()},
             "updates_of": list(p.updates_of), "samples_of": list(p.samples_of),

@@ -95,7 +95,10 @@ class ApamCore:
         version: the loop API's workers bring it)."""
         assert self.x is not None
         self.x.copy_(x)
-        self.state = {k: v.clone() for k, v in state.items()}
+        # the state beside x (a checkpoint holds host tensors); the step count, a
+        # scalar, stays on the host like Optimizer.init's
+        self.state = {k: v.to(self.x.device, copy=True) if v.dim() else v.clone()
+                      for k, v in state.items()}
         if progress is not None:
             self.progress = progress
         if version is not None:

@@ -45,7 +45,7 @@ from ..messages import (
     StopRequest,
     WorkerReport,
 )
-from ..placement import device_for, mpi_workers, node_placement, threads_per_worker
+from ..placement import device_for, master_device, mpi_workers, node_placement, threads_per_worker
 from ..plan import RunPlan, worker_config
 from ..reporting import (
     AuditBase,
@@ -171,13 +171,17 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
     # the master checkpoints at once and stops the workers in order (a request that
     # reached a worker's rank comes with its next gradient)
     ctx.stop.on_stop = partial(outbox.post, StopRequest())
-    end = tmpi.MpiStarMaster(comm, plan.numel, timeout=cfg.timeout_s)
+    mdev = master_device(cfg)
+    # a GPU master takes gradients from pinned host memory (one DMA copy to the device);
+    # a CPU master never pins (that would open a CUDA context it does not use)
+    end = tmpi.MpiStarMaster(comm, plan.numel, timeout=cfg.timeout_s,
+                             pin=mdev.type == "cuda")
     outbox.asked = lambda: end.stop_asked
     checkpoint = None if cfg.checkpoint is None else CheckpointSpec(
         cfg.checkpoint, cfg.checkpoint_every_s, cfg.replace(transport="auto").to_dict(),
         resumes)
     apam.master_main(outbox, end, plan.x0, cfg.optim, plan.total, plan.eval_at, snaps,
-                     checkpoint, ckpt, cfg.timeout_s, plan.n_params)
+                     checkpoint, ckpt, cfg.timeout_s, plan.n_params, mdev)
     reports = {}
     for r in range(1, comm.Get_size()):
         rep = comm.recv(source=r, tag=tmpi.T_STATS)

@@ -30,7 +30,7 @@ from ..messages import (
     WorkerReport,
 )
 from ..optim import Optimizer
-from ..placement import device_for, eval_device, threads_per_worker
+from ..placement import device_for, eval_device, master_device, threads_per_worker
 from ..plan import RunPlan, worker_config
 from ..procs import ChildFailed, ProcessGroup
 from ..reporting import (
@@ -143,7 +143,9 @@ class CentralizedMode(ShmMode):
         self.group: ProcessGroup | None = None
         # the transport lives as long as the mode: its semaphores and pipes must outlast
         # the children's start-up (spawn unpickles them in the child later)
-        self.star = ShmStar(cfg.workers, self.plan.numel)
+        # the slots on the master's device (its GPU: device-to-device copies, CUDA IPC)
+        self.master_device = master_device(cfg)
+        self.star = ShmStar(cfg.workers, self.plan.numel, device=self.master_device)
 
     def start(self, group: ProcessGroup) -> None:
         cfg, plan, star = self.cfg, self.plan, self.star
@@ -152,8 +154,8 @@ class CentralizedMode(ShmMode):
             cfg.checkpoint, cfg.checkpoint_every_s, cfg.to_dict(), self.resumes)
         group.start("master", apam.master_main,
                     (star.master_end(), plan.x0, cfg.optim, plan.total, plan.eval_at,
-                     self.snaps, checkpoint, self.ckpt, cfg.timeout_s, plan.n_params),
-                    threads=1)
+                     self.snaps, checkpoint, self.ckpt, cfg.timeout_s, plan.n_params,
+                     self.master_device), threads=1)
         wcfg = worker_config(cfg, self.resumes)
         for i in range(cfg.workers):
             group.start(f"worker {i}", apam.apam_worker_main,

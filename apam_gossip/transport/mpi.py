@@ -169,6 +169,7 @@ class MpiStarMaster:
     def __init__(self, comm, numel: int, timeout: float, pin: bool | None = None) -> None:
         self.comm = comm
         self.n_workers = comm.Get_size() - 1
+        self.device = torch.device("cpu")  # its buffers are host memory
         self.timeout = timeout
         self.meta = np.zeros((self.n_workers, META))
         self.grad = _host_buffer(numel, pin=pin)

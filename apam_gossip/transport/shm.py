@@ -28,10 +28,14 @@ class ShmStar:
     """Creates the shared slots and pipes; hand :meth:`master_end` / :meth:`worker_end`
     to the processes, then call :meth:`close_parent_copies`."""
 
-    def __init__(self, n_workers: int, numel: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, n_workers: int, numel: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        """``device``: where the slots are: the master's device (its GPU: the workers copy
+        their gradients in and their models out device to device, through CUDA IPC)."""
         self.n_workers = n_workers
-        self.params = torch.zeros(n_workers, numel, dtype=dtype).share_memory_()
-        self.grads = torch.zeros(n_workers, numel, dtype=dtype).share_memory_()
+        devices = [torch.device(device)] * n_workers
+        self.params = Rows(n_workers, numel, dtype, devices)
+        self.grads = Rows(n_workers, numel, dtype, devices)
         pipes = [CTX.Pipe(duplex=True) for _ in range(n_workers)]
         self._master_conns = [a for a, _ in pipes]
         self._worker_conns = [b for _, b in pipes]
@@ -49,8 +53,9 @@ class ShmStar:
 
 
 class ShmMasterEnd:
-    def __init__(self, params: Tensor, grads: Tensor, conns: list[Connection]) -> None:
+    def __init__(self, params: Rows, grads: Rows, conns: list[Connection]) -> None:
         self.n_workers = len(conns)
+        self.device = params.devices[0]  # where the slots are
         self.params = params
         self.grads = grads
         self.conns = conns
@@ -72,6 +77,7 @@ class ShmMasterEnd:
     def send(self, worker: int, params: Tensor | None, meta: Any) -> None:
         if params is not None:
             self.params[worker].copy_(params)
+            fence(self.params[worker])  # whole before the worker may read it
         try:
             self.conns[worker].send(meta)
         except (BrokenPipeError, OSError):
@@ -89,6 +95,7 @@ class ShmWorkerEnd:
     def send(self, grad: Tensor | None, meta: Any) -> None:
         if grad is not None:
             self.grad.copy_(grad)
+            fence(self.grad)  # whole before the master may read it
         try:
             self.conn.send(meta)
         except (BrokenPipeError, OSError):
