@@ -48,8 +48,11 @@ def sync_worker_main(ctrl: Control, end: SyncEnd, cfg: RunConfig, task: Task, da
     n_params = w.flat.n_params
     opt = Optimizer(cfg.optim)
     state = opt.init(w.flat.params)
-    x_cpu = w.flat.state if w.device.type == "cpu" else torch.zeros(w.flat.numel)
-    g_cpu = w.flat.grad_msg if w.device.type == "cpu" else torch.zeros(w.flat.numel)
+    # what the transport exchanges, where it keeps it (end.device): the flat buffers
+    # themselves when that is the worker's own device (shared memory: its GPU's slots)
+    here = end.device == w.device
+    x_t = w.flat.state if here else torch.zeros(w.flat.numel, device=end.device)
+    g_t = w.flat.grad_msg if here else torch.zeros(w.flat.numel, device=end.device)
     link = LinkModel(cfg.network, 4 * w.flat.numel)
     comm_s = (link.allreduce_seconds(n) if mix_weights is None
               else max((link.seconds(i, j) for j in neighbors), default=0.0))
@@ -88,22 +91,22 @@ def sync_worker_main(ctrl: Control, end: SyncEnd, cfg: RunConfig, task: Task, da
             break
         samples += nb
         msg = w.flat.pack_grad_msg()  # [grads | buffers after this forward pass]
-        if g_cpu is not msg:
-            g_cpu.copy_(msg)
+        if g_t is not msg:
+            g_t.copy_(msg)
         link.sleep(comm_s)
         if mix_weights is None:
-            end.allreduce_mean(g_cpu)
-            if g_cpu is not msg:
-                msg.copy_(g_cpu)
+            end.allreduce_mean(g_t)
+            if g_t is not msg:
+                msg.copy_(g_t)
             allreduce_step(opt, w.flat.params, w.flat.buffers, msg, state, opt.lr_at(k, steps))
         else:
-            if x_cpu is not w.flat.state:
-                x_cpu.copy_(w.flat.state)
+            if x_t is not w.flat.state:
+                x_t.copy_(w.flat.state)
             want = (k - 1) in points  # every worker knows: a transport may need all to join
             see = on_all(k - 1, False) if i == 0 and want else None
-            end.mix(x_cpu, mix_weights, on_all=see, gather=want)
-            if x_cpu is not w.flat.state:
-                w.flat.state.copy_(x_cpu)
+            end.mix(x_t, mix_weights, on_all=see, gather=want)
+            if x_t is not w.flat.state:
+                w.flat.state.copy_(x_t)
             opt.update(w.flat.params, w.flat.grads, state, lr=opt.lr_at(k, steps))
         loss_sum += loss
         loss_n += 1
@@ -123,7 +126,7 @@ def sync_worker_main(ctrl: Control, end: SyncEnd, cfg: RunConfig, task: Task, da
         if i == 0:
             snapshot(steps, w.flat.state.detach().cpu(), {}, final=True)
     else:  # one last exchange so worker 0 sees every final model
-        if x_cpu is not w.flat.state:
-            x_cpu.copy_(w.flat.state)
-        end.mix(x_cpu, [(i, 1.0)], on_all=on_all(steps, True) if i == 0 else None, gather=True)
+        if x_t is not w.flat.state:
+            x_t.copy_(w.flat.state)
+        end.mix(x_t, [(i, 1.0)], on_all=on_all(steps, True) if i == 0 else None, gather=True)
     ctrl.send(w.report(updates=steps, samples=samples, wall_time=wall))

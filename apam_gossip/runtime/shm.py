@@ -388,7 +388,9 @@ class SyncMode(ShmMode):
         super().__init__(cfg, task, data, cb)
         self.snaps = torch.zeros(len(self.plan.eval_at) + 1, self.plan.numel).share_memory_()
         self.scorer = SnapshotScorer(self.evaluator, self.snaps, self.plan.total_samples, cb)
-        self.sync = ShmSync(cfg.workers, self.plan.numel)  # outlasts the children's start
+        # outlasts the children's start; each slot on its worker's device
+        self.sync = ShmSync(cfg.workers, self.plan.numel,
+                            devices=[torch.device(d) for d in self.devices])
 
     def snapshot(self, name: str, msg: Snapshot) -> None:
         self.scorer(msg)

@@ -111,6 +111,7 @@ class SyncEnd(Protocol):
 
     worker: int
     n_workers: int
+    device: torch.device  # where the tensors it exchanges must be
 
     def barrier(self) -> None: ...
 

@@ -558,6 +558,7 @@ class MpiSync:
         self.comm = comm
         self.worker = comm.Get_rank()
         self.n_workers = comm.Get_size()
+        self.device = torch.device("cpu")  # host buffers
         self.timeout = timeout
         self.neighbors = neighbors
         self.recv = {j: _host_buffer(numel) for j in neighbors}

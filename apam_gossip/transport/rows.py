@@ -74,7 +74,10 @@ class Rows:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, i: int) -> Tensor:
+    def __getitem__(self, i: int | tuple) -> Tensor:
+        """Row ``i``; ``rows[i, ...]`` indexes into it."""
+        if isinstance(i, tuple):
+            return self._rows[i[0]][i[1:]]
         return self._rows[i]
 
     def copy_(self, src: Tensor) -> Rows:

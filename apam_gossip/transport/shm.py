@@ -364,9 +364,12 @@ class ShmSync:
     order, so replicas that start equal stay bitwise equal.
     """
 
-    def __init__(self, n_workers: int, numel: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, n_workers: int, numel: int, dtype: torch.dtype = torch.float32,
+                 devices: list[torch.device] | None = None) -> None:
+        """``devices``: where each worker computes; its slot is there (a GPU worker's
+        all-reduce then never leaves the GPUs: CUDA IPC, see :mod:`.rows`)."""
         self.n_workers = n_workers
-        self.slots = torch.zeros(n_workers, numel, dtype=dtype).share_memory_()
+        self.slots = Rows(n_workers, numel, dtype, devices)
         self.barrier = CTX.Barrier(n_workers)
 
     def end(self, i: int, timeout: float) -> ShmSyncEnd:
@@ -374,13 +377,35 @@ class ShmSync:
 
 
 class ShmSyncEnd:
-    def __init__(self, i: int, slots: Tensor, barrier, timeout: float) -> None:
+    def __init__(self, i: int, slots: Rows, barrier, timeout: float) -> None:
         self.worker = i
-        self.n_workers = slots.shape[0]
+        self.n_workers = len(slots)
+        self.device = slots.devices[i]  # where this worker's slot is
         self.slots = slots
         self.barrier_ = barrier
         self.timeout = timeout
-        self.tmp = torch.zeros(slots.shape[1], dtype=slots.dtype)
+        self.tmp = torch.zeros(slots.shape[1], dtype=slots.dtype, device=slots.devices[i])
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["tmp"] = None  # made where the worker runs (a GPU tensor is not sent ahead)
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self.tmp = torch.zeros(self.slots.shape[1], dtype=self.slots.dtype,
+                               device=self.slots.devices[self.worker])
+
+    def _mean_into(self, out: Tensor) -> None:
+        """``out`` <- the mean of the slots, in worker order on every worker (so replicas
+        stay bitwise equal); host slots: one torch.mean over the shared block."""
+        if not self.slots.on_gpu:
+            torch.mean(self.slots._host, 0, out=out)
+            return
+        out.copy_(self.slots[0])
+        for j in range(1, self.n_workers):
+            out.add_(self.slots[j].to(out.device))
+        out.div_(self.n_workers)
 
     def barrier(self) -> None:
         import threading
@@ -394,8 +419,10 @@ class ShmSyncEnd:
     def allreduce_mean(self, t: Tensor) -> None:
         """``t`` <- mean of every worker's ``t`` (in place)."""
         self.slots[self.worker].copy_(t)
+        fence(self.slots[self.worker])  # whole before the others read it
         self.barrier()
-        torch.mean(self.slots, 0, out=self.tmp)
+        self._mean_into(self.tmp)
+        fence(self.tmp)
         self.barrier()  # nobody overwrites a slot before everyone has read it
         t.copy_(self.tmp)
 
@@ -413,9 +440,11 @@ class ShmSyncEnd:
         slots are visible to all).
         """
         self.slots[self.worker].copy_(x)
+        fence(self.slots[self.worker])
         self.barrier()
         if on_all is not None:
-            on_all(self.slots)
-        mix_into(self.tmp, weights, self.slots.__getitem__)
+            on_all(self.slots.clone() if self.slots.on_gpu else self.slots._host)
+        mix_into(self.tmp, weights, lambda j: self.slots[j].to(self.tmp.device))
+        fence(self.tmp)
         self.barrier()
         x.copy_(self.tmp)

@@ -1,0 +1,93 @@
+"""Where the shared state lives (issue 21), on CPU machines: the per-worker rows and their
+sharing with spawned processes, the measured overlap choice, the master's device, and a
+default gossip run that reports each worker's choice. The same code paths on a GPU are in
+tests/test_gpu.py (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from apam_gossip.algorithms.adpsgd import OverlapChoice
+from apam_gossip.placement import master_device
+from apam_gossip.procs import CTX
+from apam_gossip.runner import run
+from apam_gossip.transport.rows import Rows, fence
+
+from helpers import make_cfg
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _child_writes(rows: Rows, i: int, value: float) -> None:
+    rows[i].fill_(value)
+    fence(rows[i])
+
+
+def test_host_rows_are_views_of_one_shared_block_that_a_spawned_process_writes():
+    rows = Rows(3, (2, 2), torch.float64)
+    assert rows.shape == (3, 2, 2) and len(rows) == 3 and not rows.on_gpu
+    rows.copy_(torch.arange(12, dtype=torch.float64).reshape(3, 2, 2))
+    assert float(rows[1, 0, 1]) == 5.0
+    p = CTX.Process(target=_child_writes, args=(rows, 2, 7.0))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    c = rows.clone()
+    assert c[2].eq(7.0).all() and c[0].flatten().tolist() == [0, 1, 2, 3]
+    c[0].fill_(-1)  # a clone is a copy
+    assert float(rows[0, 0, 0]) == 0.0
+    back = pickle.loads(pickle.dumps(rows))  # rows are views again after a pickle
+    back[1].fill_(3.0)
+    assert back.clone()[1].eq(3.0).all() and back[1].data_ptr() == back._host[1].data_ptr()
+
+
+def test_rows_refuse_a_device_list_of_the_wrong_length():
+    with pytest.raises(ValueError, match="2 devices for 3 rows"):
+        Rows(3, 4, devices=["cpu", "cpu"])
+
+
+def test_a_forced_overlap_choice_never_changes():
+    for forced in (True, False):
+        c = OverlapChoice(forced)
+        for k in range(40):
+            assert c.now() is forced
+            c.record(forced, 1.0 + k)
+        assert c.decided is forced and c.measured() is None
+
+
+@pytest.mark.parametrize("beside_s,faster", [(0.5, True), (2.0, False)])
+def test_a_measured_overlap_choice_keeps_the_faster_way(beside_s, faster):
+    c = OverlapChoice(None)
+    ways = []
+    while c.decided is None:
+        way = c.now()
+        ways.append(way)
+        # warm-up steps are slow (compiles, caches) and must not count
+        c.record(way, 100.0 if len(ways) <= c.WARMUP else (beside_s if way else 1.0))
+    assert ways == [False] * (c.WARMUP + c.PROBE) + [True] * c.PROBE
+    assert c.decided is faster and c.now() is faster
+    assert c.measured() == {"sequential_s": 1.0, "overlapped_s": beside_s}
+
+
+def test_the_master_is_on_the_cpu_unless_a_gpu_is_asked_for_and_present():
+    assert master_device(make_cfg(device="cpu")).type == "cpu"
+    assert master_device(make_cfg(device="auto", master_device="cpu")).type == "cpu"
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert master_device(make_cfg(device="auto")).type == want
+    assert master_device(make_cfg(device="cpu", master_device="cuda")).type == want
+
+
+def test_a_default_gossip_run_reports_each_workers_measured_overlap(digits):
+    """Each worker times its first steps both ways and says which it kept; --no-overlap
+    and --overlap say so without measuring. The math is the same: the audit holds."""
+    base = {"mode": "decentralized", "workers": 2, "topology": "complete", "steps": 120,
+            "evals": 1, "audit": True, "data": {"batch_size": 16}}
+    r = run(make_cfg(base), dataset=digits)
+    assert [type(w.overlap) for w in r.workers] == [bool, bool]
+    assert r.evals[-1].extra["audit_error"] <= 1e-5
+    for forced in (False, True):
+        r = run(make_cfg(base, overlap=forced, steps=40), dataset=digits)
+        assert [w.overlap for w in r.workers] == [forced, forced]
