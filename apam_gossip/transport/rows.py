@@ -15,10 +15,15 @@ read a row under a lock makes that work complete (:func:`fence`) before it relea
 lock, so the next holder, in whichever process, sees it whole. Only the stream that did
 the work waits: the communication thread's own stream for an average, the compute stream
 for the short snapshot and local step, whose results the next step needs anyway.
+
+``APAM_GOSSIP_ROWS=separate`` in the environment makes host rows separate tensors too
+(each in its own shared segment), so that a CPU machine runs the code path GPU rows take
+(the test suite does, to cover it where CI has no GPU).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -51,9 +56,9 @@ class Rows:
         self.dtype = dtype
         self.devices = devs
         self.on_gpu = any(d.type == "cuda" for d in devs)
-        if self.on_gpu:
+        if self.on_gpu or os.environ.get("APAM_GOSSIP_ROWS") == "separate":
             self._host = None
-            self._rows = [torch.zeros(shape, dtype=dtype, device=d) for d in devs]
+            self._rows = [_shared(torch.zeros(shape, dtype=dtype, device=d)) for d in devs]
         else:
             self._host = torch.zeros(self.shape, dtype=dtype).share_memory_()
             self._rows = list(self._host)
@@ -70,6 +75,11 @@ class Rows:
         self.__dict__.update(d)
         if self._host is not None:
             self._rows = list(self._host)
+
+    @property
+    def separate(self) -> bool:
+        """Whether each row is its own tensor (GPU rows), not a view of one host block."""
+        return self._host is None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -103,6 +113,10 @@ class Rows:
             r.normal_()
         fence(*self._rows)
         return self
+
+
+def _shared(t: Tensor) -> Tensor:
+    return t.share_memory_() if t.device.type == "cpu" else t  # CUDA: shared by IPC
 
 
 __all__ = ["Rows", "fence"]

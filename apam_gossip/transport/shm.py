@@ -399,7 +399,7 @@ class ShmSyncEnd:
     def _mean_into(self, out: Tensor) -> None:
         """``out`` <- the mean of the slots, in worker order on every worker (so replicas
         stay bitwise equal); host slots: one torch.mean over the shared block."""
-        if not self.slots.on_gpu:
+        if not self.slots.separate:
             torch.mean(self.slots._host, 0, out=out)
             return
         out.copy_(self.slots[0])
@@ -443,7 +443,7 @@ class ShmSyncEnd:
         fence(self.slots[self.worker])
         self.barrier()
         if on_all is not None:
-            on_all(self.slots.clone() if self.slots.on_gpu else self.slots._host)
+            on_all(self.slots.clone() if self.slots.separate else self.slots._host)
         mix_into(self.tmp, weights, lambda j: self.slots[j].to(self.tmp.device))
         fence(self.tmp)
         self.barrier()
