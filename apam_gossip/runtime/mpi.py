@@ -200,8 +200,10 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
 def _decentralized(ctx: _RankContext) -> RunResult | None:
     cfg, plan, comm, rank = ctx.cfg, ctx.plan, ctx.comm, ctx.rank
     nb, probs = plan.neighbors(rank)
+    # the model, u and the local step on this rank's device (its GPU: exchanges go
+    # through pinned host buffers)
     g = tmpi.MpiGossip(comm, plan.x0, cfg.adaptive_state == "tracked", plan.total,
-                       cfg.timeout_s, n_tracked=plan.n_params)
+                       cfg.timeout_s, n_tracked=plan.n_params, device=ctx.device)
     # a stop request on any rank: it claims no more updates and its next claim tells
     # rank 0, which hands out no more, so every rank ends within one update; they
     # finish together as at the end of the budget (no checkpoint here)
@@ -247,11 +249,11 @@ def _decentralized(ctx: _RankContext) -> RunResult | None:
     reports = comm.gather(outbox.of_type(WorkerReport)[-1], root=0)
     devices = comm.gather(str(ctx.device), root=0)
     xs = torch.zeros(cfg.workers, plan.numel) if rank == 0 else None
-    comm.Gather(g.x.contiguous(), xs, root=0)
+    comm.Gather(g.x.to("cpu").contiguous(), xs, root=0)
     us = None
     if cfg.audit and g.u is not None:
         us = torch.zeros(cfg.workers, plan.n_params) if rank == 0 else None
-        comm.Gather(g.u.contiguous(), us, root=0)
+        comm.Gather(g.u.to("cpu").contiguous(), us, root=0)
     if rank != 0:
         return None
     if g.stopping and g.claimed < plan.total:

@@ -32,6 +32,7 @@ GPU workers stage through pinned host buffers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -44,6 +45,7 @@ from torch import Tensor
 from ..average import mix_into
 from ..errors import UserError
 from ..messages import Grad, Hello, Params, Stop
+from .rows import fence
 
 # message tags
 T_META, T_TENSOR = 11, 12  # star
@@ -304,20 +306,34 @@ class MpiGossip:
     """
 
     def __init__(self, comm, x0: Tensor, tracked: bool, total: int, timeout: float,
-                 n_tracked: int | None = None) -> None:
+                 n_tracked: int | None = None, device: torch.device | str = "cpu") -> None:
         """``x0``: this rank's initial state; ``n_tracked``: the length of the tracked
-        second moment (the trained parameters: default all of the state)."""
+        second moment (the trained parameters: default all of the state); ``device``:
+        where the state lives and the local step runs (a GPU rank's own GPU: then every
+        exchange goes through pinned host buffers, one DMA copy each way, and the
+        average itself is computed on the GPU)."""
         require_thread_multiple("gossip over MPI (a server thread beside the training thread)")
         self.comm = comm
         self.rank = comm.Get_rank()
         self.worker = self.rank
         self.size = comm.Get_size()
         self.n_workers = self.size
-        self.device = torch.device("cpu")  # x lives in a host buffer MPI sends from
+        self.device = torch.device(device)
         self.timeout = timeout
         n, n_u = x0.numel(), x0.numel() if n_tracked is None else n_tracked
-        # [x | u] in one buffer: an average sends it as it is, with no packed copy
-        self.state = _host_buffer(n + (n_u if tracked else 0))
+        # [x | u] in one buffer: an average sends it as it is, with no packed copy (on a
+        # GPU, through the pinned `_wire` copy)
+        on_gpu = self.device.type == "cuda"
+        # staged: the GPU's way (APAM_GOSSIP_ROWS=separate takes it on a CPU too, so the
+        # test suite covers it where CI has no GPU; see apam_gossip.transport.rows)
+        staged = on_gpu or os.environ.get("APAM_GOSSIP_ROWS") == "separate"
+        self.state = torch.zeros(n + (n_u if tracked else 0), device=self.device) if staged \
+            else _host_buffer(n + (n_u if tracked else 0))
+        self._wire = _host_buffer(self.state.numel(), pin=on_gpu) if staged else None
+        self._dev_tmp = torch.zeros_like(self.state) if staged else None
+        # the server thread's own stream: a peer's average never queues behind (or holds
+        # up) this rank's gradient kernels
+        self._srv_stream = torch.cuda.Stream(self.device) if on_gpu else None
         self.x = self.state[:n]
         self.x.copy_(x0)
         self.u = self.state[n:] if tracked else None
@@ -395,7 +411,7 @@ class MpiGossip:
                     return
                 if kind == R_SNAP:
                     with self.lock:
-                        snap = self.x.clone()
+                        snap = self.x.to("cpu", copy=True)
                     self.comm.Send(snap, dest=src, tag=T_SNAP_REPLY)
                 elif kind == R_CLAIM:  # reply with the update's index, 0 when none is left
                     if hdr[1]:  # the asker got a stop request: the whole job stops
@@ -417,9 +433,21 @@ class MpiGossip:
         straight from the model as the reply. The lock stays held until the send is
         done, so no local step lands in the model while it is on the wire (the asker
         takes the reply as its new model)."""
-        torch.lerp(self.state, payload, 0.5, out=self.state)
+        if self._wire is None:
+            torch.lerp(self.state, payload, 0.5, out=self.state)
+            self.version += 1
+            self.comm.Send(self.state, dest=src, tag=T_REPLY)
+            return
+        assert self._dev_tmp is not None
+        stream = self._srv_stream
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            self._dev_tmp.copy_(payload, non_blocking=True)
+            torch.lerp(self.state, self._dev_tmp, 0.5, out=self.state)
+            self._wire.copy_(self.state, non_blocking=True)
+            if stream is not None:
+                stream.synchronize()  # x and the wire copy whole before the send
         self.version += 1
-        self.comm.Send(self.state, dest=src, tag=T_REPLY)
+        self.comm.Send(self._wire, dest=src, tag=T_REPLY)
 
     def _serve_waiting(self, waiting: list[tuple[int, Tensor]]) -> list[tuple[int, Tensor]]:
         """Serve the deferred averages once this rank's own is done; returns what still
@@ -471,6 +499,7 @@ class MpiGossip:
     def snapshot(self, out: Tensor) -> int:
         with self.lock:
             out.copy_(self.x)
+            fence(out)  # whole before the server thread may average into x
             return self.version
 
     def average_with(self, j: int) -> bool:
@@ -496,7 +525,11 @@ class MpiGossip:
             # receive is cancelled once the answer is in
             answers = [self.comm.Irecv(self._recv_buf, source=j, tag=T_REPLY),
                        self.comm.Irecv(self._refusal_buf, source=j, tag=T_REFUSED)]
-            self.comm.Send(self.state, dest=j, tag=T_DATA)
+            out = self.state
+            if self._wire is not None:
+                self._wire.copy_(self.state)  # a device-to-pinned copy; waits for it
+                out = self._wire
+            self.comm.Send(out, dest=j, tag=T_DATA)
             got = _wait_any(answers, self.timeout,
                             f"rank {self.rank}: rank {j}'s answer to an average")
             unused = answers[1 - got]
@@ -510,6 +543,7 @@ class MpiGossip:
                 return False
             with self.lock:
                 self.state.copy_(self._recv_buf)
+                fence(self.state)
                 self.version += 1
             self.averages += 1
             return True
@@ -526,6 +560,7 @@ class MpiGossip:
             # overwritten by its reply: wait for it (it never waits on this thread)
             self.idle.wait_for(lambda: not self.in_flight)
             fn(self.x, self.u)
+            fence(self.x)  # done before the server thread may average into x
             self.version += 1
             return self.version
 
