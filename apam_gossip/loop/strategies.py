@@ -163,16 +163,17 @@ class Gossip(Strategy):
 
         o, s = self.opt, self.s
         tracked = s.adaptive_state == "tracked"
-        self.gossip = MpiGossip(s.comm, o.to_host(), tracked, 0, s.timeout_s,
-                                n_tracked=o.flat.n_params)
+        # the gossip state where your model is (its GPU: the local step runs there, and
+        # exchanges go through pinned host buffers)
+        dev = o.flat.state.device
+        self.gossip = MpiGossip(s.comm, o.flat.state, tracked, 0, s.timeout_s,
+                                n_tracked=o.flat.n_params, device=dev)
         self.rule = GossipRule(o.hp, s.size, o.flat.n_params, tracked)
-        o.opt_state = self.rule.init_state()
+        o.opt_state = self.rule.init_state(dev)
         nb, probs = neighbor_probabilities(s.graph)[s.rank]
         self.pick = neighbor_picker(nb, probs, worker_seed(s.seed, s.rank) + 1) \
             if nb else None
         self.buffers0 = o.flat.buffers.clone()
-        self.grad_cpu = torch.zeros(o.flat.n_params) if o.flat.state.device.type != "cpu" \
-            else None
         self.v0 = self.gossip.version
         # the next average runs beside your next gradient (a second thread)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="gossip-average") \
@@ -182,11 +183,8 @@ class Gossip(Strategy):
 
     def step(self, samples: int) -> None:
         o, rule = self.opt, self.rule
-        g = o.flat.grads
-        if self.grad_cpu is not None:
-            self.grad_cpu.copy_(g)
-            g = self.grad_cpu
-        delta = rule.buffer_delta(o.flat.buffers, self.buffers0)
+        g = o.flat.grads  # on the gossip state's device: the model's
+        delta = rule.buffer_delta(o.flat.buffers, self.buffers0, self.gossip.device)
         lr = rule.lr(o.lr_of(o.steps + 1))
         averaged = self._join() if self.in_flight is not None else self._average()
         v1 = self.gossip.update_local(rule.step(g, o.opt_state, lr, delta))
@@ -210,8 +208,7 @@ class Gossip(Strategy):
     def _refresh(self) -> None:
         """The next gradient is computed at a snapshot of x_i (averages keep arriving)."""
         o = self.opt
-        self.v0 = self.gossip.snapshot(o.host)
-        o.from_host()
+        self.v0 = self.gossip.snapshot(o.flat.state)  # device to device on a GPU
         if o.flat.n_buffers:
             self.buffers0.copy_(o.flat.buffers)
 
@@ -243,10 +240,11 @@ class Gossip(Strategy):
         if verdict is not None:
             raise LoopError(verdict, collective=True)
         n_params = o.flat.n_params
-        total = self.gossip.x.to(torch.float64, copy=True)  # the all-reduce is in place
+        x = self.gossip.x.to("cpu")  # MPI reduces host memory
+        total = x.to(torch.float64, copy=True)  # the all-reduce is in place
         wait(comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM), s, "averaging the models",
              NO_DEADLINE_S)
-        sq = squares(self.gossip.x, n_params)
+        sq = squares(x, n_params)
         wait(comm.Iallreduce(MPI.IN_PLACE, sq, op=MPI.SUM), s, "the consensus distance",
              NO_DEADLINE_S)
         xbar, extra = consensus_from_sums(total, float(sq[0]), float(sq[1]), s.size,
@@ -265,9 +263,9 @@ class Gossip(Strategy):
     def state(self) -> dict[str, Any]:
         o = self.opt
         with self.gossip.lock:  # the gossip state is the model (averages land there)
-            d = {"x": self.gossip.x.clone()}
+            d = {"x": self.gossip.x.to("cpu", copy=True)}
             if self.gossip.u is not None:
-                d["u"] = self.gossip.u.clone()
+                d["u"] = self.gossip.u.to("cpu", copy=True)
         d["opt"] = {k: v.detach().cpu().clone() for k, v in o.opt_state.items()}
         d["version"] = o.steps
         return d
