@@ -117,3 +117,17 @@ def test_gpu_ranks_under_mpirun(tmp_path, mode):
     r = json.loads(out.read_text())
     assert r["transport"] == "mpi" and r["final_accuracy"] > 0.8
     assert all(w["device"].startswith("cuda") for w in r["workers"])
+
+
+@pytest.mark.skipif(not os.path.exists(MPIRUN), reason="mpirun not in the venv")
+@pytest.mark.parametrize("example,n", [("loop_decentralized", 4), ("loop_centralized", 3)])
+def test_the_loop_api_examples_on_gpu_ranks(tmp_path, example, n):
+    """A user's own loop with ag.device() a GPU: gossip keeps its state on the GPU, APAM's
+    workers send GPU gradients."""
+    res = tmp_path / "r.json"
+    argv = [sys.executable, f"examples/{example}.py", "--epochs", "4", "--result", str(res)]
+    p = run_mpirun(n, argv, timeout=240, env=MPI_ENV)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    d = json.loads(res.read_text())
+    assert d["final_accuracy"] >= 0.8, d["evals"]
+    assert all(w["device"].startswith("cuda") for w in d["workers"]), d["workers"]
