@@ -21,7 +21,8 @@ __all__ = ["run", "compare", "RunConfig", "DataConfig", "OptimConfig", "RunResul
            "Metric", "UserError", "load_model", "__version__",
            # the loop API (apam_gossip.loop)
            "init", "DistributedOptimizer", "rank", "size", "local_rank", "is_master",
-           "num_workers", "worker_index", "device", "MasterHandle", "LoopSummary", "LoopError"]
+           "is_main_worker", "num_workers", "worker_index", "device", "allreduce", "broadcast",
+           "barrier", "MasterHandle", "LoopSummary", "LoopError"]
 LOOP_NAMES = frozenset(__all__[__all__.index("init"):])
 
 if TYPE_CHECKING:
@@ -33,8 +34,12 @@ if TYPE_CHECKING:
         LoopError,
         LoopSummary,
         MasterHandle,
+        allreduce,
+        barrier,
+        broadcast,
         device,
         init,
+        is_main_worker,
         is_master,
         local_rank,
         num_workers,
@@ -81,4 +86,23 @@ def __getattr__(name: str) -> Any:  # lazy: `import apam_gossip` stays cheap unt
         from .errors import UserError
 
         return UserError
-    raise AttributeError(f"module 'apam_gossip' has no attribute {name!r}")
+    hint = _PORTING_HINTS.get(name)
+    raise AttributeError(f"module 'apam_gossip' has no attribute {name!r}"
+                         + (f": {hint}" if hint else ""))
+
+
+# what a Horovod, BlueFog or torch.distributed script calls, and what to do here instead
+_PORTING_HINTS = {
+    "broadcast_parameters": "not needed: every rank starts from the same model (decentralized: "
+    "rank 0's; centralized: the master's); delete the call",
+    "broadcast_optimizer_state": "not needed: the optimizer state starts fresh on every rank "
+    "(use opt.load_state_dict to resume); delete the call",
+    "broadcast_object": "use ag.broadcast(obj, root=0)",
+    "allreduce_": "use t = ag.allreduce(t) (it returns the result)",
+    "allgather": "not available; reduce with ag.allreduce (sum, average, min, max) instead",
+    "join": "not needed: opt.finish() lets ranks that took fewer steps finish",
+    "local_size": "use ag.num_workers() (training ranks) or ag.size()",
+    "get_rank": "use ag.rank(), or ag.is_main_worker() for the rank that prints and saves",
+    "get_world_size": "use ag.num_workers() (training ranks) or ag.size()",
+    "shutdown": "use opt.finish()",
+}

@@ -534,3 +534,69 @@ def test_a_centralized_worker_finishing_while_another_loads_is_an_error_not_a_ha
     assert p.returncode == 2, p.stdout + p.stderr
     errors = [ln for ln in p.stderr.splitlines() if "apam-gossip: error:" in ln]
     assert len(errors) == 1 and "finished without loading" in errors[0], p.stderr
+
+
+@needs_mpi
+@pytest.mark.parametrize("mode", ["decentralized", "centralized", "allreduce"])
+def test_collectives_among_the_workers_in_every_mode(tmp_path, mode):
+    """ag.allreduce / broadcast / barrier among the training ranks, mid-training (ranks of
+    uneven step counts, where the mode allows it) and after finish(); ag.is_main_worker()
+    names one worker (rank 1 under a centralized master) and the queries answer after
+    finish(); a user's own MPI.COMM_WORLD collective after finish() works, except in
+    centralized mode, where it is one clear error (the master never joins it), not a hang."""
+    p = launch(3, "tests/mpi_scripts/collectives.py", mode, str(tmp_path), "--world",
+               timeout=120)
+    workers = 2 if mode == "centralized" else 3
+    if mode == "centralized":
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert "MPI.COMM_WORLD.allreduce() in a centralized job" in p.stderr
+        assert "ag.allreduce" in p.stderr and "Traceback" not in p.stderr
+        assert not list(tmp_path.glob("worker*.json"))  # it stopped at the world call
+        p = launch(3, "tests/mpi_scripts/collectives.py", mode, str(tmp_path), timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    seen = [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(workers)]
+    assert [s["main"] for s in seen] == [True] + [False] * (workers - 1)
+    assert seen[0]["rank"] == (1 if mode == "centralized" else 0)
+    total = sum(range(1, workers + 1))
+    mean = sum(range(workers)) / workers
+    for s in seen:
+        a = s["after"]
+        assert s["mid_sum"] == total and a["avg"] == mean and a["max"] == workers - 1
+        assert a["tensor"] == [mean] * 3
+        assert a["bcast"] == {"from": workers - 1, "list": [1, 2]} and a["bcast_t"] == [0, 0]
+        assert a["rank_after"] == s["rank"] and a["main_after"] == s["main"]
+        if mode != "centralized":
+            assert s["world"] == 3
+
+
+def test_collectives_in_one_process_return_the_value_and_name_bad_arguments():
+    with pytest.raises(ag.LoopError, match="before apam_gossip.init"):
+        ag.allreduce(1.0)
+    ag.init(mode="decentralized")
+    assert ag.is_main_worker() and ag.allreduce(3) == 3.0 and ag.allreduce(3, op="sum") == 3
+    assert isinstance(ag.allreduce(3, op="max"), int)
+    t = torch.arange(4, dtype=torch.int32)
+    assert ag.allreduce(t).dtype == torch.float64 and ag.allreduce(t, op="sum").dtype == t.dtype
+    assert ag.broadcast({"a": 1}) == {"a": 1}
+    ag.barrier()
+    with pytest.raises(ag.LoopError, match="op must be one of average, sum, min, max"):
+        ag.allreduce(1.0, op="mean")
+    with pytest.raises(TypeError, match="booleans cannot be reduced"):
+        ag.allreduce(True)
+    with pytest.raises(TypeError, match="got str"):
+        ag.allreduce("1")
+    with pytest.raises(ag.LoopError, match=r"root must be a worker index 0..0, got 1"):
+        ag.broadcast(1, root=1)
+    with pytest.raises(AttributeError, match="broadcast_parameters.*delete the call"):
+        ag.broadcast_parameters  # noqa: B018 - a Horovod habit, named
+
+
+def test_queries_answer_after_finish_but_a_new_optimizer_needs_a_new_init():
+    ag.init(mode="decentralized")
+    opt = ag.DistributedOptimizer(make_model(), lr=1e-2)
+    opt.finish(quiet=True)
+    assert ag.rank() == 0 and ag.is_main_worker() and ag.allreduce(2.0) == 2.0
+    with pytest.raises(ag.LoopError, match="before apam_gossip.init"):
+        ag.DistributedOptimizer(make_model(), lr=1e-2)
+    ag.init(mode="allreduce")  # a second job in the same script
+    assert ag.num_workers() == 1

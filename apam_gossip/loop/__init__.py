@@ -71,12 +71,14 @@ strategy per mode), :mod:`.master` (the centralized master on the APAM core),
 from __future__ import annotations
 
 from .base import MODES, LoopError
+from .collectives import allreduce, barrier, broadcast
 from .master import MasterHandle
 from .optimizer import DistributedOptimizer
 from .report import LoopSummary, loop_result, summary_table
 from .session import (
     device,
     init,
+    is_main_worker,
     is_master,
     local_rank,
     num_workers,
@@ -88,6 +90,7 @@ from .session import (
 
 _reset = reset  # tests: forget the session
 
-__all__ = ["init", "rank", "size", "local_rank", "is_master", "num_workers", "worker_index",
-           "device", "DistributedOptimizer", "MasterHandle", "LoopSummary", "LoopError",
-           "MODES", "loop_result", "summary_table"]
+__all__ = ["init", "rank", "size", "local_rank", "is_master", "is_main_worker",
+           "num_workers", "worker_index", "device", "allreduce", "broadcast", "barrier",
+           "DistributedOptimizer", "MasterHandle", "LoopSummary", "LoopError", "MODES",
+           "loop_result", "summary_table"]

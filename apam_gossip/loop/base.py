@@ -70,6 +70,9 @@ class Session:
     graph: Any = None
     overlap: bool = True
     optimizer: Any = None  # the job's DistributedOptimizer (loop.optimizer imports this)
+    # the training ranks only (the centralized master left out), a communicator of their
+    # own: a user's collective (ag.allreduce) can never match the library's messages
+    workers_comm: Any = None
     master_done: bool = False  # centralized rank 0, back from init(master="return")
 
     @property
@@ -92,6 +95,12 @@ class Session:
     @property
     def is_master(self) -> bool:
         return self.has_master and self.rank == 0
+
+    @property
+    def is_main_worker(self) -> bool:
+        """The one training process that prints and saves: worker index 0 (rank 0, or
+        rank 1 when rank 0 is the centralized master)."""
+        return not self.is_master and self.worker_index == 0
 
 
 def wait(req: Any, s: Session, what: str, deadline: float | None = None) -> None:

@@ -42,7 +42,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, lr: float | Callable[[int], float] = 1e-3, *,
                  optimizer: str = "amsgrad", broadcast: bool = True, **optim: Any) -> None:
-        s = current("DistributedOptimizer(...)")
+        s = current("DistributedOptimizer(...)", after_finish=False)
         if s.master_done or s.is_master:
             raise LoopError("rank 0 is the centralized master: it does not train (init() "
                             "returned its MasterHandle); skip your loop when ag.is_master()")
@@ -248,7 +248,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             return LoopSummary(s.rank, reports, result)
         finally:
             s.optimizer = None
-            reset()
+            reset(keep=True)  # the queries and ag.allreduce still answer
 
     def _finish_at_exit(self) -> None:
         """A script that ends without ``finish()`` would leave the other ranks waiting:

@@ -33,6 +33,7 @@ from .base import (
 from .master import MasterHandle, run_master
 
 _session: Session | None = None
+_finished: Session | None = None  # the last session, after its finish()
 _hooked = False
 _crashed = False  # an uncaught exception is on its way out: no finish() at exit
 
@@ -44,12 +45,17 @@ def _env_rank() -> str:
     return "this process"
 
 
-def current(what: str) -> Session:
-    if _session is None:
-        _install_hooks()
-        raise LoopError(f"{_env_rank()}: {what} before apam_gossip.init(): call "
-                        "ag.init(mode=...) first")
-    return _session
+def current(what: str, after_finish: bool = True) -> Session:
+    """The session; with ``after_finish`` (the queries, the collectives) the one that
+    ended with ``finish()`` still answers, so ``if ag.is_main_worker(): save(...)`` works
+    after the loop as before it."""
+    if _session is not None:
+        return _session
+    if after_finish and _finished is not None:
+        return _finished
+    _install_hooks()
+    raise LoopError(f"{_env_rank()}: {what} before apam_gossip.init(): call "
+                    "ag.init(mode=...) first")
 
 
 def _install_hooks() -> None:
@@ -118,7 +124,7 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     only some ranks raise (a topology file missing on one host) is printed by rank 0,
     naming each rank that failed, and ends the job with exit code 2.
     """
-    global _session
+    global _session, _finished
     _install_hooks()
     if _session is not None:
         raise LoopError(f"rank {_session.rank}: apam_gossip.init() was called twice; call "
@@ -164,10 +170,18 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     dev = torch.device("cpu")
     s = Session(traits, comm, rank, size, local_rank, dev, topology, adaptive_state, seed,
                 float(timeout_s), result, overlap=overlap, graph=graph)
+    if comm is not None:  # collective: every rank, the master too, takes part
+        from mpi4py import MPI
+
+        s.workers_comm = comm.Split(MPI.UNDEFINED if s.is_master else 0, rank)
+        if s.has_master and not s.is_master and master == "exit":
+            from .collectives import guard_world
+
+            guard_world(rank)
     if device == "auto" and torch.cuda.is_available() and not s.is_master:
         s.device = torch.device("cuda", worker_here % torch.cuda.device_count())
         torch.cuda.set_device(s.device)
-    _session = s
+    _session, _finished = s, None
     if s.is_master:
         handle = run_master(s)
         s.master_done = True
@@ -247,6 +261,14 @@ def is_master() -> bool:
     return current("ag.is_master()").is_master
 
 
+def is_main_worker() -> bool:
+    """True on exactly one training process: the one that prints, logs and saves (in
+    every mode the worker with :func:`worker_index` 0: rank 0, or rank 1 in a
+    centralized job, whose rank 0 is the master). Use it where a Horovod or DDP script
+    says ``if rank == 0``; it answers after ``finish()`` too."""
+    return current("ag.is_main_worker()").is_main_worker
+
+
 def num_workers() -> int:
     """How many ranks train (centralized: all but the master)."""
     return current("ag.num_workers()").n_workers
@@ -270,7 +292,9 @@ def crashed() -> bool:
     return _crashed
 
 
-def reset() -> None:
-    """Forget the session (``finish()`` does; tests too)."""
-    global _session
+def reset(keep: bool = False) -> None:
+    """Forget the session (tests); ``keep`` (``finish()``): the queries and collectives
+    still answer from it, and a new :func:`init` may start."""
+    global _session, _finished
+    _finished = _session if keep else None
     _session = None
