@@ -38,6 +38,8 @@ pytestmark = pytest.mark.timeout(120)
     (["train", "--lr", "1e300"], "--lr must be <="),
     (["train", "--slow", "0=1e300"], "--slow (slowdown[0]) must be in [1, 1e6]"),
     (["train", "--lrr", "0.1"], "unrecognized arguments: --lrr 0.1; did you mean --lr?"),
+    # a known flag plus a word: the flag, not a look-alike (--simulate was suggested)
+    (["train", "--lr-rate", "0.1"], "--lr-rate 0.1; did you mean --lr?"),
     (["train", "--data.batch-size", "x"],
      "argument --data.batch-size/--batch-size: invalid int value"),
     (["compare", "--modes", "centralized,gossip"], "unknown mode 'gossip'"),
@@ -315,3 +317,12 @@ def test_a_closed_pipe_ends_quietly():
     finally:
         p.kill()
         p.wait()
+
+
+def test_compare_help_names_every_mode_and_its_default():
+    from apam_gossip.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["compare"].format_help()
+    text = " ".join(text.split())
+    assert "all three" not in text
+    assert "centralized, decentralized, sequential, allreduce and dpsgd" in text

@@ -600,3 +600,9 @@ def test_queries_answer_after_finish_but_a_new_optimizer_needs_a_new_init():
         ag.DistributedOptimizer(make_model(), lr=1e-2)
     ag.init(mode="allreduce")  # a second job in the same script
     assert ag.num_workers() == 1
+
+
+def test_a_topology_of_the_wrong_size_tells_a_script_user_how_many_ranks_to_launch():
+    with pytest.raises(ag.LoopError, match=r"give launch -n 8 \(one rank per node\) or a "
+                       r"topology with 1 nodes"):
+        ag.init(mode="decentralized", topology="topologies/ring8.edgelist")

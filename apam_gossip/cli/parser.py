@@ -33,7 +33,12 @@ class _Parser(argparse.ArgumentParser):
                  for o in act.option_strings}
         for word in message.split(":", 1)[1].split():
             if word.startswith("--"):
-                near = difflib.get_close_matches(word.split("=")[0], sorted(known), n=1)
+                flag = word.split("=")[0]
+                # a known flag with an extra word (--lr-rate: --lr) before a look-alike
+                # (difflib alone offered --simulate)
+                prefixes = [k for k in known if flag.startswith((k + "-", k + "."))]
+                near = [max(prefixes, key=len)] if prefixes else \
+                    difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.7)
                 if near:
                     return f"; did you mean {near[0]}?"
         return ""
@@ -259,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                        usage=f"{PROG} compare [options]")
     _add_run_flags(c, with_mode=False, single_run=False)
     c.add_argument("--modes", default="centralized,decentralized,sequential",
-                   help="comma-separated modes to run (default: all three)")
+                   help="comma-separated modes to run, of centralized, decentralized, "
+                   "sequential, allreduce and dpsgd (default: "
+                   "centralized,decentralized,sequential)")
     c.add_argument("--target", type=float, default=0.9,
                    help="the test metric to reach, for the time-to-target column (accuracy: a "
                    "fraction in (0, 1]; a lower-is-better metric is reached at or below it)")

@@ -234,7 +234,8 @@ def _check_init(mode: str, master: str, adaptive_state: str, device: str, timeou
 def _topology(spec: str | None, size: int, seed: int) -> Any:
     spec = spec if spec is not None else "ring"
     try:
-        return validate_topology(make_topology(spec, size, seed), size)
+        return validate_topology(make_topology(spec, size, seed), size,
+                                 resize="launch -n {n} (one rank per node)")
     except UserError as e:
         raise LoopError(f"topology {spec}: {e} (the job has {size} rank"
                         f"{'s' if size != 1 else ''})") from None

@@ -148,9 +148,10 @@ def make_topology(spec: str, n: int, seed: int = 0) -> nx.Graph:
 # --------------------------------------------------------------------------- checks
 
 
-def validate_topology(g: nx.Graph, n_workers: int) -> nx.Graph:
+def validate_topology(g: nx.Graph, n_workers: int, resize: str = "--workers {n}") -> nx.Graph:
     """Check ``g`` is a usable topology for ``n_workers`` workers; return an int-labelled
-    simple undirected copy (nodes in order 0..n-1, weights as floats)."""
+    simple undirected copy (nodes in order 0..n-1, weights as floats). ``resize``: how the
+    caller's user gets ``{n}`` workers instead (a flag; the loop API: a launch)."""
     if not isinstance(g, nx.Graph):
         raise TopologyError(f"topology must be a networkx graph, got {type(g).__name__}")
     if isinstance(n_workers, bool) or not isinstance(n_workers, numbers.Integral) \
@@ -164,7 +165,7 @@ def validate_topology(g: nx.Graph, n_workers: int) -> nx.Graph:
                             f"(ranks 0..{n_workers - 1})")
     if n != n_workers:
         raise TopologyError(f"topology has {n} nodes but there are {n_workers} workers; give "
-                            f"--workers {n} or a topology with {n_workers} nodes")
+                            f"{resize.format(n=n)} or a topology with {n_workers} nodes")
     nodes = set(h.nodes)
     if nodes != set(range(n)):
         missing = sorted(set(range(n)) - nodes)
