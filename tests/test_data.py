@@ -610,3 +610,28 @@ def test_batch_stream_over_partition_of_real_data():
         assert xb.shape == (min(32, len(idx)), 1, 8, 8)
         allowed = set(ds.y_train[idx].tolist())
         assert set(yb.tolist()) <= allowed
+
+
+class _PilImages(torch.utils.data.Dataset):
+    """A torchvision-style dataset without ToTensor(): samples are (PIL image, int)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return Image.fromarray(np.zeros((8, 8), np.uint8)), i % 2
+
+
+def test_a_dataset_of_pil_images_is_one_line_naming_to_tensor():
+    from apam_gossip.errors import DataError
+    from apam_gossip.runner import run
+
+    from helpers import make_cfg
+
+    with pytest.raises(DataError, match=r"got \(Image, int\); add a transform that makes "
+                       r"tensors \(torchvision.transforms.ToTensor\(\) for PIL images\)") as e:
+        run(make_cfg(mode="sequential", steps=2), train_data=_PilImages(),
+            test_data=_PilImages())
+    assert "\n" not in str(e.value)

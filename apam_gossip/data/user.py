@@ -62,8 +62,20 @@ class UserData:
         """The first ``n`` training samples as one batch (for checks and shapes)."""
         from torch.utils.data import Subset
 
-        batch = next(iter(self._loader(Subset(self.train, range(min(n, len(self.train)))), n,
-                                       num_workers=0)))
+        loader = self._loader(Subset(self.train, range(min(n, len(self.train)))), n,
+                              num_workers=0)
+        try:
+            batch = next(iter(loader))
+        except TypeError as e:  # default_collate: a sample it cannot batch (a PIL image)
+            if self.collate_fn is not None or "default_collate" not in str(e):
+                raise
+            sample = self.train[0]
+            kinds = ", ".join(type(v).__name__ for v in sample) \
+                if isinstance(sample, (tuple, list)) else type(sample).__name__
+            raise DataError(f"{self.name}: samples must be tensors, numpy arrays or numbers "
+                            f"to be batched, got ({kinds}); add a transform that makes "
+                            "tensors (torchvision.transforms.ToTensor() for PIL images) or "
+                            "give a collate_fn") from None
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise DataError(f"{self.name}: a batch must be (inputs, targets), got "
                             f"{type(batch).__name__}"
