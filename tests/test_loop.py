@@ -606,3 +606,14 @@ def test_a_topology_of_the_wrong_size_tells_a_script_user_how_many_ranks_to_laun
     with pytest.raises(ag.LoopError, match=r"give launch -n 8 \(one rank per node\) or a "
                        r"topology with 1 nodes"):
         ag.init(mode="decentralized", topology="topologies/ring8.edgelist")
+
+
+def test_optimizer_keyword_errors_speak_of_keywords_not_config_keys():
+    ag.init(mode="decentralized")
+    with pytest.raises(ag.LoopError, match="DistributedOptimizer: optimizer must be one of "
+                       "amsgrad, adam or sgd, got 'adadelta'"):
+        ag.DistributedOptimizer(make_model(), optimizer="adadelta")
+    with pytest.raises(ag.LoopError, match="unexpected keyword argument 'betaa'; did you "
+                       "mean beta2\\? valid keywords: ") as e:
+        ag.DistributedOptimizer(make_model(), betaa=0.9)
+    assert "config" not in str(e.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import re
 import sys
 import time
 from collections import Counter
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, OptimConfig, ignored_settings
+from ..config import UNKNOWN_KEY, ConfigError, OptimConfig, ignored_settings
 from ..flat import flatten
 from ..messages import LoopReport
 from ..optim import Optimizer
@@ -62,7 +63,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         try:  # lr 0 is allowed here (pure gossip); the config's lr is never read
             self.hp = OptimConfig(name=optimizer, lr=lr0 or 1.0, **optim)
         except ConfigError as e:
-            raise LoopError(f"rank {s.rank}: DistributedOptimizer: {e}") from None
+            raise LoopError(f"rank {s.rank}: DistributedOptimizer: {_as_keywords(e)}") \
+                from None
         ignored = ignored_settings({f"optim.{k}" for k in optim}, [s.mode], self.hp)
         if ignored and s.rank == (1 if s.has_master else 0):  # the first worker says it
             warn_ignored([f"{k[6:]}={optim[k[6:]]!r} ({why})" for k, why in ignored])
@@ -333,3 +335,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.steps = int(d["steps"])
         self.param_groups[0]["lr"] = d["lr"]
         self.strategy.load(d)
+
+
+def _as_keywords(e: ConfigError) -> str:
+    """A config error in the words of DistributedOptimizer's keywords: the optimizer's
+    ``name`` is the ``optimizer=`` keyword, and keys are keyword arguments."""
+    def kw(key: str | None) -> str:
+        key = (key or "").removeprefix("optim.")
+        return "optimizer" if key == "name" else key
+
+    if e.key is None or e.problem is None:
+        return str(e)
+    if e.problem.startswith(UNKNOWN_KEY):
+        rest = e.problem[len(UNKNOWN_KEY):].replace("valid keys:", "valid keywords:")
+        rest = re.sub(r"\bname\b", "optimizer", rest)
+        return f"unexpected keyword argument {kw(e.key)!r}{rest}"
+    return f"{kw(e.key)} {e.problem}"
