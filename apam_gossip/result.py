@@ -88,6 +88,9 @@ class RunResult:
     # set for a simulated run (apam_gossip.sim): how it was simulated; wall times are
     # then virtual seconds
     simulation: dict[str, Any] | None = None
+    # where and how it ran: versions, host, command line, when the training started
+    # (see provenance()); empty in results written before it was recorded
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, config: dict[str, Any], mode: str, transport: str, n_params: int,
@@ -97,6 +100,7 @@ class RunResult:
         """The one way every runtime builds a result: ``samples`` defaults to the
         workers' sum, ``failed`` is sorted; ``more``: the metric, task or simulation
         fields."""
+        more.setdefault("provenance", provenance(wall))
         return cls(config=config, mode=mode, transport=transport, n_params=n_params,
                    wall_time=wall, updates=updates,
                    samples=sum(w.samples for w in workers) if samples is None else samples,
@@ -182,6 +186,41 @@ class RunResult:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot read run result {path}: {e}") from None
+
+
+def provenance(wall: float = 0.0) -> dict[str, Any]:
+    """Where and how a run ran, for a result read months later: the versions of Python,
+    apam_gossip, torch, numpy (and mpi4py and MPI when MPI is in use), the host, the
+    command line, and the UTC time the training started (now minus its ``wall`` seconds;
+    a simulated run's wall time is virtual, so its start is when it was simulated)."""
+    import datetime
+    import platform
+    import socket
+    import sys
+
+    import numpy as np
+    import torch
+
+    from . import __version__
+
+    out: dict[str, Any] = {
+        "apam_gossip": __version__, "python": platform.python_version(),
+        "torch": torch.__version__, "numpy": np.__version__,
+        "host": socket.gethostname(), "argv": list(sys.argv),
+    }
+    if "mpi4py" in sys.modules:
+        mpi4py = sys.modules["mpi4py"]
+        out["mpi4py"] = getattr(mpi4py, "__version__", "?")
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized():
+            out["mpi"] = mpi.Get_library_version().splitlines()[0].strip()
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+        out["gpu"] = torch.cuda.get_device_name(0)
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(
+        seconds=wall if 0 < wall < 1e9 else 0.0)
+    out["started"] = start.isoformat(timespec="seconds")
+    return out
 
 
 def format_metric(name: str, value: float | None) -> str:

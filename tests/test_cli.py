@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from apam_gossip.cli import main
+from apam_gossip.result import RunResult
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -99,6 +100,13 @@ def test_train_writes_result_json_via_console_entry(tmp_path):
         d["evals"][-1])
     assert sum(d["staleness"].values()) == 60
     assert [w["worker"] for w in d["workers"]] == [0, 1]
+    # where and how it ran, for a result read months later
+    prov = d["provenance"]
+    assert {"apam_gossip", "python", "torch", "numpy", "host", "started"} <= set(prov)
+    assert prov["argv"][1:4] == ["train", "--mode", "centralized"]
+    assert RunResult.from_dict(d).provenance == prov
+    old = {k: v for k, v in d.items() if k != "provenance"}  # a result from before
+    assert RunResult.from_dict(old).provenance == {}
     assert "final test accuracy" in p.stdout and str(out) in p.stdout
     # not on a terminal: plain progress lines, starting with the start-up
     assert "starting the worker processes" in p.stderr
