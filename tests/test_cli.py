@@ -334,3 +334,30 @@ def test_compare_help_names_every_mode_and_its_default():
     text = " ".join(text.split())
     assert "all three" not in text
     assert "centralized, decentralized, sequential, allreduce and dpsgd" in text
+
+
+def _result(mode: str, **cfg):
+    from apam_gossip.result import EvalRecord, WorkerStats
+
+    from helpers import make_cfg
+
+    c = make_cfg(mode=mode, **cfg).to_dict()
+    evals = [EvalRecord(t, 100 * t, t, 1.0, 1.0, acc, {"eval_samples": 500 if t < 3 else 10_000})
+             for t, acc in ((0, 0.1), (1, 0.8), (2, 0.85), (3, 0.9))]
+    return RunResult.of(c, mode, "shm", 10, 3.0, 3, evals, {0: 3},
+                        [WorkerStats.of(0, "cpu", 1.0, 3, 300, 3.0, 1.0)], None)
+
+
+def test_compare_labels_runs_of_one_mode_by_what_differs_and_plots_the_final_point_apart(
+        tmp_path):
+    from apam_gossip.compare import comparison_table, plot_comparison, run_labels
+
+    rs = [_result("decentralized", topology="ring"), _result("decentralized",
+                                                            topology="complete"),
+          _result("centralized"), _result("sequential"), _result("sequential")]
+    assert run_labels(rs) == ["decentralized topology=ring", "decentralized topology=complete",
+                              "centralized", "sequential #1", "sequential #2"]
+    table = comparison_table(rs, 0.85)
+    assert "decentralized topology=complete" in table and "sequential #2" in table
+    plot_comparison(rs, tmp_path / "p.png", target=0.85)
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
