@@ -162,8 +162,7 @@ def test_misuse_is_one_clear_error(monkeypatch):
     opt.finish(quiet=True)
     with pytest.raises(loop.LoopError, match="step\\(\\) after finish"):
         opt.step()
-    with pytest.raises(loop.LoopError, match="before apam_gossip.init"):
-        ag.rank()
+    assert ag.rank() == 0  # the queries still answer after finish(), as after hvd.shutdown()
 
 
 def test_a_setting_of_another_mode_is_a_warning_as_on_the_command_line(capsys):
@@ -470,8 +469,7 @@ def test_context_manager_finishes():
         nn.functional.cross_entropy(model(xb), yb).backward()
         opt.step()
     assert opt.finished
-    with pytest.raises(loop.LoopError, match="before apam_gossip.init"):
-        ag.size()
+    assert ag.size() == 1 and ag.rank() == 0  # queries answer after finish() (rank-0 habits)
 
 
 @needs_mpi
