@@ -55,7 +55,7 @@ DEVICES: tuple[str, ...] = get_args(Device)
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
 ADAPTIVE_STATES: tuple[str, ...] = get_args(AdaptiveState)
 LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "l1")
-METRICS: tuple[str, ...] = ("accuracy", "mse", "mae", "rmse")
+METRICS: tuple[str, ...] = ("auto", "accuracy", "loss", "mse", "mae", "rmse")
 
 
 def _builtin_or_import(key: str, value: str, builtins: tuple[str, ...]) -> None:
@@ -276,9 +276,11 @@ class RunConfig(_Section):
                     "returns a torch.nn.Module")
     loss: str = _f("cross_entropy", "cross_entropy, mse, l1, or an import string naming "
                    "loss(output, target) -> scalar tensor")
-    metric: str = _f("accuracy", "the test metric: accuracy (higher is better), mse, mae, rmse "
-                     "(lower is better), or an import string naming metric(outputs, targets) "
-                     "-> float or a Metric")
+    metric: str = _f("auto", "the test metric: accuracy (higher is better), loss (the "
+                     "task's loss on the test set), mse, mae, rmse (lower is better), or an "
+                     "import string naming metric(outputs, targets) -> float or a Metric; "
+                     "auto: accuracy when the model outputs class scores for integer "
+                     "labels, else loss")
     metric_higher_is_better: bool | None = _f(None, "which way the metric improves (default: "
                                               "the built-in metric's own; a user's function: "
                                               "higher)")
@@ -323,6 +325,13 @@ class RunConfig(_Section):
                                 "here periodically and on SIGTERM/Ctrl-C (atomic)")
     checkpoint_every_s: float = _f(60.0, "seconds between checkpoints", "--checkpoint-every",
                                    gt=0, le=1e8)
+
+    @property
+    def known_metric(self) -> str:
+        """The metric as far as the config alone tells: ``auto`` with a built-in model (a
+        classifier) is ``accuracy``; with a user's model it stays ``auto`` until
+        :func:`apam_gossip.task.make_task` has seen the model's outputs."""
+        return "accuracy" if self.metric == "auto" and self.model in MODELS else self.metric
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -137,7 +137,7 @@ def _build(d: dict, p: Path, smoke: bool) -> ClusterProfile:
     if isinstance(per, list) and len(per) not in (1, base.workers):
         raise ConfigError(f"[simulate] gradient_ms has {len(per)} entries; give one, or one "
                           f"per worker ({base.workers})")
-    if base.metric == "accuracy" and not 0 < target <= 1:
+    if base.known_metric == "accuracy" and not 0 < target <= 1:
         raise ConfigError(f"[run] target must be an accuracy in (0, 1], got {target!r}")
     for k, v in lr_over.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:

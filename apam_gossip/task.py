@@ -9,10 +9,13 @@ A user brings their own, or keeps the built-in ones:
   (a function, a class, a ``functools.partial``);
 * **loss**: ``cross_entropy`` (default), ``mse``, ``l1``, an import string, or a callable
   ``loss(output, target) -> scalar tensor``;
-* **metric**: ``accuracy`` (default, higher is better), ``mse``, ``mae``, ``rmse`` (lower
-  is better), an import string, a :class:`Metric`, or a callable
-  ``metric(outputs, targets) -> float`` over the whole test set (then
-  ``higher_is_better`` says which way is better).
+* **metric**: ``auto`` (default: ``accuracy`` when the model outputs class scores,
+  ``[N, C]`` with C >= 2 for integer labels ``[N]``, else ``loss``, as Keras and
+  Lightning report val_loss), ``accuracy`` (higher is better), ``loss`` (the task's own
+  loss over the test set), ``mse``, ``mae``, ``rmse`` (lower is better), an import string,
+  a :class:`Metric`, or a callable ``metric(outputs, targets) -> float`` over the whole
+  test set (then ``higher_is_better`` says which way is better). ``auto`` is settled by
+  :func:`make_task` on two training samples, before anything trains.
 
 Every process builds the model from the same seed, so parameters it does not train
 (``requires_grad=False``) and buffers start identical everywhere. Callables defined in the
@@ -118,7 +121,7 @@ class Task:
 
     model: Any = "mlp"
     loss: Any = "cross_entropy"
-    metric: Any = "accuracy"
+    metric: Any = "accuracy"  # "auto" is settled by make_task
     higher_is_better: bool | None = None
     seed: int = 0
     in_shape: tuple[int, ...] | None = None
@@ -207,7 +210,11 @@ class Task:
     def metric_obj(self) -> Metric:
         if "metric" not in self._cache:
             spec = self.metric
-            if isinstance(spec, str) and spec in BUILTIN_METRICS:
+            if spec == "auto":  # settled by make_task, which sees the model's outputs
+                m = BUILTIN_METRICS["accuracy"]
+            elif spec == "loss":
+                m = Metric("loss", self._test_loss, False)
+            elif isinstance(spec, str) and spec in BUILTIN_METRICS:
                 m = BUILTIN_METRICS[spec]
             elif isinstance(spec, Metric):
                 m = spec
@@ -225,6 +232,10 @@ class Task:
                 m = Metric(m.name, m.fn, self.higher_is_better)
             self._cache["metric"] = m
         return self._cache["metric"]
+
+    def _test_loss(self, outputs: Tensor, targets: Tensor) -> float:
+        """The ``loss`` metric: the task's loss over the whole test set."""
+        return float(self.loss_fn()(outputs, targets).detach())
 
     def describe(self) -> dict[str, Any]:
         """What a RunResult records of the task."""
@@ -264,9 +275,29 @@ def make_task(cfg: RunConfig, data: Any, *, model: Any = None, loss: Any = None,
     builtin = isinstance(spec, str) and spec in MODELS
     task = Task.of(cfg, data.in_shape if builtin else None,
                    data.n_classes if builtin else None, model=model, loss=loss, metric=metric)
+    if isinstance(task.metric, str) and task.metric == "auto":
+        task = replace(task, metric=auto_metric(task, data), _cache={})
     if check:
         preflight(task, data)
     return task
+
+
+def auto_metric(task: Task, data: Any) -> str:
+    """``accuracy`` when ``task``'s model gives class scores (``[N, C]``, C >= 2) for
+    integer labels (``[N]``) on two training samples of ``data``, else ``loss``. A model
+    that fails here is left to :func:`preflight` to report."""
+    try:
+        model = task.build_model()
+        x, y = data.first_batch(2)
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+    except Exception:  # noqa: BLE001 - preflight names it, with context
+        return "accuracy"
+    scores = isinstance(out, Tensor) and out.dim() == 2 and out.shape[1] >= 2
+    labels = isinstance(y, Tensor) and y.dim() == 1 and not y.is_floating_point() \
+        and not y.is_complex() and y.dtype != torch.bool and len(y) == len(out)
+    return "accuracy" if scores and labels else "loss"
 
 
 def preflight(task: Task, data: Any) -> None:

@@ -56,6 +56,32 @@ def test_python_objects_and_a_custom_metric_in_every_mode(mode):
     assert r.task["model"].endswith("blob_net")
 
 
+def test_the_default_metric_follows_the_model_accuracy_for_classes_else_the_loss():
+    """metric "auto" (the default): a classifier is scored by accuracy; a regressor, which
+    accuracy would score 0 without a word, by its own loss on the test set."""
+    torch.manual_seed(0)
+    x = torch.randn(96, 3)
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+    reg = (torch.utils.data.TensorDataset(x[:64], y[:64]),
+           torch.utils.data.TensorDataset(x[64:], y[64:]))
+    head = lambda: torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Flatten(0))  # noqa: E731
+    r = run(make_cfg(mode="sequential", epochs=3, loss="mse", optim={"lr": 3e-2}),
+            model=head, train_data=reg[0], test_data=reg[1])
+    assert r.metric == "loss" and r.higher_is_better is False
+    assert r.evals[-1].test_metric < r.evals[0].test_metric  # it is the loss, and it fell
+    with torch.no_grad():  # the whole test set's loss of the final model
+        model = head()
+        torch.nn.utils.vector_to_parameters(r.final_params, model.parameters())
+        want = torch.nn.functional.mse_loss(model(x[64:]), y[64:]).item()
+    assert abs(r.final_metric - want) <= 1e-5 * max(1.0, want)
+    train, test = blobs()
+    cls = make_task(make_cfg(), load_data(make_cfg(data={"dataset": "digits"})), check=False)
+    assert cls.metric_obj().name == "accuracy"
+    from apam_gossip.data.user import UserData
+    task = make_task(make_cfg(), UserData(train, test), model=blob_net, check=False)
+    assert task.metric_obj().name == "accuracy"
+
+
 def test_batchnorm_gossip_keeps_buffers_in_consensus(digits):
     """The BatchNorm statistics are averaged with the parameters: the workers' buffers
     agree about as closely as their parameters, and the averaged model scores well."""
@@ -105,7 +131,8 @@ def test_frozen_parameters_are_neither_trained_nor_counted(digits):
     (["--data", "user_models:not_datasets"], "is a int, not a map-style"),
     (["--data", "user_models:one_dataset"], "returned a TensorDataset, not (train, test)"),
     (["--loss", "user_models:vector_loss"], "returned [2], not a scalar tensor"),
-    (["--metric", "f1"], "--metric must be one of accuracy, mse, mae, rmse or an import"),
+    (["--metric", "f1"],
+     "--metric must be one of auto, accuracy, loss, mse, mae, rmse or an import"),
 ])
 def test_bad_user_objects_are_one_line_exit_2(tmp_path, capsys, argv, needle):
     out = tmp_path / "r.json"

@@ -76,6 +76,16 @@ def check_target(flag: str, target: float, metric: str) -> None:
         raise UserError(f"{flag} must be a finite number, got {target}")
 
 
+def _settled_metric(cfg: RunConfig, dataset) -> str:
+    """The metric's name for the progress lines and target checks: ``auto`` with a user's
+    model is settled on its outputs, as :func:`~apam_gossip.task.make_task` settles it."""
+    if cfg.known_metric != "auto":
+        return cfg.known_metric
+    from ..task import make_task
+
+    return make_task(cfg, dataset, check=False).metric_obj().name
+
+
 def _check_output(path: Path, name: str = "--output") -> None:
     """Fail before training, not after, if the result cannot be written there."""
     from ..files import check_output_path
@@ -107,6 +117,7 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     if a.save_model:
         _check_output(Path(a.save_model), "--save-model")
     dataset = load_data(cfg)
+    metric = _settled_metric(cfg, dataset)
     rank, size = _mpi_rank(cfg)
     if rank != 0:
         a.quiet = True
@@ -121,7 +132,7 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
         cfg = cfg.for_workers(n) if resume else cfg.replace(workers=n)
     if banner and not a.quiet:
         print(banner)
-    ui = _ProgressUI(quiet=a.quiet, metric=cfg.metric)
+    ui = _ProgressUI(quiet=a.quiet, metric=metric)
     if not a.quiet:
         slow = ", ".join(f"worker {i} x{s:g}" for i, s in enumerate(cfg.slowdown) if s > 1)
         n_workers = 1 if cfg.mode == "sequential" else cfg.workers
@@ -160,7 +171,7 @@ def _compare(a: argparse.Namespace) -> int:
     if not modes:
         raise UserError("--modes is empty; give e.g. --modes centralized,decentralized")
     cfg = _build_config(a)
-    check_target("--target", a.target, cfg.metric)
+    check_target("--target", a.target, cfg.known_metric)
     if a.print_config:
         return _print_config(cfg)
     from ..compare import mode_configs
@@ -174,6 +185,8 @@ def _compare(a: argparse.Namespace) -> int:
     _check_output(out)
     _check_output(plot, "--plot")
     dataset = load_data(cfg)
+    metric = _settled_metric(cfg, dataset)
+    check_target("--target", a.target, metric)
 
     def announce(r) -> None:
         if not a.quiet:
@@ -185,7 +198,7 @@ def _compare(a: argparse.Namespace) -> int:
             print(f"--- {m}: {cfg.workers if m != 'sequential' else 1} worker(s), {cfg.model} "
                   f"on {cfg.data.dataset}" + (f", topology {cfg.topology}"
                                               if m == "decentralized" else ""))
-        ui = _ProgressUI(quiet=a.quiet, metric=cfg.metric)
+        ui = _ProgressUI(quiet=a.quiet, metric=metric)
         try:
             results += compare(cfg, [m], dataset=dataset, callback=ui, on_result=announce)
         finally:
@@ -291,7 +304,7 @@ def _bench(a: argparse.Namespace) -> int:
     kind = "simulate" if simulate else "bench"
     out = Path(a.output) if a.output else Path("runs") / f"{kind}-{profile.name}-{stamp}.json"
     _check_output(out)
-    metric = profile.base.metric
+    metric = profile.base.known_metric
     sim = None
     if simulate:
         sim = _sim_options(a, profile)
