@@ -24,7 +24,15 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import UserError
 from .imports import is_import_string
@@ -314,7 +322,7 @@ class RunConfig(_Section):
     overlap: bool | None = _f(None, "decentralized: average with the neighbor while the next "
                               "gradient is computed (AD-PSGD's two threads); --no-overlap: one "
                               "after the other (default: each worker times both ways over its "
-                              "first steps and keeps the faster)")
+                              "first steps and keeps the faster; \"auto\" in a file)")
     audit: bool = _f(False, "decentralized: check at the end that sum_i x_i = sum_i x_i(0) "
                      "+ all local steps")
     straggler_prob: float = _f(0.0, "each gradient is a straggler with this probability",
@@ -325,6 +333,12 @@ class RunConfig(_Section):
                                 "here periodically and on SIGTERM/Ctrl-C (atomic)")
     checkpoint_every_s: float = _f(60.0, "seconds between checkpoints", "--checkpoint-every",
                                    gt=0, le=1e8)
+
+    @field_validator("overlap", mode="before")
+    @classmethod
+    def _overlap_auto(cls, v: Any) -> Any:
+        # TOML has no null: "auto" is how a file asks for the measured default
+        return None if v == "auto" else v
 
     @property
     def known_metric(self) -> str:
@@ -483,7 +497,9 @@ def config_error(e: ValidationError, model: type[BaseModel]) -> ConfigError:
     elif typ == "finite_number":
         problem = f"must be finite{got}"
     elif typ == "bool_type":
-        problem = f"must be true or false{got}"
+        # overlap is the one setting with a third, measured value
+        also = ' or "auto" (measured; the default)' if loc and loc[-1] == "overlap" else ""
+        problem = f"must be true or false{also}{got}"
     elif typ == "string_type":
         problem = f"must be a string{got}"
     elif typ == "string_too_short":

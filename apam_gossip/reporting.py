@@ -83,7 +83,7 @@ def worker_stats(cfg: RunConfig, reports: dict[int, WorkerReport], devices: list
         samples = samples_of[i] if samples_of is not None else r.samples
         ws = WorkerStats.of(i, devices[i], cfg.slowdown_of(i), updates, samples, wall,
                             r.compute_s, r.sleep_s)
-        ws.overlap = r.overlap
+        ws.overlap, ws.overlap_probe = r.overlap, r.overlap_probe
         out.append(ws)
     return out
 
@@ -101,14 +101,20 @@ def centralized_result(cfg: RunConfig, summary: MasterSummary,
                        reports: dict[int, WorkerReport], devices: list[str],
                        scorer: SnapshotScorer, n_params: int, transport: str,
                        failed: Iterable[int] = ()) -> RunResult:
-    """The RunResult of APAM from the master's summary and the workers' reports."""
+    """The RunResult of APAM from the master's summary and the workers' reports; its
+    provenance names the device the master ran on (``master_device = "auto"`` settles
+    on one)."""
+    from .placement import master_device
+    from .result import provenance
+
     wall = summary.wall_time
+    prov = provenance(wall) | {"master_device": str(master_device(cfg))}
     return RunResult.of(
         cfg.to_dict(), "centralized", transport, n_params, wall, summary.updates,
         scorer.evals, dict(summary.staleness),
         worker_stats(cfg, reports, devices, wall, summary.updates_of, summary.samples_of),
         scorer.final_params, samples=summary.samples,
-        failed=set(failed) | set(summary.failed_workers))
+        failed=set(failed) | set(summary.failed_workers), provenance=prov)
 
 
 def sync_result(cfg: RunConfig, reports: dict[int, WorkerReport], devices: list[str],

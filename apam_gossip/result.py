@@ -51,8 +51,12 @@ class WorkerStats:
     compute_s: float  # time spent computing gradients (excluding injected sleep)
     sleep_s: float  # injected slowdown
     # gossip: whether its averages ran beside its gradients (measured, unless --overlap or
-    # --no-overlap forced it; None where no choice was made: other modes, very short runs)
+    # --no-overlap forced it; False for a run that never overlapped (shorter than the
+    # probe's warm-up); None where no choice was made: other modes, a run that ended
+    # mid-probe, results written before it was recorded)
     overlap: bool | None = None
+    # the measurement behind a measured choice: median step seconds each way
+    overlap_probe: dict[str, float] | None = None
 
     @classmethod
     def of(cls, worker: int, device: str, slowdown: float, updates: int, samples: int,

@@ -103,6 +103,10 @@ def check_runnable(cfg: RunConfig, topology: bool = True) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda was requested but torch.cuda.is_available() is False; "
                           "use --device auto or cpu")
+    if cfg.mode == "centralized" and cfg.master_device == "cuda" \
+            and not torch.cuda.is_available():
+        raise ConfigError("master_device cuda was requested but torch.cuda.is_available() "
+                          "is False; use --master-device auto or cpu")
     transport = resolve_transport(cfg)
     if topology and cfg.mode in ("decentralized", "dpsgd") and transport != "mpi":
         topology_of(cfg)

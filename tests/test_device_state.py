@@ -44,6 +44,29 @@ def test_host_rows_are_views_of_one_shared_block_that_a_spawned_process_writes()
     assert back.clone()[1].eq(3.0).all() and back[1].data_ptr() == back._host[1].data_ptr()
 
 
+def test_a_gossip_end_carries_only_the_rows_its_worker_touches(monkeypatch):
+    """On GPUs a row reaching a process opens a CUDA context on the row's GPU there: an
+    end ships its own rows and its neighbours', not all of them."""
+    from apam_gossip.transport.shm import ShmGossip
+
+    monkeypatch.setenv("APAM_GOSSIP_ROWS", "separate")
+    g = ShmGossip(4, 6, tracked=True)
+    g.share_optimizer_state({"m": torch.zeros(6), "step": torch.zeros(())})
+    end = g.end(1, 5.0, neighbors=[2])
+    shipped = pickle.loads(pickle.dumps(end.x))  # as a spawned worker gets them
+    assert [r is not None for r in shipped._rows] == [False, True, True, False]
+    assert [r is not None for r in end.x._rows] == [False, True, True, False]
+    assert [r is not None for r in end.u._rows] == [False, True, True, False]
+    assert [r is not None for r in end.shared_opt_state["m"]._rows] == [False, True, False,
+                                                                           False]
+    end.average_with(2)  # what it touches works; what it never touches is not there
+    assert set(end.optimizer_state()) == {"m", "step"}
+    with pytest.raises(AssertionError, match="row 3 is not in this process"):
+        end.x[3]
+    whole = g.end(1, 5.0)  # no neighbours given: every row
+    assert all(r is not None for r in whole.x._rows)
+
+
 def test_rows_refuse_a_device_list_of_the_wrong_length():
     with pytest.raises(ValueError, match="2 devices for 3 rows"):
         Rows(3, 4, devices=["cpu", "cpu"])
@@ -67,9 +90,18 @@ def test_a_measured_overlap_choice_keeps_the_faster_way(beside_s, faster):
         ways.append(way)
         # warm-up steps are slow (compiles, caches) and must not count
         c.record(way, 100.0 if len(ways) <= c.WARMUP else (beside_s if way else 1.0))
-    assert ways == [False] * (c.WARMUP + c.PROBE) + [True] * c.PROBE
+    assert ways == [False] * c.WARMUP + [False, True] * c.PROBE  # alternating
     assert c.decided is faster and c.now() is faster
     assert c.measured() == {"sequential_s": 1.0, "overlapped_s": beside_s}
+
+
+def test_a_run_that_ends_before_the_choice_says_what_it_ran():
+    c = OverlapChoice(None)
+    for _ in range(c.WARMUP + 1):  # never overlapped yet
+        c.record(c.now(), 1.0)
+    assert c.decided is None and c.kept() is False and c.measured() is None
+    c.record(c.now(), 0.5)  # the first overlapped step: mid-probe, both ways ran
+    assert c.kept() is None and c.measured() == {"sequential_s": 1.0, "overlapped_s": 0.5}
 
 
 def test_the_master_is_on_the_cpu_unless_a_gpu_is_asked_for_and_present():
@@ -78,6 +110,18 @@ def test_the_master_is_on_the_cpu_unless_a_gpu_is_asked_for_and_present():
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert master_device(make_cfg(device="auto")).type == want
     assert master_device(make_cfg(device="cpu", master_device="cuda")).type == want
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_a_master_on_a_gpu_that_is_not_there_is_refused_not_moved_to_the_cpu(tmp_path):
+    from apam_gossip.config import ConfigError
+    from apam_gossip.runner import check_runnable
+
+    with pytest.raises(ConfigError, match="master_device cuda was requested"):
+        check_runnable(make_cfg(mode="centralized", master_device="cuda"))
+    check_runnable(make_cfg(mode="decentralized", master_device="cuda"))  # not its setting
+    r = run(make_cfg(mode="centralized", workers=2, steps=20, master_device="auto"))
+    assert r.provenance["master_device"] == "cpu"
 
 
 def test_a_default_gossip_run_reports_each_workers_measured_overlap(digits):

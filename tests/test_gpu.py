@@ -64,11 +64,18 @@ def test_gossip_on_gpu_workers_keeps_the_audit(digits, overlap):
     assert r.final_accuracy > 0.8
 
 
+def test_a_users_loss_that_comes_back_on_the_cpu_is_accepted(digits):
+    r = run(make_cfg(BASE, mode="decentralized", workers=2, steps=60,
+                     loss="user_models:loss_on_the_cpu"), dataset=digits)
+    assert r.updates == 60 and r.evals[-1].train_loss is not None
+
+
 def test_one_worker_apam_with_the_master_on_the_gpu_equals_the_sequential_run(digits):
     cen = run(make_cfg(BASE, mode="centralized", workers=1, steps=150,
                        master_device="cuda"), dataset=digits)
     seq = run(make_cfg(BASE, mode="sequential", workers=1, steps=150), dataset=digits)
     assert cen.config["master_device"] == "cuda" and cen.staleness == {0: 150}
+    assert cen.provenance["master_device"] == "cuda:0"
     diff = (cen.final_params - seq.final_params).abs().max().item()
     assert diff <= 1e-5, f"APAM (1 worker, GPU master) drifted from sequential by {diff}"
 

@@ -108,12 +108,14 @@ class OverlapChoice:
     """Whether a worker's average runs beside its next gradient (AD-PSGD's second thread)
     or after it, for ``allowed`` = True (always beside), False (never) or None (measured).
 
-    Measured: after :attr:`WARMUP` untimed steps, :attr:`PROBE` steps are timed one after
-    the other and :attr:`PROBE` with the thread, and the faster way (by median step time)
-    is kept for the rest of the run. The thread pays when the link is slow next to the
-    gradient and a core is free for it; it costs when the cores are all busy computing or
-    when its hand-offs cost more than the average (a small model on a GPU): both seen
-    (issue 21), so neither way is a safe default. The math is the same either way."""
+    Measured: after :attr:`WARMUP` untimed steps, ``2 * PROBE`` steps alternate between
+    the two ways (so a drift over those steps, an evaluation or a straggler, weighs on
+    both alike), and the faster way by median step time is kept for the rest of the run.
+    The thread pays when the link is slow next to the gradient and a core is free for
+    it; it costs when the cores are all busy computing or when its hand-offs cost more
+    than the average (a small model on a GPU): both seen (issue 21), so neither way is a
+    safe default. The math is the same either way. A refused average makes a step
+    cheaper, so where one way is refused more often (MPI) the median leans to it."""
 
     WARMUP = 2
     PROBE = 8
@@ -127,7 +129,7 @@ class OverlapChoice:
         """Whether this step overlaps."""
         if self.decided is not None:
             return self.decided
-        return self.steps >= self.WARMUP + self.PROBE
+        return self.steps >= self.WARMUP and (self.steps - self.WARMUP) % 2 == 1
 
     def record(self, overlapped: bool, seconds: float) -> None:
         """One step took ``seconds``, overlapped or not."""
@@ -135,9 +137,16 @@ class OverlapChoice:
         if self.decided is not None or self.steps <= self.WARMUP:
             return
         self.times[overlapped].append(seconds)
-        if len(self.times[True]) == self.PROBE:
+        if len(self.times[True]) == self.PROBE == len(self.times[False]):
             self.decided = statistics.median(self.times[True]) \
                 < statistics.median(self.times[False])
+
+    def kept(self) -> bool | None:
+        """What the report says: the way kept; False for a run that ended before its
+        first overlapped step; None for one that ended mid-probe (it ran both ways)."""
+        if self.decided is not None:
+            return self.decided
+        return None if self.times[True] else False
 
     def measured(self) -> dict[str, float] | None:
         """The probe's median step times (seconds), once both ways were timed."""
@@ -147,7 +156,7 @@ class OverlapChoice:
                 "overlapped_s": statistics.median(self.times[True])}
 
 
-def _on_stream(fn, stream):
+def on_stream(fn, stream):
     """``fn`` run with ``stream`` as the thread's current CUDA stream (None: as is)."""
     if stream is None:
         return fn
@@ -197,7 +206,7 @@ def gossip_worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task
         if cfg.overlap is not False else None
     comm_stream = torch.cuda.Stream(sdev) if comm is not None and sdev.type == "cuda" \
         else None
-    beside = _on_stream(average, comm_stream)
+    beside = on_stream(average, comm_stream)
     ctrl.send(Hello(i))
     if not end.wait_start(GO_TIMEOUT_S):
         raise TimeoutError(f"worker {i}: the coordinator did not start the run within "
@@ -245,7 +254,7 @@ def gossip_worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task
         # worker's local steps change vhat_i, so it is final now)
         audit_vhat=state["vhat"].double().cpu().numpy().copy()
         if audit is not None and tracked else None,
-        overlap=choice.decided, overlap_probe=choice.measured(),
+        overlap=choice.kept(), overlap_probe=choice.measured(),
     ))
 
 

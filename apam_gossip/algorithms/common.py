@@ -111,8 +111,10 @@ class LocalWorker:
         # one reduction instead of an elementwise isfinite (4x cheaper): a sum is NaN/inf
         # if any entry is (or if the gradient is ~1e38 large: divergence all the same);
         # loss and sum come back together: one wait for the device per step, not three
-        value, gsum = torch.stack([loss.detach().double(),
-                                   self.flat.grads.sum().double()]).tolist()
+        # (a user's loss may come back on another device than the model: moved first)
+        gsum_t = self.flat.grads.sum().double()
+        value, gsum = torch.stack([loss.detach().to(gsum_t.device, torch.float64),
+                                   gsum_t]).tolist()
         if not math.isfinite(value) or not math.isfinite(gsum):
             what = f"the loss is {value}" if not math.isfinite(value) \
                 else "the gradient has non-finite entries"

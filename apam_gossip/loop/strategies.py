@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..algorithms.adpsgd import average_with_a_neighbor, neighbor_picker
+from ..algorithms.adpsgd import average_with_a_neighbor, neighbor_picker, on_stream
 from ..algorithms.common import worker_seed
 from ..core.consensus import consensus_from_sums, squares
 from ..core.gossip import GossipRule
@@ -178,6 +178,11 @@ class Gossip(Strategy):
         # the next average runs beside your next gradient (a second thread)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="gossip-average") \
             if s.overlap else None
+        # ... on its own CUDA stream on a GPU: on the default stream its copies would
+        # queue behind your forward and backward kernels, and the overlap would be lost
+        stream = torch.cuda.Stream(dev) if self.thread is not None and dev.type == "cuda" \
+            else None
+        self.beside = on_stream(self._average, stream)
         self.in_flight: Future | None = None
         wait(s.comm.Ibarrier(), s, "every rank's gossip server to start")
 
@@ -191,7 +196,7 @@ class Gossip(Strategy):
         o.staleness[rule.staleness(self.v0, v1, averaged)] += 1
         self._refresh()
         if self.thread is not None:
-            self.in_flight = self.thread.submit(self._average)
+            self.in_flight = self.thread.submit(self.beside)
 
     def _average(self) -> bool:
         """One average with a random neighbor (a refusal is retried with another)."""

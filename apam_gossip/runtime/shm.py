@@ -248,7 +248,7 @@ class DecentralizedMode(ShmMode):
         for i in range(cfg.workers):
             nb, p = plan.neighbors(i)
             group.start(f"worker {i}", adpsgd.gossip_worker_main,
-                        (self.gossip.end(i, LOCK_TIMEOUT_S), wcfg, self.task, self.data,
+                        (self.gossip.end(i, LOCK_TIMEOUT_S, nb), wcfg, self.task, self.data,
                          plan.shards[i], self.devices[i], nb, p, plan.total),
                         threads=self.threads)
         self.cb(Event("start", 0, plan.total_samples))
@@ -440,7 +440,7 @@ class ConsensusMode:
         for i in range(self.n):
             nb, p = self.nbp[i]
             group.start(f"worker {i}", adpsgd.consensus_worker_main,
-                        (self.gossip.end(i, self.lock_timeout), nb, p, self.averages,
+                        (self.gossip.end(i, self.lock_timeout, nb), nb, p, self.averages,
                          self.seed * 1000 + i))
 
     def handle(self, name: str, msg: Any) -> None:

@@ -12,9 +12,10 @@ virtual clock:
   its gradient on a snapshot of the worker's model, averages with a random neighbor
   (the real picker and seeds) when the exchange there and back has completed, then takes
   the local step (:class:`~apam_gossip.core.gossip.GossipRule`). With
-  ``overlap`` (the default, as in real runs) the exchange starts with the gradient and
-  the step waits for both; without, it starts after the gradient. The simulated average
-  is always exact and never refused: an idealized protocol;
+  ``overlap`` the exchange starts with the gradient and the step waits for both; with
+  ``overlap = false``, it starts after the gradient. The simulator assumes overlap unless
+  it is turned off (real runs measure both ways per worker and keep the faster). The
+  simulated average is always exact and never refused: an idealized protocol;
 * **allreduce** and **dpsgd**: rounds lasting the slowest worker's gradient plus the
   collective (:class:`~apam_gossip.sim.cluster.Cluster`);
 * **sequential**: one worker.
@@ -217,8 +218,12 @@ def _plan(cfg: RunConfig, data: Any, task: Task, timing_only: bool) -> RunPlan:
 
 def _workers(cfg: RunConfig, updates: list[int], samples: list[int], compute: list[float],
              wall: float) -> list[WorkerStats]:
-    return [WorkerStats.of(i, "simulated", cfg.slowdown_of(i), updates[i], samples[i], wall,
-                           compute[i]) for i in range(cfg.workers)]
+    out = [WorkerStats.of(i, "simulated", cfg.slowdown_of(i), updates[i], samples[i], wall,
+                          compute[i]) for i in range(cfg.workers)]
+    if cfg.mode == "decentralized":  # what the simulated gossip assumed (see above)
+        for w in out:
+            w.overlap = cfg.overlap is not False
+    return out
 
 
 def _result(sim: _Sim, wall: float, updates: int, samples: int, evals: list[EvalRecord],

@@ -76,6 +76,18 @@ class Rows:
         if self._host is not None:
             self._rows = list(self._host)
 
+    def only(self, keep: set[int]) -> Rows:
+        """These rows as a process that uses only rows ``keep`` sees them: separate rows
+        outside ``keep`` are left out (a pickled GPU row opens its IPC handle, and with
+        it a CUDA context on that row's GPU, in every process it reaches); host rows are
+        one block either way. Indexing a row left out is an error."""
+        if self._host is not None:
+            return self
+        out = object.__new__(Rows)
+        out.__dict__.update(self.__dict__)
+        out._rows = [r if k in keep else None for k, r in enumerate(self._rows)]
+        return out
+
     @property
     def separate(self) -> bool:
         """Whether each row is its own tensor (GPU rows), not a view of one host block."""
@@ -86,9 +98,9 @@ class Rows:
 
     def __getitem__(self, i: int | tuple) -> Tensor:
         """Row ``i``; ``rows[i, ...]`` indexes into it."""
-        if isinstance(i, tuple):
-            return self._rows[i[0]][i[1:]]
-        return self._rows[i]
+        row = self._rows[i[0] if isinstance(i, tuple) else i]
+        assert row is not None, f"row {i} is not in this process (see Rows.only)"
+        return row[i[1:]] if isinstance(i, tuple) else row
 
     def copy_(self, src: Tensor) -> Rows:
         """Every row from the host tensor ``src`` (``(n, *shape)``, or one row's shape:

@@ -171,8 +171,11 @@ class ShmGossip:
         self.opt_state = {k: Rows(n, v.shape, v.dtype, self.devices if v.dim() else None)
                           for k, v in template.items()}
 
-    def end(self, i: int, lock_timeout: float) -> ShmGossipEnd:
-        return ShmGossipEnd(i, self, lock_timeout)
+    def end(self, i: int, lock_timeout: float,
+            neighbors: list[int] | None = None) -> ShmGossipEnd:
+        """Worker ``i``'s end; given its ``neighbors``, it carries only the rows it
+        touches (its own and theirs; of the optimizer state its own)."""
+        return ShmGossipEnd(i, self, lock_timeout, neighbors)
 
     def recover(self, dead: int) -> list[int]:
         """After worker ``dead``'s process died: mark it dead so neighbors stop choosing
@@ -230,12 +233,14 @@ class GossipCopy:
 class ShmGossipEnd:
     """Worker ``i``'s view of :class:`ShmGossip` (picklable into a spawned process)."""
 
-    def __init__(self, i: int, g: ShmGossip, lock_timeout: float) -> None:
+    def __init__(self, i: int, g: ShmGossip, lock_timeout: float,
+                 neighbors: list[int] | None = None) -> None:
         self.worker = i
         self.n_workers = g.n_workers
         self.device = g.x[i].device
-        self.x = g.x
-        self.u = g.u
+        used = {i, *neighbors} if neighbors is not None else set(range(g.n_workers))
+        self.x = g.x.only(used)
+        self.u = g.u.only(used) if g.u is not None else None
         self.versions = g.versions
         self.counters = g.counters
         self.losses = g.losses
@@ -244,7 +249,8 @@ class ShmGossipEnd:
         self.done_by = g.done_by
         self.stop = g.stop
         self.staleness = g.staleness
-        self.shared_opt_state = g.opt_state
+        self.shared_opt_state = {k: v.only({i}) for k, v in g.opt_state.items()} \
+            if g.opt_state else g.opt_state
         self.counter_lock = g.counter_lock
         self.locks = g.locks
         self.go = g.go
