@@ -77,12 +77,38 @@ def job_shm_dir() -> Iterator[dict[str, str]]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def mpirun_command(n: int, hostfile: str | None = None) -> list[str]:
+def parse_hosts(spec: str) -> list[tuple[str, int]]:
+    """``-H host1:4,host2:4`` (horovodrun's and mpirun's form; a host without ``:slots``
+    has 1) as ``[(host, slots), ...]``."""
+    out = []
+    for part in spec.split(","):
+        host, _, slots = part.strip().partition(":")
+        if not host or any(c.isspace() for c in host):
+            raise UserError(f"-H: {part.strip()!r} is not host or host:slots "
+                            "(e.g. -H node1:4,node2:4)")
+        try:
+            n = int(slots) if slots else 1
+        except ValueError:
+            n = 0
+        if not 1 <= n <= 4096:
+            raise UserError(f"-H: the slots of {host} must be a whole number >= 1, got "
+                            f"{slots!r} (e.g. -H {host}:4)")
+        out.append((host, n))
+    return out
+
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def mpirun_command(n: int, hostfile: str | None = None,
+                   hosts: Sequence[tuple[str, int]] | None = None) -> list[str]:
     if n < 1:
         raise UserError(f"the number of ranks must be >= 1, got {n}")
     cmd = [str(mpirun_path()), "-n", str(n), "--map-by", ":OVERSUBSCRIBE"]
     if hostfile is not None:
         cmd += ["--hostfile", hostfile]
+    if hosts:
+        cmd += ["--host", ",".join(f"{h}:{k}" for h, k in hosts)]
     return cmd
 
 
@@ -96,7 +122,8 @@ class JobStopped(Exception):
 
 def run_mpirun(n: int, args: Sequence[str], *, timeout: float | None = None,
                env: dict[str, str] | None = None, hostfile: str | None = None,
-               capture: bool = True, signals: bool = False) -> subprocess.CompletedProcess:
+               capture: bool = True, signals: bool = False,
+               hosts: Sequence[tuple[str, int]] | None = None) -> subprocess.CompletedProcess:
     """Run ``mpirun -n n ARGS`` to completion (killed at ``timeout``, raising
     ``subprocess.TimeoutExpired``) with the settings above and a private segment folder.
 
@@ -106,9 +133,10 @@ def run_mpirun(n: int, args: Sequence[str], *, timeout: float | None = None,
     ``launch`` command; main thread only): SIGTERM and SIGHUP, what Slurm and a closed
     terminal send, stop the job the same way and raise :class:`JobStopped`; SIGUSR1 and
     SIGUSR2 are passed on to mpirun, which forwards them to every rank."""
-    cmd = [*mpirun_command(n, hostfile), *args]
+    cmd = [*mpirun_command(n, hostfile, hosts), *args]
+    multi = hostfile is not None or any(h not in LOCAL_HOSTS for h, _ in hosts or ())
     with job_shm_dir() as shm:
-        full_env = {**mpi_env(env, multi_host=hostfile is not None), **shm}
+        full_env = {**mpi_env(env, multi_host=multi), **shm}
         pipe = subprocess.PIPE if capture else None
         # its own session, so that a terminal's Ctrl-C reaches this process only, which
         # then stops the job in order (the ranks are in their own groups: mpirun stops them)

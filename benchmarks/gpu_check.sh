@@ -54,7 +54,7 @@ try:
     ov = [w.get("overlap") for w in ws if w.get("overlap") is not None]
     print(f"{name:28s} exit {code} wall {wall:>3} s  samples/s {r.get('samples_per_s', 0):8.0f}"
           f"  computing {100 * share:3.0f}%  final {r.get('final_metric', 0):.3f}"
-          f"  master {r['config'].get('master_device')}  overlap {ov or '-'}"
+          f"  master {r.get('provenance', {}).get('master_device', '-')}  overlap {ov or '-'}"
           f"  audit {r['evals'][-1].get('extra', {}).get('audit_error', '-')}")
 except Exception as e:
     print(f"{name:28s} exit {code} wall {wall:>3} s  no result ({e})")

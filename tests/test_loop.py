@@ -404,6 +404,38 @@ def test_an_error_on_some_ranks_is_printed_and_ends_the_job(args, needle):
     assert "Traceback" not in p.stderr
 
 
+def test_launch_takes_mpirun_and_horovodrun_spellings():
+    from apam_gossip.cli.parser import launch_spellings
+    from apam_gossip.errors import UserError
+    from apam_gossip.mpirun import mpirun_command, parse_hosts
+
+    argv = ["launch", "-np", "4", "-hostfile", "h", "-host", "a:2", "s.py", "-np", "9"]
+    assert launch_spellings(argv) == ["launch", "--np", "4", "--hostfile", "h", "--host",
+                                      "a:2", "s.py", "-np", "9"]  # the script's own: kept
+    assert parse_hosts("node1:4, node2") == [("node1", 4), ("node2", 1)]
+    assert mpirun_command(5, hosts=[("a", 4), ("b", 1)])[-2:] == ["--host", "a:4,b:1"]
+    for bad, needle in (("a:x", "slots of a must be"), ("a:0", "slots of a must be"),
+                        (":3", "is not host or host:slots")):
+        with pytest.raises(UserError, match=needle):
+            parse_hosts(bad)
+
+
+@needs_mpi
+@pytest.mark.parametrize("how", [["-np", "2"], ["-H", "localhost:2"]])
+def test_launch_np_and_hosts_start_the_ranks(how):
+    p = subprocess.run([sys.executable, "-m", "apam_gossip", "launch", *how, "--timeout",
+                        "100", SCRIPT, "--mode", "allreduce", "--steps", "3"],
+                       capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "rank 0 done" in p.stdout and "rank 1 done" in p.stdout, p.stdout
+
+
+def test_launch_without_a_rank_count_says_how_to_give_one():
+    p = subprocess.run([sys.executable, "-m", "apam_gossip", "launch", SCRIPT],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 2 and "launch needs the number of ranks: -n N" in p.stderr
+
+
 def test_launch_refuses_a_missing_script():
     p = subprocess.run([sys.executable, "-m", "apam_gossip", "launch", "-n", "2",
                         "missing.py"], capture_output=True, text=True, timeout=60)

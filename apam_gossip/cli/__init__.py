@@ -29,13 +29,13 @@ from .commands import (
     check_target,
 )
 from .common import PROG
-from .parser import _build_config, build_parser
+from .parser import _build_config, build_parser, launch_spellings
 from .ui import _ProgressUI, summary_text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(launch_spellings(list(sys.argv[1:] if argv is None else argv)))
     if args.command not in ("train", "demo"):
         return _run_command(args)
     from ..coordinator import hold_stop_signals

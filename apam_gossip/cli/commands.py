@@ -245,20 +245,28 @@ def _launch(a: argparse.Namespace) -> int:
     (129); SIGUSR1/SIGUSR2 are passed on to every rank."""
     import subprocess
 
-    from ..mpirun import JobStopped, run_mpirun
+    from ..mpirun import JobStopped, parse_hosts, run_mpirun
 
     script = Path(a.script)
     if not script.is_file():
         raise UserError(f"launch: no such script {a.script}")
     if a.hostfile is not None and not Path(a.hostfile).is_file():
         raise UserError(f"--hostfile: no such file {a.hostfile}")
+    hosts = parse_hosts(a.hosts) if a.hosts is not None else None
+    if hosts and a.hostfile is not None:
+        raise UserError("-H and --hostfile both name the hosts: give one of them")
+    if a.np is None:
+        if not hosts:
+            raise UserError("launch needs the number of ranks: -n N (or -np N, or -H "
+                            "host:slots,... to start one rank per slot)")
+        a.np = sum(k for _, k in hosts)
     if a.np < 1 or a.np > 4096:
         raise UserError(f"-n must be between 1 and 4096, got {a.np}")
     if a.timeout is not None and not 0 < a.timeout <= 1e7:
         raise UserError(f"--timeout must be > 0 seconds, got {a.timeout:g}")
     try:
         job = run_mpirun(a.np, [sys.executable, str(script), *a.args], timeout=a.timeout,
-                         hostfile=a.hostfile, capture=False, signals=True)
+                         hostfile=a.hostfile, capture=False, signals=True, hosts=hosts)
     except subprocess.TimeoutExpired:
         print(f"{PROG}: error: the job ran past --timeout {a.timeout:g} s and was stopped",
               file=sys.stderr)

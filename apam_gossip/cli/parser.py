@@ -314,9 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run `mpirun -n N python SCRIPT ARGS` with settings that "
                         "work out of the box (root, oversubscription, a private segment "
                         "folder), like horovodrun or bfrun.",
-                        usage=f"{PROG} launch -n N [--hostfile H] [--timeout S] SCRIPT "
-                        "[ARGS ...]")
-    la.add_argument("-n", "--np", type=int, required=True, help="number of ranks")
+                        usage=f"{PROG} launch -n N [-H HOST:SLOTS,...] [--hostfile H] "
+                        "[--timeout S] SCRIPT [ARGS ...]",
+                        epilog="mpirun's and horovodrun's spellings work too: -np N, "
+                        "-hostfile H, -host/--host HOSTS.")
+    la.add_argument("-n", "--np", type=int, help="number of ranks (default: the sum of "
+                    "-H's slots)")
+    la.add_argument("-H", "--host", dest="hosts", metavar="HOST:SLOTS,...",
+                    help="hosts and their slots, as horovodrun -H / mpirun --host "
+                    "(e.g. node1:4,node2:4)")
     la.add_argument("--hostfile", help="an OpenMPI hostfile (several hosts)")
     la.add_argument("--timeout", type=float, help="stop the whole job after this many "
                     "seconds")
@@ -370,3 +376,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+
+
+_LAUNCH_SPELLINGS = {"-np": "--np", "-host": "--host", "-hostfile": "--hostfile"}
+_LAUNCH_VALUED = {"-n", "--np", "-H", "--host", "--hostfile", "--timeout"}
+
+
+def launch_spellings(argv: list[str]) -> list[str]:
+    """``launch``'s options as mpirun and horovodrun users type them (``-np 4``, which
+    argparse would read as ``-n p``; ``-host``, ``-hostfile``), in argparse's spelling.
+    Only the options before the script are touched; the script's own are left as they
+    are."""
+    if not argv or argv[0] != "launch":
+        return argv
+    out, i = [argv[0]], 1
+    while i < len(argv):
+        t = _LAUNCH_SPELLINGS.get(argv[i], argv[i])
+        if not t.startswith("-"):  # the script: the rest is its own
+            return out + argv[i:]
+        out.append(t)
+        if t in _LAUNCH_VALUED and i + 1 < len(argv):
+            out.append(argv[i + 1])
+            i += 1
+        i += 1
+    return out
