@@ -41,13 +41,20 @@ def mode_configs(cfg: RunConfig, modes: Sequence[str]) -> list[RunConfig]:
 
 def compare(cfg: RunConfig, modes: Sequence[str] = ("centralized", "decentralized", "sequential"),
             *, dataset: Any = None, callback: Callback | None = None, on_result=None,
+            quiet: bool = False, log: str | Sequence[str] | None = None,
             **task: Any) -> list[RunResult]:
     """Run ``cfg`` once per mode (only ``mode`` changes) and return the results in order.
     ``task``: a user's ``model``, ``train_data``/``test_data``, ``loss``, ``metric`` (as
-    for :func:`~apam_gossip.run`), the same for every mode."""
+    for :func:`~apam_gossip.run`), the same for every mode. ``quiet`` and ``log`` as for
+    :func:`~apam_gossip.run`, each mode logging apart (``tensorboard:DIR/<mode>``,
+    ``jsonl:PATH-<mode>.jsonl``)."""
+    from .runlog import as_specs, spec_for
+
     results = []
+    specs = as_specs(log)
     for c in mode_configs(cfg, modes):
-        r = run(c, dataset=dataset, callback=callback, **task)
+        r = run(c, dataset=dataset, callback=callback, quiet=quiet,
+                log=[spec_for(s, c.mode) for s in specs], **task)
         results.append(r)
         if on_result is not None:
             on_result(r)

@@ -9,6 +9,7 @@ runs them to the end, always reaping them, also on errors, Ctrl-C and timeouts. 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,8 +21,10 @@ from .data import Dataset, UserData, check_augment, load_data
 from .evaluate import rescore_final
 from .placement import eval_device
 from .plan import topology_of
+from .progress import ProgressPrinter
 from .reporting import Callback, Event, no_callback, with_task
 from .result import RunResult
+from .runlog import MetricsLog, as_specs
 from .runtime.mpi import run_mpi
 from .runtime.sequential import run_sequential
 from .runtime.shm import CentralizedMode, DecentralizedMode, SyncMode, run_mode
@@ -32,7 +35,8 @@ from .transport.mpi import launched_by_mpi, world
 def run(config: RunConfig | None = None, *, model: Any = None, train_data: Any = None,
         test_data: Any = None, loss: Any = None, metric: Any = None,
         dataset: Dataset | UserData | None = None, callback: Callback | None = None,
-        resume: str | None = None) -> RunResult | None:
+        resume: str | None = None, quiet: bool = False,
+        log: str | Sequence[str] | None = None) -> RunResult | None:
     """Train as ``config`` says and return the :class:`RunResult`.
 
     A user's own work (see :mod:`apam_gossip.task`): ``model`` a zero-argument callable
@@ -45,8 +49,11 @@ def run(config: RunConfig | None = None, *, model: Any = None, train_data: Any =
     Under ``mpirun`` (``transport`` ``auto`` or ``mpi``) every rank calls this with the
     same arguments; rank 0 returns the RunResult and the other ranks return None.
 
-    ``dataset`` skips loading (tests, repeated runs); ``callback`` receives
-    :class:`~apam_gossip.reporting.Event` s for progress display. ``resume``: a
+    ``dataset`` skips loading (tests, repeated runs). Progress is shown as the command
+    line shows it (on rank 0 under MPI) unless ``quiet``; a ``callback`` receives the
+    :class:`~apam_gossip.reporting.Event` s instead. ``log``: metric sinks written as the
+    run goes, ``"tensorboard:DIR"`` or ``"jsonl:PATH"`` or a list of them (see
+    :mod:`apam_gossip.runlog`). ``resume``: a
     checkpoint written by ``config.checkpoint``; the run continues from it with the
     checkpoint's config (``config`` may then be None). SIGTERM or SIGINT during an
     asynchronous run makes it checkpoint (with ``config.checkpoint``) and stop:
@@ -69,10 +76,22 @@ def run(config: RunConfig | None = None, *, model: Any = None, train_data: Any =
         raise ConfigError(f"workers ({config.workers}) exceeds the {data.train_size()} "
                           "training samples")
     task = make_task(config, data, model=model, loss=loss, metric=metric)
-    cb = callback or no_callback
+    mpi = resolve_transport(config) == "mpi"
+    shows = not mpi or world()[1] == 0  # rank 0 scores and reports under MPI
+    metric_name = task.metric_obj().name
+    printer = ProgressPrinter(quiet=quiet or not shows, metric=metric_name) \
+        if callback is None else None
+    metrics = MetricsLog(as_specs(log) if shows else [], metric_name)
+    user_cb = callback or printer or no_callback
+
+    def cb(ev: Event) -> None:
+        user_cb(ev)
+        metrics(ev)
+
     old_threads = torch.get_num_threads()
+    result = None
     try:
-        if resolve_transport(config) == "mpi":
+        if mpi:
             result = run_mpi(config, task, data, cb, ckpt)
         elif config.mode == "sequential":
             result = run_sequential(config, task, data, cb)
@@ -88,9 +107,13 @@ def run(config: RunConfig | None = None, *, model: Any = None, train_data: Any =
             result = mode.result()
         if result is not None:
             rescore_final(result, task, data, eval_device(config), config.eval_samples)
+            result = with_task(result, task)
     finally:
         torch.set_num_threads(old_threads)
-    return with_task(result, task) if result is not None else None
+        if printer is not None:
+            printer.close()
+        metrics.end(result)
+    return result
 
 
 MAX_REAL_WORKERS = 4096

@@ -21,7 +21,7 @@ fi
 # Pin the torch now installed, so no dependency (a newer torchvision, say) can swap it for
 # another build: pip then picks the torchvision release made for this torch.
 .venv/bin/python -c "import torch; print('torch==' + torch.__version__)" > .venv/constraints.txt
-"${PIP[@]}" -c .venv/constraints.txt -e ".[test,mpi]"
+"${PIP[@]}" -c .venv/constraints.txt -e ".[test,mpi,log]"
 if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
         || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }) \

@@ -81,6 +81,7 @@ def main() -> int:
     p.add_argument("--no-init-on-rank", type=int, default=-1, help="this rank waits "
                    "and never calls init()")
     p.add_argument("--timeout", type=float, default=600.0, help="init(timeout_s=)")
+    p.add_argument("--log", action="append", default=None, help="init(log=)")
     a = p.parse_args()
     if a.step_before_init:
         ag.DistributedOptimizer(make_model())
@@ -96,7 +97,7 @@ def main() -> int:
         time.sleep(600)  # a rank stuck elsewhere: the others time out, not hang
     handle = ag.init(mode=a.mode, topology=topology, result=a.result, timeout_s=a.timeout,
                      adaptive_state=a.adaptive_state, overlap=not a.no_overlap,
-                     master="return" if a.master_return else "exit")
+                     master="return" if a.master_return else "exit", log=a.log)
     if handle is not None:  # the centralized master, back after every worker finished
         torch.save({"state": flat(handle.load_into(make_model(seed=7)))}, a.master_return)
         return 0

@@ -142,7 +142,7 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
               + f", batch {cfg.data.batch_size}"
               + (f", slowed: {slow}" if slow else ""))
     try:
-        result = run(cfg, dataset=dataset, callback=ui, resume=resume)
+        result = run(cfg, dataset=dataset, callback=ui, resume=resume, log=a.log)
     finally:
         ui.close()
     if result is None:  # an MPI rank other than 0: rank 0 reports and writes
@@ -200,7 +200,8 @@ def _compare(a: argparse.Namespace) -> int:
                                               if m == "decentralized" else ""))
         ui = _ProgressUI(quiet=a.quiet, metric=metric)
         try:
-            results += compare(cfg, [m], dataset=dataset, callback=ui, on_result=announce)
+            results += compare(cfg, [m], dataset=dataset, callback=ui, on_result=announce,
+                               log=a.log)
         finally:
             ui.close()
     table = comparison_table(results, a.target)

@@ -171,6 +171,11 @@ def _add_run_flags(p: argparse.ArgumentParser, with_mode: bool = True,
                      ".json)")
     out.add_argument("--quiet", "-q", action="store_true",
                      help="no progress bar or eval lines")
+    out.add_argument("--log", action="append", metavar="SPEC",
+                     help="write the metrics as the run goes (repeatable): "
+                     "tensorboard:DIR (a TensorBoard event file) or jsonl:PATH (one JSON "
+                     "object per line)" + ("" if single_run else "; one per mode: DIR/<mode>, "
+                                           "PATH-<mode>.jsonl"))
     if not single_run:
         return
     out.add_argument("--save-model", metavar="PATH", help="also save the final model: a "

@@ -3,7 +3,6 @@ once, at :func:`~apam_gossip.loop.init`), its error type and waits."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +73,7 @@ class Session:
     # own: a user's collective (ag.allreduce) can never match the library's messages
     workers_comm: Any = None
     master_done: bool = False  # centralized rank 0, back from init(master="return")
+    metrics: Any = None  # rank 0: init(log=...)'s sinks (a runlog.MetricsLog)
 
     @property
     def mode(self) -> str:
@@ -112,7 +112,9 @@ def wait(req: Any, s: Session, what: str, deadline: float | None = None) -> None
 
 
 def warn_ignored(items: list[str]) -> None:
-    print(f"{PROG}: warning: ignored: {'; '.join(items)}", file=sys.stderr, flush=True)
+    from ..runlog import warn
+
+    warn(f"ignored: {'; '.join(items)}")
 
 
 def score(metric: Any, model: Any, who: str) -> float:

@@ -100,6 +100,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._start()
         atexit.register(self._finish_at_exit)
         self.t0: float | None = None  # the clock starts at the first step
+        self._logged_at = 0.0  # init(log=...): when the last progress line was written
 
     # -- helpers -----------------------------------------------------------------------
     @staticmethod
@@ -205,6 +206,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.steps += 1
         self.samples += samples
         self.step_s += time.perf_counter() - t
+        m = self.session.metrics
+        if m is not None:  # rank 0 with init(log=...): its throughput every few seconds
+            wall = time.monotonic() - self.t0
+            if wall - self._logged_at >= m.PROGRESS_EVERY_S:
+                self._logged_at = wall
+                m.progress(self.samples, wall, {"rank0/samples_per_s": self.samples / wall,
+                                                "rank0/steps": float(self.steps)})
         return loss
 
     # -- the end ------------------------------------------------------------------------
@@ -258,8 +266,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         then the job ends (under MPI the exception hook aborted it already)."""
         if self.finished or crashed():
             return
-        print(f"{PROG}: warning: {self.who} ended without opt.finish(); finishing "
-              "now", file=sys.stderr, flush=True)
+        from ..runlog import warn
+
+        warn(f"{self.who} ended without opt.finish(); finishing now")
         try:
             self.finish()
         except BaseException as e:  # noqa: BLE001 - at exit nobody else would see it

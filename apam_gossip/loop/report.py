@@ -90,9 +90,16 @@ def summary_table(result: RunResult, reports: list[LoopReport]) -> str:
 
 def finish_rank0(s: Session, result: RunResult, reports: list[LoopReport],
                   quiet: bool) -> None:
+    from ..runlog import say
+
     if not quiet:
-        print(summary_table(result, reports), flush=True)
+        say(summary_table(result, reports))
+    if s.metrics is not None:  # init(log=...): the evaluations and the summary
+        s.metrics.metric = result.metric
+        for e in result.evals:
+            s.metrics.eval(e)
+        s.metrics.end(result)
     if s.result is not None:
         result.save(s.result)
         if not quiet:
-            print(f"{PROG}: result written to {s.result}", flush=True)
+            say(f"result written to {s.result}")

@@ -100,7 +100,7 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
          adaptive_state: str = "local", seed: int = 0, timeout_s: float = 600.0,
          result: str | None = None, master: str = "exit",
          device: str = "auto", threads: int | None = None,
-         overlap: bool = True) -> MasterHandle | None:
+         overlap: bool = True, log: str | list[str] | None = None) -> MasterHandle | None:
     """Join the job as this rank (see the module docstring).
 
     ``topology``: decentralized only, a topology file or generator (default ``ring``) with
@@ -118,7 +118,13 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     the next gradient (as ``train`` does; False: inside ``step()``). A setting that does
     not apply to ``mode`` (``topology`` with ``centralized``, say) is named in one
     ``warning: ignored:`` line and the job goes on, as on the command line, so a script
-    switches modes by one word. Returns None except on a returning master.
+    switches modes by one word. ``log``: rank 0 writes the run's metrics there,
+    ``"tensorboard:DIR"`` or ``"jsonl:PATH"`` or a list (see :mod:`apam_gossip.runlog`):
+    its own throughput every few seconds, then the result's evaluations and summary at
+    ``finish()``. Returns None except on a returning master.
+
+    The library's messages go through the Python logger ``apam_gossip`` (see
+    :mod:`apam_gossip.runlog`): your ``logging`` configuration applies to them.
 
     Under MPI every rank's checks are agreed before anything collective: an error that
     only some ranks raise (a topology file missing on one host) is printed by rank 0,
@@ -141,12 +147,20 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
               "master": master}
     given = {k for k, v in values.items() if v != INIT_DEFAULTS[k]}
     graph = None
+    metrics = None
     problem: UserError | None = None
     try:  # this rank's own checks: nothing collective before every rank has passed them
         _check_init(mode, master, adaptive_state, device, timeout_s, threads, overlap,
                     result if rank == 0 else None, comm, size)  # rank 0 writes it
         if TRAITS[mode].gossip:
             graph = _topology(topology, size, seed)
+        if rank == 0:
+            from ..runlog import MetricsLog, as_specs
+
+            try:
+                metrics = MetricsLog(as_specs(log)) or None
+            except TypeError as e:
+                raise LoopError(str(e)) from None
     except UserError as e:
         problem = e
     agreed(comm, rank, problem, 600.0 if problem is not None else timeout_s)
@@ -157,8 +171,10 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     if any(k == "topology" for k, _ in ignored):
         topology = None
     if not mpi:
-        print(f"{PROG}: no MPI launcher: running as one process (start N with "
-              "`apam-gossip launch -n N script.py`)", file=sys.stderr, flush=True)
+        from ..runlog import say
+
+        say("no MPI launcher: running as one process (start N with `apam-gossip launch "
+            "-n N script.py`)")
     worker_here, local_rank = 0, 0  # this rank's index among the training ranks on its host
     if comm is not None:
         local_rank, on_node, master_here = node_placement(comm)
@@ -169,7 +185,7 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
         torch.set_num_threads(threads)
     dev = torch.device("cpu")
     s = Session(traits, comm, rank, size, local_rank, dev, topology, adaptive_state, seed,
-                float(timeout_s), result, overlap=overlap, graph=graph)
+                float(timeout_s), result, overlap=overlap, graph=graph, metrics=metrics)
     if comm is not None:  # collective: every rank, the master too, takes part
         from mpi4py import MPI
 
