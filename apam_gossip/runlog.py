@@ -40,9 +40,13 @@ log = logging.getLogger("apam_gossip")
 
 
 class _CliFormatter(logging.Formatter):
+    """Warnings and errors as ``apam-gossip: warning: ...``; information as it is (a
+    summary table, or a line that names the program itself)."""
+
     def format(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
-        return f"{PROG}: {level}{record.getMessage()}"
+        if record.levelno < logging.WARNING:
+            return record.getMessage()
+        return f"{PROG}: {record.levelname.lower()}: {record.getMessage()}"
 
 
 class _CliHandler(logging.Handler):
@@ -58,9 +62,16 @@ class _CliHandler(logging.Handler):
             pass
 
 
+def _configured() -> bool:
+    """Whether the script configured logging: a handler on the root logger other than
+    pytest's capturing ones (which a test run adds, the script did not)."""
+    return any(not type(h).__module__.startswith("_pytest")
+               for h in logging.getLogger().handlers)
+
+
 def say(message: str, level: int = logging.INFO) -> None:
     """Log ``message`` (one line per line) on the ``apam_gossip`` logger."""
-    if not log.handlers and not logging.getLogger().handlers:
+    if not log.handlers and not _configured():
         # nobody configured logging: print as the command line does, and only that way
         handler = _CliHandler()
         handler.setFormatter(_CliFormatter())

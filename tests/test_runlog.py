@@ -134,7 +134,7 @@ def test_the_library_prints_as_the_cli_when_logging_is_not_configured(tmp_path):
             "r.say('an info line'); r.warn('a warning line')\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
-    assert p.stdout == "apam-gossip: an info line\n"
+    assert p.stdout == "an info line\n"
     assert p.stderr == "apam-gossip: warning: a warning line\n"
     setup = ("import logging; logging.basicConfig(level=logging.INFO, "
              "format='%(name)s|%(levelname)s|%(message)s')\n")

@@ -77,10 +77,11 @@ class Signature:
     optim: tuple[tuple[str, Any], ...]
     setup: tuple[tuple[str, Any], ...]
     lr0: float = field(compare=False, default=0.0)
+    torch_opt: Any = None  # a wrapped optimizer's TorchSpec (the master rebuilds it)
 
 
 def signature(flat: FlatModel, optim: OptimConfig, setup: dict[str, Any],
-               lr0: float) -> Signature:
+               lr0: float, torch_opt: Any = None) -> Signature:
     ids = {id(p) for p in trainable(flat.model)}
     entries = [("parameter", n, tuple(p.shape), str(p.dtype))
                for n, p in flat.model.named_parameters() if id(p) in ids]
@@ -88,7 +89,7 @@ def signature(flat: FlatModel, optim: OptimConfig, setup: dict[str, Any],
                 for n, b in float_buffers(flat.model)]
     hp = {k: v for k, v in optim.model_dump().items() if k not in ("lr", "schedule")}
     return Signature(tuple(entries), flat.numel, flat.n_params, tuple(sorted(hp.items())),
-                      tuple(sorted(setup.items())), lr0)
+                     tuple(sorted(setup.items())), lr0, torch_opt)
 
 
 def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
@@ -109,6 +110,12 @@ def differences(sigs: list[Signature | None], ref: int) -> str | None:
                 k = _first_difference(a, b)
                 return (f"rank {r}: {what} {k}={a.get(k)!r} but rank {ref} has "
                         f"{b.get(k)!r}: every rank must make the same choices")
+        if s.torch_opt != base.torch_opt:
+            def say(t: Any) -> str:
+                return "the built-in optimizer" if t is None else \
+                    f"{t.name} with groups {[dict(h) for h, _ in t.groups]}"
+            return (f"rank {r}: it wraps {say(s.torch_opt)} but rank {ref} "
+                    f"{say(base.torch_opt)}: every rank must build the same optimizer")
         mine_e = {(e[0], e[1]): e[2:] for e in s.entries}
         theirs_e = {(e[0], e[1]): e[2:] for e in base.entries}
         for key, (shape, dtype) in theirs_e.items():

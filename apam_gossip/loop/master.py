@@ -52,6 +52,15 @@ class LoopMaster:
         self.hp = OptimConfig(**dict(sig.optim), lr=sig.lr0 or 1.0)
         self.n = self.end.n_workers
         self.m = ApamCore(x0, self.hp, self.n, n_params=sig.n_params)
+        self.torch_step = None
+        if sig.torch_opt is not None:  # the workers wrap an optimizer: apply with a copy
+            from .wrapped import master_step
+
+            shapes = [tuple(e[2]) for e in sig.entries if e[0] == "parameter"]
+            self.torch_step = master_step(sig.torch_opt, self.m.x, sig.n_params, shapes,
+                                          self.hp)
+            self.m.opt = self.torch_step
+            self.m.state = {}
         self.done: dict[int, Done] = {}
         self.loading: dict[int, LoopState] = {}
         self.applied = False
@@ -84,9 +93,15 @@ class LoopMaster:
                                "every worker")
                 self.loading.clear()
                 return
-        m.restore(torch.from_numpy(first.x),
-                  {k: torch.from_numpy(v) for k, v in first.opt.items()},
-                  version=int(first.version))
+        if self.torch_step is not None:
+            from .wrapped import from_bytes
+
+            self.torch_step.torch.load_state_dict(from_bytes(first.opt["torch"]))
+            m.restore(torch.from_numpy(first.x), {}, version=int(first.version))
+        else:
+            m.restore(torch.from_numpy(first.x),
+                      {k: torch.from_numpy(v) for k, v in first.opt.items()},
+                      version=int(first.version))
         for j in sorted(self.loading):
             self.end.send(j, m.x, Params(m.version))
         self.loading.clear()
@@ -129,8 +144,13 @@ class LoopMaster:
                     self.loading.clear()
                 elif isinstance(msg, StateRequest):
                     assert m.state is not None
-                    end.send(i, None, LoopState(m.x.numpy().copy(), {
-                        k: v.numpy().copy() for k, v in m.state.items()}, m.version))
+                    if self.torch_step is not None:
+                        from .wrapped import to_bytes
+
+                        opt = {"torch": to_bytes(self.torch_step.torch.state_dict())}
+                    else:
+                        opt = {k: v.numpy().copy() for k, v in m.state.items()}
+                    end.send(i, None, LoopState(m.x.numpy().copy(), opt, m.version))
                 elif isinstance(msg, LoopState):
                     self.on_load(i, msg)
                 else:

@@ -24,10 +24,16 @@ from .base import NOT_LOOP_SETTINGS, PROG, LoopError, score, wait, warn_ignored
 from .report import LoopSummary, finish_rank0, loop_result, merged
 from .session import crashed, current, reset
 from .strategies import Ending, strategy_for
+from .wrapped import TorchStep, spec_of
 
 
 class DistributedOptimizer(torch.optim.Optimizer):
     """The optimizer of one rank in a loop-API job (see the module docstring).
+
+    ``DistributedOptimizer(torch_optimizer, model)`` (or ``DistributedOptimizer(model,
+    optimizer=torch_optimizer)``) wraps an optimizer you built, any ``torch.optim``
+    class or your own, with its param groups and lr (see :mod:`.wrapped`); otherwise
+    the built-in optimizers below are used.
 
     ``model``: the rank's model, already on :func:`device` and with any weights you load
     already loaded (float32). Its trainable parameters and float buffers are moved into
@@ -41,9 +47,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
     manager to call :meth:`finish` on leaving the block.
     """
 
-    def __init__(self, model: nn.Module, lr: float | Callable[[int], float] = 1e-3, *,
-                 optimizer: str = "amsgrad", broadcast: bool = True, **optim: Any) -> None:
+    def __init__(self, model: nn.Module | torch.optim.Optimizer,
+                 lr: float | Callable[[int], float] | nn.Module | None = None, *,
+                 optimizer: str | torch.optim.Optimizer = "amsgrad", broadcast: bool = True,
+                 **optim: Any) -> None:
         s = current("DistributedOptimizer(...)", after_finish=False)
+        wrapped, model, lr = _unwrap(model, lr, optimizer, optim, s.rank)
         if s.master_done or s.is_master:
             raise LoopError("rank 0 is the centralized master: it does not train (init() "
                             "returned its MasterHandle); skip your loop when ag.is_master()")
@@ -58,30 +67,42 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 raise LoopError(f"rank {s.rank}: DistributedOptimizer({k}=...): the loop "
                                 "API's learning rate is yours: pass lr as a function of the "
                                 "step, or put a torch.optim.lr_scheduler on the optimizer")
+        if lr is None:
+            lr = wrapped.param_groups[0]["lr"] if wrapped is not None else 1e-3
         self.lr_fn = lr if callable(lr) else None
-        lr0 = self._checked_lr(lr(1) if callable(lr) else lr, s.rank)
+        lr0 = self._checked_lr(lr(1) if callable(lr) else _plain_lr(lr), s.rank)
+        self.wrapped = wrapped
         try:  # lr 0 is allowed here (pure gossip); the config's lr is never read
-            self.hp = OptimConfig(name=optimizer, lr=lr0 or 1.0, **optim)
+            self.hp = OptimConfig(name=optimizer if wrapped is None else "amsgrad",
+                                  lr=lr0 or 1.0, **optim)
         except ConfigError as e:
             raise LoopError(f"rank {s.rank}: DistributedOptimizer: {_as_keywords(e)}") \
                 from None
         ignored = ignored_settings({f"optim.{k}" for k in optim}, [s.mode], self.hp)
         if ignored and s.rank == (1 if s.has_master else 0):  # the first worker says it
             warn_ignored([f"{k[6:]}={optim[k[6:]]!r} ({why})" for k, why in ignored])
-        if s.traits.gossip and s.adaptive_state == "tracked" and self.hp.name != "amsgrad":
-            raise LoopError(f"rank {s.rank}: adaptive_state='tracked' needs "
-                            "optimizer='amsgrad'")
+        if s.traits.gossip and s.adaptive_state == "tracked" and (
+                self.hp.name != "amsgrad" or wrapped is not None):
+            raise LoopError(f"rank {s.rank}: adaptive_state='tracked' needs the built-in "
+                            "optimizer='amsgrad'" + (f", not a wrapped {type(wrapped).__name__}"
+                                                     if wrapped is not None else ""))
         self.session = s
         self.model = model
         self.broadcast = bool(broadcast)
         self.lr0 = lr0
         params = [p for p in model.parameters() if p.requires_grad]
+        self.spec = spec_of(wrapped, params, f"rank {s.rank}") if wrapped is not None \
+            else None
         super().__init__(params, {"lr": lr0})
+        if wrapped is not None:  # one set of groups and state: a scheduler on either works
+            self.param_groups, self.state = wrapped.param_groups, wrapped.state
+            self.defaults = wrapped.defaults
         self.flat = flatten(model, who=f"rank {s.rank}: the model")
         if self.flat.state.dtype != torch.float32:
             raise LoopError(f"rank {s.rank}: the model is {self.flat.state.dtype}; the loop "
                             "API moves float32 models (model.float())")
-        self.opt = Optimizer(self.hp)
+        self.opt: Any = Optimizer(self.hp) if wrapped is None else \
+            TorchStep(wrapped, self.flat.params, self.flat.grads, self.hp)
         self.steps = 0
         self.stepped = False  # a step() was taken in this job (resume must come first)
         self.version = 0
@@ -170,7 +191,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             setup = {"mode": s.mode, "adaptive_state": s.adaptive_state,
                      "broadcast": self.broadcast, "topology": s.topology}
             ref = s.traits.reference
-            agree(s, signature(self.flat, self.hp, setup, self.lr0), ref)
+            agree(s, signature(self.flat, self.hp, setup, self.lr0, self.spec), ref)
             if self.broadcast or s.traits.master:  # (the master owns the model there)
                 wait(s.comm.Ibcast(self.to_host(), root=ref), s,
                      f"the initial model from rank {ref}")
@@ -293,11 +314,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
         s = self.session
         d: dict[str, Any] = {"apam_gossip_loop": 1, "mode": s.mode, "rank": s.rank,
                              "size": s.size, "steps": self.steps,
-                             "lr": self.param_groups[0]["lr"], "optimizer": self.hp.name}
+                             "lr": self.param_groups[0]["lr"], "optimizer": self.optimizer_name}
         if s.traits.gossip:
             d["adaptive_state"] = s.adaptive_state
         d.update(self.strategy.state())
         return d
+
+    @property
+    def optimizer_name(self) -> str:
+        """The built-in optimizer's name, or the wrapped optimizer's class."""
+        return self.hp.name if self.spec is None else self.spec.name
 
     def _check_state(self, d: Any) -> dict[str, Any]:
         s = self.session
@@ -307,9 +333,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if d["mode"] != s.mode:
             raise LoopError(f"{self.who}: load_state_dict: the state is of mode "
                             f"{d['mode']!r}, this job's is {s.mode!r}")
-        if d.get("optimizer") != self.hp.name:
+        if d.get("optimizer") != self.optimizer_name:
             raise LoopError(f"{self.who}: load_state_dict: the state is of optimizer "
-                            f"{d.get('optimizer')!r}, this one is {self.hp.name!r}")
+                            f"{d.get('optimizer')!r}, this one is {self.optimizer_name!r}")
         if not isinstance(d.get("x"), Tensor) or d["x"].numel() != self.flat.numel:
             raise LoopError(f"{self.who}: load_state_dict: the state's model does not match "
                             f"this one ({self.flat.numel} entries)")
@@ -327,9 +353,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise LoopError(f"{self.who}: load_state_dict() after training started: load "
                             "before the first step()")
         want = set(self.opt.init(torch.zeros(1)))
-        if set(d["opt"]) != want:
+        if self.spec is None and set(d["opt"]) != want:
             raise LoopError(f"{self.who}: load_state_dict: the optimizer state has "
                             f"{sorted(d['opt'])}, this optimizer needs {sorted(want)}")
+        if self.spec is not None and not isinstance(d.get("state"), dict):
+            raise LoopError(f"{self.who}: load_state_dict: the state has no wrapped "
+                            "optimizer's state ('state', 'param_groups')")
         return {**d, "x": d["x"].detach().cpu(),
                 "opt": {k: v.detach().cpu() for k, v in d["opt"].items()}}
 
@@ -342,8 +371,46 @@ class DistributedOptimizer(torch.optim.Optimizer):
         order of later averages is random anyway."""
         d = self._check_state(state_dict)
         self.steps = int(d["steps"])
-        self.param_groups[0]["lr"] = d["lr"]
+        if self.spec is None:
+            self.param_groups[0]["lr"] = d["lr"]
         self.strategy.load(d)
+
+
+def _plain_lr(lr: Any) -> Any:
+    """A tensor lr (torch optimizers accept one) as its number."""
+    return float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 else lr
+
+
+def _unwrap(model: Any, lr: Any, optimizer: Any, optim: dict[str, Any],
+            rank: int) -> tuple[torch.optim.Optimizer | None, Any, Any]:
+    """(the wrapped torch optimizer or None, the model, the lr) of the two ways to call:
+    ``(model, lr, optimizer="amsgrad", ...)`` and ``(torch_optimizer, model)`` (or
+    ``(model, optimizer=torch_optimizer)``)."""
+    wrapped = None
+    if isinstance(model, torch.optim.Optimizer):
+        wrapped = model
+        model = lr if isinstance(lr, nn.Module) else optim.pop("model", None)
+        lr = None
+        if model is None:
+            raise LoopError(f"rank {rank}: DistributedOptimizer({type(wrapped).__name__}"
+                            "(...), model): give the model too (its parameters and "
+                            "buffers are what the ranks exchange)")
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        wrapped = optimizer
+    if wrapped is None:
+        return None, model, lr
+    if isinstance(wrapped, DistributedOptimizer):
+        raise LoopError(f"rank {rank}: the optimizer is a DistributedOptimizer already")
+    if lr is not None:
+        raise LoopError(f"rank {rank}: DistributedOptimizer(lr=...) with a wrapped "
+                        f"{type(wrapped).__name__}: its lr is its param groups' (set it "
+                        "there, or put a torch.optim.lr_scheduler on either optimizer)")
+    if optim:
+        k = sorted(optim)[0]
+        raise LoopError(f"rank {rank}: DistributedOptimizer({k}=...) with a wrapped "
+                        f"{type(wrapped).__name__}: its hyper-parameters are its own (set "
+                        "them where you build it)")
+    return wrapped, model, lr
 
 
 def _as_keywords(e: ConfigError) -> str:

@@ -102,4 +102,4 @@ def finish_rank0(s: Session, result: RunResult, reports: list[LoopReport],
     if s.result is not None:
         result.save(s.result)
         if not quiet:
-            say(f"result written to {s.result}")
+            say(f"{PROG}: result written to {s.result}")

@@ -173,8 +173,8 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     if not mpi:
         from ..runlog import say
 
-        say("no MPI launcher: running as one process (start N with `apam-gossip launch "
-            "-n N script.py`)")
+        say(f"{PROG}: no MPI launcher: running as one process (start N with `apam-gossip "
+            "launch -n N script.py`)")
     worker_here, local_rank = 0, 0  # this rank's index among the training ranks on its host
     if comm is not None:
         local_rank, on_node, master_here = node_placement(comm)

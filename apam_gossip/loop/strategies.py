@@ -42,6 +42,7 @@ from ..messages import (
 )
 from ..topology import neighbor_probabilities
 from .base import NO_DEADLINE_S, T_METRIC, LoopError, Session, score, wait
+from .wrapped import from_bytes, to_bytes
 
 
 @dataclass
@@ -83,12 +84,24 @@ class Strategy:
         o = self.opt
         return {"x": o.flat.state.detach().cpu().clone(),
                 "opt": {k: v.detach().cpu().clone() for k, v in o.opt_state.items()},
-                "version": o.steps}
+                "version": o.steps, **wrapped_state(o)}
 
     def load(self, d: dict[str, Any]) -> None:
         o = self.opt
         o.opt_state = {k: v.clone().to(o.opt_state[k].device) for k, v in d["opt"].items()}
         o.flat.state.copy_(d["x"])
+        load_wrapped(o, d)
+
+
+def wrapped_state(o: Any) -> dict[str, Any]:
+    """A wrapped optimizer's state_dict, in torch's format ('state', 'param_groups'), so
+    the whole dict also loads into the plain torch optimizer."""
+    return o.wrapped.state_dict() if o.wrapped is not None else {}
+
+
+def load_wrapped(o: Any, d: dict[str, Any]) -> None:
+    if o.wrapped is not None:
+        o.wrapped.load_state_dict({"state": d["state"], "param_groups": d["param_groups"]})
 
 
 Local = Strategy
@@ -139,15 +152,20 @@ class CentralizedWorker(Strategy):
         self.end_.send(None, StateRequest())
         st = self.end_.recv(None, self.s.timeout_s)
         assert isinstance(st, LoopState), st
+        if self.opt.wrapped is not None:  # the master's copy of your optimizer holds it
+            sd = from_bytes(st.opt["torch"])
+            for mine, theirs in zip(self.opt.param_groups, sd["param_groups"], strict=True):
+                theirs["lr"] = mine["lr"]  # your scheduler's lr (the master scales by it)
+            return {"x": torch.from_numpy(st.x), "version": st.version, "opt": {}, **sd}
         return {"x": torch.from_numpy(st.x), "version": st.version,
                 "opt": {k: torch.from_numpy(v) for k, v in st.opt.items()}}
 
     def load(self, d: dict[str, Any]) -> None:
         """Every worker sends the state to the master, which resumes once all have."""
         o = self.opt
-        self.end_.send(None, LoopState(d["x"].numpy(),
-                                       {k: v.numpy() for k, v in d["opt"].items()},
-                                       int(d["version"])))
+        opt = {k: v.numpy() for k, v in d["opt"].items()} if o.wrapped is None else \
+            {"torch": to_bytes({"state": d["state"], "param_groups": d["param_groups"]})}
+        self.end_.send(None, LoopState(d["x"].numpy(), opt, int(d["version"])))
         back = self.end_.recv(o.flat.state, NO_DEADLINE_S)  # until all have loaded
         if isinstance(back, LoopFault):
             raise LoopError(back.message)
@@ -169,6 +187,8 @@ class Gossip(Strategy):
         self.gossip = MpiGossip(s.comm, o.flat.state, tracked, 0, s.timeout_s,
                                 n_tracked=o.flat.n_params, device=dev)
         self.rule = GossipRule(o.hp, s.size, o.flat.n_params, tracked)
+        if o.wrapped is not None:  # the local step is your optimizer's
+            self.rule.opt = o.opt
         o.opt_state = self.rule.init_state(dev)
         nb, probs = neighbor_probabilities(s.graph)[s.rank]
         self.pick = neighbor_picker(nb, probs, worker_seed(s.seed, s.rank) + 1) \
@@ -273,6 +293,7 @@ class Gossip(Strategy):
                 d["u"] = self.gossip.u.to("cpu", copy=True)
         d["opt"] = {k: v.detach().cpu().clone() for k, v in o.opt_state.items()}
         d["version"] = o.steps
+        d.update(wrapped_state(o))
         return d
 
     def load(self, d: dict[str, Any]) -> None:
@@ -282,6 +303,7 @@ class Gossip(Strategy):
             self.gossip.x.copy_(d["x"])
             if self.gossip.u is not None and "u" in d:
                 self.gossip.u.copy_(d["u"])
+        load_wrapped(o, d)
         self._refresh()
         # nobody averages before every rank has its state back
         wait(s.comm.Ibarrier(), s, "every rank to load its state", NO_DEADLINE_S)
