@@ -4,6 +4,7 @@ real mpirun (tests/loop_script.py and the examples)."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -434,6 +435,31 @@ def test_launch_without_a_rank_count_says_how_to_give_one():
     p = subprocess.run([sys.executable, "-m", "apam_gossip", "launch", SCRIPT],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert p.returncode == 2 and "launch needs the number of ranks: -n N" in p.stderr
+
+
+PORTS = [("port_horovod", "allreduce"), ("port_bluefog", "decentralized"),
+         ("port_ddp", "centralized")]
+
+
+@needs_mpi
+@pytest.mark.parametrize("example,mode", [
+    pytest.param(e, m, marks=() if (e, m) in PORTS else pytest.mark.slow)
+    for e in ("port_horovod", "port_bluefog", "port_ddp")
+    for m in ("decentralized", "centralized", "allreduce")])
+def test_ported_horovod_bluefog_and_ddp_scripts_run_in_every_mode(example, mode):
+    """The three port examples (README, "Porting a Horovod, BlueFog or DDP script"): the
+    same script in every mode, its metrics averaged over the workers by ag.allreduce and
+    printed once, by the main worker."""
+    p = subprocess.run([sys.executable, "-m", "apam_gossip", "launch", "-np", "3",
+                        "--timeout", "200", f"examples/{example}.py", "--mode", mode],
+                       capture_output=True, text=True, timeout=240, env=ENV, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(f"{mode}: test")]
+    assert len(lines) == 1, p.stdout  # printed by one process
+    workers = 2 if mode == "centralized" else 3
+    assert f"{workers} workers" in lines[0]
+    acc = float(re.search(r"accuracy ([\d.]+)%", lines[0]).group(1))
+    assert acc > 50.0, lines[0]
 
 
 def test_launch_refuses_a_missing_script():
