@@ -105,4 +105,15 @@ _PORTING_HINTS = {
     "get_rank": "use ag.rank(), or ag.is_main_worker() for the rank that prints and saves",
     "get_world_size": "use ag.num_workers() (training ranks) or ag.size()",
     "shutdown": "use opt.finish()",
+    # BlueFog's
+    "set_topology": "give the topology to ag.init(mode=\"decentralized\", topology=...) "
+    "(a generator name such as \"exponential\" or \"ring\", or an edge-list file)",
+    "DistributedAdaptWithCombineOptimizer": "use ag.DistributedOptimizer(optimizer, model) "
+    "with ag.init(mode=\"decentralized\")",
+    "DistributedAdaptThenCombineOptimizer": "use ag.DistributedOptimizer(optimizer, model) "
+    "with ag.init(mode=\"decentralized\")",
+    "DistributedNeighborAllreduceOptimizer": "use ag.DistributedOptimizer(optimizer, model) "
+    "with ag.init(mode=\"decentralized\")",
+    "neighbor_allreduce": "not needed: step() averages with a random neighbour of the "
+    "topology; for a metric use ag.allreduce",
 }

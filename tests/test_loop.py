@@ -4,8 +4,8 @@ real mpirun (tests/loop_script.py and the examples)."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -645,6 +645,9 @@ def test_collectives_in_one_process_return_the_value_and_name_bad_arguments():
         ag.broadcast(1, root=1)
     with pytest.raises(AttributeError, match="broadcast_parameters.*delete the call"):
         ag.broadcast_parameters  # noqa: B018 - a Horovod habit, named
+    with pytest.raises(AttributeError, match="set_topology.*ag.init\\(mode=\"decentralized\", "
+                       "topology="):
+        ag.set_topology  # noqa: B018 - a BlueFog habit, named
 
 
 def test_queries_answer_after_finish_but_a_new_optimizer_needs_a_new_init():
