@@ -148,7 +148,7 @@ def test_misuse_is_one_clear_error(monkeypatch):
     with pytest.raises(loop.LoopError, match="result .* is a directory"):
         ag.init(result=str(ROOT))  # found at init, not at finish() after all the training
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
-    with pytest.raises(loop.LoopError, match="not torchrun.*apam-gossip launch"):
+    with pytest.raises(loop.LoopError, match="torchrun without its rendezvous.*apam-gossip launch"):
         ag.init()
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     ag.init()

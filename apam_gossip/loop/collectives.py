@@ -77,10 +77,9 @@ def allreduce(value: Any, op: str = "average") -> Any:
     if op == "average" and not t.is_floating_point():
         t = t.double()
     if s.workers_comm is not None and s.n_workers > 1:
-        from mpi4py import MPI
+        from .torchcomm import iallreduce
 
-        mop = {"average": MPI.SUM, "sum": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}[op]
-        wait(s.workers_comm.Iallreduce(MPI.IN_PLACE, t.numpy(), op=mop), s,
+        wait(iallreduce(s.workers_comm, t.numpy(), "sum" if op == "average" else op), s,
              f"ag.allreduce ({op}) with the other workers", NO_DEADLINE_S)
     if op == "average":
         t /= s.n_workers

@@ -54,7 +54,8 @@ def loop_result(s: Session, hp: OptimConfig, lr0: float, reports: list[LoopRepor
     config = {"mode": s.mode, "workers": len(reports), "api": "loop", "seed": s.seed,
               "optim": optim, "topology": s.topology if s.traits.gossip else None,
               "adaptive_state": s.adaptive_state}
-    return RunResult.of(config, s.mode, "mpi" if s.comm is not None else "local", n_params,
+    transport = getattr(s.comm, "transport_name", "mpi") if s.comm is not None else "local"
+    return RunResult.of(config, s.mode, transport, n_params,
                         wall, updates, [ev], staleness, workers, final.detach().cpu().clone(),
                         samples=samples, metric=metric_name,
                         higher_is_better=higher_is_better, task={"api": "loop"})

@@ -31,6 +31,7 @@ from .base import (
     warn_ignored,
 )
 from .master import MasterHandle, run_master
+from .torchcomm import launched_by_torchrun
 
 _session: Session | None = None
 _finished: Session | None = None  # the last session, after its finish()
@@ -69,14 +70,20 @@ def _install_hooks() -> None:
     _hooked = True
     previous = sys.excepthook
     mpi = launched_by_mpi()
+    torchrun = not mpi and launched_by_torchrun()
 
     def hook(tp, e, tb) -> None:
         global _crashed
         _crashed = True
-        if not mpi:
+        if not mpi and not torchrun:
             previous(tp, e, tb)
             return
-        comm, rank, _ = world()
+        if mpi:
+            comm, rank, _ = world()
+        else:  # torchrun: end this process; its agent stops the others
+            from .torchcomm import TorchComm
+
+            comm, rank = TorchComm.__new__(TorchComm), int(os.environ["RANK"])
         if isinstance(e, UserError):
             if getattr(e, "collective", False) and rank != 0:
                 time.sleep(2.0)  # every rank has it: rank 0 prints it, once
@@ -136,13 +143,25 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
         raise LoopError(f"rank {_session.rank}: apam_gossip.init() was called twice; call "
                         "opt.finish() before starting again")
     mpi = launched_by_mpi()
-    if not mpi and any(k in os.environ for k in TORCHRUN_VARS):
-        raise LoopError("apam_gossip's loop API runs under MPI, not torchrun: start the "
-                        "script with `apam-gossip launch -n N script.py` (or "
-                        "`mpirun -n N python script.py`)")
+    torchrun = not mpi and launched_by_torchrun()
+    if not mpi and not torchrun and any(k in os.environ for k in TORCHRUN_VARS):
+        raise LoopError("started by torchrun without its rendezvous variables (RANK, "
+                        "WORLD_SIZE, MASTER_ADDR, MASTER_PORT): start the script with "
+                        "`torchrun --nproc-per-node N script.py` or `apam-gossip launch -n N "
+                        "script.py`")
+    if torchrun and mode != "allreduce" and mode in MODES:
+        raise LoopError(f"every rank: mode {mode!r} needs MPI (its asynchronous exchanges "
+                        "are built on MPI's point-to-point, not torch.distributed's): start "
+                        "the script with `apam-gossip launch -np N script.py`, or use "
+                        "mode='allreduce' under torchrun", collective=True)
     comm, rank, size = None, 0, 1
     if mpi:
         comm, rank, size = world()
+    elif torchrun:
+        from .torchcomm import TorchComm
+
+        comm = TorchComm(timeout_s if isinstance(timeout_s, int | float) else 600.0)
+        rank, size = comm.Get_rank(), comm.Get_size()
     values = {"topology": topology, "adaptive_state": adaptive_state, "overlap": overlap,
               "master": master}
     given = {k for k, v in values.items() if v != INIT_DEFAULTS[k]}
@@ -170,14 +189,15 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
         warn_ignored([f"{k}={values[k]!r} ({why})" for k, why in ignored])
     if any(k == "topology" for k, _ in ignored):
         topology = None
-    if not mpi:
+    if comm is None:
         from ..runlog import say
 
         say(f"{PROG}: no MPI launcher: running as one process (start N with `apam-gossip "
             "launch -n N script.py`)")
     worker_here, local_rank = 0, 0  # this rank's index among the training ranks on its host
     if comm is not None:
-        local_rank, on_node, master_here = node_placement(comm)
+        local_rank, on_node, master_here = comm.local_placement() if torchrun \
+            else node_placement(comm)
         worker_here = local_rank - 1 if traits.master and master_here else local_rank
         if threads is None:
             threads = max(1, available_cores() // on_node)
@@ -186,7 +206,9 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     dev = torch.device("cpu")
     s = Session(traits, comm, rank, size, local_rank, dev, topology, adaptive_state, seed,
                 float(timeout_s), result, overlap=overlap, graph=graph, metrics=metrics)
-    if comm is not None:  # collective: every rank, the master too, takes part
+    if torchrun:  # no master there (allreduce only)
+        s.workers_comm = comm.Split()
+    elif comm is not None:  # collective: every rank, the master too, takes part
         from mpi4py import MPI
 
         s.workers_comm = comm.Split(MPI.UNDEFINED if s.is_master else 0, rank)

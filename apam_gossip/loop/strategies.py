@@ -42,6 +42,7 @@ from ..messages import (
 )
 from ..topology import neighbor_probabilities
 from .base import NO_DEADLINE_S, T_METRIC, LoopError, Session, score, wait
+from .torchcomm import iallreduce
 from .wrapped import from_bytes, to_bytes
 
 
@@ -249,8 +250,6 @@ class Gossip(Strategy):
         """Gather the reports, check that every rank chose the same ``average``, and
         measure consensus (and average, if asked) with all-reduces, without gathering
         every model anywhere."""
-        from mpi4py import MPI  # here: importing mpi4py initializes MPI
-
         o, s = self.opt, self.s
         self.gossip.finish(timeout=NO_DEADLINE_S)
         self._refresh()
@@ -267,10 +266,10 @@ class Gossip(Strategy):
         n_params = o.flat.n_params
         x = self.gossip.x.to("cpu")  # MPI reduces host memory
         total = x.to(torch.float64, copy=True)  # the all-reduce is in place
-        wait(comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM), s, "averaging the models",
+        wait(iallreduce(comm, total), s, "averaging the models",
              NO_DEADLINE_S)
         sq = squares(x, n_params)
-        wait(comm.Iallreduce(MPI.IN_PLACE, sq, op=MPI.SUM), s, "the consensus distance",
+        wait(iallreduce(comm, sq), s, "the consensus distance",
              NO_DEADLINE_S)
         xbar, extra = consensus_from_sums(total, float(sq[0]), float(sq[1]), s.size,
                                           n_params)
@@ -327,8 +326,6 @@ class Allreduce(Strategy):
         a rank that finished early follows the schedule too instead of keeping its last
         lr. No deadline: the other ranks may be busy with anything between their steps (an
         evaluation); a dead rank ends the job."""
-        from mpi4py import MPI  # here: importing mpi4py initializes MPI
-
         o, s, red, n = self.opt, self.s, self.red, self.opt.flat.numel
         if active:
             red[:n].copy_(o.flat.pack_grad_msg())
@@ -336,7 +333,7 @@ class Allreduce(Strategy):
             red[n + 1] = o.lr_of(o.steps + 1)
         else:
             red.zero_()
-        wait(s.comm.Iallreduce(MPI.IN_PLACE, red, op=MPI.SUM), s, "the all-reduce",
+        wait(iallreduce(s.comm, red), s, "the all-reduce",
              NO_DEADLINE_S)
         k = float(red[n])
         if k == 0:
