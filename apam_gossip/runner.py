@@ -9,6 +9,7 @@ runs them to the end, always reaping them, also on errors, Ctrl-C and timeouts. 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,6 +124,11 @@ def check_runnable(cfg: RunConfig, topology: bool = True) -> None:
     """Raise the :class:`ConfigError` a run of ``cfg`` would raise at its start, without
     starting it (``compare`` and ``bench`` check every mode before the first run)."""
     cfg.validate()
+    if not launched_by_mpi() and _torchrun_world() > 1:
+        raise ConfigError("started by torchrun with several processes: each would run the "
+                          "whole job on its own. Start `apam-gossip train` once (it starts "
+                          "its workers), or under mpirun/srun across hosts; a torchrun "
+                          "script uses the loop API (apam_gossip.init)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda was requested but torch.cuda.is_available() is False; "
                           "use --device auto or cpu")
@@ -133,6 +139,16 @@ def check_runnable(cfg: RunConfig, topology: bool = True) -> None:
     transport = resolve_transport(cfg)
     if topology and cfg.mode in ("decentralized", "dpsgd") and transport != "mpi":
         topology_of(cfg)
+
+
+def _torchrun_world() -> int:
+    """WORLD_SIZE of a torchrun (or PyTorchJob) process, else 1."""
+    from .loop.torchcomm import launched_by_torchrun
+
+    try:
+        return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+    except ValueError:
+        return 1
 
 
 def resolve_transport(cfg: RunConfig) -> str:

@@ -85,3 +85,12 @@ def test_the_asynchronous_modes_under_torchrun_are_one_line(mode):
     assert f"mode '{mode}' needs MPI" in errors[0] and "apam-gossip launch -np N" in errors[0]
     # torchrun's agent prints its own traceback of the failed child; none of ours
     assert "LoopError" not in p.stderr and "apam_gossip/loop" not in p.stderr
+
+
+def test_train_under_torchrun_with_several_processes_is_one_line_not_n_jobs(tmp_path):
+    out = tmp_path / "r.json"
+    p = torchrun(2, "-m", "apam_gossip", "train", "--steps", "5", "-o", str(out),
+                 timeout=120)
+    assert p.returncode != 0 and not out.exists()
+    assert "started by torchrun with several processes: each would run the whole job" \
+        in p.stderr
