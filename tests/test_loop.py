@@ -613,6 +613,8 @@ def test_collectives_among_the_workers_in_every_mode(tmp_path, mode):
     seen = [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(workers)]
     assert [s["main"] for s in seen] == [True] + [False] * (workers - 1)
     assert seen[0]["rank"] == (1 if mode == "centralized" else 0)
+    # the main worker has the job's result in every mode (centralized: from the master)
+    assert [s["result"] for s in seen] == [mode] + [None] * (workers - 1)
     total = sum(range(1, workers + 1))
     mean = sum(range(workers)) / workers
     for s in seen:

@@ -21,6 +21,7 @@ MASTER_CHOICES = ("exit", "return")
 ADAPTIVE_STATES = ("local", "tracked")
 TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE")
 T_METRIC = 41  # centralized: rank 1 -> master, the final model's score
+T_RESULT = 42  # centralized: master -> rank 1 (the main worker), the job's RunResult
 # waiting for the other ranks to finish has no deadline of its own: they may train for
 # hours longer (a slow worker); a rank that dies ends the whole MPI job anyway
 NO_DEADLINE_S = 1e9

@@ -16,7 +16,7 @@ from ..flat import flatten
 from ..messages import Done, Grad, Hello, LoopFault, LoopState, Params, StateRequest, Stop
 from ..result import RunResult
 from .agree import Signature, agree
-from .base import NO_DEADLINE_S, T_METRIC, LoopError, Session, wait
+from .base import NO_DEADLINE_S, T_METRIC, T_RESULT, LoopError, Session, wait
 from .report import finish_rank0, loop_result
 
 
@@ -177,6 +177,8 @@ class LoopMaster:
                              higher, {}, staleness=dict(m.progress.staleness),
                              updates=m.progress.version)
         finish_rank0(s, result, reports, quiet=False)
+        # the main worker's finish() returns the job's result, as rank 0's does elsewhere
+        s.comm.send(result, dest=1, tag=T_RESULT)
         return MasterHandle(result, m.x.clone())
 
 

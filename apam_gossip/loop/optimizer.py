@@ -249,7 +249,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         ``metric_name``: a number you measured, or a function ``metric(model)`` called on
         the final model (so after the master's model arrived, or after the average) -- by
         rank 0, or in centralized mode by the first worker (rank 1). Rank 0 prints a
-        per-rank summary (unless ``quiet``) and writes ``init(result=...)``.
+        per-rank summary (unless ``quiet``) and writes ``init(result=...)``. The main
+        worker (:func:`is_main_worker`) gets the job's RunResult in the returned summary's
+        ``result`` in every mode (centralized: sent by the master).
         """
         if self.finished:
             raise LoopError(f"{self.who}: finish() was called twice")
@@ -266,7 +268,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             ended = self.strategy.end(rep, Ending(metric, metric_name, higher_is_better,
                                                   average))
             if ended is None or s.rank != 0:
-                return LoopSummary(s.rank, [rep], None)
+                return LoopSummary(s.rank, [rep], self.strategy.result)
             reports, extra, final = ended
             assert reports is not None
             if callable(metric):

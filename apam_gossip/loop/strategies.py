@@ -41,7 +41,7 @@ from ..messages import (
     Stop,
 )
 from ..topology import neighbor_probabilities
-from .base import NO_DEADLINE_S, T_METRIC, LoopError, Session, score, wait
+from .base import NO_DEADLINE_S, T_METRIC, T_RESULT, LoopError, Session, score, wait
 from .torchcomm import iallreduce
 from .wrapped import from_bytes, to_bytes
 
@@ -60,8 +60,22 @@ class Ending:
 Ended = tuple[list[LoopReport] | None, dict[str, float], Tensor] | None
 
 
+def wait_object(req: Any) -> Any:
+    """The object an mpi4py ``irecv`` request brings (no deadline: the sender may still
+    be finishing; a dead rank ends the job)."""
+    import time
+
+    while True:
+        ok, obj = req.test()
+        if ok:
+            return obj
+        time.sleep(0.005)
+
+
 class Strategy:
     """The modes' common interface (the base is the one-process behaviour)."""
+
+    result: Any = None  # the job's RunResult where a strategy receives it (APAM's worker)
 
     def __init__(self, opt: Any) -> None:  # the DistributedOptimizer (it imports this)
         self.opt = opt
@@ -147,6 +161,9 @@ class CentralizedWorker(Strategy):
         o.from_host()
         if later:
             s.comm.send(score(how.metric, o.model, o.who), dest=0, tag=T_METRIC)
+        if first:  # the main worker: the job's result, from the master
+            req = s.comm.irecv(source=0, tag=T_RESULT)
+            self.result = wait_object(req)
         return None
 
     def state(self) -> dict[str, Any]:

@@ -31,7 +31,8 @@ for k in range(steps):
         seen["mid_sum"] = ag.allreduce(i + 1, op="sum")
 if mode == "allreduce":
     seen["mid_sum"] = ag.allreduce(i + 1, op="sum")  # same step count: between steps
-opt.finish(quiet=True)
+summary = opt.finish(quiet=True)
+seen["result"] = summary.result.mode if summary.result is not None else None
 seen["after"] = {
     "avg": ag.allreduce(float(i)),
     "max": ag.allreduce(i, op="max"),
