@@ -67,6 +67,12 @@ def test_a_gossip_end_carries_only_the_rows_its_worker_touches(monkeypatch):
     assert all(r is not None for r in whole.x._rows)
 
 
+def test_host_rows_can_be_forced_for_gpu_workers_without_cuda_ipc(monkeypatch):
+    monkeypatch.setenv("APAM_GOSSIP_ROWS", "host")
+    rows = Rows(2, 3, devices=["meta", "meta"])  # any device: the rows stay on the host
+    assert not rows.separate and not rows.on_gpu and rows[1].device.type == "cpu"
+
+
 def test_rows_refuse_a_device_list_of_the_wrong_length():
     with pytest.raises(ValueError, match="2 devices for 3 rows"):
         Rows(3, 4, devices=["cpu", "cpu"])

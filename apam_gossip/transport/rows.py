@@ -18,7 +18,10 @@ for the short snapshot and local step, whose results the next step needs anyway.
 
 ``APAM_GOSSIP_ROWS=separate`` in the environment makes host rows separate tensors too
 (each in its own shared segment), so that a CPU machine runs the code path GPU rows take
-(the test suite does, to cover it where CI has no GPU).
+(the test suite does, to cover it where CI has no GPU). ``APAM_GOSSIP_ROWS=host`` keeps
+every row in host shared memory even for GPU workers, the fallback where CUDA IPC is not
+available (some virtual machines, WSL2): each worker then stages through the host, as
+workers over MPI do, and its local step runs on the CPU.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class Rows:
             else [torch.device("cpu")] * n
         if len(devs) != n:
             raise ValueError(f"Rows: {len(devs)} devices for {n} rows")
+        if os.environ.get("APAM_GOSSIP_ROWS") == "host":  # no CUDA IPC: see the module
+            devs = [torch.device("cpu")] * n
         self.shape = (n, *shape)
         self.dtype = dtype
         self.devices = devs
