@@ -390,17 +390,17 @@ class ShmSyncEnd:
         self.slots = slots
         self.barrier_ = barrier
         self.timeout = timeout
-        self.tmp = torch.zeros(slots.shape[1], dtype=slots.dtype, device=slots.devices[i])
+        self._tmp: Tensor | None = None  # made where the worker runs, at first use
 
     def __getstate__(self) -> dict:
-        d = dict(self.__dict__)
-        d["tmp"] = None  # made where the worker runs (a GPU tensor is not sent ahead)
-        return d
+        return {**self.__dict__, "_tmp": None}  # a GPU tensor is not sent ahead
 
-    def __setstate__(self, d: dict) -> None:
-        self.__dict__.update(d)
-        self.tmp = torch.zeros(self.slots.shape[1], dtype=self.slots.dtype,
-                               device=self.slots.devices[self.worker])
+    @property
+    def tmp(self) -> Tensor:
+        if self._tmp is None:
+            self._tmp = torch.zeros(self.slots.shape[1], dtype=self.slots.dtype,
+                                    device=self.slots.devices[self.worker])
+        return self._tmp
 
     def _mean_into(self, out: Tensor) -> None:
         """``out`` <- the mean of the slots, in worker order on every worker (so replicas
