@@ -54,6 +54,27 @@ def test_cuda_rows_are_shared_with_a_spawned_process():
     assert rows.clone().eq(1.0).all()  # the child's average, seen here
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_rows_on_two_gpus_are_averaged_from_a_spawned_process():
+    """The cross-device average (two workers on different GPUs): the copy between the
+    devices runs on the source's stream and the fence waits on both."""
+    rows = Rows(2, 1000, devices=["cuda:0", "cuda:1"])
+    rows.copy_(torch.stack([torch.zeros(1000), torch.full((1000,), 2.0)]))
+    p = CTX.Process(target=_child_averages, args=(rows,))
+    p.start()
+    p.join(120)
+    assert p.exitcode == 0
+    assert rows.clone().eq(1.0).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gossip_with_workers_on_two_gpus_keeps_the_audit(digits):
+    r = run(make_cfg(BASE, mode="decentralized", workers=4, topology="complete", steps=200,
+                     audit=True), dataset=digits)
+    assert {w.device for w in r.workers} == {"cuda:0", "cuda:1"}
+    assert r.evals[-1].extra["audit_error"] <= 1e-5, r.evals[-1].extra
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_gossip_on_gpu_workers_keeps_the_audit(digits, overlap):
     r = run(make_cfg(BASE, mode="decentralized", workers=4, topology="complete", steps=400,
