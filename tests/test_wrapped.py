@@ -163,3 +163,41 @@ def test_every_mode_steps_with_the_users_optimizer_under_launch(tmp_path, mode, 
             assert w["losses"][-1] < w["losses"][0]
         else:
             assert diff <= 1e-6, diff
+
+
+def test_groups_in_another_order_than_the_model_and_model_zero_grad():
+    """A decay / no-decay split lists the biases first; model.zero_grad() sets the grads
+    to None: the gradients still land at the parameters' own places."""
+    def build(m):
+        w = [p for n, p in m.named_parameters() if n.endswith("weight")]
+        b = [p for n, p in m.named_parameters() if n.endswith("bias")]
+        return torch.optim.AdamW([{"params": b, "weight_decay": 0.0}, {"params": w}], lr=1e-2)
+
+    ref, x, y = model_and_data()
+    plain = build(ref)
+    ag.init(mode="allreduce")
+    model, _, _ = model_and_data()
+    opt = ag.DistributedOptimizer(build(model), model)
+    for m, o in ((ref, plain), (model, opt)):
+        for k in range(10):
+            m.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(m(x[8 * k % 64:][:8]), y[8 * k % 64:][:8]).backward()
+            o.step()
+    assert torch.equal(flat(model), flat(ref))
+    opt.finish(quiet=True)
+
+
+def test_a_resumed_scheduler_sees_the_loaded_lrs():
+    ag.init(mode="allreduce")
+    model, x, y = model_and_data()
+    opt = ag.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    train(model, opt, x, y, 6, sched)
+    sd, lr = opt.state_dict(), opt.param_groups[0]["lr"]
+    opt.finish(quiet=True)
+    ag.init(mode="allreduce")
+    again, _, _ = model_and_data()
+    opt2 = ag.DistributedOptimizer(torch.optim.SGD(again.parameters(), lr=0.1), again)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["lr"] == lr == opt2.wrapped.param_groups[0]["lr"]
+    opt2.finish(quiet=True)

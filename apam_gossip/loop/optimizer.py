@@ -91,6 +91,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.broadcast = bool(broadcast)
         self.lr0 = lr0
         params = [p for p in model.parameters() if p.requires_grad]
+        self._trained = params
         self.spec = spec_of(wrapped, params, f"rank {s.rank}") if wrapped is not None \
             else None
         super().__init__(params, {"lr": lr0})
@@ -166,8 +167,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             return
         lo, size = self.flat.state.data_ptr(), self.flat.state.element_size() * self.flat.numel
         off = 0
-        for p in self.param_groups[0]["params"]:
-            if not lo <= p.data_ptr() < lo + size:
+        for p in self._trained:  # the flat buffer's order (a wrapped optimizer's groups
+            if not lo <= p.data_ptr() < lo + size:  # may hold them in another)
                 raise LoopError(f"{self.who}: the model's parameters were moved or replaced "
                                 "after DistributedOptimizer was built (model.to(), .cuda(), "
                                 "a new tensor): move and load the model first")

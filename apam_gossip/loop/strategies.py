@@ -60,18 +60,6 @@ class Ending:
 Ended = tuple[list[LoopReport] | None, dict[str, float], Tensor] | None
 
 
-def wait_object(req: Any) -> Any:
-    """The object an mpi4py ``irecv`` request brings (no deadline: the sender may still
-    be finishing; a dead rank ends the job)."""
-    import time
-
-    while True:
-        ok, obj = req.test()
-        if ok:
-            return obj
-        time.sleep(0.005)
-
-
 class Strategy:
     """The modes' common interface (the base is the one-process behaviour)."""
 
@@ -117,6 +105,9 @@ def wrapped_state(o: Any) -> dict[str, Any]:
 def load_wrapped(o: Any, d: dict[str, Any]) -> None:
     if o.wrapped is not None:
         o.wrapped.load_state_dict({"state": d["state"], "param_groups": d["param_groups"]})
+        # torch's load_state_dict makes new groups and state: share them again, so a
+        # scheduler on the wrapper sees the loaded lrs
+        o.param_groups, o.state = o.wrapped.param_groups, o.wrapped.state
 
 
 Local = Strategy
@@ -161,9 +152,9 @@ class CentralizedWorker(Strategy):
         o.from_host()
         if later:
             s.comm.send(score(how.metric, o.model, o.who), dest=0, tag=T_METRIC)
-        if first:  # the main worker: the job's result, from the master
-            req = s.comm.irecv(source=0, tag=T_RESULT)
-            self.result = wait_object(req)
+        if first:  # the main worker: the job's result, from the master (a blocking recv
+            # probes the size: irecv's default buffer is too small for a whole result)
+            self.result = s.comm.recv(source=0, tag=T_RESULT)
         return None
 
     def state(self) -> dict[str, Any]:
@@ -183,6 +174,7 @@ class CentralizedWorker(Strategy):
         o = self.opt
         opt = {k: v.numpy() for k, v in d["opt"].items()} if o.wrapped is None else \
             {"torch": to_bytes({"state": d["state"], "param_groups": d["param_groups"]})}
+        load_wrapped(o, d)  # this worker's own lrs (its scheduler's) come back too
         self.end_.send(None, LoopState(d["x"].numpy(), opt, int(d["version"])))
         back = self.end_.recv(o.flat.state, NO_DEADLINE_S)  # until all have loaded
         if isinstance(back, LoopFault):

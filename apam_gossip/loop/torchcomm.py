@@ -132,7 +132,10 @@ def _close() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:  # every rank reaches the end before any group is torn down
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def iallreduce(comm: Any, buf: Any, op: str = "sum") -> Any:
