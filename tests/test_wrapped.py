@@ -201,3 +201,14 @@ def test_a_resumed_scheduler_sees_the_loaded_lrs():
     opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["lr"] == lr == opt2.wrapped.param_groups[0]["lr"]
     opt2.finish(quiet=True)
+
+
+def test_frozen_parameters_in_the_users_optimizer_are_left_alone():
+    ag.init(mode="allreduce")
+    model, x, y = model_and_data()
+    model[0].weight.requires_grad_(False)  # fine-tuning: the first layer frozen
+    before = model[0].weight.detach().clone()
+    opt = ag.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    train(model, opt, x, y, 3)
+    assert torch.equal(model[0].weight, before)
+    opt.finish(quiet=True)

@@ -63,6 +63,8 @@ def spec_of(opt: torch.optim.Optimizer, params: list[Tensor], who: str) -> Torch
     for g in opt.param_groups:
         idx = []
         for p in g["params"]:
+            if not p.requires_grad:  # frozen (fine-tuning): never stepped, not shipped
+                continue
             if id(p) not in index:
                 raise LoopError(f"{who}: the optimizer holds a parameter of shape "
                                 f"{tuple(p.shape)} that is not a trained parameter of the "
