@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .base import NO_DEADLINE_S, LoopError, Session, wait
 from .session import current
+from .world import guard_world  # noqa: F401 - its public home stays here
 
 OPS = ("average", "sum", "min", "max")
 
@@ -123,34 +124,4 @@ def barrier() -> None:
              NO_DEADLINE_S)
 
 
-# the collectives of an MPI intracommunicator (and their non-blocking I-forms), plus the
-# calls that make a communicator, which are collective too
-_COLLECTIVES = ("allgather", "allreduce", "alltoall", "barrier", "bcast", "exscan", "gather",
-                "reduce", "scan", "scatter", "Allgather", "Allgatherv", "Allreduce",
-                "Alltoall", "Alltoallv", "Alltoallw", "Barrier", "Bcast", "Exscan", "Gather",
-                "Gatherv", "Reduce", "Reduce_scatter", "Reduce_scatter_block", "Scan",
-                "Scatter", "Scatterv")
-_MAKERS = ("Dup", "Split", "Split_type", "Create", "Create_cart", "Create_graph")
-
-
-def guard_world(rank: int) -> None:
-    """Centralized worker ranks (the master exits at the end): ``MPI.COMM_WORLD`` becomes
-    the same communicator whose collectives raise a :class:`LoopError` saying what to use
-    (see the module docstring)."""
-    from mpi4py import MPI
-
-    def refuse(name: str):
-        def call(self, *args: Any, **kwargs: Any) -> Any:
-            raise LoopError(f"rank {rank}: MPI.COMM_WORLD.{name}() in a centralized job: "
-                            "rank 0, the master, is a member of COMM_WORLD and never joins "
-                            "a collective of yours, so it would wait forever; use "
-                            "ag.allreduce, ag.broadcast or ag.barrier (among the workers)")
-        return call
-
-    names = [n for base in _COLLECTIVES for n in (base, "I" + base, "i" + base)
-             if hasattr(MPI.Intracomm, n)] + [n for n in _MAKERS if hasattr(MPI.Intracomm, n)]
-    guarded = type("GuardedWorld", (MPI.Intracomm,), {n: refuse(n) for n in names})
-    MPI.COMM_WORLD = guarded(MPI.COMM_WORLD)
-
-
-__all__ = ["allreduce", "broadcast", "barrier", "guard_world", "OPS"]
+__all__ = ["allreduce", "broadcast", "barrier", "guard_world", "OPS"]  # guard_world: .world

@@ -213,7 +213,7 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
 
         s.workers_comm = comm.Split(MPI.UNDEFINED if s.is_master else 0, rank)
         if s.has_master and not s.is_master and master == "exit":
-            from .collectives import guard_world
+            from .world import guard_world
 
             guard_world(rank)
     if device == "auto" and torch.cuda.is_available() and not s.is_master:
