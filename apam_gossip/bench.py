@@ -7,6 +7,9 @@
 * ``master``: the APAM master's update rate against the memory-bandwidth bound;
   ``shm-pairwise``: one shared-memory pairwise average against a memcpy; ``scaling``:
   homogeneous throughput from 1 to ``--max-workers`` workers;
+* ``contention``: the per-batch time of 1..``--max-workers`` one-thread workers computing
+  at once on this machine, over one alone: the simulator's contention curve
+  (:mod:`apam_gossip.sim.contention`);
 * ``transport``: the same training run on the single-machine runtime (shared memory) and
   under ``mpirun``, alternated ``--repeats`` times, side by side; reports samples/s of
   each and the MPI/shm ratio (the goal: MPI within 20%).
@@ -291,10 +294,15 @@ def plot_profile(profile, results: dict, path: Path,
 def _timed_once(profile, dataset, simulate: dict) -> dict:
     """The simulator's costs, the model timed once for every mode and seed (timed per
     simulation, modes would be compared on slightly different gradient times)."""
+    from .sim.contention import resolve_hardware
+    from .task import make_task
+
+    if "hardware" in simulate:  # a contention curve to measure: once for every mode
+        simulate = {**simulate, "hardware": resolve_hardware(
+            simulate["hardware"], profile.base, dataset)}
     if {"gradient_s", "master_update_s", "worker_update_s"} <= set(simulate):
         return simulate
     from .sim.cluster import calibrate
-    from .task import make_task
 
     task = make_task(profile.base, dataset, check=False)
     g, u = calibrate(task, dataset, profile.base)
@@ -514,8 +522,36 @@ def _cli_transport(a) -> Iterator[str]:
         yield json.dumps(r)
 
 
+def _cli_contention(a) -> Iterator[str]:
+    import shlex
+
+    from .cli.parser import _build_config, build_parser
+    from .sim.contention import curve, measure_contention
+    from .task import make_task
+
+    if not 0 < a.seconds <= 3600:
+        raise UserError(f"--seconds must be in (0, 3600], got {a.seconds:g}")
+    args = shlex.split(a.train_args) if a.train_args != TRANSPORT_TRAIN_ARGS \
+        else ["--model", "lenet5", "--dataset", "fashion-mnist", "--train-limit", "12000"]
+    cfg = _build_config(build_parser().parse_args(["train", *args]))
+    data = load_dataset(cfg.data.dataset, cfg.data.data_dir).subset(cfg.data.train_limit,
+                                                                     cfg.data.test_limit)
+    task = make_task(cfg, data, check=False)
+    rows = measure_contention(cfg, task, data, a.max_workers, a.seconds)
+    for r in rows:
+        yield (f"{r['workers']:>3} co-running workers: {1e3 * r['batch_s']:7.2f} ms per batch, "
+               f"factor {r['factor']:.3f}")
+    yield (f"[simulate] contention = {curve(rows)}  # {cfg.model}, batch {cfg.data.batch_size}, "
+           f"{available_cores()} cores here")
+    yield json.dumps(rows)
+
+
 # name -> lines to print (a summary, then the JSON), from the parsed `bench` flags
 MICRO_BENCHMARKS: dict[str, Callable[[Any], Iterator[str]]] = {
     "pairwise": _cli_pairwise, "master": _cli_master, "scaling": _cli_scaling,
     "shm-pairwise": _cli_shm_pairwise, "transport": _cli_transport,
+    "contention": _cli_contention,
 }
+# the default of `bench --train-args` (transport's flags); contention has its own
+TRANSPORT_TRAIN_ARGS = ("--model lenet5 --dataset fashion-mnist --train-limit 12000 "
+                        "--test-limit 500 --epochs 1 --evals 1")

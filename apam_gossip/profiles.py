@@ -156,10 +156,18 @@ def _build(d: dict, p: Path, smoke: bool) -> ClusterProfile:
 
 def _sim_costs(table: dict[str, Any]) -> dict[str, Any]:
     """The [simulate] table as :func:`apam_gossip.sim.simulate` keyword arguments."""
+    from .sim.hardware import HARDWARE_KEYS, Hardware
+
     out: dict[str, Any] = {}
+    hw = {k: table[k] for k in HARDWARE_KEYS if k in table}
+    if hw:
+        out["hardware"] = Hardware.of(hw)  # checked here: a bad value is one line at load
     for k, v in table.items():
+        if k in HARDWARE_KEYS:
+            continue
         if k not in SIM_KEYS:
-            raise ConfigError(f"unknown [simulate] key {k!r}; valid: {', '.join(SIM_KEYS)}")
+            raise ConfigError(f"unknown [simulate] key {k!r}; valid: "
+                              f"{', '.join([*SIM_KEYS, *HARDWARE_KEYS])}")
         if k == "gradient_ms" and isinstance(v, list):  # one per worker
             if not v or any(isinstance(x, bool) or not isinstance(x, (int, float))
                             or not 0 < x <= 1e7 for x in v):

@@ -289,15 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--png", metavar="PATH", help="also draw the graph to this PNG file")
     b = sub.add_parser("bench", help="benchmarks: a cluster PROFILE (every mode, table and "
                        "plots), or a micro-benchmark (transport, pairwise, shm-pairwise, "
-                       "master, scaling)",
+                       "master, scaling, contention)",
                        description="apam-gossip bench PROFILE.toml runs every mode of a "
                        "cluster profile (see launch/*.toml). Micro-benchmarks: 'transport' "
                        "compares shared memory with MPI on a training run; 'pairwise' times "
                        "one MPI pairwise average against a ping-pong; 'shm-pairwise' one "
                        "shared-memory pairwise average against a memcpy; 'master' the APAM "
                        "master's update rate against the memory-bandwidth bound; 'scaling' "
-                       "homogeneous throughput from 1 to --max-workers workers.")
-    b.add_argument("what", metavar="PROFILE|transport|pairwise|shm-pairwise|master|scaling")
+                       "homogeneous throughput from 1 to --max-workers workers; 'contention' "
+                       "the per-batch time of 1 to --max-workers workers computing at once "
+                       "(the simulator's contention curve).")
+    b.add_argument("what", metavar="PROFILE|transport|pairwise|shm-pairwise|master|scaling|"
+                   "contention")
     b.add_argument("--smoke", action="store_true", help="PROFILE: the quick [smoke] variant")
     b.add_argument("--modes", help="PROFILE: comma-separated subset of the profile's modes; "
                    "transport: centralized,decentralized")
@@ -309,8 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="transport: alternations")
     b.add_argument("--train-args", default="--model lenet5 --dataset fashion-mnist "
                    "--train-limit 12000 --test-limit 500 --epochs 1 --evals 1",
-                   help="transport: flags for each 'apam-gossip train' run (one string)")
-    b.add_argument("--max-workers", type=int, help="scaling: largest N (default: the cores)")
+                   help="transport: flags for each 'apam-gossip train' run (one string); "
+                   "contention: the model and data (default LeNet5 on Fashion-MNIST)")
+    b.add_argument("--max-workers", type=int, help="scaling, contention: largest N (default: "
+                   "the cores)")
+    b.add_argument("--seconds", type=float, default=2.0, help="contention: seconds of "
+                   "gradients at each N")
     b.add_argument("--size-mb", type=float, default=4.0, help="pairwise, shm-pairwise, "
                    "master: model size (MB of float32; 100 = a 25M-parameter model)")
     b.add_argument("--reps", type=int, default=30, help="pairwise, shm-pairwise: repetitions")

@@ -16,6 +16,15 @@ dependency fewer. Speed is not the reason: on the same workload (10^6 events, 1,
 workers) it runs 1.06 s against simpy's 1.23 s (BENCHMARKS.md, "The simulator").
 """
 
-from .run import simulate
+from typing import Any
 
 __all__ = ["simulate"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazily: the CLI and the profiles read .hardware without importing torch
+    if name == "simulate":
+        from .run import simulate
+
+        return simulate
+    raise AttributeError(name)

@@ -58,6 +58,7 @@ from ..task import Task, compute_loss, make_task
 from ..topology import metropolis_hastings_weights, neighbor_probabilities
 from .cluster import Cluster, calibrate
 from .engine import Engine, Resource
+from .hardware import Hardware
 
 SIM_MODES = ("sequential", "centralized", "decentralized", "allreduce", "dpsgd")
 # the default spread of gradient times: real ones vary by about this much run to run on
@@ -131,7 +132,8 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
              worker_update_s: float | None = None,
              initial_models: Tensor | None = None,
              model_params: int | None = None,
-             gradient_cv: float = GRADIENT_CV) -> RunResult:
+             gradient_cv: float = GRADIENT_CV,
+             hardware: Hardware | None = None) -> RunResult:
     """Simulate ``config`` (any number of workers) and return its RunResult, whose
     ``simulation`` says how (``wall_time`` is virtual seconds). The model, data, loss and
     metric are given as to :func:`apam_gossip.run`. ``gradient_s`` (one number, or one per
@@ -145,7 +147,11 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
     the gradient of such a model is not timed); math mode still trains the task's model,
     so its accuracy curve is the task model's under that cluster's timing.
     ``gradient_cv``: the spread of one worker's gradient times (coefficient of variation
-    of a lognormal factor with mean 1; 0 = every gradient exactly ``gradient_s``)."""
+    of a lognormal factor with mean 1; 0 = every gradient exactly ``gradient_s``).
+    ``hardware``: nodes, CPU contention, shared NICs and congestion, all-reduce overlapped
+    with the backward pass (:class:`~apam_gossip.sim.hardware.Hardware`; default: none of
+    it); its ``contention = "measure"`` times the model co-running on this machine's cores
+    (:func:`~apam_gossip.sim.contention.measure_contention`) first."""
     cfg = config
     if cfg.mode not in SIM_MODES:
         raise ConfigError(f"mode {cfg.mode!r} cannot be simulated; use one of "
@@ -182,10 +188,17 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
             gradient_s = g_s if gradient_s is None else gradient_s
             worker_update_s = u_s if worker_update_s is None else worker_update_s
             master_update_s = u_s if master_update_s is None else master_update_s
+        hw = hardware or Hardware()
+        measured = None
+        if hw.contention == "measure":
+            from .contention import curve, measure_contention
+
+            measured = measure_contention(cfg, task, data, hw.cores_per_node or None)
+            hw = hw.with_curve(curve(measured))
         torch.set_num_threads(1)  # the math of one simulated worker at a time
         numel = plan.numel if model_params is None else int(model_params)
         cluster = Cluster.of(cfg, numel, gradient_s, master_update_s, worker_update_s,
-                             gradient_cv)
+                             gradient_cv, hw)
         oracle = evaluator = None
         if not timing_only:
             oracle = Oracle(cfg, task, data, plan.shards)
@@ -202,6 +215,8 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
                          "master_update_s": master_update_s,
                          "worker_update_s": worker_update_s,
                          "gradient_cv": gradient_cv, "events": events,
+                         "hardware": hw.describe(),
+                         **({"contention_measured": measured} if measured else {}),
                          "real_seconds": time.perf_counter() - t_real}
     return with_task(result, task)
 
@@ -284,15 +299,16 @@ def _centralized(sim: _Sim) -> tuple[RunResult, int]:
         eng.at(arrive, lambda: start(i, v, snap))
 
     def start(i: int, v: int, snap: Tensor | None) -> None:
-        c = cl.compute_s(i)
-        compute[i] += c
         # the gradient depends only on the model it starts from and the worker's stream
         grad = sim.oracle.gradient(i, snap) if sim.math else None
-        eng.after(c, lambda: eng.at(cl.transfer(eng.now, i, MASTER),
-                                    lambda: queue(i, v, grad)))
+
+        def computed(c: float) -> None:
+            compute[i] += c
+            eng.at(cl.transfer(eng.now, i, MASTER), lambda: queue(i, v, grad))
+        cl.gradient(eng, i, computed)
 
     def queue(i: int, v: int, grad) -> None:
-        eng.at(master.serve(eng.now, cl.master_update_s), lambda: apply(i, v, grad))
+        cl.master_update(eng, master, lambda: apply(i, v, grad))
 
     def apply(i: int, v: int, grad) -> None:
         nonlocal next_eval
@@ -377,10 +393,11 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
             buffers0 = xs[i][n:].clone()
             loss, b, msg = sim.oracle.gradient(i, xs[i])
             grad = (loss, b, msg, rule.buffer_delta(msg[n:], buffers0))
-        c = cl.compute_s(i)
-        compute[i] += c
         if cfg.overlap is False:  # the gradient, then the exchange, then the local step
-            eng.after(c, lambda: exchange(i, lambda j: step(i, j, k, v0, grad)))
+            def computed(c: float) -> None:
+                compute[i] += c
+                exchange(i, lambda j: step(i, j, k, v0, grad))
+            cl.gradient(eng, i, computed)
             return
         # overlap: the exchange starts with the gradient; the step waits for both
         waits, partner = [2], [None]
@@ -391,7 +408,11 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
             waits[0] -= 1
             if waits[0] == 0:
                 step(i, partner[0], k, v0, grad)
-        eng.after(c, one_done)
+
+        def gradient_done(c: float) -> None:
+            compute[i] += c
+            one_done()
+        cl.gradient(eng, i, gradient_done)
         exchange(i, lambda j: one_done(j, True))
 
     def exchange(i: int, then) -> None:
@@ -463,6 +484,8 @@ def _sync(sim: _Sim) -> tuple[RunResult, int]:
         comm = max(cl.exchange_s(i, nbrs[i]) for i in range(nw))
     else:
         comm = cl.allreduce_s()
+    varying = cl.congestion is not None
+    overlapped = cl.hardware.allreduce_overlap and not dpsgd
     x = plan.x0.clone()
     xs = [plan.x0.clone() for _ in range(nw)] if sim.math and dpsgd else None
     state = opt.init(x[:n]) if sim.math and not dpsgd else None
@@ -479,10 +502,17 @@ def _sync(sim: _Sim) -> tuple[RunResult, int]:
     m0, e0 = model()
     evals = [sim.evaluate(m0, 0.0, 0, 0, losses, e0)]
     for k in range(1, rounds + 1):
-        cs = [cl.compute_s(i) for i in range(nw)]
+        cs = cl.round_s([cl.work_s(i) for i in range(nw)]) if cl.hardware.contended \
+            else [cl.compute_s(i) for i in range(nw)]
         for i, c in enumerate(cs):
             compute[i] += c
-        t += max(cs) + comm + cl.worker_update_s
+        if varying:  # the network's state when this round's collective starts
+            comm = max(cl.exchange_s(i, nbrs[i], t + max(cs)) for i in range(nw)) if dpsgd \
+                else cl.allreduce_s(t + max(cs))
+        if overlapped:
+            t += cl.overlapped_round_s(max(cs), comm) + cl.worker_update_s
+        else:
+            t += max(cs) + comm + cl.worker_update_s
         lr = opt.lr_at(k, rounds)
         if sim.math and not dpsgd:
             msgs = []

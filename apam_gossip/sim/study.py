@@ -37,6 +37,11 @@ def scale_study(profile: ClusterProfile, workers: list[int], dataset: Any,
     from ..task import make_task
     from .cluster import calibrate
 
+    if "hardware" in costs:  # a contention curve to measure: once for every size
+        from .contention import resolve_hardware
+
+        costs = {**costs, "hardware": resolve_hardware(costs["hardware"], profile.base,
+                                                       dataset)}
     if not {"gradient_s", "master_update_s"} <= set(costs):  # time the model once
         task = make_task(profile.base, dataset, check=False)
         g, u = calibrate(task, dataset, profile.base)
