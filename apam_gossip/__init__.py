@@ -6,7 +6,9 @@ Two asynchronous modes behind one entry point, :func:`run`:
   as they arrive and returns the new model to that worker only;
 * ``decentralized`` -- AD-PSGD-style gossip with local adaptive steps;
 
-plus ``sequential``, the one-process reference. Every mode returns a :class:`RunResult`.
+plus ``sequential``, the one-process reference, and the synchronous baselines
+``allreduce``, ``dpsgd`` and ``syncps`` (the APAM paper's synchronous AMSGrad with a
+parameter server). Every mode returns a :class:`RunResult`.
 
 Or keep your own training loop (:mod:`apam_gossip.loop`): ``init()``, then
 ``DistributedOptimizer(model)`` in place of your optimizer.

@@ -38,7 +38,7 @@ from .errors import UserError
 from .imports import is_import_string
 
 # -- the vocabulary ---------------------------------------------------------------------
-Mode = Literal["centralized", "decentralized", "sequential", "allreduce", "dpsgd"]
+Mode = Literal["centralized", "decentralized", "sequential", "allreduce", "dpsgd", "syncps"]
 ModelName = Literal["mlp", "lenet5", "allcnn"]
 DatasetName = Literal["digits", "fashion-mnist", "mnist", "cifar10"]
 OptimizerName = Literal["amsgrad", "adam", "sgd"]
@@ -160,9 +160,10 @@ def ignored_settings(given: Collection[str], modes: Collection[str], optim: Opti
          "applies to the decentralized and dpsgd modes"),
         (("adaptive_state", "audit", "overlap", "optim.gossip_lr"),
          "decentralized" not in modes, "applies to the decentralized mode"),
-        (("master", "master_device", "optim.staleness_lr", "optim.staleness_momentum",
-          "optim.lookahead"),
+        (("master", "optim.staleness_lr", "optim.staleness_momentum", "optim.lookahead"),
          "centralized" not in modes, "applies to the centralized mode"),
+        (("master_device",), modes.isdisjoint({"centralized", "syncps"}),
+         "applies to the centralized and syncps modes"),
         (("optim.staleness_momentum", "optim.lookahead"), "centralized" in modes and sgd,
          "applies to amsgrad and adam"),
         (("optim.staleness_momentum",), optim.lookahead > 0 and not sgd,
@@ -195,7 +196,8 @@ class DataConfig(_Section):
                               "--partition")
     dirichlet_alpha: float = _f(0.5, "Dirichlet concentration for partition dirichlet "
                                 "(smaller = more skewed)", "--alpha", gt=0)
-    batch_size: int = _f(32, "per-worker mini-batch size", "--batch-size", ge=1, le=10**7)
+    batch_size: int = _f(32, "per-worker mini-batch size (syncps: the global batch, split "
+                         "over the workers)", "--batch-size", ge=1, le=10**7)
     augment: Augment = _f("none", "training-batch augmentation of the built-in image data: "
                           "hflip mirrors each image left-right with probability 1/2 (for "
                           "classes that are mirror-symmetric, as in fashion-mnist and "
@@ -262,7 +264,10 @@ class RunConfig(_Section):
     Synchronous baselines: ``allreduce`` (every step averages all workers' gradients, then
     every replica takes the same optimizer step: global batch = batch_size x workers) and
     ``dpsgd`` (synchronous D-PSGD: every round each worker mixes its neighbors' models
-    with Metropolis-Hastings weights, then takes a local step).
+    with Metropolis-Hastings weights, then takes a local step), and ``syncps`` (the APAM
+    paper's synchronous AMSGrad with a parameter server: ``data.batch_size`` is the
+    global batch, split over the workers; every step the master averages all their
+    gradients, weighted by samples, takes one optimizer step and sends the model to all).
 
     Decentralized mode: ``topology`` is a generator name (``ring``, ``complete``, ...) or
     a graph file (see :mod:`apam_gossip.topology`); ``adaptive_state`` is ``local``
@@ -275,8 +280,9 @@ class RunConfig(_Section):
     """
 
     mode: Mode = _f("centralized", "centralized (APAM master/worker), decentralized "
-                    "(gossip), sequential (one-process reference), allreduce or dpsgd "
-                    "(synchronous baselines)")
+                    "(gossip), sequential (one-process reference), allreduce, dpsgd or "
+                    "syncps (synchronous baselines; syncps: a parameter server, the APAM "
+                    "paper's comparator)")
     workers: int = _f(4, "number of workers (under mpirun: taken from the ranks; a real "
                       "run takes up to 4096, a simulation up to 100000)", ge=1, le=100_000)
     model: str = _f("mlp", "a built-in model (mlp, lenet5, allcnn) or an import string "
@@ -305,9 +311,9 @@ class RunConfig(_Section):
     eval_samples: int = _f(0, "score the evaluations during the run on the first N test "
                            "samples, the final one on all (0 = all every time)", ge=0)
     device: Device = _f("auto", "auto: cuda:(worker mod n_gpus) when CUDA is available")
-    master_device: Device = _f("auto", "centralized: where the master keeps the model and "
-                               "its AMSGrad state and applies updates (auto: the first GPU "
-                               "when the workers are GPUs)")
+    master_device: Device = _f("auto", "centralized, syncps: where the master keeps the model "
+                               "and its AMSGrad state and applies updates (auto: the first "
+                               "GPU when the workers are GPUs)")
     threads_per_worker: int | None = _f(None, "torch threads per worker (default: cores / "
                                         "workers)", ge=1, le=1024)
     transport: Transport = _f("auto", "auto: MPI when started by mpirun with several ranks, "

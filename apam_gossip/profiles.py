@@ -31,6 +31,8 @@ BENCH_MODES: dict[str, dict[str, Any]] = {
     "allreduce-amsgrad": {"mode": "allreduce"},
     "allreduce-sgd": {"mode": "allreduce", "optim": {"name": "sgd"}},
     "dpsgd": {"mode": "dpsgd"},
+    # the APAM paper's synchronous AMSGrad with a parameter server (global batch split)
+    "syncps-amsgrad": {"mode": "syncps"},
     "async-sgd": {"mode": "centralized", "optim": {"name": "sgd"}},
     "centralized": {"mode": "centralized"},
     "decentralized": {"mode": "decentralized"},

@@ -100,17 +100,17 @@ def with_task(result: RunResult, task: Task) -> RunResult:
 def centralized_result(cfg: RunConfig, summary: MasterSummary,
                        reports: dict[int, WorkerReport], devices: list[str],
                        scorer: SnapshotScorer, n_params: int, transport: str,
-                       failed: Iterable[int] = ()) -> RunResult:
-    """The RunResult of APAM from the master's summary and the workers' reports; its
-    provenance names the device the master ran on (``master_device = "auto"`` settles
-    on one)."""
+                       failed: Iterable[int] = (), mode: str = "centralized") -> RunResult:
+    """The RunResult of APAM (or of another ``mode`` with a master: syncps) from the
+    master's summary and the workers' reports; its provenance names the device the
+    master ran on (``master_device = "auto"`` settles on one)."""
     from .placement import master_device
     from .result import provenance
 
     wall = summary.wall_time
     prov = provenance(wall) | {"master_device": str(master_device(cfg))}
     return RunResult.of(
-        cfg.to_dict(), "centralized", transport, n_params, wall, summary.updates,
+        cfg.to_dict(), mode, transport, n_params, wall, summary.updates,
         scorer.evals, dict(summary.staleness),
         worker_stats(cfg, reports, devices, wall, summary.updates_of, summary.samples_of),
         scorer.final_params, samples=summary.samples,
@@ -125,6 +125,15 @@ def sync_result(cfg: RunConfig, reports: dict[int, WorkerReport], devices: list[
     workers = worker_stats(cfg, reports, devices, wall)
     return RunResult.of(cfg.to_dict(), cfg.mode, transport, n_params, wall, rounds,
                         scorer.evals, {0: rounds}, workers, scorer.final_params)
+
+
+def syncps_result(cfg: RunConfig, summary: MasterSummary,
+                  reports: dict[int, WorkerReport], devices: list[str],
+                  scorer: SnapshotScorer, n_params: int, transport: str) -> RunResult:
+    """The RunResult of syncps: as APAM's (a master's summary: its steps, the samples
+    each worker's gradients brought), every update 0 steps stale."""
+    return centralized_result(cfg, summary, reports, devices, scorer, n_params, transport,
+                              mode="syncps")
 
 
 def merge_counts(*counts: dict[int, int]) -> dict[int, int]:

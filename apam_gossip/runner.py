@@ -18,6 +18,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import ConfigError, RunConfig
 from .coordinator import RunInterrupted, RunTimeout
+from .core.sync import split_batch
 from .data import Dataset, UserData, check_augment, load_data
 from .evaluate import rescore_final
 from .placement import eval_device
@@ -28,7 +29,7 @@ from .result import RunResult
 from .runlog import MetricsLog, as_specs
 from .runtime.mpi import run_mpi
 from .runtime.sequential import run_sequential
-from .runtime.shm import CentralizedMode, DecentralizedMode, SyncMode, run_mode
+from .runtime.shm import CentralizedMode, DecentralizedMode, SyncMode, SyncPsMode, run_mode
 from .task import make_task
 from .transport.mpi import launched_by_mpi, world
 
@@ -102,6 +103,8 @@ def run(config: RunConfig | None = None, *, model: Any = None, train_data: Any =
                 mode = CentralizedMode(config, task, data, cb, ckpt)
             elif config.mode == "decentralized":
                 mode = DecentralizedMode(config, task, data, cb, ckpt)
+            elif config.mode == "syncps":
+                mode = SyncPsMode(config, task, data, cb)
             else:
                 mode = SyncMode(config, task, data, cb)
             run_mode(mode, config.timeout_s)
@@ -132,11 +135,13 @@ def check_runnable(cfg: RunConfig, topology: bool = True) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda was requested but torch.cuda.is_available() is False; "
                           "use --device auto or cpu")
-    if cfg.mode == "centralized" and cfg.master_device == "cuda" \
+    if cfg.mode in ("centralized", "syncps") and cfg.master_device == "cuda" \
             and not torch.cuda.is_available():
         raise ConfigError("master_device cuda was requested but torch.cuda.is_available() "
                           "is False; use --master-device auto or cpu")
     transport = resolve_transport(cfg)
+    if cfg.mode == "syncps" and transport != "mpi":  # under mpirun: once the ranks are known
+        split_batch(cfg.data.batch_size, cfg.workers)
     if topology and cfg.mode in ("decentralized", "dpsgd") and transport != "mpi":
         topology_of(cfg)
 

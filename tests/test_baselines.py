@@ -116,7 +116,8 @@ def test_random_straggler_sleeps(digits):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce", "dpsgd"])
+@pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce", "dpsgd",
+                                  "syncps"])
 def test_slow_links_slow_every_mode(digits, mode):
     fast = run(make_cfg(mode=mode, workers=2, steps=40), dataset=digits)
     slow_cfg = make_cfg(mode=mode, workers=2, steps=40, network={"latency_ms": 25.0})

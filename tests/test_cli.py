@@ -333,7 +333,7 @@ def test_compare_help_names_every_mode_and_its_default():
     text = build_parser()._subparsers._group_actions[0].choices["compare"].format_help()
     text = " ".join(text.split())
     assert "all three" not in text
-    assert "centralized, decentralized, sequential, allreduce and dpsgd" in text
+    assert "centralized, decentralized, sequential, allreduce, dpsgd and syncps" in text
 
 
 def _result(mode: str, **cfg):

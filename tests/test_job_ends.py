@@ -239,7 +239,7 @@ class _Lines:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["decentralized", "allreduce", "dpsgd"])
+@pytest.mark.parametrize("mode", ["decentralized", "allreduce", "dpsgd", "syncps"])
 def test_modes_without_mpi_checkpoints_stop_together_on_sigusr1(mode):
     """Gossip (rank 0 hands out no more updates) and the lockstep modes (a stop vote
     rides beside every step) stop every rank at once: one line, exit 143, nothing
@@ -281,11 +281,11 @@ def _rank_pids(root: int) -> dict[int, int]:
     return out
 
 
-@pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce"])
+@pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce", "syncps"])
 def test_a_stop_request_to_one_worker_rank_stops_the_whole_job(tmp_path, mode):
     """`kill -USR1` (or -TERM) to one rank that is not rank 0: the whole job stops in
-    order as when rank 0 gets it (a centralized worker asks the master with its next
-    gradient; a gossip rank tells rank 0 with its next claim; allreduce votes)."""
+    order as when rank 0 gets it (a centralized or syncps worker asks the master with its
+    next gradient; a gossip rank tells rank 0 with its next claim; allreduce votes)."""
     from apam_gossip.checkpoint import load_checkpoint
     from apam_gossip.mpirun import job_shm_dir
 

@@ -31,6 +31,16 @@ class DigitsBN(nn.Module):
         return self.net(x)
 
 
+class DigitsBNNoDropout(DigitsBN):
+    """DigitsBN without its dropout: buffers, and no randomness in the forward pass (the
+    sequential run's dropout draws from another stream than a worker's: its evaluator
+    builds a model, which reseeds torch, after the worker seeded its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[4] = nn.Identity()
+
+
 class DigitsFrozen(nn.Module):
     """A frozen random projection (requires_grad=False) under a trained classifier."""
 

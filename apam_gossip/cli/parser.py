@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(c, with_mode=False, single_run=False)
     c.add_argument("--modes", default="centralized,decentralized,sequential",
                    help="comma-separated modes to run, of centralized, decentralized, "
-                   "sequential, allreduce and dpsgd (default: "
+                   "sequential, allreduce, dpsgd and syncps (default: "
                    "centralized,decentralized,sequential)")
     c.add_argument("--target", type=float, default=0.9,
                    help="the test metric to reach, for the time-to-target column (accuracy: a "

@@ -234,6 +234,9 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
 def _check_init(mode: str, master: str, adaptive_state: str, device: str, timeout_s: Any,
                 threads: Any, overlap: Any, result: str | None, comm: Any, size: int) -> None:
     """:func:`init`'s own checks of its arguments (no communication)."""
+    if mode == "syncps":  # a mode of `train` only
+        raise LoopError("mode 'syncps' is not available in the loop API: use "
+                        "`apam-gossip train --mode syncps`")
     if mode not in MODES:
         raise LoopError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if master not in MASTER_CHOICES:

@@ -6,7 +6,8 @@ return None.
 * decentralized: every rank is a worker (workers = size); rank 0 also gathers snapshots of
   all models at the evaluation points (through the ranks' gossip servers, each model taken
   under its own lock) and scores them after training, so evaluation never slows training;
-* allreduce / dpsgd: every rank is a worker; rank 0 reports.
+* allreduce / dpsgd: every rank is a worker; rank 0 reports;
+* syncps: rank 0 is the master (the parameter server), ranks 1..N-1 are the workers.
 
 Each rank loads the data itself (ranks may be on different hosts) and computes the same
 seeded :class:`~apam_gossip.plan.RunPlan`. The algorithms run unchanged: their control
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..algorithms import adpsgd, apam, sync
+from ..algorithms import adpsgd, apam, sync, syncps
 from ..algorithms.apam import CheckpointSpec
 from ..config import ConfigError, RunConfig
 from ..coordinator import (
@@ -35,6 +36,7 @@ from ..coordinator import (
     RunInterrupted,
     SignalStop,
 )
+from ..core.sync import split_batch
 from ..evaluate import Evaluator
 from ..messages import (
     Interrupted,
@@ -58,6 +60,7 @@ from ..reporting import (
     gossip_eval_record,
     mean_train_loss,
     sync_result,
+    syncps_result,
 )
 from ..result import EvalRecord, RunResult
 from ..task import Task
@@ -71,13 +74,15 @@ def run_mpi(cfg: RunConfig, task: Task, data: Any, cb: Callback,
     comm, rank, size = tmpi.world()
     if cfg.mode == "sequential":
         return run_sequential(cfg, task, data, cb) if rank == 0 else None
-    n = mpi_workers(cfg.mode == "centralized", size)
+    n = mpi_workers(cfg.mode in ("centralized", "syncps"), size)
     if n < 1:
-        raise ConfigError("centralized mode over MPI needs at least 2 ranks (a master and a "
+        raise ConfigError(f"{cfg.mode} mode over MPI needs at least 2 ranks (a master and a "
                           "worker): use mpirun -n 2 or more")
     if ckpt is not None:  # a resume may have fewer (or more) ranks than the run it goes on
         cfg = cfg.for_workers(n)
     cfg = cfg.replace(workers=n, transport="mpi")
+    if cfg.mode == "syncps":  # the global batch split over the workers mpirun started
+        split_batch(cfg.data.batch_size, n)
     if len(cfg.slowdown) > n:
         raise ConfigError(f"slowdown has {len(cfg.slowdown)} entries but mpirun started "
                           f"{n} workers")
@@ -98,6 +103,8 @@ def run_mpi(cfg: RunConfig, task: Task, data: Any, cb: Callback,
             return _centralized(ctx, ckpt)
         if cfg.mode in ("allreduce", "dpsgd"):
             return _sync(ctx)
+        if cfg.mode == "syncps":
+            return _syncps(ctx)
         return _decentralized(ctx)
 
 
@@ -306,6 +313,45 @@ def _sync(ctx: _RankContext) -> RunResult | None:
         scorer(msg)
     return sync_result(cfg, {r.worker: r for r in reports}, devices, scorer, plan.rounds,
                        plan.n_params, "mpi")
+
+
+def _syncps(ctx: _RankContext) -> RunResult | None:
+    """syncps under mpirun: rank 0 is the parameter server, ranks 1..N-1 the workers, on
+    the star of the centralized mode. A stop request on any rank stops the job at a step
+    boundary (a worker's rides on its next gradient), with no checkpoint."""
+    cfg, plan, comm = ctx.cfg, ctx.plan, ctx.comm
+    devices = comm.gather(str(ctx.device), root=0)  # rank 0's first: the master's
+    outbox = ctx.progress_outbox()
+    if ctx.rank != 0:
+        end = tmpi.MpiStarWorker(comm, plan.numel)
+        ctx.stop.on_stop = end.request_stop
+        syncps.syncps_worker_main(outbox, end, cfg, ctx.task, ctx.data,
+                                  plan.shards[ctx.rank - 1], str(ctx.device))
+        comm.send(outbox.of_type(WorkerReport)[-1], dest=0, tag=tmpi.T_STATS)
+        comm.Barrier()
+        return None
+    snaps = torch.zeros(len(plan.eval_at) + 1, plan.numel)
+    ctx.start_event()
+    ctx.stop.on_stop = partial(outbox.post, StopRequest())
+    mdev = master_device(cfg)
+    end = tmpi.MpiStarMaster(comm, plan.numel, timeout=cfg.timeout_s,
+                             pin=mdev.type == "cuda")
+    outbox.asked = lambda: end.stop_asked
+    syncps.syncps_master_main(outbox, end, plan.x0, cfg.optim, plan.total, plan.eval_at,
+                              snaps, plan.n_params, cfg.timeout_s, mdev)
+    reports = {}
+    for r in range(1, comm.Get_size()):
+        rep = comm.recv(source=r, tag=tmpi.T_STATS)
+        reports[rep.worker] = rep
+    comm.Barrier()
+    stopped = outbox.of_type(Interrupted)
+    if stopped:
+        raise ctx.interrupted(None, stopped[-1].updates, UNSAVED_LOCKSTEP)
+    scorer = ctx.scorer(snaps)
+    for msg in outbox.of_type(Snapshot):
+        scorer(msg)
+    summary = outbox.of_type(MasterSummary)[-1]
+    return syncps_result(cfg, summary, reports, devices[1:], scorer, plan.n_params, "mpi")
 
 
 def exit_after_peers(peers: list[int], timeout: float = 30.0) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..algorithms import adpsgd, apam, sync
+from ..algorithms import adpsgd, apam, sync, syncps
 from ..algorithms.apam import CheckpointSpec
 from ..checkpoint import save_checkpoint
 from ..config import RunConfig
@@ -44,6 +44,7 @@ from ..reporting import (
     gossip_eval_record,
     merge_counts,
     sync_result,
+    syncps_result,
 )
 from ..result import EvalRecord, RunResult
 from ..task import Task
@@ -417,6 +418,45 @@ class SyncMode(ShmMode):
                            self.plan.rounds, self.plan.n_params, "shm")
 
 
+class SyncPsMode(CentralizedMode):
+    """syncps, the synchronous parameter server: a master process and N worker processes
+    on the shared-memory star (as APAM's), in lockstep: every step the master waits for
+    all N gradients (worker i on its share of the global batch), takes one optimizer step
+    and sends the model to all (see :mod:`apam_gossip.algorithms.syncps`)."""
+
+    tolerate = staticmethod(lambda name: False)  # a lost worker stalls every step
+
+    def __init__(self, cfg: RunConfig, task: Task, data: Any, cb: Callback) -> None:
+        super().__init__(cfg, task, data, cb)
+        self.updates = 0  # the master's steps so far, as its progress says
+
+    def start(self, group: ProcessGroup) -> None:
+        cfg, plan, star = self.cfg, self.plan, self.star
+        self.group = group
+        group.start("master", syncps.syncps_master_main,
+                    (star.master_end(), plan.x0, cfg.optim, plan.total, plan.eval_at,
+                     self.snaps, plan.n_params, cfg.timeout_s, self.master_device),
+                    threads=1)
+        for i in range(cfg.workers):
+            group.start(f"worker {i}", syncps.syncps_worker_main,
+                        (star.worker_end(i), cfg, self.task, self.data, plan.shards[i],
+                         self.devices[i]), threads=self.threads)
+        star.close_parent_copies()
+        self.cb(Event("start", 0, plan.total_samples))
+
+    def progress(self, name: str, msg: Progress) -> None:
+        self.updates = msg.updates
+        super().progress(name, msg)
+
+    def request_stop(self) -> None:  # no checkpoints in lockstep modes: stop at once
+        raise RunInterrupted(None, self.updates, UNSAVED_LOCKSTEP)
+
+    def result(self) -> RunResult:
+        assert self.summary is not None
+        return syncps_result(self.cfg, self.summary, self.reports, self.devices, self.scorer,
+                             self.plan.n_params, "shm")
+
+
 class ConsensusMode:
     """Gossip with no gradients (learning rate 0): ``averages`` pairwise averages per
     worker from the rows of ``x0`` ([n, d]) on ``graph``; for tests and benchmarks of the
@@ -482,5 +522,5 @@ def gossip_consensus(graph, x0: torch.Tensor, averages_per_worker: int, seed: in
     return mode.gossip.x.clone()
 
 
-__all__ = ["CentralizedMode", "DecentralizedMode", "SyncMode", "ConsensusMode", "run_mode",
-           "gossip_consensus"]
+__all__ = ["CentralizedMode", "DecentralizedMode", "SyncMode", "SyncPsMode", "ConsensusMode",
+           "run_mode", "gossip_consensus"]
