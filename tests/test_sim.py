@@ -168,7 +168,7 @@ def test_given_costs_the_model_size_and_the_profile_simulate_table(digits, monke
 
 
 @pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce", "dpsgd",
-                                  "sequential"])
+                                  "sequential", "syncps"])
 def test_one_simulated_worker_is_the_sequential_run(digits, mode):
     """Math mode runs the real model, batches and optimizer: 1 worker in any mode is the
     real sequential run, bit for bit (one torch thread in both)."""
@@ -216,6 +216,42 @@ def test_simulated_dpsgd_is_the_real_dpsgd_bit_for_bit(digits):
     assert torch.equal(sim.final_params, real.final_params)
     assert [e.extra["consensus_distance"] for e in sim.evals] == \
         [e.extra["consensus_distance"] for e in real.evals]
+
+
+def test_simulated_syncps_is_the_real_syncps_bit_for_bit(digits):
+    """3 workers on uneven shares of B = 20 (7, 7, 6), a model with BatchNorm buffers, real
+    processes: the simulated master's weighted mean and step are the real one's, and so are
+    the models, losses and per-worker samples."""
+    kw = {"mode": "syncps", "workers": 3, "steps": 40, "evals": 2,
+          "model": "user_models:DigitsBNNoDropout", "data": {"batch_size": 20},
+          "threads_per_worker": 1}
+    real = run(make_cfg(kw), dataset=digits, quiet=True)
+    sim = simulate(make_cfg(kw), dataset=digits, **COSTS)
+    assert torch.equal(sim.final_params, real.final_params)
+    assert [(e.updates, e.samples, e.test_loss, e.train_loss) for e in sim.evals] == \
+        [(e.updates, e.samples, e.test_loss, e.train_loss) for e in real.evals]
+    assert [w.samples for w in sim.workers] == [w.samples for w in real.workers] == \
+        [40 * b for b in (7, 7, 6)]
+    assert sim.staleness == real.staleness == {0: 40}
+
+
+def test_simulated_syncps_steps_wait_for_the_slowest_share(digits):
+    """Each step is the master's broadcast, the slowest worker's gradient on its share,
+    the upload and the master's mean and step: with no network, exactly the sum; the
+    gradient of a share is timed on the model at that share, not prorated."""
+    from apam_gossip.sim.run import MEAN_PASS
+
+    cfg = make_cfg(mode="syncps", workers=4, steps=50, evals=1, slowdown=[1, 1, 1, 3],
+                   data={"batch_size": 32})
+    r = simulate(cfg, dataset=digits, timing_only=True, gradient_cv=0.0, **COSTS)
+    g = r.simulation["gradient_s"]
+    assert len(g) == 4 and g[0] == g[3]  # the share of 8 samples, scaled from B's 1 ms
+    step = 3 * g[3] + COSTS["master_update_s"] * (1 + MEAN_PASS * 4)
+    assert r.wall_time == pytest.approx(50 * step)
+    one = simulate(cfg.replace(workers=1, slowdown=[1]), dataset=digits, timing_only=True,
+                   gradient_cv=0.0, **COSTS)
+    assert one.simulation["gradient_s"] == [COSTS["gradient_s"]]  # B alone: as given
+    assert g[0] < COSTS["gradient_s"]  # 8 samples take less than 32
 
 
 def test_a_seed_makes_a_simulation_reproducible_and_a_slow_worker_shows(digits):

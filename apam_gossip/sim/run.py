@@ -18,6 +18,14 @@ virtual clock:
   simulated average is always exact and never refused: an idealized protocol;
 * **allreduce** and **dpsgd**: rounds lasting the slowest worker's gradient plus the
   collective (:class:`~apam_gossip.sim.cluster.Cluster`);
+* **syncps** (the APAM paper's synchronous parameter server): steps in lockstep; the
+  master's model travels to every worker (queued at the master's NIC), each worker
+  computes a gradient on its share ``b_i`` of the global batch
+  (:func:`~apam_gossip.core.sync.split_batch`; its time is the model's gradient at ``b_i``
+  samples, see :func:`share_times`), sends it back, and the master, once all have
+  arrived, takes the sample-weighted mean and one step
+  (:func:`~apam_gossip.core.sync.syncps_step`; ``master_update_s`` x (1 + ``MEAN_PASS``
+  x workers) of work);
 * **sequential**: one worker.
 
 Math mode computes each gradient with the real model on the real batches of that worker's
@@ -45,7 +53,7 @@ from ..config import ConfigError, NetworkConfig, RunConfig
 from ..core.apam import ApamCore
 from ..core.consensus import consensus
 from ..core.gossip import GossipRule
-from ..core.sync import allreduce_step
+from ..core.sync import allreduce_step, split_batch, syncps_step
 from ..data import check_augment, load_data
 from ..emulation import MASTER
 from ..evaluate import Evaluator, rescore_final
@@ -56,14 +64,18 @@ from ..reporting import with_task
 from ..result import EvalRecord, RunResult, WorkerStats
 from ..task import Task, compute_loss, make_task
 from ..topology import metropolis_hastings_weights, neighbor_probabilities
-from .cluster import Cluster, calibrate
+from .cluster import Cluster, calibrate, per_worker
 from .engine import Engine, Resource
 from .hardware import Hardware
 
-SIM_MODES = ("sequential", "centralized", "decentralized", "allreduce", "dpsgd")
+SIM_MODES = ("sequential", "centralized", "decentralized", "allreduce", "dpsgd", "syncps")
 # the default spread of gradient times: real ones vary by about this much run to run on
 # an idle core (BENCHMARKS.md, "The simulator")
 GRADIENT_CV = 0.1
+# syncps's weighted mean: one accumulating pass over the model per worker, in units of one
+# AMSGrad step of that model (measured on this machine kind, one thread: 0.054 at 44k
+# parameters, 0.041 at 1M, 0.077 at 25M; BENCHMARKS.md, issue 23)
+MEAN_PASS = 0.06
 
 
 class Oracle:
@@ -71,14 +83,16 @@ class Oracle:
     workers (its state loaded first), each worker's own seeded batch stream over its
     shard, exactly as :class:`~apam_gossip.algorithms.common.LocalWorker` draws them."""
 
-    def __init__(self, cfg: RunConfig, task: Task, data: Any, shards: list[Tensor]) -> None:
+    def __init__(self, cfg: RunConfig, task: Task, data: Any, shards: list[Tensor],
+                 batch_sizes: Sequence[int] | None = None) -> None:
         model = task.build_model()
         model.train()
         self.flat = flatten(model, "cpu", who=f"model {task.model_name}")
         self.task = task
         # the dropout/augmentation randomness of a 1-worker run is the sequential run's
         torch.manual_seed(worker_seed(cfg.seed, 0))
-        self.streams = [data.stream(s, cfg.data.batch_size, worker_seed(cfg.seed, i),
+        sizes = batch_sizes or [cfg.data.batch_size] * len(shards)
+        self.streams = [data.stream(s, sizes[i], worker_seed(cfg.seed, i),
                                     torch.device("cpu"), cfg.data.augment)
                         for i, s in enumerate(shards)]
 
@@ -181,6 +195,7 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
             raise ConfigError("model_params needs gradient_s (that model's gradient cannot "
                               "be timed here) and must be >= 1")
         plan = _plan(cfg, data, task, timing_only)
+        given = gradient_s
         if worker_update_s is None or master_update_s is None or gradient_s is None:
             g_s, u_s = calibrate(task, data, cfg)
             if model_params is not None:  # an optimizer step is linear in the model size
@@ -188,6 +203,8 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
             gradient_s = g_s if gradient_s is None else gradient_s
             worker_update_s = u_s if worker_update_s is None else worker_update_s
             master_update_s = u_s if master_update_s is None else master_update_s
+        if cfg.mode == "syncps":  # each worker's gradient is of its share of the batch
+            gradient_s = share_times(task, data, cfg, given)
         hw = hardware or Hardware()
         measured = None
         if hw.contention == "measure":
@@ -201,11 +218,14 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
                              gradient_cv, hw)
         oracle = evaluator = None
         if not timing_only:
-            oracle = Oracle(cfg, task, data, plan.shards)
+            oracle = Oracle(cfg, task, data, plan.shards,
+                            split_batch(cfg.data.batch_size, cfg.workers)
+                            if cfg.mode == "syncps" else None)
             evaluator = Evaluator(task, data, torch.device("cpu"), during=cfg.eval_samples)
         sim = _Sim(cfg, plan, cluster, oracle, evaluator, task, initial_models)
         runner = {"sequential": _sequential, "centralized": _centralized,
-                  "decentralized": _decentralized, "allreduce": _sync, "dpsgd": _sync}
+                  "decentralized": _decentralized, "allreduce": _sync, "dpsgd": _sync,
+                  "syncps": _syncps}
         result, events = runner[cfg.mode](sim)
     finally:
         torch.set_num_threads(threads)
@@ -219,6 +239,24 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
                          **({"contention_measured": measured} if measured else {}),
                          "real_seconds": time.perf_counter() - t_real}
     return with_task(result, task)
+
+
+def share_times(task: Task, data: Any, cfg: RunConfig,
+                gradient_s: float | Sequence[float] | None) -> list[float]:
+    """syncps: each worker's gradient time on its share ``b_i`` of the global batch ``B``.
+    A gradient's time is far from proportional to its batch (LeNet5 on one core: 1.07 ms
+    at 1 sample, 1.48 ms at 4, 9.95 ms at 40), so the model is timed here at each share
+    (:func:`~apam_gossip.sim.cluster.calibrate`). Given ``gradient_s`` (the time of a
+    gradient of ``B`` samples), each worker's is scaled by the timed ratio
+    ``t(b_i) / t(B)``; with ``model_params`` that is the task model's ratio."""
+    shares = split_batch(cfg.data.batch_size, cfg.workers)
+    timed = {b: calibrate(task, data, cfg.replace(data={"batch_size": b}))[0]
+             for b in sorted(set(shares) | ({cfg.data.batch_size} if gradient_s is not None
+                                           else set()))}
+    if gradient_s is None:
+        return [timed[b] for b in shares]
+    base = per_worker(gradient_s, cfg.workers)
+    return [base[i] * timed[b] / timed[cfg.data.batch_size] for i, b in enumerate(shares)]
 
 
 def _plan(cfg: RunConfig, data: Any, task: Task, timing_only: bool) -> RunPlan:
@@ -545,4 +583,69 @@ def _sync(sim: _Sim) -> tuple[RunResult, int]:
     return _result(sim, t, rounds, sum(samples), evals, {}, workers, m), rounds * nw
 
 
-__all__ = ["simulate", "Oracle", "SIM_MODES"]
+def _syncps(sim: _Sim) -> tuple[RunResult, int]:
+    """syncps: lockstep steps over the star (see the module docstring)."""
+    cfg, plan, cl = sim.cfg, sim.plan, sim.cluster
+    eng, master = Engine(), Resource()
+    total, nw, n = plan.total, cfg.workers, plan.n_params
+    shares = split_batch(cfg.data.batch_size, nw)
+    opt = Optimizer(cfg.optim)
+    x = plan.x0.clone()
+    state = opt.init(x[:n]) if sim.math else None
+    scratch = torch.empty_like(x) if sim.math else None
+    points = set(plan.eval_at)
+    compute, samples_of = [0.0] * nw, [0] * nw
+    losses: list[float] = []
+    evals = [sim.evaluate(x if sim.math else None, 0.0, 0, 0, losses)]
+    step_work = cl.master_update_s * (1 + MEAN_PASS * nw)
+    arrived: set[int] = set()
+    k, end = [0], [0.0]
+
+    def broadcast() -> None:
+        for i in range(nw):
+            eng.at(cl.transfer(eng.now, MASTER, i), lambda i=i: start(i))
+
+    def start(i: int) -> None:
+        def computed(c: float) -> None:
+            compute[i] += c
+            eng.at(cl.transfer(eng.now, i, MASTER), lambda: gathered(i))
+        cl.gradient(eng, i, computed)
+
+    def gathered(i: int) -> None:
+        arrived.add(i)
+        if len(arrived) == nw:
+            arrived.clear()
+            cl.master_update(eng, master, step, work=step_work)
+
+    def step() -> None:
+        k[0] += 1
+        counts = shares
+        if sim.math:  # every worker's gradient at the model it was sent: x, before the step
+            grads = [sim.oracle.gradient(i, x) for i in range(nw)]
+            counts = [b for _, b, _ in grads]
+            losses.append(sum(loss * b for loss, b, _ in grads) / sum(counts))
+            syncps_step(opt, x, n, [m for _, _, m in grads], counts, state,
+                        opt.lr_at(k[0], total), scratch)
+        for i, b in enumerate(counts):
+            samples_of[i] += b
+        if k[0] in points:
+            evals.append(sim.evaluate(x if sim.math else None, eng.now, sum(samples_of),
+                                      k[0], losses))
+        if k[0] >= total:
+            end[0] = eng.now
+            eng.stop()
+            return
+        broadcast()
+
+    broadcast()
+    eng.run()
+    wall = end[0]
+    workers = _workers(cfg, [total] * nw, samples_of, compute, wall)
+    result = _result(sim, wall, total, sum(samples_of), evals, {0: total}, workers,
+                     x if sim.math else None)
+    if evals and wall > 0:
+        evals[-1].extra["master_busy"] = master.busy_until(wall) / wall
+    return result, eng.events
+
+
+__all__ = ["simulate", "share_times", "Oracle", "SIM_MODES", "MEAN_PASS"]
