@@ -384,8 +384,10 @@ def _scale_study(a: argparse.Namespace, profile) -> int:
 
     from ..files import atomic_write_text
 
+    options = {**sim, **({"hardware": sim["hardware"].describe()} if "hardware" in sim
+                         else {})}  # a Hardware is a dataclass: its settings, as given
     atomic_write_text(out, json.dumps({"profile": profile.name, "simulated": True,
-                                       "options": sim, "rows": rows}, indent=2) + "\n")
+                                       "options": options, "rows": rows}, indent=2) + "\n")
     png = out.with_suffix(".png")
     plot_study(rows, png, f"{profile.name}: speed-up over all-reduce")
     print(study_table(rows))
