@@ -540,7 +540,8 @@ def _cli_contention(a) -> Iterator[str]:
     rows = measure_contention(cfg, task, data, a.max_workers, a.seconds)
     for r in rows:
         yield (f"{r['workers']:>3} co-running workers: {1e3 * r['batch_s']:7.2f} ms per batch, "
-               f"factor {r['factor']:.3f}")
+               f"factor {r['factor']:.3f} (rounds: "
+               f"{', '.join(f'{f:.3f}' for f in r['factors'])})")
     yield (f"[simulate] contention = {curve(rows)}  # {cfg.model}, batch {cfg.data.batch_size}, "
            f"{available_cores()} cores here")
     yield json.dumps(rows)

@@ -1,5 +1,6 @@
 """Summarize benchmarks/validate_simulator.sh's runs: real against simulated samples/s,
-time to the target, staleness and final accuracy, mean ± sd over the seeds.
+time to the target, staleness and final accuracy per mode, mean ± sd over the seeds, and
+the sign of gossip's overlap (decentralized over decentralized-no-overlap, samples/s).
 
     python benchmarks/validate_simulator.py OUT_DIR
 """
@@ -11,47 +12,60 @@ import statistics as st
 import sys
 from pathlib import Path
 
+PROFILES = ("contended4", "contended8")
+
 
 def time_to(run: dict, target: float) -> float | None:
     return next((e["wall_time"] for e in run["evals"] if e["test_metric"] >= target), None)
 
 
+def _ms(v: list[float]) -> str:
+    return f"{st.mean(v):.4g}±{st.stdev(v) if len(v) > 1 else 0.0:.2g}"
+
+
 def main(out: Path) -> None:
-    for p in ("validation4", "validation"):
-        seeds = sorted(int(f.stem.split("-s")[-1]) for f in out.glob(f"real-{p}-s*.json"))
-        for mode in ("centralized", "decentralized"):
-            cols: dict[str, tuple[list, list]] = {k: ([], []) for k in
-                                                  ("samples/s", "time to target", "staleness",
-                                                   "final")}
-            close = pairs = 0
-            for seed in seeds:
-                real = json.loads((out / f"real-{p}-s{seed}.json").read_text())
-                sim = json.loads((out / f"sim-{p}-s{seed}-{mode}.json").read_text())
-                runs = real["runs"][mode], sim["runs"][mode]
-                ts = [time_to(r, real["target"]) for r in runs]
-                for k, r in enumerate(runs):
-                    cols["samples/s"][k].append(r["samples_per_s"])
-                    cols["time to target"][k].append(ts[k])
-                    cols["staleness"][k].append(r["staleness_mean"])
-                    cols["final"][k].append(r["final_metric"])
-                pairs += 1
-                close += bool(ts[0] and ts[1] and abs(ts[1] - ts[0]) <= 0.15 * ts[0])
-            parts = [f"{p} {mode} ({len(seeds)} seeds)"]
-            for name, (real_v, sim_v) in cols.items():
-                r = [v for v in real_v if v is not None]
-                s = [v for v in sim_v if v is not None]
-                if not r or not s:
-                    parts.append(f"{name}: not reached")
-                    continue
-                mr, ms = st.mean(r), st.mean(s)
-                sd = (lambda v: st.stdev(v) if len(v) > 1 else 0.0)
-                parts.append(f"{name} real {mr:.4g}±{sd(r):.2g} sim {ms:.4g}±{sd(s):.2g} "
-                             f"({100 * (ms - mr) / mr:+.1f}%; reached {len(r)} vs {len(s)})"
-                             if name == "time to target" else
-                             f"{name} real {mr:.4g}±{sd(r):.2g} sim {ms:.4g}±{sd(s):.2g} "
-                             f"({100 * (ms - mr) / mr:+.1f}%)")
-            parts.append(f"single seeds within 15% on time to target: {close}/{pairs}")
-            print("\n  ".join(parts))
+    for p in PROFILES:
+        seeds = sorted(int(f.stem.split("-s")[-1]) for f in out.glob(f"sim-{p}-s*.json"))
+        if not seeds:
+            continue
+        pairs = [(json.loads((out / f"real-{p}-s{s}.json").read_text()),
+                  json.loads((out / f"sim-{p}-s{s}.json").read_text())) for s in seeds]
+        plain = [json.loads((out / f"plain-{p}-s{s}.json").read_text()) for s in seeds
+                 if (out / f"plain-{p}-s{s}.json").exists()]
+        target = pairs[0][0]["target"]
+        print(f"\n{p} ({len(seeds)} seeds {seeds}; target {target})")
+        print(f"  {'mode':<26}{'samples/s real':>16}{'sim':>14}{'off':>8}"
+              f"{'to target real':>16}{'sim':>12}{'off':>8}{'final real':>12}{'sim':>8}")
+        for mode in pairs[0][0]["runs"]:
+            sps = ([r["runs"][mode]["samples_per_s"] for r, _ in pairs],
+                   [s["runs"][mode]["samples_per_s"] for _, s in pairs])
+            tt = ([time_to(r["runs"][mode], target) for r, _ in pairs],
+                  [time_to(s["runs"][mode], target) for _, s in pairs])
+            fin = ([r["runs"][mode]["final_metric"] for r, _ in pairs],
+                   [s["runs"][mode]["final_metric"] for _, s in pairs])
+            off = 100 * (st.mean(sps[1]) - st.mean(sps[0])) / st.mean(sps[0])
+            if all(v is not None for v in tt[0] + tt[1]):
+                t_off = 100 * (st.mean(tt[1]) - st.mean(tt[0])) / st.mean(tt[0])
+                tcols = f"{_ms(tt[0]):>16}{_ms(tt[1]):>12}{t_off:>+7.1f}%"
+            else:
+                reached = sum(v is not None for v in tt[0]), sum(v is not None for v in tt[1])
+                tcols = f"{f'reached {reached[0]}/{len(seeds)}':>16}" \
+                        f"{f'{reached[1]}/{len(seeds)}':>12}{'':>8}"
+            before = ""
+            if len(plain) == len(seeds):
+                p_sps = st.mean(d["runs"][mode]["samples_per_s"] for d in plain)
+                before = f"   (no hardware model: {100 * (p_sps / st.mean(sps[0]) - 1):+.0f}%)"
+            print(f"  {mode:<26}{_ms(sps[0]):>16}{_ms(sps[1]):>14}{off:>+7.1f}%{tcols}"
+                  f"{st.mean(fin[0]):>12.3f}{st.mean(fin[1]):>8.3f}{before}")
+        if {"decentralized", "decentralized-no-overlap"} <= set(pairs[0][0]["runs"]):
+            gain = [[d["runs"]["decentralized"]["samples_per_s"]
+                     / d["runs"]["decentralized-no-overlap"]["samples_per_s"] for d in side]
+                    for side in zip(*pairs, strict=True)]
+            print(f"  overlap's gain (samples/s with / without): real {_ms(gain[0])}, "
+                  f"simulated {_ms(gain[1])}")
+        curves = [s["runs"][next(iter(s["runs"]))].get("simulation", {}).get("hardware", {})
+                  .get("contention") for _, s in pairs]
+        print(f"  contention curves measured by the simulations: {curves}")
 
 
 if __name__ == "__main__":

@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "contention: the model and data (default LeNet5 on Fashion-MNIST)")
     b.add_argument("--max-workers", type=int, help="scaling, contention: largest N (default: "
                    "the cores)")
-    b.add_argument("--seconds", type=float, default=2.0, help="contention: seconds of "
-                   "gradients at each N")
+    b.add_argument("--seconds", type=float, default=1.0, help="contention: seconds of "
+                   "gradients at each N in each of 3 rounds (the N alternate in a round)")
     b.add_argument("--size-mb", type=float, default=4.0, help="pairwise, shm-pairwise, "
                    "master: model size (MB of float32; 100 = a 25M-parameter model)")
     b.add_argument("--reps", type=int, default=30, help="pairwise, shm-pairwise: repetitions")

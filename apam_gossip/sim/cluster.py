@@ -172,8 +172,7 @@ class Cluster:
 
     # ------------------------------------------------------------------ network
     def _node(self, i: int) -> int:
-        return self.hardware.node_of(i) if self.hardware.workers_per_node > 1 or \
-            self.hardware.master_shares_node else i
+        return self.hardware.node_of(i) if self.hardware.shares_nics else i
 
     def _keep(self, i: int, t: float) -> float:
         return self.congestion.keep(self._node(i), t) if self.congestion else 1.0
@@ -233,7 +232,7 @@ class Cluster:
         n = self.n
         if not self.link.active or n < 2:
             return 0.0
-        if not self.congestion and self.hardware.workers_per_node == 1:
+        if not self.congestion and not self.hardware.shares_nics:
             return self.link.allreduce_seconds(n)
         worst = max(self.hop_s(t, i, (i + 1) % n, self.nbytes // n) for i in range(n))
         return 2 * (n - 1) * worst
@@ -242,7 +241,7 @@ class Cluster:
         """D-PSGD: node ``i`` sends its model to each neighbor and receives theirs."""
         if not neighbors:
             return 0.0
-        if not self.congestion and self.hardware.workers_per_node == 1:
+        if not self.congestion and not self.hardware.shares_nics:
             lat = max(self.link.parts(i, j)[0] for j in neighbors)
             ser = sum(self.link.seconds(i, j) - self.link.parts(i, j)[0] for j in neighbors)
             return lat + ser

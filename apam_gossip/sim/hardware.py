@@ -27,7 +27,9 @@ Without ``contention`` (or ``workers_per_node``) nothing is shared: ``factor = 1
 **Networks as they are.** Several workers behind one NIC: with ``workers_per_node > 1``
 each node has one NIC (both directions FIFO, as before) that its workers' transfers share;
 transfers between workers of the same node cost ``intra_node_gbps`` (0 = free: shared
-memory, NVLink). A NIC shared with other jobs' traffic keeps ``1 - background`` of its
+memory, NVLink). ``nic_per_worker = true`` keeps nodes for the cores only: every worker
+and the master keep their own NIC and links, as the real runs on one machine whose
+network is emulated per process (the validation profiles ``launch/profile_contended*``). A NIC shared with other jobs' traffic keeps ``1 - background`` of its
 rate. Congestion episodes: each node's NIC is congested a fraction ``congestion`` of the
 time, in episodes of mean ``congestion_s`` seconds (exponential lengths, seeded per node),
 keeping ``congestion_keep`` of its rate meanwhile; a transfer runs at the rates in force
@@ -81,6 +83,7 @@ class Hardware:
     congestion_keep: float = 0.1
     allreduce_overlap: bool = False
     bucket_mb: float = BUCKET_MB
+    nic_per_worker: bool = False
 
     def __post_init__(self) -> None:
         def bad(key: str, want: str, got: Any) -> ConfigError:
@@ -111,8 +114,9 @@ class Hardware:
             raise bad("intra_node_gbps", "Gbit/s >= 0 (0: free)", self.intra_node_gbps)
         if not isinstance(self.master_shares_node, bool):
             raise bad("master_shares_node", "true or false", self.master_shares_node)
-        if not isinstance(self.allreduce_overlap, bool):
-            raise bad("allreduce_overlap", "true or false", self.allreduce_overlap)
+        for key in ("allreduce_overlap", "nic_per_worker"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "true or false", getattr(self, key))
 
     @classmethod
     def of(cls, table: dict[str, Any]) -> Hardware:
@@ -144,6 +148,12 @@ class Hardware:
             return curve[-1]
         return curve[-1] * k / m
 
+    @property
+    def shares_nics(self) -> bool:
+        """Whether processes of one node share a NIC (and talk inside the node)."""
+        return not self.nic_per_worker and (self.workers_per_node > 1
+                                            or self.master_shares_node)
+
     def node_of(self, worker: int) -> int:
         """Worker ``i``'s node; the master (-1) is node 0 or its own (-1)."""
         if worker < 0:
@@ -157,7 +167,7 @@ class Hardware:
 
 HARDWARE_KEYS = ("workers_per_node", "cores_per_node", "contention", "master_shares_node",
                  "intra_node_gbps", "background", "congestion", "congestion_s",
-                 "congestion_keep", "allreduce_overlap", "bucket_mb")
+                 "congestion_keep", "allreduce_overlap", "bucket_mb", "nic_per_worker")
 DEFAULT = Hardware()
 
 

@@ -208,10 +208,9 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
         hw = hardware or Hardware()
         measured = None
         if hw.contention == "measure":
-            from .contention import curve, measure_contention
+            from .contention import measured_hardware
 
-            measured = measure_contention(cfg, task, data, hw.cores_per_node or None)
-            hw = hw.with_curve(curve(measured))
+            hw, measured = measured_hardware(hw, cfg, task, data)
         torch.set_num_threads(1)  # the math of one simulated worker at a time
         numel = plan.numel if model_params is None else int(model_params)
         cluster = Cluster.of(cfg, numel, gradient_s, master_update_s, worker_update_s,
