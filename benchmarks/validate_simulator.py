@@ -65,7 +65,7 @@ def main(out: Path) -> None:
                   f"simulated {_ms(gain[1])}")
         curves = [s["runs"][next(iter(s["runs"]))].get("simulation", {}).get("hardware", {})
                   .get("contention") for _, s in pairs]
-        print(f"  contention curves measured by the simulations: {curves}")
+        print(f"  contention curves measured just before each real run: {curves}")
 
 
 if __name__ == "__main__":
