@@ -235,23 +235,31 @@ def test_simulated_syncps_is_the_real_syncps_bit_for_bit(digits):
     assert sim.staleness == real.staleness == {0: 40}
 
 
-def test_simulated_syncps_steps_wait_for_the_slowest_share(digits):
+def test_simulated_syncps_steps_wait_for_the_slowest_share(digits, monkeypatch):
     """Each step is the master's broadcast, the slowest worker's gradient on its share,
-    the upload and the master's mean and step: with no network, exactly the sum; the
-    gradient of a share is timed on the model at that share, not prorated."""
+    the upload and the master's mean and step: with no network, exactly the sum. A
+    share's gradient time is the given one scaled by the model's timed t(share) / t(B),
+    not prorated (the timing here replaced by an affine one: 1 ms + 0.1 ms per sample)."""
+    import apam_gossip.sim.run as sim_run
     from apam_gossip.sim.run import MEAN_PASS
 
+    monkeypatch.setattr(sim_run, "calibrate",
+                        lambda task, data, cfg: (1e-3 + 1e-4 * cfg.data.batch_size, 1e-4))
     cfg = make_cfg(mode="syncps", workers=4, steps=50, evals=1, slowdown=[1, 1, 1, 3],
                    data={"batch_size": 32})
     r = simulate(cfg, dataset=digits, timing_only=True, gradient_cv=0.0, **COSTS)
     g = r.simulation["gradient_s"]
-    assert len(g) == 4 and g[0] == g[3]  # the share of 8 samples, scaled from B's 1 ms
-    step = 3 * g[3] + COSTS["master_update_s"] * (1 + MEAN_PASS * 4)
+    share = COSTS["gradient_s"] * (1e-3 + 8e-4) / (1e-3 + 32e-4)  # 8 of 32 samples
+    assert g == pytest.approx([share] * 4)  # not a quarter of the batch's time
+    step = 3 * share + COSTS["master_update_s"] * (1 + MEAN_PASS * 4)
     assert r.wall_time == pytest.approx(50 * step)
     one = simulate(cfg.replace(workers=1, slowdown=[1]), dataset=digits, timing_only=True,
                    gradient_cv=0.0, **COSTS)
     assert one.simulation["gradient_s"] == [COSTS["gradient_s"]]  # B alone: as given
-    assert g[0] < COSTS["gradient_s"]  # 8 samples take less than 32
+    # not given: each share timed on the model itself
+    timed = simulate(cfg, dataset=digits, timing_only=True, gradient_cv=0.0,
+                     master_update_s=1e-4, worker_update_s=1e-4)
+    assert timed.simulation["gradient_s"] == pytest.approx([1e-3 + 8e-4] * 4)
 
 
 def test_a_seed_makes_a_simulation_reproducible_and_a_slow_worker_shows(digits):
