@@ -112,6 +112,41 @@ def test_a_master_on_the_workers_node_competes_for_its_cores():
     assert simulate(_cfg("centralized", 4), hardware=shared, **kw).wall_time > 1.03 * own
 
 
+@pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce", "syncps"])
+def test_evaluations_during_the_run_load_the_coordinators_node(mode, monkeypatch):
+    """On one machine the coordinator evaluates beside the workers: with the master's node
+    shared, more evaluation points make the run longer; on a node of its own, or for a
+    model_params model (whose evaluation is not the task model's), nothing changes."""
+    import apam_gossip.sim.run as sim_run
+
+    # syncps times its shares on the model: a fixed timing, so that runs compare exactly
+    monkeypatch.setattr(sim_run, "calibrate",
+                        lambda task, data, cfg: (1e-3 + 1e-4 * cfg.data.batch_size, 1e-4))
+    shared = Hardware(workers_per_node=4, cores_per_node=2, contention=(1.0, 1.2),
+                      master_shares_node=True)
+    kw = dict(timing_only=True, gradient_s=0.002, master_update_s=1e-4, worker_update_s=0.0,
+              gradient_cv=0.0)
+
+    def wall(hw, evals, **more):
+        return simulate(_cfg(mode, 4).replace(evals=evals), hardware=hw, **kw,
+                        **more).wall_time
+
+    assert wall(shared, 20) > 1.02 * wall(shared, 1)
+    own = Hardware(workers_per_node=4, cores_per_node=2, contention=(1.0, 1.2))
+    assert wall(own, 20) == wall(own, 1)
+    assert wall(shared, 20, model_params=10**5) == wall(shared, 1, model_params=10**5)
+
+
+def test_lockstep_rounds_share_the_node_with_an_evaluation_beside_them():
+    cl = Cluster(2, [1.0, 1.0], [1.0, 1.0], 0.0, 1.0, None, 1000, 0.0, 0.0,
+                 hardware=Hardware(workers_per_node=2, cores_per_node=1, contention=(1.0,),
+                                   master_shares_node=True))
+    # 2 workers and an evaluation of 0.5 s on one core: all three at a third of the speed
+    # until the evaluation ends at 1.5 s, then the two workers at half: 1.5 + 0.5 x 2
+    assert cl.round_s([(1.0, 1.0), (1.0, 1.0)], [0.5]) == pytest.approx([2.5, 2.5])
+    assert cl.round_s([(1.0, 1.0), (1.0, 1.0)]) == pytest.approx([2.0, 2.0])
+
+
 def test_default_hardware_is_the_simulator_as_it_was():
     cfg = _cfg("decentralized", 6, latency_ms=1.0, bandwidth_gbps=1.0)
     a = simulate(cfg, timing_only=True, gradient_s=0.01, master_update_s=1e-4,

@@ -120,23 +120,33 @@ class Cluster:
             eng.after(dt * (factor - 1), lambda: then(dt * factor))
         self.node(eng, self.hardware.node_of(i)).run(work, computed)
 
-    def round_s(self, works: list[tuple[float, float]]) -> list[float]:
+    def round_s(self, works: list[tuple[float, float]],
+                beside: Sequence[float] = ()) -> list[float]:
         """Lockstep modes: each worker's gradient time when all start together, given
-        :meth:`work_s` of each (closed form of :class:`~.hardware.Node`'s sharing)."""
+        :meth:`work_s` of each (closed form of :class:`~.hardware.Node`'s sharing);
+        ``beside``: other work starting with them on the master's node (an evaluation)."""
         if not self.hardware.contended:
             return [w * f for w, f in works]
+        n = len(works)
+        amounts = [w for w, _ in works] + list(beside)
         by_node: dict[int, list[int]] = {}
-        for i in range(len(works)):
-            by_node.setdefault(self.hardware.node_of(i), []).append(i)
-        out = [0.0] * len(works)
+        for i in range(len(amounts)):
+            node = self.hardware.node_of(i if i < n else MASTER)
+            by_node.setdefault(node, []).append(i)
+        out = [0.0] * len(amounts)
         for members in by_node.values():
-            order = sorted(members, key=lambda i: works[i][0])
+            order = sorted(members, key=lambda i: amounts[i])
             t, done = 0.0, 0.0
             for k, i in enumerate(order):  # the least work finishes first; the rest share
-                t += (works[i][0] - done) * self.hardware.factor(len(order) - k)
-                done = works[i][0]
-                out[i] = t * works[i][1]
-        return out
+                t += (amounts[i] - done) * self.hardware.factor(len(order) - k)
+                done = amounts[i]
+                out[i] = t * (works[i][1] if i < n else 1.0)
+        return out[:n]
+
+    def node_work(self, eng: Engine, work: float) -> None:
+        """Start ``work`` seconds of compute on the master's node now (an evaluation by
+        the coordinator beside it): it slows whatever else runs there."""
+        self.node(eng, self.hardware.node_of(MASTER)).run(work, lambda dt: None)
 
     def node(self, eng: Engine, node: int) -> Node:
         if node not in self.nodes:

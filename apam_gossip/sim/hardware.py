@@ -5,7 +5,9 @@ was: every worker alone on its own node, every NIC dedicated to the run.
 
 **Nodes and contention.** Workers are placed on nodes, ``workers_per_node`` each, in rank
 order (worker ``i`` on node ``i // workers_per_node``); the master (centralized, syncps)
-has a node of its own unless ``master_shares_node`` puts it on node 0, as on one machine.
+has a node of its own unless ``master_shares_node`` puts it on node 0, as on one machine,
+with the coordinator, whose evaluations during the run (``eval_samples`` test samples at
+each evaluation point, timed alone here; not with ``model_params``) are work there too.
 A node has ``cores_per_node`` cores. Its processes share them as a *processor-sharing*
 server: while ``k`` of its processes compute, each progresses at ``1 / factor(k)`` of its
 speed alone, where
@@ -29,11 +31,12 @@ each node has one NIC (both directions FIFO, as before) that its workers' transf
 transfers between workers of the same node cost ``intra_node_gbps`` (0 = free: shared
 memory, NVLink). ``nic_per_worker = true`` keeps nodes for the cores only: every worker
 and the master keep their own NIC and links, as the real runs on one machine whose
-network is emulated per process (the validation profiles ``launch/profile_contended*``). A NIC shared with other jobs' traffic keeps ``1 - background`` of its
-rate. Congestion episodes: each node's NIC is congested a fraction ``congestion`` of the
-time, in episodes of mean ``congestion_s`` seconds (exponential lengths, seeded per node),
-keeping ``congestion_keep`` of its rate meanwhile; a transfer runs at the rates in force
-when it starts. A ring all-reduce runs at the slowest node's rate at the start of the
+network is emulated per process (the validation profiles ``launch/profile_contended*``).
+A NIC shared with other jobs' traffic keeps ``1 - background`` of its rate. Congestion
+episodes: each node's NIC is congested a fraction ``congestion`` of the time, in
+episodes of mean ``congestion_s`` seconds (exponential lengths, seeded per node), keeping
+``congestion_keep`` of its rate meanwhile; a transfer runs at the rates in force when it
+starts. A ring all-reduce runs at the slowest node's rate at the start of the
 collective (a ring is as fast as its slowest hop).
 
 **All-reduce overlapped with the backward pass** (``allreduce_overlap``, as DDP and Horovod

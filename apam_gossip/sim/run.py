@@ -122,10 +122,18 @@ class _Sim:
     evaluator: Evaluator | None
     task: Task
     initial_models: Tensor | None = None
+    # CPU seconds of one evaluation during the run, computed on the coordinator's node
+    # (0: not modeled; see simulate's ``hardware``)
+    eval_s: float = 0.0
 
     @property
     def math(self) -> bool:
         return self.oracle is not None
+
+    def eval_load(self, eng: Engine) -> None:
+        """An evaluation during the run: the coordinator's work on the master's node."""
+        if self.eval_s > 0:
+            self.cluster.node_work(eng, self.eval_s)
 
     def evaluate(self, x: Tensor | None, wall: float, samples: int, updates: int,
                  losses: list[float], extra: dict[str, float] | None = None) -> EvalRecord:
@@ -221,7 +229,8 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
                             split_batch(cfg.data.batch_size, cfg.workers)
                             if cfg.mode == "syncps" else None)
             evaluator = Evaluator(task, data, torch.device("cpu"), during=cfg.eval_samples)
-        sim = _Sim(cfg, plan, cluster, oracle, evaluator, task, initial_models)
+        sim = _Sim(cfg, plan, cluster, oracle, evaluator, task, initial_models,
+                   _eval_s(cfg, task, data, plan, hw, model_params))
         runner = {"sequential": _sequential, "centralized": _centralized,
                   "decentralized": _decentralized, "allreduce": _sync, "dpsgd": _sync,
                   "syncps": _syncps}
@@ -256,6 +265,22 @@ def share_times(task: Task, data: Any, cfg: RunConfig,
         return [timed[b] for b in shares]
     base = per_worker(gradient_s, cfg.workers)
     return [base[i] * timed[b] / timed[cfg.data.batch_size] for i, b in enumerate(shares)]
+
+
+def _eval_s(cfg: RunConfig, task: Task, data: Any, plan: RunPlan, hw: Hardware,
+            model_params: int | None) -> float:
+    """One evaluation during the run timed alone (one thread), when the coordinator
+    shares the master's node with the workers (``master_shares_node`` and a contention
+    curve), as on one machine; else 0. Not for ``model_params`` (the task model's
+    evaluation says nothing about that model's)."""
+    if not (hw.contended and hw.master_shares_node) or model_params is not None \
+            or cfg.evals < 1:
+        return 0.0
+    ev = Evaluator(task, data, torch.device("cpu"), during=cfg.eval_samples)
+    ev(plan.x0)  # warm-up
+    t = time.perf_counter()
+    ev(plan.x0)
+    return time.perf_counter() - t
 
 
 def _plan(cfg: RunConfig, data: Any, task: Task, timing_only: bool) -> RunPlan:
@@ -360,6 +385,7 @@ def _centralized(sim: _Sim) -> tuple[RunResult, int]:
         if version == next_eval:
             evals.append(sim.evaluate(core.x, eng.now, core.progress.samples, version,
                                       losses))
+            sim.eval_load(eng)
             next_eval = next(points, None)
         if version >= total:
             end[0] = eng.now
@@ -493,6 +519,7 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
         if completed == next_eval:
             xbar, extra = mean_and_consensus()
             evals.append(sim.evaluate(xbar, eng.now, sum(samples), completed, losses, extra))
+            sim.eval_load(eng)
             next_eval = next(points, None)
         eng.after(cl.worker_update_s, lambda: begin(i))
 
@@ -539,8 +566,10 @@ def _sync(sim: _Sim) -> tuple[RunResult, int]:
     m0, e0 = model()
     evals = [sim.evaluate(m0, 0.0, 0, 0, losses, e0)]
     for k in range(1, rounds + 1):
-        cs = cl.round_s([cl.work_s(i) for i in range(nw)]) if cl.hardware.contended \
-            else [cl.compute_s(i) for i in range(nw)]
+        # an evaluation after round k - 1 runs beside round k on the coordinator's node
+        beside = [sim.eval_s] if sim.eval_s > 0 and k - 1 in points and k > 1 else []
+        cs = cl.round_s([cl.work_s(i) for i in range(nw)], beside) \
+            if cl.hardware.contended else [cl.compute_s(i) for i in range(nw)]
         for i, c in enumerate(cs):
             compute[i] += c
         if varying:  # the network's state when this round's collective starts
@@ -630,6 +659,7 @@ def _syncps(sim: _Sim) -> tuple[RunResult, int]:
         if k[0] in points:
             evals.append(sim.evaluate(x if sim.math else None, eng.now, sum(samples_of),
                                       k[0], losses))
+            sim.eval_load(eng)
         if k[0] >= total:
             end[0] = eng.now
             eng.stop()
