@@ -4,15 +4,18 @@ A profile sets the emulated heterogeneity (``[compute]``: per-worker slowdown fa
 a random straggler distribution; ``[network]``: link latency and bandwidth, the
 master's NIC, see :class:`apam_gossip.config.NetworkConfig`), the simulator's costs when
 given rather than timed on this machine (``[simulate]``: ``gradient_ms``,
-``master_update_ms``, ``worker_update_ms``, ``model_params``, ``gradient_cv``) and the benchmark run
+``master_update_ms``, ``worker_update_ms``, ``model_params``, ``gradient_cv``, and the
+hardware keys of :class:`apam_gossip.sim.hardware.Hardware`) and the benchmark run
 (``[run]``: model, data, budget, target accuracy, the modes to compare and per-mode
 learning rates). ``[smoke]`` overrides ``[run]`` for a quick version (``apam-gossip bench
 PROFILE --smoke``).
 
-Benchmark mode names: ``sequential``, ``allreduce-amsgrad``, ``allreduce-sgd``, ``dpsgd``,
-``async-sgd`` (APAM's master with SGD: the APAM paper's non-adaptive comparator),
-``centralized`` (APAM), ``decentralized`` (gossip) and ``decentralized-no-overlap``
-(gossip with each average after the gradient instead of beside it).
+Benchmark mode names (:data:`BENCH_MODES`): ``sequential``, ``allreduce-amsgrad``,
+``allreduce-sgd``, ``dpsgd``, ``syncps-amsgrad`` (the APAM paper's synchronous parameter
+server), ``async-sgd`` (APAM's master with SGD: the APAM paper's non-adaptive
+comparator), ``centralized`` (APAM), ``centralized-lookahead``, ``decentralized`` (gossip)
+and ``decentralized-no-overlap`` (gossip with each average after the gradient instead of
+beside it). A profile without ``modes`` runs them all.
 """
 
 from __future__ import annotations

@@ -201,7 +201,9 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
     for msg in outbox.of_type(Snapshot):
         scorer(msg)
     summary = outbox.of_type(MasterSummary)[-1]
-    return centralized_result(cfg, summary, reports, devices, scorer, plan.n_params, "mpi")
+    # rank 0 is the master: worker i is rank i + 1
+    return centralized_result(cfg, summary, reports, devices[1:], scorer, plan.n_params,
+                              "mpi")
 
 
 def _decentralized(ctx: _RankContext) -> RunResult | None:
