@@ -531,6 +531,8 @@ def _cli_contention(a) -> Iterator[str]:
 
     if not 0 < a.seconds <= 3600:
         raise UserError(f"--seconds must be in (0, 3600], got {a.seconds:g}")
+    if a.max_workers is not None and a.max_workers < 1:
+        raise UserError(f"--max-workers must be >= 1 (default: the cores), got {a.max_workers}")
     args = shlex.split(a.train_args) if a.train_args != TRANSPORT_TRAIN_ARGS \
         else ["--model", "lenet5", "--dataset", "fashion-mnist", "--train-limit", "12000"]
     cfg = _build_config(build_parser().parse_args(["train", *args]))

@@ -10,8 +10,10 @@
 #   4. the same simulation without the hardware model (no [simulate] table), as before.
 # Then: python benchmarks/validate_simulator.py OUT
 #   bash benchmarks/validate_simulator.sh OUT [SEEDS]       (default seeds: 1 2 3)
+# Needs launch/setup.sh's .venv and Fashion-MNIST; the profiles describe a 2-core machine
+# (cores_per_node = 2): on another, set cores_per_node to its cores.
 set -euo pipefail
-out=${1:?usage: validate_simulator.sh OUT_DIR [SEEDS]}
+out=$(realpath -m "${1:?usage: validate_simulator.sh OUT_DIR [SEEDS]}")
 seeds=${2:-1 2 3}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"

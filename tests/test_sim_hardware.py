@@ -63,6 +63,8 @@ def test_lockstep_rounds_closed_form_equals_the_event_model(seed):
     {"contention": [1.2, 1.5]}, {"contention": "guess"}, {"workers_per_node": 0},
     {"background": 1.0}, {"congestion": -0.1}, {"congestion_keep": 0},
     {"allreduce_overlap": "yes"}, {"bucket_mb": 0}, {"intra_node_gbps": -1},
+    {"contention": 1.5}, {"contention": {"a": 1}}, {"cores_per_node": -1},
+    {"nic_per_worker": 1},
 ])
 def test_bad_hardware_keys_are_one_line_config_errors(bad):
     with pytest.raises(ConfigError, match=r"\[simulate\] " + next(iter(bad))):
@@ -224,3 +226,15 @@ def test_bench_contention_prints_the_curve_and_a_bad_flag_is_one_line():
     p = subprocess.run(cmd[:-4] + ["--seconds", "0"], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--seconds" in p.stderr
+    p = subprocess.run(cmd[:5] + ["--max-workers", "0"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--max-workers" in p.stderr
+
+
+def test_cores_alone_time_share_them():
+    """cores_per_node without a curve: no contention below the cores, time-sharing past
+    them (8 workers on 2 cores: 4x as long as on their own cores)."""
+    hw = Hardware(workers_per_node=8, cores_per_node=2)
+    assert hw.contended and hw.factor(2) == 1.0 and hw.factor(8) == 4.0
+    cfg = _cfg("allreduce", 8)
+    assert _sim(cfg, hw).wall_time == pytest.approx(4 * _sim(cfg).wall_time)

@@ -248,7 +248,9 @@ class Cluster:
         return 2 * (n - 1) * worst
 
     def exchange_s(self, i: int, neighbors: list[int], t: float = 0.0) -> float:
-        """D-PSGD: node ``i`` sends its model to each neighbor and receives theirs."""
+        """D-PSGD: node ``i`` sends its model to each neighbor and receives theirs. Costed
+        per worker: the workers of one node sending at once do not queue at their shared
+        NIC here (a simplification: up to ``workers_per_node`` x optimistic across nodes)."""
         if not neighbors:
             return 0.0
         if not self.congestion and not self.hardware.shares_nics:

@@ -24,7 +24,9 @@ A gradient is compute work of ``gradient_s x noise`` (seconds alone) on its work
 an emulated slowdown is a sleep of ``(slowdown - 1) x`` the compute time it took, as the
 real workers do (:meth:`apam_gossip.algorithms.common.LocalWorker.gradient`), and sleeps
 use no core. The master's update is compute work on the master's node, one at a time.
-Without ``contention`` (or ``workers_per_node``) nothing is shared: ``factor = 1``.
+Without ``contention`` and ``cores_per_node`` nothing is shared: ``factor = 1``;
+``cores_per_node`` alone is pure time-sharing (``factor = 1`` up to the cores, ``k /
+cores`` past them).
 
 **Networks as they are.** Several workers behind one NIC: with ``workers_per_node > 1``
 each node has one NIC (both directions FIFO, as before) that its workers' transfers share;
@@ -95,11 +97,14 @@ class Hardware:
         if not _int(self.workers_per_node) or self.workers_per_node < 1:
             raise bad("workers_per_node", "a whole number >= 1", self.workers_per_node)
         if not _int(self.cores_per_node) or self.cores_per_node < 0:
-            raise bad("cores_per_node", "a whole number >= 1", self.cores_per_node)
+            raise bad("cores_per_node", "a whole number >= 0 (0: as many as the contention "
+                      "curve is long)", self.cores_per_node)
         c = self.contention
         if isinstance(c, str):
             if c != "measure":
                 raise bad("contention", 'a list of factors (1.0 first) or "measure"', c)
+        elif not isinstance(c, (list, tuple)):
+            raise bad("contention", 'a list of factors (1.0 first) or "measure"', c)
         elif not all(_num(f) and 1.0 <= f <= 1e3 for f in c) or (c and abs(c[0] - 1) > 1e-9):
             raise bad("contention", "factors >= 1 starting with 1.0 (one co-running worker: "
                       "its speed alone)", list(c))
@@ -131,7 +136,11 @@ class Hardware:
 
     @property
     def contended(self) -> bool:
-        return bool(self.contention) and self.contention != "measure"
+        """Whether a node's processes share its cores: a contention curve, or
+        ``cores_per_node`` alone (then pure time-sharing: factor 1 up to the cores)."""
+        if self.contention == "measure":
+            return False
+        return bool(self.contention) or self.cores_per_node > 0
 
     def with_curve(self, curve: Sequence[float]) -> Hardware:
         d = {k: getattr(self, k) for k in HARDWARE_KEYS}
@@ -142,7 +151,7 @@ class Hardware:
         """The slowdown of each of ``k`` processes computing at once on one node."""
         if not self.contended:
             return 1.0
-        curve = self.contention
+        curve = self.contention or (1.0,)
         assert isinstance(curve, tuple)
         if k <= len(curve):
             return curve[max(k, 1) - 1]

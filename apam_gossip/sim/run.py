@@ -352,6 +352,7 @@ def _centralized(sim: _Sim) -> tuple[RunResult, int]:
     next_eval = next(points, None)
     losses: list[float] = []
     evals = [sim.evaluate(core.x, 0.0, 0, 0, losses)]
+    sim.eval_load(eng)  # the snapshot at 0, evaluated beside the first steps
     end = [0.0]
 
     def give(i: int) -> None:  # the master sends its model to worker i
@@ -440,6 +441,7 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
 
     xbar0, extra0 = mean_and_consensus()
     evals = [sim.evaluate(xbar0, 0.0, 0, 0, losses, extra0)]
+    sim.eval_load(eng)  # the snapshot at 0, evaluated beside the first steps
 
     def begin(i: int) -> None:
         nonlocal claimed
@@ -565,20 +567,27 @@ def _sync(sim: _Sim) -> tuple[RunResult, int]:
 
     m0, e0 = model()
     evals = [sim.evaluate(m0, 0.0, 0, 0, losses, e0)]
+    # the coordinator's evaluation work not yet done (it evaluates beside the rounds, from
+    # the snapshot at 0 and at every point on, for as many rounds as it takes)
+    eval_left = sim.eval_s
     for k in range(1, rounds + 1):
-        # an evaluation after round k - 1 runs beside round k on the coordinator's node
-        beside = [sim.eval_s] if sim.eval_s > 0 and k - 1 in points and k > 1 else []
-        cs = cl.round_s([cl.work_s(i) for i in range(nw)], beside) \
-            if cl.hardware.contended else [cl.compute_s(i) for i in range(nw)]
+        works = [cl.work_s(i) for i in range(nw)] if cl.hardware.contended else None
+        cs = cl.round_s(works, [eval_left] if eval_left > 0 else []) if works \
+            else [cl.compute_s(i) for i in range(nw)]
+        if eval_left > 0:  # processor sharing: it progressed as much as the longest gradient
+            eval_left = max(0.0, eval_left - max(w for w, _ in works))
         for i, c in enumerate(cs):
             compute[i] += c
         if varying:  # the network's state when this round's collective starts
             comm = max(cl.exchange_s(i, nbrs[i], t + max(cs)) for i in range(nw)) if dpsgd \
                 else cl.allreduce_s(t + max(cs))
+        t0 = t
         if overlapped:
             t += cl.overlapped_round_s(max(cs), comm) + cl.worker_update_s
         else:
             t += max(cs) + comm + cl.worker_update_s
+        if eval_left > 0:  # alone on the node while the workers sleep and communicate
+            eval_left = max(0.0, eval_left - (t - t0 - max(cs)) / cl.hardware.factor(1))
         lr = opt.lr_at(k, rounds)
         if sim.math and not dpsgd:
             msgs = []
@@ -606,6 +615,7 @@ def _sync(sim: _Sim) -> tuple[RunResult, int]:
         if k in points:
             m, e = model()
             evals.append(sim.evaluate(m, t, sum(samples), k, losses, e))
+            eval_left += sim.eval_s if k < rounds else 0.0
     m, _ = model()
     workers = _workers(cfg, [rounds] * nw, samples, compute, t)
     return _result(sim, t, rounds, sum(samples), evals, {}, workers, m), rounds * nw
@@ -625,6 +635,7 @@ def _syncps(sim: _Sim) -> tuple[RunResult, int]:
     compute, samples_of = [0.0] * nw, [0] * nw
     losses: list[float] = []
     evals = [sim.evaluate(x if sim.math else None, 0.0, 0, 0, losses)]
+    sim.eval_load(eng)  # the snapshot at 0, evaluated beside the first steps
     step_work = cl.master_update_s * (1 + MEAN_PASS * nw)
     arrived: set[int] = set()
     k, end = [0], [0.0]
