@@ -61,9 +61,18 @@ def _wait_for(cond, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def _default_signals() -> None:
+    # a suite started in the background (`cmd &` in a script, nohup) inherits SIGINT
+    # ignored, and a shell cannot trap a signal ignored when it starts: the launcher
+    # under test gets the dispositions a terminal would give it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def _start(cmd: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=kw.pop("env", ENV), **kw)
+                            start_new_session=True, env=kw.pop("env", ENV),
+                            preexec_fn=_default_signals, **kw)
 
 
 def _reap(p: subprocess.Popen) -> None:
