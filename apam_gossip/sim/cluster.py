@@ -31,6 +31,7 @@ import math
 import random
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,10 +66,10 @@ class Cluster:
         self._sigma = math.sqrt(math.log1p(self.gradient_cv ** 2))
         self._mu = -self._sigma ** 2 / 2
         hw = self.hardware
-        self.shared = hw.background > 0 or hw.congestion > 0
-        self.congestion = Congestion(hw, self.seed) if self.shared else None
+        shared = hw.background > 0 or hw.congestion > 0
+        self.congestion = Congestion(hw, self.seed) if shared else None
         self.nodes: dict[int, Node] = {}
-        self._master_queue: list = []
+        self._master_queue: deque = deque()  # one entry per update waiting at the master
         self._master_busy = False
 
     @classmethod
@@ -168,7 +169,7 @@ class Cluster:
             self._next_update(eng, master)
 
     def _next_update(self, eng: Engine, master: Resource) -> None:
-        work, then = self._master_queue.pop(0)
+        work, then = self._master_queue.popleft()
         self._master_busy = True
 
         def applied(dt: float) -> None:

@@ -230,7 +230,7 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
                             if cfg.mode == "syncps" else None)
             evaluator = Evaluator(task, data, torch.device("cpu"), during=cfg.eval_samples)
         sim = _Sim(cfg, plan, cluster, oracle, evaluator, task, initial_models,
-                   _eval_s(cfg, task, data, plan, hw, model_params))
+                   _eval_s(cfg, task, data, plan, hw, model_params, evaluator))
         runner = {"sequential": _sequential, "centralized": _centralized,
                   "decentralized": _decentralized, "allreduce": _sync, "dpsgd": _sync,
                   "syncps": _syncps}
@@ -268,7 +268,7 @@ def share_times(task: Task, data: Any, cfg: RunConfig,
 
 
 def _eval_s(cfg: RunConfig, task: Task, data: Any, plan: RunPlan, hw: Hardware,
-            model_params: int | None) -> float:
+            model_params: int | None, evaluator: Evaluator | None) -> float:
     """One evaluation during the run timed alone (one thread), when the coordinator
     shares the master's node with the workers (``master_shares_node`` and a contention
     curve), as on one machine; else 0. Not for ``model_params`` (the task model's
@@ -276,7 +276,8 @@ def _eval_s(cfg: RunConfig, task: Task, data: Any, plan: RunPlan, hw: Hardware,
     if not (hw.contended and hw.master_shares_node) or model_params is not None \
             or cfg.evals < 1:
         return 0.0
-    ev = Evaluator(task, data, torch.device("cpu"), during=cfg.eval_samples)
+    # math mode's own evaluator, else one like it (timing only: none was built)
+    ev = evaluator or Evaluator(task, data, torch.device("cpu"), during=cfg.eval_samples)
     ev(plan.x0)  # warm-up
     t = time.perf_counter()
     ev(plan.x0)
