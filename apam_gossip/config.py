@@ -160,7 +160,8 @@ def ignored_settings(given: Collection[str], modes: Collection[str], optim: Opti
          "applies to the decentralized and dpsgd modes"),
         (("adaptive_state", "audit", "overlap", "optim.gossip_lr"),
          "decentralized" not in modes, "applies to the decentralized mode"),
-        (("master", "optim.staleness_lr", "optim.staleness_momentum", "optim.lookahead"),
+        (("master", "master_shards", "optim.staleness_lr", "optim.staleness_momentum",
+          "optim.lookahead"),
          "centralized" not in modes, "applies to the centralized mode"),
         (("master_device",), modes.isdisjoint({"centralized", "syncps"}),
          "applies to the centralized and syncps modes"),
@@ -177,6 +178,9 @@ def ignored_settings(given: Collection[str], modes: Collection[str], optim: Opti
             (("data.data_dir",), run.data.dataset == "digits", "digits ships with "
              "scikit-learn"),
             (("checkpoint_every_s",), run.checkpoint is None, "applies with --checkpoint"),
+            (("checkpoint_every_s",), run.checkpoint is not None and run.master_shards > 1
+             and run.mode == "centralized", "a sharded master saves only when the run is "
+             "stopped (SIGTERM, Ctrl-C), where its shards agree"),
             (("data.dirichlet_alpha",), run.data.partition != "dirichlet",
              "applies to --partition dirichlet"),
         ]
@@ -314,6 +318,10 @@ class RunConfig(_Section):
     master_device: Device = _f("auto", "centralized, syncps: where the master keeps the model "
                                "and its AMSGrad state and applies updates (auto: the first "
                                "GPU when the workers are GPUs)")
+    master_shards: int = _f(1, "centralized: K master processes, each owning a contiguous "
+                            "slice of the model and of its optimizer state, to which "
+                            "workers send that slice of each gradient (1 = one master)",
+                            ge=1, le=1024)
     threads_per_worker: int | None = _f(None, "torch threads per worker (default: cores / "
                                         "workers)", ge=1, le=1024)
     transport: Transport = _f("auto", "auto: MPI when started by mpirun with several ranks, "

@@ -65,6 +65,12 @@ class MasterSummary:
 
 
 @dataclass(frozen=True)
+class Finish:
+    """Coordinator -> a follower shard of a sharded APAM master: the leader (shard 0)
+    has spent the budget; end as it did, with the final snapshot and a summary."""
+
+
+@dataclass(frozen=True)
 class Interrupted:
     """The master stopped early on request; ``checkpoint`` is where it saved (or None)."""
 

@@ -21,6 +21,20 @@ The master begins the clock once every worker has said hello (data loaded, model
 built), so process start-up is not counted as training time. It stops after the
 budgeted number of updates. Gradients still being computed then are awaited and dropped
 before each worker is told to stop, so a slow worker finishing last ends cleanly.
+
+**Sharded** (``master_shards = K > 1``, :class:`~apam_gossip.core.apam.Shard`): K master
+processes, each the loop above over its slice of the model. A worker sends slice ``k`` of
+its gradient to shard ``k`` (shard 0 first), then waits for every shard's slice of the
+model. So that every shard applies the same gradients, exactly once, shard 0 (the leader)
+keeps the budget: it asks for exactly ``total`` gradients (a worker it has nothing more to
+ask of waits without a model) and drops none, while the other shards (followers) apply
+whatever reaches them and end when every worker has closed its connection, which a worker
+does only when the leader tells it to stop. A stop request is a consistent cut: the leader
+asks for no more gradients and applies those already asked for; every shard saves its part
+only once it has applied all of them (the followers: once every worker has gone). The
+coordinator joins the parts into one checkpoint of the whole model, which resumes with
+any number of shards. A worker killed between two of its slices leaves its last gradient
+applied by the shards it reached (a death at K = 1 loses at most that gradient too).
 """
 
 from __future__ import annotations
@@ -34,10 +48,11 @@ from torch import Tensor
 
 from ..checkpoint import save_checkpoint
 from ..config import OptimConfig, RunConfig
-from ..core.apam import ApamCore, MasterProgress
+from ..core.apam import ApamCore, MasterProgress, Shard
 from ..emulation import MASTER, LinkModel
 from ..messages import (
     PROGRESS_EVERY_S,
+    Finish,
     Grad,
     Hello,
     Interrupted,
@@ -93,11 +108,17 @@ class ApamMaster:
                  total: int, eval_at: list[int], snaps: Tensor,
                  checkpoint: CheckpointSpec | None = None,
                  resume: dict[str, Any] | None = None, drain_timeout: float = 3600.0,
-                 n_params: int | None = None, device: torch.device | str = "cpu") -> None:
+                 n_params: int | None = None, device: torch.device | str = "cpu",
+                 shard: Shard | None = None) -> None:
         self.ctrl, self.end, self.total, self.snaps = ctrl, end, total, snaps
         self.checkpoint, self.drain_timeout = checkpoint, drain_timeout
         self.n = end.n_workers
         self.device = torch.device(device)
+        # a shard of a sharded master: its slice of everything whole-model
+        self.shard = shard if shard is not None and shard.count > 1 else None
+        if self.shard is not None:
+            x0, n_params = self.shard.of(x0), self.shard.n_params
+            self.snaps = snaps[:, self.shard.start:self.shard.stop]
         self.core = ApamCore(x0.to(self.device), optim, self.n, total=total,
                              n_params=x0.numel() if n_params is None else n_params)
         self.x = self.core.x  # the model (updated in place by the core)
@@ -109,7 +130,10 @@ class ApamMaster:
         # everything is restored before the first model goes out, so the versions the
         # workers see (and hence the recorded staleness) continue from the checkpoint
         if resume is not None:
-            self.core.restore(resume["x"], resume["opt_state"],
+            x, state = resume["x"], resume["opt_state"]
+            if self.shard is not None:  # a checkpoint holds the whole model
+                x, state = self.shard.of(x), self.shard.state_of(state)
+            self.core.restore(x, state,
                               progress=MasterProgress.from_checkpoint(resume, self.n))
             torch.set_rng_state(resume["rng_torch"])
         v = self.core.version
@@ -119,6 +143,21 @@ class ApamMaster:
         self.slot = 0
         self.loss_sum, self.loss_n = 0.0, 0
         self.t0 = 0.0
+        self.applied_at = 0.0  # wall time of the last update
+        # the leader's budget: gradients asked for, who computes one, who waits for one
+        self.asked = self.core.version
+        self.holding: set[int] = set()
+        self.waiting: set[int] = set()
+        self.stopping = False  # the leader was asked to stop: it asks for no more
+        self.verdict: Any = None  # a follower: how the leader ended (Finish or a stop)
+
+    @property
+    def leader(self) -> bool:
+        return self.shard is not None and self.shard.leader
+
+    @property
+    def follower(self) -> bool:
+        return self.shard is not None and not self.shard.leader
 
     # -- helpers ------------------------------------------------------------------
     def live(self) -> set[int]:
@@ -126,7 +165,14 @@ class ApamMaster:
 
     def lost(self, i: int) -> None:
         self.gone.add(i)
-        if len(self.gone) == self.n:
+        self.waiting.discard(i)
+        if i in self.holding:  # the leader asked it for a gradient that never comes
+            self.holding.discard(i)
+            self.asked -= 1
+            if self.waiting and not self.stopping:  # ask a waiting worker instead
+                self.give(self.waiting.pop())
+        if len(self.gone) == self.n and not self.follower:
+            # (a follower's end: every worker goes once the leader has stopped it)
             raise RuntimeError(f"all {self.n} workers died; nothing left to train with")
 
     def send(self, i: int, params: Tensor | None, msg: Params | Stop) -> None:
@@ -138,8 +184,26 @@ class ApamMaster:
         except PeerGone:
             self.lost(i)
 
+    def give(self, i: int, model: Tensor | None = None) -> None:
+        """Worker ``i``'s next model (``model``, or the core's model for workers). The
+        leader sends it only while it has gradients left to ask for; past that ``i``
+        waits (for a gradient a dead worker never sent, or for the end)."""
+        if self.leader:
+            if self.stopping or self.asked >= self.total:
+                self.waiting.add(i)
+                return
+            self.asked += 1
+            self.holding.add(i)
+        self.send(i, self.core.model_for_workers() if model is None else model,
+                  Params(self.core.version))
+
     def wall(self) -> float:
         return time.monotonic() - self.t0
+
+    def end_wall(self) -> float:
+        """The run's wall time at this master's end: now, or a follower's last update
+        (it ends once the workers have gone, which takes them a while)."""
+        return self.applied_at if self.follower else self.wall()
 
     # -- the steps ----------------------------------------------------------------
     def hello(self) -> None:
@@ -164,14 +228,17 @@ class ApamMaster:
         self.core.apply(i, grad.to(self.device), msg.version, msg.samples, msg.lr)
         self.loss_sum += msg.loss
         self.loss_n += 1
+        self.applied_at = self.wall()
 
     def snapshot(self, final: bool = False) -> None:
         """Copy the model into the next snapshot slot and announce it."""
         p = self.core.progress
-        self.snaps[self.slot].copy_(self.x)
+        # shards: the final model in the last row, whatever points each one passed
+        slot = len(self.snaps) - 1 if final and self.shard is not None else self.slot
+        self.snaps[slot].copy_(self.x)
         train_loss = self.loss_sum / self.loss_n if self.loss_n else None
-        self.ctrl.send(Snapshot(self.slot, self.wall(), p.samples, p.version, train_loss,
-                                final))
+        wall = self.end_wall() if final else self.wall()
+        self.ctrl.send(Snapshot(slot, wall, p.samples, p.version, train_loss, final))
         self.slot += 1
         self.loss_sum, self.loss_n = 0.0, 0
 
@@ -183,7 +250,7 @@ class ApamMaster:
                            f"{self.checkpoint.path} was left as it was")
         p = self.core.progress
         assert self.core.state is not None
-        save_checkpoint(self.checkpoint.path, {
+        save_checkpoint(self.part_path(), {
             "config": self.checkpoint.config, "mode": "centralized",
             "x": self.x.to("cpu", copy=True),  # checkpoints hold host tensors
             "opt_state": {k: v.to("cpu", copy=True) for k, v in self.core.state.items()},
@@ -192,7 +259,16 @@ class ApamMaster:
             "updates_of": list(p.updates_of), "samples_of": list(p.samples_of),
             "wall_time": self.wall(), "resumes": self.checkpoint.resumes,
             "rng_torch": torch.get_rng_state(),
+            **({"shard": [self.shard.index, self.shard.count]} if self.shard else {}),
         })
+
+    def part_path(self) -> str:
+        """Where this master saves: the checkpoint, or a shard's part of it (which the
+        coordinator joins into the checkpoint)."""
+        assert self.checkpoint is not None
+        if self.shard is None:
+            return self.checkpoint.path
+        return shard_part_path(self.checkpoint.path, self.shard)
 
     def stop_workers(self, idle: set[int]) -> None:
         """Tell every live worker to stop, without leaving one mid-message: a worker still
@@ -222,40 +298,90 @@ class ApamMaster:
         self.hello()
         p = self.core.progress
         self.t0 = time.monotonic() - p.wall_before
-        for i in self.live():
-            self.send(i, self.x, Params(p.version))
+        for i in sorted(self.live()):
+            self.give(i, self.x)
         if self.next_eval == 0:
             self.snapshot()
             self.next_eval = next(self.eval_points, None)
         last_progress = last_ckpt = time.monotonic()
-        while p.version < self.total:
+        while self.follower or p.version < self.total:
             for i in self.end.ready(1.0):
                 try:
                     msg, grad = self.end.recv(i)
                 except PeerGone:  # died while computing: its gradient never comes
                     self.lost(i)
                     continue
+                self.holding.discard(i)
                 self.apply(i, msg, grad)
-                if p.version >= self.total:
-                    self.finish(idle={i})
+                if not self.follower and p.version >= self.total and not self.stopping:
+                    self.finish(idle={i} | self.waiting)
                     return
-                self.send(i, self.core.model_for_workers(), Params(p.version))
+                self.give(i)
                 if p.version == self.next_eval:
                     self.snapshot()
                     self.next_eval = next(self.eval_points, None)
                 if self.ctrl.poll():  # a stop request is answered before anything else
                     break
-            if self.ctrl.poll():  # the coordinator asks to stop (SIGTERM): save, then stop
+            if self.shard is not None:
+                if self.sharded_end():
+                    return
+            elif self.ctrl.poll():  # the coordinator asks to stop (SIGTERM): save, then stop
                 self.interrupt()
                 return
             now = time.monotonic()
-            if now - last_progress > PROGRESS_EVERY_S:
+            if now - last_progress > PROGRESS_EVERY_S and not self.follower:
                 self.ctrl.send(Progress(p.samples, p.version))
                 last_progress = now
-            if self.checkpoint is not None and now - last_ckpt > self.checkpoint.every_s:
+            # (shards save only at a stop, where the cut is consistent)
+            if self.checkpoint is not None and self.shard is None \
+                    and now - last_ckpt > self.checkpoint.every_s:
                 self.save()
                 last_ckpt = time.monotonic()
         self.finish(idle=set())  # reached only when the budget was already spent
+
+    def sharded_end(self) -> bool:
+        """A shard's end of a loop round: True once it has ended. The leader, asked to
+        stop, asks for no more gradients and stops once it has applied those it asked
+        for; a follower ends once every worker has gone, as the leader's end says
+        (the coordinator passes it on: :class:`Finish` or a stop request)."""
+        if self.leader:
+            while self.ctrl.poll():
+                msg = self.ctrl.recv()
+                assert isinstance(msg, StopRequest), msg
+                self.stopping = True
+            if self.stopping and not self.holding:
+                if self.checkpoint is not None:
+                    self.save()
+                self.stop_workers(idle=self.live())  # every live worker waits
+                self.ctrl.send(Interrupted(self.part_path() if self.checkpoint else None,
+                                           self.core.version))
+                return True
+            return False
+        verdict = self.ctrl.recv() if self.ctrl.poll() else None
+        if self.live():
+            if verdict is not None:
+                self.verdict = verdict
+            return False
+        verdict = self.verdict or verdict
+        deadline = time.monotonic() + self.drain_timeout
+        while verdict is None:  # every worker has gone: the leader has ended
+            if self.ctrl.poll():
+                verdict = self.ctrl.recv()
+            elif time.monotonic() > deadline:
+                assert self.shard is not None
+                raise TimeoutError(f"master shard {self.shard.index}: no word of the "
+                                   f"leader's end within {self.drain_timeout:g} s")
+            else:
+                time.sleep(0.005)
+        if isinstance(verdict, StopRequest):
+            if self.checkpoint is not None:
+                self.save()
+            self.ctrl.send(Interrupted(self.part_path() if self.checkpoint else None,
+                                       self.core.version))
+        else:
+            assert isinstance(verdict, Finish), verdict
+            self.finish(idle=set())
+        return True
 
     def interrupt(self) -> None:
         """A stop request: the checkpoint first (under mpirun, a SIGTERM from mpirun
@@ -271,12 +397,17 @@ class ApamMaster:
 
     def finish(self, idle: set[int]) -> None:
         p = self.core.progress
-        wall = self.wall()
+        wall = self.end_wall()
         self.snapshot(final=True)  # scored while the last gradients drain
         self.stop_workers(idle)
         self.ctrl.send(MasterSummary(wall, p.version, p.samples, dict(p.staleness),
                                      list(p.updates_of), list(p.samples_of),
                                      sorted(self.gone)))
+
+
+def shard_part_path(path: str, shard: Shard) -> str:
+    """Where shard ``shard`` of a sharded master saves its part of checkpoint ``path``."""
+    return f"{path}.shard{shard.index}-of-{shard.count}"
 
 
 def master_main(ctrl: Control, end: MasterEnd, *args: Any, **kwargs: Any) -> None:

@@ -14,6 +14,17 @@ A worker computes its next gradient at :meth:`ApamCore.model_for_workers`: ``x``
 number of updates its gradient will be late.
 
 Timing-only simulations pass ``x0=None``: then only the progress is kept.
+
+**A sharded master** (``master_shards = K``): K cores, shard ``k`` owning the contiguous
+slice ``[start_k, stop_k)`` of ``x`` (:func:`shards_of`; its first ``n_params`` entries
+are trained, the rest are buffers) and that slice's optimizer state. Every optimizer here
+is elementwise, so K shards that apply the same gradients in the same order compute the
+same bits as one master. Each shard applies gradients in the order they reach *it* and
+counts its own versions and staleness, so two shards may apply two workers' gradients in
+opposite orders: a worker's model is assembled from the shards' replies, slice ``k`` at
+shard ``k``'s version ``v_k``, and its gradient's staleness at shard ``k`` is that shard's
+version when it applies it minus ``v_k``. The lr schedule and the staleness rule run per
+shard on those counts.
 """
 
 from __future__ import annotations
@@ -64,6 +75,61 @@ class MasterProgress:
         self.samples += n_samples
         self.updates_of[worker] += 1
         self.samples_of[worker] += n_samples
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` of a sharded master: the slice ``[start, stop)`` of the
+    model state ``[params | buffers]``, whose first ``n_params`` entries are trained
+    parameters. Its optimizer state is the slice ``[start, start + n_params)`` of the
+    whole model's (which covers the parameters only)."""
+
+    index: int
+    count: int
+    start: int
+    stop: int
+    n_params: int
+
+    @property
+    def leader(self) -> bool:
+        """Shard 0 keeps the budget: it alone decides which gradients are computed."""
+        return self.index == 0
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+    def of(self, x: Tensor) -> Tensor:
+        """This shard's slice of a whole-model tensor ``[params | buffers]`` (a view)."""
+        return x[self.start:self.stop]
+
+    def state_of(self, state: OptState) -> OptState:
+        """This shard's slice of a whole-model optimizer state (copies; scalars as they
+        are)."""
+        a, b = self.start, self.start + self.n_params
+        return {k: v[a:b].clone() if v.dim() else v.clone() for k, v in state.items()}
+
+
+def shards_of(numel: int, n_params: int, count: int) -> list[Shard]:
+    """``count`` contiguous slices of a model state of ``numel`` entries (``n_params`` of
+    them trained), as even as whole entries allow: slice ``k`` is
+    ``[k * numel // count, (k + 1) * numel // count)``."""
+    if not 1 <= count <= numel:
+        raise ValueError(f"master_shards must be between 1 and the model's {numel} entries, "
+                         f"got {count}")
+    out = []
+    for k in range(count):
+        a, b = k * numel // count, (k + 1) * numel // count
+        out.append(Shard(k, count, a, b, max(0, min(b, n_params) - a)))
+    return out
+
+
+def join_states(parts: list[OptState]) -> OptState:
+    """The whole model's optimizer state from its shards' (in shard order): tensors
+    concatenated; scalars (the step count, equal on every shard at a consistent cut)
+    the leader's."""
+    return {k: torch.cat([p[k] for p in parts]) if v.dim() else v.clone()
+            for k, v in parts[0].items()}
 
 
 class ApamCore:
@@ -148,4 +214,4 @@ class ApamCore:
         return self.x is None or bool(torch.isfinite(self.x).all())
 
 
-__all__ = ["ApamCore", "MasterProgress"]
+__all__ = ["ApamCore", "MasterProgress", "Shard", "shards_of", "join_states"]

@@ -50,6 +50,7 @@ from ..result import EvalRecord, RunResult
 from ..task import Task
 from ..topology import neighbor_probabilities
 from ..transport.shm import ShmGossip, ShmStar, ShmSync
+from .shards import MasterShards
 
 LOCK_TIMEOUT_S = 120.0
 
@@ -128,7 +129,9 @@ class ShmMode:
 
 
 class CentralizedMode(ShmMode):
-    """APAM: a master process and N worker processes (shared-memory star)."""
+    """APAM: a master process and N worker processes (shared-memory star); with
+    ``master_shards = K > 1``, K master processes (``master 0`` the leader), one star
+    each over its slice of the model (see :mod:`apam_gossip.algorithms.apam`)."""
 
     HANDLERS = {**ShmMode.HANDLERS, Snapshot: "snapshot", MasterSummary: "summarize",
                 Interrupted: "stopped"}
@@ -140,52 +143,60 @@ class CentralizedMode(ShmMode):
         self.resumes = int(ckpt["resumes"]) + 1 if ckpt is not None else 0
         self.snaps = torch.zeros(len(self.plan.eval_at) + 1, self.plan.numel).share_memory_()
         self.scorer = SnapshotScorer(self.evaluator, self.snaps, self.plan.total_samples, cb)
-        self.summary: MasterSummary | None = None
+        self.masters = MasterShards(cfg, self.plan.numel, self.plan.n_params, self.scorer,
+                                    count=None if cfg.mode == "centralized" else 1)
         self.group: ProcessGroup | None = None
         # the transport lives as long as the mode: its semaphores and pipes must outlast
         # the children's start-up (spawn unpickles them in the child later)
         # the slots on the master's device (its GPU: device-to-device copies, CUDA IPC)
         self.master_device = master_device(cfg)
-        self.star = ShmStar(cfg.workers, self.plan.numel, device=self.master_device)
+        self.stars = [ShmStar(cfg.workers, numel, device=self.master_device)
+                      for numel in self.masters.numels]
 
     def start(self, group: ProcessGroup) -> None:
-        cfg, plan, star = self.cfg, self.plan, self.star
+        cfg, plan, m = self.cfg, self.plan, self.masters
         self.group = group
+        self.masters.send = group.send
         checkpoint = None if cfg.checkpoint is None else CheckpointSpec(
             cfg.checkpoint, cfg.checkpoint_every_s, cfg.to_dict(), self.resumes)
-        group.start("master", apam.master_main,
-                    (star.master_end(), plan.x0, cfg.optim, plan.total, plan.eval_at,
-                     self.snaps, checkpoint, self.ckpt, cfg.timeout_s, plan.n_params,
-                     self.master_device), threads=1)
+        for k, star in enumerate(self.stars):
+            group.start(m.names[k], apam.master_main,
+                        (star.master_end(), plan.x0, cfg.optim, plan.total, plan.eval_at,
+                         self.snaps, checkpoint, self.ckpt, cfg.timeout_s, plan.n_params,
+                         self.master_device, m.shard(k)), threads=1)
         wcfg = worker_config(cfg, self.resumes)
         for i in range(cfg.workers):
             group.start(f"worker {i}", apam.apam_worker_main,
-                        (star.worker_end(i), wcfg, self.task, self.data, plan.shards[i],
-                         self.devices[i]), threads=self.threads)
-        star.close_parent_copies()
+                        (m.worker_end([star.worker_end(i) for star in self.stars]), wcfg,
+                         self.task, self.data, plan.shards[i], self.devices[i]),
+                        threads=self.threads)
+        for star in self.stars:
+            star.close_parent_copies()
         self.cb(Event("start", 0, plan.total_samples))
 
     def snapshot(self, name: str, msg: Snapshot) -> None:
-        self.scorer(msg)
+        self.masters.snapshot(name, msg)
 
     def summarize(self, name: str, msg: MasterSummary) -> None:
-        self.summary = msg
+        self.masters.summarize(name, msg)
 
     def stopped(self, name: str, msg: Interrupted) -> None:
-        self.interrupted = msg
+        self.interrupted = self.masters.stopped(name, msg)
 
     def request_stop(self) -> None:
         assert self.group is not None
-        self.group.send("master", StopRequest())
+        self.group.send(self.masters.names[0], StopRequest())
 
     def finished(self) -> bool:
-        return self.interrupted is not None or (self.summary is not None
+        return self.interrupted is not None or (self.masters.summary is not None
                                                 and self.all_reported())
 
     def result(self) -> RunResult:
-        assert self.summary is not None
-        return centralized_result(self.cfg, self.summary, self.reports, self.devices,
-                                  self.scorer, self.plan.n_params, "shm", failed=self.dead)
+        assert self.masters.summary is not None
+        result = centralized_result(self.cfg, self.masters.summary, self.reports,
+                                    self.devices, self.scorer, self.plan.n_params, "shm",
+                                    failed=self.dead)
+        return self.masters.annotate(result)
 
 
 class DecentralizedMode(ShmMode):
@@ -431,7 +442,7 @@ class SyncPsMode(CentralizedMode):
         self.updates = 0  # the master's steps so far, as its progress says
 
     def start(self, group: ProcessGroup) -> None:
-        cfg, plan, star = self.cfg, self.plan, self.star
+        cfg, plan, star = self.cfg, self.plan, self.stars[0]
         self.group = group
         group.start("master", syncps.syncps_master_main,
                     (star.master_end(), plan.x0, cfg.optim, plan.total, plan.eval_at,
@@ -452,8 +463,8 @@ class SyncPsMode(CentralizedMode):
         raise RunInterrupted(None, self.updates, UNSAVED_LOCKSTEP)
 
     def result(self) -> RunResult:
-        assert self.summary is not None
-        return syncps_result(self.cfg, self.summary, self.reports, self.devices, self.scorer,
+        assert self.masters.summary is not None
+        return syncps_result(self.cfg, self.masters.summary, self.reports, self.devices, self.scorer,
                              self.plan.n_params, "shm")
 
 

@@ -1,0 +1,139 @@
+"""The coordinator's side of APAM's master, one process or K shards (``master_shards``):
+the master processes' names and slices, and their messages joined into one master's:
+a snapshot is scored once every shard has written its slice, the summary is the
+leader's (the budget's keeper) with the latest wall time, and a stop's checkpoint parts
+are joined into one checkpoint of the whole model (see :mod:`apam_gossip.algorithms.apam`).
+Transport-agnostic: a runtime passes its messages on and gives it a way to message a
+master (:attr:`MasterShards.send`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import ConfigError, RunConfig
+from ..core.apam import Shard, join_states, shards_of
+from ..messages import Finish, Interrupted, MasterSummary, Snapshot, StopRequest
+from ..result import RunResult
+from ..transport import WorkerEnd
+from ..transport.sharded import ShardedWorkerEnd
+
+
+class MasterShards:
+    """``count`` masters over a model state of ``numel`` entries (``n_params`` trained);
+    ``scorer(snapshot)`` scores a whole model (:class:`~apam_gossip.reporting.SnapshotScorer`);
+    ``send(name, msg)``, set by the runtime once its processes exist, messages a master."""
+
+    def __init__(self, cfg: RunConfig, numel: int, n_params: int,
+                 scorer: Callable[[Snapshot], None], count: int | None = None) -> None:
+        self.count = cfg.master_shards if count is None else count
+        try:
+            self.shards = shards_of(numel, n_params, self.count) if self.count > 1 else None
+        except ValueError as e:
+            raise ConfigError(str(e), "master_shards") from None
+        self.names = ["master"] if self.shards is None else \
+            [f"master {k}" for k in range(self.count)]
+        self.numels = [numel] if self.shards is None else [s.numel for s in self.shards]
+        self.scorer = scorer
+        self.checkpoint = cfg.checkpoint
+        self.send: Callable[[str, Any], None] | None = None
+        self._snaps: dict[int, dict[int, Snapshot]] = {}  # slot -> shard -> its message
+        self.summaries: dict[int, MasterSummary] = {}
+        self.parts: dict[int, Interrupted] = {}
+
+    def shard(self, k: int) -> Shard | None:
+        return None if self.shards is None else self.shards[k]
+
+    def worker_end(self, ends: list[WorkerEnd]) -> WorkerEnd:
+        """A worker's end to the master: its one end, or its ends to the K shards as one."""
+        return ends[0] if self.shards is None else ShardedWorkerEnd(ends, self.shards)
+
+    def index(self, name: str) -> int:
+        return 0 if self.shards is None else self.names.index(name)
+
+    def _tell_followers(self, msg: Any) -> None:
+        assert self.send is not None
+        for name in self.names[1:]:
+            self.send(name, msg)
+
+    def snapshot(self, name: str, msg: Snapshot) -> None:
+        if self.shards is None:
+            self.scorer(msg)
+            return
+        got = self._snaps.setdefault(msg.slot, {})
+        got[self.index(name)] = msg
+        if len(got) == self.count:  # every slice of that model is written
+            del self._snaps[msg.slot]
+            self.scorer(replace(got[0], wall=max(m.wall for m in got.values())))
+
+    def summarize(self, name: str, msg: MasterSummary) -> None:
+        k = self.index(name)
+        self.summaries[k] = msg
+        if k == 0 and self.shards is not None:
+            self._tell_followers(Finish())  # the leader has spent the budget
+
+    @property
+    def summary(self) -> MasterSummary | None:
+        """The master's summary once every shard has sent its own: the leader's counts
+        and staleness (it applied exactly the budget), the last shard's wall time."""
+        if len(self.summaries) < self.count:
+            return None
+        return replace(self.summaries[0],
+                       wall_time=max(s.wall_time for s in self.summaries.values()))
+
+    def stopped(self, name: str, msg: Interrupted) -> Interrupted | None:
+        """A master stopped on request; the run's :class:`Interrupted` once every shard
+        has (its parts joined into the checkpoint), else None."""
+        if self.shards is None:
+            return msg
+        k = self.index(name)
+        self.parts[k] = msg
+        if k == 0:
+            self._tell_followers(StopRequest())  # the leader stopped: save, then stop
+        if len(self.parts) < self.count:
+            return None
+        saved = None
+        if all(p.checkpoint is not None for p in self.parts.values()):
+            assert self.checkpoint is not None
+            join_parts(self.checkpoint, [self.parts[k].checkpoint for k in range(self.count)])
+            saved = self.checkpoint
+        return Interrupted(saved, self.parts[0].updates)
+
+    def annotate(self, result: RunResult) -> RunResult:
+        """Each shard's mean staleness on the final evaluation (``staleness_mean_shard<k>``;
+        the run's own staleness is the leader's)."""
+        if self.shards is not None and result.evals:
+            extra = result.evals[-1].extra
+            for k, s in sorted(self.summaries.items()):
+                n = sum(s.staleness.values())
+                extra[f"staleness_mean_shard{k}"] = \
+                    sum(a * c for a, c in s.staleness.items()) / n if n else 0.0
+        return result
+
+
+def join_parts(path: str, parts: list[str | None]) -> None:
+    """Join the shards' checkpoint parts (in shard order) into one checkpoint of the whole
+    model at ``path`` (atomically; a sharded run resumes it with any number of shards),
+    then remove the parts. The counts and staleness are the leader's."""
+    loaded = [load_checkpoint(p) for p in parts if p is not None]
+    assert len(loaded) == len(parts)
+    import torch
+
+    whole = dict(loaded[0])
+    whole.pop("shard", None)
+    whole["x"] = torch.cat([c["x"] for c in loaded])
+    whole["opt_state"] = join_states([c["opt_state"] for c in loaded])
+    whole["wall_time"] = max(float(c["wall_time"]) for c in loaded)
+    whole["shard_versions"] = [int(c["version"]) for c in loaded]
+    whole.pop("format", None)
+    save_checkpoint(path, whole)
+    for p in parts:
+        assert p is not None
+        Path(p).unlink(missing_ok=True)
+
+
+__all__ = ["MasterShards", "join_parts"]
