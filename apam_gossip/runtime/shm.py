@@ -464,8 +464,8 @@ class SyncPsMode(CentralizedMode):
 
     def result(self) -> RunResult:
         assert self.masters.summary is not None
-        return syncps_result(self.cfg, self.masters.summary, self.reports, self.devices, self.scorer,
-                             self.plan.n_params, "shm")
+        return syncps_result(self.cfg, self.masters.summary, self.reports, self.devices,
+                             self.scorer, self.plan.n_params, "shm")
 
 
 class ConsensusMode:

@@ -1,0 +1,229 @@
+"""A sharded APAM master (issue 24, ``master_shards``): the slices and the worker's end
+in-process, then real processes: equal to one master where the math says so, a budget
+every shard applies exactly, a stop that is a consistent cut, deaths."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_faults import KillAt
+
+from apam_gossip.checkpoint import load_checkpoint, save_checkpoint
+from apam_gossip.core.apam import join_states, shards_of
+from apam_gossip.messages import Grad, Hello, Params, Stop
+from apam_gossip.optim import Optimizer
+from apam_gossip.procs import ChildFailed
+from apam_gossip.runner import RunInterrupted, run
+from apam_gossip.transport import PeerGone
+from apam_gossip.transport.sharded import ShardedWorkerEnd
+
+from helpers import make_cfg
+
+pytestmark = pytest.mark.timeout(240)
+
+
+# -- the slices, in-process ---------------------------------------------------------
+@pytest.mark.parametrize("numel,n_params,count", [(10, 10, 3), (10, 7, 3), (10, 2, 4),
+                                                  (5, 5, 5), (1000, 990, 7)])
+def test_shards_cover_the_model_once_and_split_params_from_buffers(numel, n_params, count):
+    shards = shards_of(numel, n_params, count)
+    assert [s.index for s in shards] == list(range(count)) and shards[0].leader
+    assert shards[0].start == 0 and shards[-1].stop == numel
+    assert all(a.stop == b.start for a, b in zip(shards, shards[1:], strict=False))
+    assert max(s.numel for s in shards) - min(s.numel for s in shards) <= 1
+    assert sum(s.n_params for s in shards) == n_params
+    for s in shards:  # a shard's trained entries come first, then its buffers
+        assert s.n_params == len(range(s.start, min(s.stop, n_params)))
+
+
+@pytest.mark.parametrize("count", [0, 11])
+def test_more_shards_than_entries_or_none_is_a_value_error(count):
+    with pytest.raises(ValueError, match=f"master_shards .* got {count}"):
+        shards_of(10, 8, count)
+
+
+def test_sharded_amsgrad_steps_are_the_whole_models_bit_for_bit():
+    """Every optimizer here is elementwise: K shards stepping their slices give the same
+    bits as one master stepping the whole (what K > 1 with one worker relies on)."""
+    torch.manual_seed(0)
+    n = 1001
+    x, opt = torch.randn(n), Optimizer("amsgrad", lr=1e-2, weight_decay=1e-4)
+    shards = shards_of(n, n, 4)
+    whole, state = x.clone(), opt.init(x)
+    parts = [s.of(x).clone() for s in shards]
+    states = [opt.init(p) for p in parts]
+    for _ in range(20):
+        g = torch.randn(n)
+        opt.update(whole, g, state)
+        for s, p, st in zip(shards, parts, states, strict=True):
+            opt.update(p, s.of(g), st)
+    assert torch.equal(torch.cat(parts), whole)
+    joined = join_states(states)
+    assert set(joined) == set(state)
+    assert all(torch.equal(joined[k], state[k]) for k in state)
+    # and a whole state sliced back is each shard's
+    for s, st in zip(shards, states, strict=True):
+        assert all(torch.equal(s.state_of(state)[k], st[k]) for k in st)
+
+
+class _End:
+    """A fake star end: records what it was sent, replies from a script."""
+
+    def __init__(self, worker: int, replies: list) -> None:
+        self.worker, self.replies, self.sent = worker, list(replies), []
+
+    def send(self, grad, meta) -> None:
+        if meta == "gone":
+            raise PeerGone("gone")
+        self.sent.append((None if grad is None else grad.clone(), meta))
+
+    def recv(self, out, timeout):
+        msg, fill = self.replies.pop(0)
+        if msg == "gone":
+            raise PeerGone("gone")
+        if out is not None:
+            out.fill_(fill)
+        return msg
+
+
+def test_the_workers_end_routes_slices_and_each_shards_version():
+    shards = shards_of(6, 4, 3)
+    ends = [_End(2, [(Params(7), 1.0)]), _End(2, [(Params(5), 2.0)]),
+            _End(2, [(Params(9), 3.0)])]
+    end = ShardedWorkerEnd(ends, shards)
+    end.send(None, Hello(2))
+    assert all(e.sent == [(None, Hello(2))] for e in ends)
+    x = torch.zeros(6)
+    msg = end.recv(x, 1.0)
+    assert msg == Params(7)  # the leader's version
+    assert x.tolist() == [1, 1, 2, 2, 3, 3]  # each slice from its shard
+    end.send(torch.arange(6.0), Grad(7, 32, 0.5, 0.01))
+    got = [e.sent[-1] for e in ends]
+    assert [m.version for _, m in got] == [7, 5, 9]  # each shard's own
+    assert [g.tolist() for g, _ in got] == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_the_workers_end_stops_at_the_leaders_stop_and_skips_a_gone_follower():
+    shards = shards_of(4, 4, 2)
+    leader, follower = _End(0, [(Stop(), 0.0)]), _End(0, [("gone", 0.0)])
+    assert isinstance(ShardedWorkerEnd([leader, follower], shards).recv(torch.zeros(4), 1),
+                      Stop)
+    leader, follower = _End(0, [(Params(1), 0.0), (Params(2), 0.0)]), \
+        _End(0, [("gone", 0.0)])
+    end = ShardedWorkerEnd([leader, follower], shards)
+    assert end.recv(torch.zeros(4), 1) == Params(1)  # a follower gone: skipped
+    assert end.recv(torch.zeros(4), 1) == Params(2)
+    dead = _End(0, [("gone", 0.0)])
+    with pytest.raises(PeerGone):  # the leader gone is the master gone
+        ShardedWorkerEnd([dead, _End(0, [])], shards).recv(torch.zeros(4), 1)
+
+
+# -- real processes -------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["mlp", "user_models:DigitsBNNoDropout"])
+def test_one_worker_with_shards_is_the_sequential_run_bit_for_bit(digits, model):
+    """K shards apply the one worker's gradients in its order: the sequential run's bits,
+    buffers (BatchNorm statistics, which one shard may hold only part of) included."""
+    base = {"workers": 1, "epochs": 1, "evals": 2, "model": model, "seed": 5}
+    seq = run(make_cfg(base, mode="sequential"), dataset=digits, quiet=True)
+    numel = seq.final_params.numel()
+    for k in (2, 3):
+        r = run(make_cfg(base, mode="centralized", master_shards=k), dataset=digits,
+                quiet=True)
+        assert torch.equal(r.final_params, seq.final_params), (model, k)
+        assert r.updates == seq.updates and r.final_params.numel() == numel
+
+
+def test_every_shard_applies_the_budget_and_reports_its_staleness(digits):
+    cfg = make_cfg({"mode": "centralized", "workers": 4, "epochs": 3, "evals": 3,
+                    "master_shards": 3, "slowdown": [1, 2, 1, 3]})
+    r = run(cfg, dataset=digits, quiet=True)
+    total = -(-3 * len(digits.y_train) // 16)  # (BASE: batch 16)
+    assert r.updates == total and sum(r.staleness.values()) == total
+    assert r.samples == sum(w.samples for w in r.workers)
+    extra = r.evals[-1].extra
+    assert {f"staleness_mean_shard{k}" for k in range(3)} <= set(extra)
+    assert all(0 < extra[f"staleness_mean_shard{k}"] < 10 for k in range(3))
+    assert r.final_accuracy > 0.85
+    assert [e.updates for e in r.evals] == sorted(e.updates for e in r.evals)
+
+
+@pytest.mark.slow
+def test_a_stop_is_a_consistent_cut_and_the_checkpoint_is_the_whole_model(tmp_path, digits):
+    """One worker, 2 shards, SIGTERM mid-run: the joined checkpoint is exactly the
+    sequential run's model and AMSGrad state after as many updates (a consistent cut:
+    both shards at the same update), and it resumes, with 3 shards, to the budget."""
+    ckpt = tmp_path / "run.ckpt"
+    base = {"workers": 1, "epochs": 30, "evals": 3, "seed": 2, "slowdown": [3]}
+    cfg = make_cfg(base, mode="centralized", master_shards=2, checkpoint=str(ckpt))
+    sent = []
+
+    def term_at_30_percent(ev):
+        if not sent and ev.total_samples and ev.samples > 0.3 * ev.total_samples:
+            os.kill(os.getpid(), signal.SIGTERM)
+            sent.append(ev.samples)
+
+    with pytest.raises(RunInterrupted, match="--resume"):
+        run(cfg, dataset=digits, callback=term_at_30_percent)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]  # parts joined
+    ck = load_checkpoint(ckpt)
+    done = ck["version"]
+    assert ck["shard_versions"] == [done, done]
+    assert int(ck["opt_state"]["step"]) == done and ck["samples"] == 16 * done
+    seq = run(make_cfg(base, mode="sequential", steps=done, slowdown=[]), dataset=digits,
+              quiet=True)
+    assert torch.equal(ck["x"], seq.final_params)
+    # resume with another number of shards: the checkpoint is the whole model's
+    ck["config"]["master_shards"] = 3
+    save_checkpoint(ckpt, {k: v for k, v in ck.items() if k != "format"})
+    r = run(None, dataset=digits, resume=str(ckpt), quiet=True)
+    total = -(-30 * len(digits.y_train) // 16)
+    assert r.updates == total and r.evals[0].updates >= done
+    assert r.final_accuracy >= 0.9
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_survived_and_every_shard_finishes_the_budget(digits):
+    cfg = make_cfg({"mode": "centralized", "workers": 4, "epochs": 20, "evals": 4,
+                    "master_shards": 2, "slowdown": [3] * 4, "optim": {"lr": 2e-3}})
+    kill = KillAt("worker 2", 0.3)
+    r = run(cfg, dataset=digits, callback=kill)
+    assert kill.done and r.failed_workers == [2]
+    assert r.updates == -(-20 * len(digits.y_train) // 16)
+    assert r.workers[2].updates < r.updates / 4
+    assert r.final_accuracy >= 0.9
+
+
+@pytest.mark.slow
+def test_a_killed_master_shard_ends_the_run_with_its_name(digits):
+    cfg = make_cfg({"mode": "centralized", "workers": 3, "epochs": 20, "evals": 3,
+                    "master_shards": 2, "slowdown": [3] * 3})
+    kill = KillAt("master 1", 0.2)
+    with pytest.raises(ChildFailed, match="master 1: process died"):
+        run(cfg, dataset=digits, callback=kill)
+    assert kill.done
+
+
+def test_bad_shard_counts_are_one_line_exit_2(tmp_path):
+    for flag, what in (("0", "--master-shards"), ("5000", "--master-shards")):
+        p = subprocess.run([sys.executable, "-m", "apam_gossip", "train", "--workers", "1",
+                            "--master-shards", flag, "-o", str(tmp_path / "r.json")],
+                           capture_output=True, text=True, timeout=120,
+                           cwd=Path(__file__).parent.parent)
+        assert p.returncode == 2, p.stderr
+        assert what in p.stderr and "Traceback" not in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_more_shards_than_the_model_has_entries_is_a_config_error():
+    from apam_gossip.config import ConfigError
+    from apam_gossip.runtime.shards import MasterShards
+
+    with pytest.raises(ConfigError, match="master_shards must be between 1 and the model's 3"):
+        MasterShards(make_cfg(master_shards=5), 3, 3, lambda msg: None)
