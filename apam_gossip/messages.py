@@ -127,6 +127,12 @@ class Grad:
 
 
 @dataclass(frozen=True)
+class Bye:
+    """Worker -> a follower shard of a sharded master: the leader has stopped this worker;
+    nothing more will come (on shared memory the closed pipe says the same)."""
+
+
+@dataclass(frozen=True)
 class Stop:
     """Master -> worker: the run is over."""
 

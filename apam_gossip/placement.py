@@ -60,9 +60,16 @@ def eval_device(cfg: RunConfig) -> torch.device:
         else torch.device("cpu")
 
 
-def mpi_workers(has_master: bool, size: int) -> int:
-    """How many of ``size`` ranks train: all but the master (rank 0) when there is one."""
-    return size - 1 if has_master else size
+def mpi_masters(cfg: RunConfig) -> int:
+    """How many ranks are the master under mpirun: ``master_shards`` for centralized
+    (ranks 0..K-1), 1 for syncps, else none."""
+    return cfg.master_shards if cfg.mode == "centralized" else int(cfg.mode == "syncps")
+
+
+def mpi_workers(masters: int, size: int) -> int:
+    """How many of ``size`` ranks train: all but the ``masters`` first (a bool: the master
+    on rank 0 or none)."""
+    return size - int(masters)
 
 
 def node_placement(comm: Any) -> tuple[int, int, bool]:
@@ -80,4 +87,5 @@ def node_placement(comm: Any) -> tuple[int, int, bool]:
 
 
 __all__ = ["available_cores", "threads_per_worker", "device_for", "master_device", "eval_device",
+           "mpi_masters",
            "mpi_workers", "node_placement"]

@@ -16,7 +16,7 @@ from test_faults import KillAt
 
 from apam_gossip.checkpoint import load_checkpoint, save_checkpoint
 from apam_gossip.core.apam import join_states, shards_of
-from apam_gossip.messages import Grad, Hello, Params, Stop
+from apam_gossip.messages import Bye, Grad, Hello, Params, Stop
 from apam_gossip.optim import Optimizer
 from apam_gossip.procs import ChildFailed
 from apam_gossip.runner import RunInterrupted, run
@@ -114,6 +114,11 @@ def test_the_workers_end_stops_at_the_leaders_stop_and_skips_a_gone_follower():
     leader, follower = _End(0, [(Stop(), 0.0)]), _End(0, [("gone", 0.0)])
     assert isinstance(ShardedWorkerEnd([leader, follower], shards).recv(torch.zeros(4), 1),
                       Stop)
+    # at the leader's stop the follower's reply is taken too, then it is told goodbye
+    leader, follower = _End(0, [(Stop(), 0.0)]), _End(0, [(Params(3), 1.0)])
+    assert isinstance(ShardedWorkerEnd([leader, follower], shards).recv(torch.zeros(4), 1),
+                      Stop)
+    assert follower.replies == [] and follower.sent == [(None, Bye())]
     leader, follower = _End(0, [(Params(1), 0.0), (Params(2), 0.0)]), \
         _End(0, [("gone", 0.0)])
     end = ShardedWorkerEnd([leader, follower], shards)
@@ -227,3 +232,27 @@ def test_more_shards_than_the_model_has_entries_is_a_config_error():
 
     with pytest.raises(ConfigError, match="master_shards must be between 1 and the model's 3"):
         MasterShards(make_cfg(master_shards=5), 3, 3, lambda msg: None)
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "mpirun").exists(),
+                    reason="mpirun not in the venv")
+def test_two_shards_and_four_workers_under_mpirun(tmp_path):
+    """Ranks 0-1 the master's shards, ranks 2-5 the workers: every worker trains, the
+    budget is applied by both shards, and rank 0 reports alone."""
+    import json
+
+    from test_mpi import cli, mpirun
+
+    out = tmp_path / "s.json"
+    p = mpirun(6, *cli("train", "--mode", "centralized", "--master-shards", "2", "--epochs",
+                       "10", "--lr", "2e-3", "--evals", "3", "-o", str(out)))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "ranks 0-1 are the master's shards, 4 workers" in p.stdout
+    d = json.loads(out.read_text())
+    assert d["transport"] == "mpi" and d["config"]["master_shards"] == 2
+    assert d["config"]["workers"] == 4 and all(w["updates"] > 0 for w in d["workers"])
+    assert d["updates"] == -(-10 * 1437 // 32) == sum(d["staleness"].values())
+    extra = d["evals"][-1]["extra"]
+    assert extra["staleness_mean_shard0"] > 0 and extra["staleness_mean_shard1"] > 0
+    assert d["final_accuracy"] >= 0.95
+    assert p.stdout.count("result written to") == 1

@@ -122,11 +122,13 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     if rank != 0:
         a.quiet = True
     elif size > 1 and not a.quiet:
-        from ..placement import mpi_workers
+        from ..placement import mpi_masters, mpi_workers
 
-        n = mpi_workers(cfg.mode == "centralized", size)
-        print(f"MPI: {size} ranks ({'rank 0 is the master, ' if cfg.mode == 'centralized' else ''}"
-              f"{n} workers; --workers is taken from mpirun -n)")
+        masters = mpi_masters(cfg)
+        n = mpi_workers(masters, size)
+        who = "" if not masters else "rank 0 is the master, " if masters == 1 else \
+            f"ranks 0-{masters - 1} are the master's shards, "
+        print(f"MPI: {size} ranks ({who}{n} workers; --workers is taken from mpirun -n)")
         # a resume may run on fewer ranks than its checkpoint's run: its per-worker
         # settings are cut to the workers there are (runtime.mpi does the same)
         cfg = cfg.for_workers(n) if resume else cfg.replace(workers=n)

@@ -3,6 +3,8 @@ RunResult (built by :mod:`apam_gossip.reporting`, as on one machine), the other 
 return None.
 
 * centralized: rank 0 is the master, ranks 1..N-1 are the workers (workers = size - 1);
+  with ``master_shards = K``, ranks 0..K-1 are the master's shards (rank 0 the leader,
+  which reports) and ranks K..N-1 the workers;
 * decentralized: every rank is a worker (workers = size); rank 0 also gathers snapshots of
   all models at the evaluation points (through the ranks' gossip servers, each model taken
   under its own lock) and scores them after training, so evaluation never slows training;
@@ -22,6 +24,7 @@ import socket
 import threading
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +42,7 @@ from ..coordinator import (
 from ..core.sync import split_batch
 from ..evaluate import Evaluator
 from ..messages import (
+    Finish,
     Interrupted,
     LocalOutbox,
     MasterSummary,
@@ -47,7 +51,14 @@ from ..messages import (
     StopRequest,
     WorkerReport,
 )
-from ..placement import device_for, master_device, mpi_workers, node_placement, threads_per_worker
+from ..placement import (
+    device_for,
+    master_device,
+    mpi_masters,
+    mpi_workers,
+    node_placement,
+    threads_per_worker,
+)
 from ..plan import RunPlan, worker_config
 from ..reporting import (
     AuditBase,
@@ -67,6 +78,7 @@ from ..task import Task
 from ..topology import neighbor_probabilities
 from ..transport import mpi as tmpi
 from .sequential import run_sequential
+from .shards import MasterShards
 
 
 def run_mpi(cfg: RunConfig, task: Task, data: Any, cb: Callback,
@@ -74,10 +86,12 @@ def run_mpi(cfg: RunConfig, task: Task, data: Any, cb: Callback,
     comm, rank, size = tmpi.world()
     if cfg.mode == "sequential":
         return run_sequential(cfg, task, data, cb) if rank == 0 else None
-    n = mpi_workers(cfg.mode in ("centralized", "syncps"), size)
+    masters = mpi_masters(cfg)
+    n = mpi_workers(masters, size)
     if n < 1:
-        raise ConfigError(f"{cfg.mode} mode over MPI needs at least 2 ranks (a master and a "
-                          "worker): use mpirun -n 2 or more")
+        what = "a master" if masters == 1 else f"{masters} master shards"
+        raise ConfigError(f"{cfg.mode} mode over MPI needs at least {masters + 1} ranks "
+                          f"({what} and a worker): use mpirun -n {masters + 1} or more")
     if ckpt is not None:  # a resume may have fewer (or more) ranks than the run it goes on
         cfg = cfg.for_workers(n)
     cfg = cfg.replace(workers=n, transport="mpi")
@@ -155,55 +169,121 @@ class _RankContext:
 
 
 def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
-    """Rank 0 is the master. With ``cfg.checkpoint`` it writes checkpoints periodically:
-    when a rank dies, OpenMPI ends the whole job (this MPI has no fault-tolerance
-    extensions such as ULFM), so the last checkpoint is what survives; ``--resume`` it,
-    under mpirun or on one machine."""
+    """Rank 0 is the master (with ``master_shards = K``, ranks 0..K-1 are its shards,
+    rank 0 the leader); the other ranks are the workers. With ``cfg.checkpoint`` one
+    master checkpoints periodically: when a rank dies, OpenMPI ends the whole job (this
+    MPI has no fault-tolerance extensions such as ULFM), so the last checkpoint is what
+    survives; ``--resume`` it, under mpirun or on one machine. A sharded master saves
+    when the job is stopped (the parts come to rank 0, which joins them)."""
     cfg, plan, comm = ctx.cfg, ctx.plan, ctx.comm
     resumes = int(ckpt["resumes"]) + 1 if ckpt is not None else 0
     devices = comm.gather(str(ctx.device), root=0)
     outbox = ctx.progress_outbox()
-    if ctx.rank != 0:
-        end = tmpi.MpiStarWorker(comm, plan.numel)
-        # a stop request on a worker's rank rides on its next message to the master,
-        # which then stops the whole job as on its own stop request
-        ctx.stop.on_stop = end.request_stop
-        apam.apam_worker_main(outbox, end, worker_config(cfg, resumes), ctx.task, ctx.data,
-                         plan.shards[ctx.rank - 1], str(ctx.device))
+    masters = MasterShards(cfg, plan.numel, plan.n_params, lambda msg: None)
+    k_masters = masters.count
+    if ctx.rank >= k_masters:
+        ends = [tmpi.MpiStarWorker(comm, numel, master=k, first_worker=k_masters)
+                for k, numel in enumerate(masters.numels)]
+        # a stop request on a worker's rank rides on its next message to the master
+        # (to every shard), which then stops the whole job as on its own stop request
+        ctx.stop.on_stop = lambda: [e.request_stop() for e in ends] and None
+        apam.apam_worker_main(outbox, masters.worker_end(ends), worker_config(cfg, resumes),
+                              ctx.task, ctx.data, plan.shards[ctx.rank - k_masters],
+                              str(ctx.device))
         comm.send(outbox.of_type(WorkerReport)[-1], dest=0, tag=tmpi.T_STATS)
         comm.Barrier()
         return None
     snaps = torch.zeros(len(plan.eval_at) + 1, plan.numel)
     ctx.start_event()
-    # the master checkpoints at once and stops the workers in order (a request that
-    # reached a worker's rank comes with its next gradient)
-    ctx.stop.on_stop = partial(outbox.post, StopRequest())
+    shard = masters.shard(ctx.rank)
+    if ctx.rank == 0:
+        # the master checkpoints at once and stops the workers in order (a request that
+        # reached a worker's rank comes with its next gradient)
+        ctx.stop.on_stop = partial(outbox.post, StopRequest())
+    else:  # a follower: the leader's end comes from rank 0 (mpirun's SIGTERM reaches
+        # rank 0 and the workers: a request to this rank alone is left to them)
+        outbox = _FollowerOutbox(comm)
+        ctx.stop.on_stop = lambda: None
     mdev = master_device(cfg)
     # a GPU master takes gradients from pinned host memory (one DMA copy to the device);
     # a CPU master never pins (that would open a CUDA context it does not use)
-    end = tmpi.MpiStarMaster(comm, plan.numel, timeout=cfg.timeout_s,
-                             pin=mdev.type == "cuda")
-    outbox.asked = lambda: end.stop_asked
+    end = tmpi.MpiStarMaster(comm, masters.numels[ctx.rank], timeout=cfg.timeout_s,
+                             pin=mdev.type == "cuda", first_worker=k_masters)
+    if ctx.rank == 0:
+        outbox.asked = lambda: end.stop_asked
     checkpoint = None if cfg.checkpoint is None else CheckpointSpec(
         cfg.checkpoint, cfg.checkpoint_every_s, cfg.replace(transport="auto").to_dict(),
         resumes)
     apam.master_main(outbox, end, plan.x0, cfg.optim, plan.total, plan.eval_at, snaps,
-                     checkpoint, ckpt, cfg.timeout_s, plan.n_params, mdev)
+                     checkpoint, ckpt, cfg.timeout_s, plan.n_params, mdev, shard)
+    if ctx.rank != 0:
+        _follower_report(comm, outbox, snaps, shard)
+        comm.Barrier()
+        return None
+    stopped = outbox.of_type(Interrupted)
+    for k in range(1, k_masters):  # the leader's end: the followers end as it did
+        comm.send("stop" if stopped else "finish", dest=k, tag=tmpi.T_VERDICT)
     reports = {}
-    for r in range(1, comm.Get_size()):
+    for r in range(k_masters, comm.Get_size()):
         rep = comm.recv(source=r, tag=tmpi.T_STATS)
         reports[rep.worker] = rep
+    followers = [comm.recv(source=k, tag=tmpi.T_SHARD_END) for k in range(1, k_masters)]
     comm.Barrier()
-    stopped = outbox.of_type(Interrupted)
     if stopped:
-        raise ctx.interrupted(stopped[-1].checkpoint, stopped[-1].updates)
+        for k, (_, _, ended, part) in enumerate(followers, start=1):
+            if part is not None:  # the follower's part, written here to be joined
+                assert cfg.checkpoint is not None and masters.shards is not None
+                Path(apam.shard_part_path(cfg.checkpoint, masters.shards[k])).write_bytes(part)
+            masters.stopped(masters.names[k], ended)
+        end_msg = masters.stopped(masters.names[0], stopped[-1])
+        assert end_msg is not None
+        raise ctx.interrupted(end_msg.checkpoint, end_msg.updates)
     scorer = ctx.scorer(snaps)
+    masters.scorer = scorer
+    for k, (snapshots, cols, ended, _) in enumerate(followers, start=1):
+        assert masters.shards is not None
+        masters.shards[k].of(snaps.T).copy_(cols.T)  # its slice of every snapshot
+        for msg in snapshots:
+            masters.snapshot(masters.names[k], msg)
+        masters.summarize(masters.names[k], ended)
     for msg in outbox.of_type(Snapshot):
-        scorer(msg)
-    summary = outbox.of_type(MasterSummary)[-1]
-    # rank 0 is the master: worker i is rank i + 1
-    return centralized_result(cfg, summary, reports, devices[1:], scorer, plan.n_params,
-                              "mpi")
+        masters.snapshot(masters.names[0], msg)
+    masters.summarize(masters.names[0], outbox.of_type(MasterSummary)[-1])
+    assert masters.summary is not None
+    # the workers are the ranks after the master's
+    return masters.annotate(centralized_result(cfg, masters.summary, reports,
+                                               devices[k_masters:], scorer, plan.n_params,
+                                               "mpi"))
+
+
+class _FollowerOutbox(LocalOutbox):
+    """A follower shard's line to the leader under mpirun: how the leader ended comes
+    from rank 0 (``"finish"``: :class:`Finish`; ``"stop"``: a stop request)."""
+
+    def __init__(self, comm) -> None:
+        super().__init__()
+        self.req = comm.irecv(source=0, tag=tmpi.T_VERDICT)
+
+    def poll(self) -> bool:
+        if not self.inbox and self.req is not None:
+            done, verdict = self.req.test()
+            if done:
+                self.req = None
+                self.inbox.append(Finish() if verdict == "finish" else StopRequest())
+        return bool(self.inbox)
+
+
+def _follower_report(comm, outbox: LocalOutbox, snaps: torch.Tensor, shard) -> None:
+    """A follower's end, to rank 0: its snapshots' messages and its slice of them, its
+    summary or stop, and its checkpoint part (the bytes: rank 0 may be on another host)."""
+    ended = (outbox.of_type(MasterSummary) or outbox.of_type(Interrupted))[-1]
+    part = None
+    if isinstance(ended, Interrupted) and ended.checkpoint is not None:
+        path = Path(ended.checkpoint)
+        part = path.read_bytes()
+        path.unlink()
+    comm.send((outbox.of_type(Snapshot), shard.of(snaps.T).T.clone(), ended, part), dest=0,
+              tag=tmpi.T_SHARD_END)
 
 
 def _decentralized(ctx: _RankContext) -> RunResult | None:

@@ -44,7 +44,8 @@ from torch import Tensor
 
 from ..average import mix_into
 from ..errors import UserError
-from ..messages import Grad, Hello, Params, Stop
+from ..messages import Bye, Grad, Hello, Params, Stop
+from . import PeerGone
 from .rows import fence
 
 # message tags
@@ -52,6 +53,7 @@ T_META, T_TENSOR = 11, 12  # star
 T_REQ, T_DATA, T_REPLY, T_SNAP_REPLY, T_CLAIM_REPLY = 21, 22, 23, 24, 25  # gossip
 T_REFUSED = 26  # gossip: the answer to an average that was refused (nothing changed)
 T_STATS = 31
+T_VERDICT, T_SHARD_END = 32, 33  # a sharded master: the leader's end; a follower's
 T_OBJ = 13  # star: a pickled control object after a K_OBJ metadata message
 
 # star metadata kinds (float64 vectors: [kind, a, b, c, d, e, stop]); a worker's last
@@ -166,11 +168,15 @@ def _meta(kind: float, *values: float) -> np.ndarray:
 
 
 class MpiStarMaster:
-    """Rank 0's side of the star; worker ``w`` is rank ``w + 1``."""
+    """The master's side of the star: rank 0's, worker ``w`` rank ``w + 1``; or, a
+    sharded master's (``first_worker`` = K shards), shard ``k``'s on rank ``k``, worker
+    ``w`` rank ``w + K``."""
 
-    def __init__(self, comm, numel: int, timeout: float, pin: bool | None = None) -> None:
+    def __init__(self, comm, numel: int, timeout: float, pin: bool | None = None,
+                 first_worker: int = 1) -> None:
         self.comm = comm
-        self.n_workers = comm.Get_size() - 1
+        self.first = first_worker
+        self.n_workers = comm.Get_size() - first_worker
         self.device = torch.device("cpu")  # its buffers are host memory
         self.timeout = timeout
         self.meta = np.zeros((self.n_workers, META))
@@ -184,7 +190,7 @@ class MpiStarMaster:
         self.stop_asked = False  # a worker's rank got a stop request (SIGTERM, SIGUSR1)
 
     def _post(self, w: int):
-        return self.comm.Irecv(self.meta[w], source=w + 1, tag=T_META)
+        return self.comm.Irecv(self.meta[w], source=w + self.first, tag=T_META)
 
     def ready(self, timeout: float) -> list[int]:
         from mpi4py import MPI
@@ -206,9 +212,12 @@ class MpiStarMaster:
         if m[0] == K_HELLO:
             meta: Any = Hello(worker)
         elif m[0] == K_OBJ:
-            meta, grad = self.comm.recv(source=worker + 1, tag=T_OBJ), None
+            meta, grad = self.comm.recv(source=worker + self.first, tag=T_OBJ), None
+            if isinstance(meta, Bye):  # a sharded master's worker has stopped: no repost
+                self.arrived.discard(worker)
+                raise PeerGone(f"worker {worker} said goodbye")
         else:
-            self.comm.Recv(self.grad, source=worker + 1, tag=T_TENSOR)
+            self.comm.Recv(self.grad, source=worker + self.first, tag=T_TENSOR)
             lr = float(m[5])  # NaN on the wire: the master's own schedule
             meta = Grad(int(m[1]), int(m[2]), float(m[3]), float(m[4]),
                         lr if lr == lr else None)
@@ -219,9 +228,10 @@ class MpiStarMaster:
 
     def send(self, worker: int, params: Tensor | None, meta: Any) -> None:
         """``Params`` (with ``params``), ``Stop``, or any other picklable object."""
+        dest = worker + self.first
         if not isinstance(meta, Params | Stop):
-            self.comm.Send(_meta(K_OBJ), dest=worker + 1, tag=T_META)
-            self.comm.send(meta, dest=worker + 1, tag=T_OBJ)
+            self.comm.Send(_meta(K_OBJ), dest=dest, tag=T_META)
+            self.comm.send(meta, dest=dest, tag=T_OBJ)
             return
         if isinstance(meta, Stop):
             if self.outstanding[worker]:  # it is computing: take (and drop) its gradient
@@ -229,20 +239,22 @@ class MpiStarMaster:
                 self.recv(worker)
             self.reqs[worker].Cancel()
             self.reqs[worker].Wait()
-            self.comm.Send(_meta(K_STOP), dest=worker + 1, tag=T_META)
+            self.comm.Send(_meta(K_STOP), dest=dest, tag=T_META)
             return
-        self.comm.Send(_meta(K_PARAMS, meta.version), dest=worker + 1, tag=T_META)
+        self.comm.Send(_meta(K_PARAMS, meta.version), dest=dest, tag=T_META)
         assert params is not None
-        self.comm.Send(params, dest=worker + 1, tag=T_TENSOR)
+        self.comm.Send(params, dest=dest, tag=T_TENSOR)
         self.outstanding[worker] = True
 
 
 class MpiStarWorker:
-    """A worker rank's side of the star."""
+    """A worker rank's side of the star: to the master on rank ``master`` (0; a sharded
+    master's shard ``k`` on rank ``k``), workers from rank ``first_worker`` on."""
 
-    def __init__(self, comm, numel: int) -> None:
+    def __init__(self, comm, numel: int, master: int = 0, first_worker: int = 1) -> None:
         self.comm = comm
-        self.worker = comm.Get_rank() - 1
+        self.master = master
+        self.worker = comm.Get_rank() - first_worker
         self.host = _host_buffer(numel)
         self.meta = np.zeros(META)
         self.stopping = False
@@ -261,25 +273,26 @@ class MpiStarWorker:
     def send(self, grad: Tensor | None, meta: Any) -> None:
         """``Hello``, ``Grad`` (with ``grad``), or any other picklable object."""
         if isinstance(meta, Hello):
-            self.comm.Send(self._meta(K_HELLO), dest=0, tag=T_META)
+            self.comm.Send(self._meta(K_HELLO), dest=self.master, tag=T_META)
             return
         if not isinstance(meta, Grad):
-            self.comm.Send(self._meta(K_OBJ), dest=0, tag=T_META)
-            self.comm.send(meta, dest=0, tag=T_OBJ)
+            self.comm.Send(self._meta(K_OBJ), dest=self.master, tag=T_META)
+            self.comm.send(meta, dest=self.master, tag=T_OBJ)
             return
         self.comm.Send(self._meta(K_GRAD, meta.version, meta.samples, meta.loss, meta.compute_s,
                              float("nan") if meta.lr is None else meta.lr),
-                       dest=0, tag=T_META)
+                       dest=self.master, tag=T_META)
         assert grad is not None
         if grad.device.type != "cpu":
             self.host.copy_(grad)
             grad = self.host
-        self.comm.Send(grad, dest=0, tag=T_TENSOR)
+        self.comm.Send(grad, dest=self.master, tag=T_TENSOR)
 
     def recv(self, params_out: Tensor, timeout: float) -> Any:
-        req = self.comm.Irecv(self.meta, source=0, tag=T_META)
+        req = self.comm.Irecv(self.meta, source=self.master, tag=T_META)
         try:
-            _wait(req, timeout, f"worker {self.worker}: a message from the master (rank 0)")
+            _wait(req, timeout,
+                  f"worker {self.worker}: a message from the master (rank {self.master})")
         except TimeoutError:
             req.Cancel()
             req.Wait()
@@ -287,11 +300,11 @@ class MpiStarWorker:
         if self.meta[0] == K_STOP:
             return Stop()
         if self.meta[0] == K_OBJ:
-            return self.comm.recv(source=0, tag=T_OBJ)
+            return self.comm.recv(source=self.master, tag=T_OBJ)
         if params_out.device.type == "cpu":
-            self.comm.Recv(params_out, source=0, tag=T_TENSOR)
+            self.comm.Recv(params_out, source=self.master, tag=T_TENSOR)
         else:
-            self.comm.Recv(self.host, source=0, tag=T_TENSOR)
+            self.comm.Recv(self.host, source=self.master, tag=T_TENSOR)
             # a blocking copy: the next Recv reuses self.host
             params_out.copy_(self.host)
         return Params(int(self.meta[1]))

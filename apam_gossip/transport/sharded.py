@@ -9,8 +9,9 @@ MPI alike) and splits each message by the shards' slices
   version of the slice shard ``k`` sent last, so each shard measures its own staleness.
 * ``recv``: every shard's slice of the model into its place in ``params_out``; returns
   :class:`~apam_gossip.messages.Params` with the leader's version, or the leader's
-  :class:`~apam_gossip.messages.Stop` as soon as it comes (the followers' replies to the
-  last gradient are then left unread: the worker is done).
+  :class:`~apam_gossip.messages.Stop`: then every follower's reply to the last gradient
+  has been taken too, and each follower is told :class:`~apam_gossip.messages.Bye`
+  (a follower ends once every worker has gone).
 
 A follower that has gone (it ends once every worker has gone, so only at the very end of
 a run a dead worker disturbed) is skipped; the leader gone is the master gone.
@@ -24,7 +25,7 @@ from typing import Any
 from torch import Tensor
 
 from ..core.apam import Shard
-from ..messages import Grad, Params, Stop
+from ..messages import Bye, Grad, Params, Stop
 from . import PeerGone, WorkerEnd
 
 
@@ -50,6 +51,7 @@ class ShardedWorkerEnd:
                 self.gone.add(k)
 
     def recv(self, params_out: Tensor | None, timeout: float) -> Any:
+        stop = None
         for k, (end, shard) in enumerate(zip(self.ends, self.shards, strict=True)):
             if k in self.gone:
                 continue
@@ -61,11 +63,22 @@ class ShardedWorkerEnd:
                     raise
                 self.gone.add(k)
                 continue
-            if isinstance(msg, Stop):
-                return msg
+            if isinstance(msg, Stop):  # only the leader stops a worker
+                stop = msg
+                continue
             assert isinstance(msg, Params), msg
             self.versions[k] = msg.version
-        return Params(self.versions[0])
+        if stop is None:
+            return Params(self.versions[0])
+        # the followers' replies to the last gradient were taken above (under MPI a
+        # reply nobody receives would block its sender); now tell them this is the end
+        for k in range(1, len(self.ends)):
+            if k not in self.gone:
+                try:
+                    self.ends[k].send(None, Bye())
+                except PeerGone:
+                    pass
+        return stop
 
 
 __all__ = ["ShardedWorkerEnd"]

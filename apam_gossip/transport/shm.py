@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..average import FUSED_MIN_NUMEL, average_pair_, fused_available, mix_into
+from ..messages import Bye
 from ..procs import CTX
 from . import NoVote, PeerGone
 from .rows import Rows, fence
@@ -72,6 +73,9 @@ class ShmMasterEnd:
         except (EOFError, OSError):
             self.gone.add(worker)
             raise PeerGone(f"worker {worker} closed its connection") from None
+        if isinstance(meta, Bye):
+            self.gone.add(worker)
+            raise PeerGone(f"worker {worker} said goodbye")
         return meta, self.grads[worker]
 
     def send(self, worker: int, params: Tensor | None, meta: Any) -> None:
