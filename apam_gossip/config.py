@@ -178,9 +178,6 @@ def ignored_settings(given: Collection[str], modes: Collection[str], optim: Opti
             (("data.data_dir",), run.data.dataset == "digits", "digits ships with "
              "scikit-learn"),
             (("checkpoint_every_s",), run.checkpoint is None, "applies with --checkpoint"),
-            (("checkpoint_every_s",), run.checkpoint is not None and run.master_shards > 1
-             and run.mode == "centralized", "a sharded master saves only when the run is "
-             "stopped (SIGTERM, Ctrl-C), where its shards agree"),
             (("data.dirichlet_alpha",), run.data.partition != "dirichlet",
              "applies to --partition dirichlet"),
         ]

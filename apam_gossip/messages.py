@@ -66,8 +66,26 @@ class MasterSummary:
 
 @dataclass(frozen=True)
 class Finish:
-    """Coordinator -> a follower shard of a sharded APAM master: the leader (shard 0)
-    has spent the budget; end as it did, with the final snapshot and a summary."""
+    """Leader -> followers of a sharded APAM master: the leader (shard 0) has spent the
+    budget; end as it did (once every worker has gone), with the final snapshot and a
+    summary."""
+
+
+@dataclass(frozen=True)
+class SaveAt:
+    """Leader -> followers of a sharded master: a consistent cut at ``version`` (every
+    gradient asked for is applied there); save your part of the checkpoint there."""
+
+    version: int
+
+
+@dataclass(frozen=True)
+class PartSaved:
+    """Follower -> leader: its part of the checkpoint is saved (``payload``: what the
+    shard link carries of it, a path on one machine, the bytes under MPI)."""
+
+    payload: Any
+    version: int
 
 
 @dataclass(frozen=True)

@@ -206,9 +206,12 @@ def _rank_pid(rank: int, marker: str) -> int | None:
 
 
 @pytest.mark.slow
-def test_a_killed_rank_aborts_in_bounded_time_and_leaves_a_usable_checkpoint(tmp_path):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_killed_rank_aborts_in_bounded_time_and_leaves_a_usable_checkpoint(tmp_path,
+                                                                                shards):
     """OpenMPI here has no fault-tolerance extensions: a dead rank ends the job. The master
-    checkpoints periodically, so the run resumes from the last checkpoint."""
+    checkpoints periodically, so the run resumes from the last checkpoint. With 2 master
+    shards (ranks 0-1, workers on ranks 2-5) the checkpoint is their joined cut."""
     import signal
     import time
 
@@ -218,9 +221,10 @@ def test_a_killed_rank_aborts_in_bounded_time_and_leaves_a_usable_checkpoint(tmp
 
     ckpt = tmp_path / "mpi.ckpt"
     out = tmp_path / "never.json"
-    cmd = [str(MPIRUN), "-n", "4", "--map-by", ":OVERSUBSCRIBE",
+    cmd = [str(MPIRUN), "-n", str(3 + 1 + 2 * (shards - 1)), "--map-by", ":OVERSUBSCRIBE",
            *cli("train", "--mode", "centralized", "--epochs", "400", "--lr", "2e-3",
                 "--slow", "0=3", "--slow", "1=3", "--slow", "2=3", "--evals", "2",
+                "--master-shards", str(shards),
                 "--checkpoint", str(ckpt), "--checkpoint-every", "0.2", "-o", str(out))]
     from apam_gossip.mpirun import job_shm_dir, stop_job
 
@@ -247,6 +251,9 @@ def test_a_killed_rank_aborts_in_bounded_time_and_leaves_a_usable_checkpoint(tmp
     assert not out.exists()
     ck = load_checkpoint(ckpt)
     assert ck["version"] > 0 and ck["mode"] == "centralized"
+    if shards > 1:
+        assert ck["shard_versions"] == [ck["version"]] * shards
+        assert not list(tmp_path.glob("mpi.ckpt.shard*"))  # the parts were joined
     # resume the checkpoint on one machine, with a smaller budget left to run
     r = run(None, dataset=load_dataset("digits"), resume=str(ckpt))  # type: ignore[arg-type]
     assert r.updates == -(-400 * 1437 // 32) and r.final_accuracy >= 0.95

@@ -126,7 +126,7 @@ def test_the_workers_end_stops_at_the_leaders_stop_and_skips_a_gone_follower():
     assert end.recv(torch.zeros(4), 1) == Params(2)
     dead = _End(0, [("gone", 0.0)])
     with pytest.raises(PeerGone):  # the leader gone is the master gone
-        ShardedWorkerEnd([dead, _End(0, [])], shards).recv(torch.zeros(4), 1)
+        ShardedWorkerEnd([dead, _End(0, [(Params(1), 0.0)])], shards).recv(torch.zeros(4), 1)
 
 
 # -- real processes -------------------------------------------------------------------
@@ -190,6 +190,39 @@ def test_a_stop_is_a_consistent_cut_and_the_checkpoint_is_the_whole_model(tmp_pa
     total = -(-30 * len(digits.y_train) // 16)
     assert r.updates == total and r.evals[0].updates >= done
     assert r.final_accuracy >= 0.9
+
+
+def test_periodic_checkpoints_are_consistent_cuts(tmp_path, digits):
+    """Every checkpoint_every_s the leader pauses the asking, every shard saves at one
+    version, and the parts join: one worker, 3 shards, the last periodic checkpoint is
+    exactly the sequential run's state at its update; the pauses lose no gradient."""
+    ckpt = tmp_path / "run.ckpt"
+    base = {"workers": 1, "epochs": 6, "evals": 2, "seed": 4, "slowdown": [2]}
+    r = run(make_cfg(base, mode="centralized", master_shards=3, checkpoint=str(ckpt),
+                     checkpoint_every_s=0.2), dataset=digits, quiet=True)
+    total = -(-6 * len(digits.y_train) // 16)
+    assert r.updates == total
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
+    ck = load_checkpoint(ckpt)
+    done = ck["version"]
+    assert 0 < done < total and ck["shard_versions"] == [done] * 3
+    seq = run(make_cfg(base, mode="sequential", steps=done, slowdown=[]), dataset=digits,
+              quiet=True)
+    assert torch.equal(ck["x"], seq.final_params)
+    assert int(ck["opt_state"]["step"]) == done
+
+
+def test_periodic_cuts_with_several_workers_lose_nothing(tmp_path, digits):
+    ckpt = tmp_path / "run.ckpt"
+    cfg = make_cfg({"mode": "centralized", "workers": 4, "epochs": 4, "evals": 2,
+                    "master_shards": 2, "slowdown": [1, 2, 3, 1], "checkpoint": str(ckpt),
+                    "checkpoint_every_s": 0.1})
+    r = run(cfg, dataset=digits, quiet=True)
+    assert r.updates == -(-4 * len(digits.y_train) // 16) == sum(r.staleness.values())
+    ck = load_checkpoint(ckpt)
+    assert ck["shard_versions"] == [ck["version"]] * 2
+    assert int(ck["opt_state"]["step"]) == ck["version"] > 0
+    assert ck["x"].numel() == r.final_params.numel()
 
 
 @pytest.mark.slow

@@ -23,18 +23,18 @@ budgeted number of updates. Gradients still being computed then are awaited and 
 before each worker is told to stop, so a slow worker finishing last ends cleanly.
 
 **Sharded** (``master_shards = K > 1``, :class:`~apam_gossip.core.apam.Shard`): K master
-processes, each the loop above over its slice of the model. A worker sends slice ``k`` of
-its gradient to shard ``k`` (shard 0 first), then waits for every shard's slice of the
-model. So that every shard applies the same gradients, exactly once, shard 0 (the leader)
-keeps the budget: it asks for exactly ``total`` gradients (a worker it has nothing more to
-ask of waits without a model) and drops none, while the other shards (followers) apply
-whatever reaches them and end when every worker has closed its connection, which a worker
-does only when the leader tells it to stop. A stop request is a consistent cut: the leader
-asks for no more gradients and applies those already asked for; every shard saves its part
-only once it has applied all of them (the followers: once every worker has gone). The
-coordinator joins the parts into one checkpoint of the whole model, which resumes with
-any number of shards. A worker killed between two of its slices leaves its last gradient
-applied by the shards it reached (a death at K = 1 loses at most that gradient too).
+processes, each the loop above over its slice of the model, in the roles of
+:mod:`.shards`. A worker sends slice ``k`` of its gradient to shard ``k`` (shard 0 first),
+then waits for every shard's slice of the model (:mod:`~apam_gossip.transport.sharded`).
+So that every shard applies the same gradients exactly once, shard 0 (the leader) keeps
+the budget: it asks for exactly ``total`` gradients and drops none, while the other
+shards (followers) apply whatever reaches them and end when every worker has gone, which
+a worker does only when the leader tells it to stop. Checkpoints (periodic, and at a
+stop) are consistent cuts: the leader asks for no more gradients, applies those asked
+for, and every shard saves its part at that version; the leader joins the parts into
+one checkpoint of the whole model, which resumes with any number of shards. A worker
+killed between two of its slices leaves its last gradient applied by the shards it
+reached (at K = 1 such a death loses at most that gradient too).
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from ..core.apam import ApamCore, MasterProgress, Shard
 from ..emulation import MASTER, LinkModel
 from ..messages import (
     PROGRESS_EVERY_S,
-    Finish,
     Grad,
     Hello,
     Interrupted,
@@ -64,8 +63,9 @@ from ..messages import (
     StopRequest,
 )
 from ..task import Task
-from ..transport import Control, MasterEnd, PeerGone, WorkerEnd
+from ..transport import Control, MasterEnd, PeerGone, ShardLink, WorkerEnd
 from .common import Diverged, LocalWorker
+from .shards import Follower, Leader
 
 HELLO_TIMEOUT_S = 300.0
 
@@ -109,7 +109,7 @@ class ApamMaster:
                  checkpoint: CheckpointSpec | None = None,
                  resume: dict[str, Any] | None = None, drain_timeout: float = 3600.0,
                  n_params: int | None = None, device: torch.device | str = "cpu",
-                 shard: Shard | None = None) -> None:
+                 shard: Shard | None = None, link: ShardLink | None = None) -> None:
         self.ctrl, self.end, self.total, self.snaps = ctrl, end, total, snaps
         self.checkpoint, self.drain_timeout = checkpoint, drain_timeout
         self.n = end.n_workers
@@ -144,20 +144,15 @@ class ApamMaster:
         self.loss_sum, self.loss_n = 0.0, 0
         self.t0 = 0.0
         self.applied_at = 0.0  # wall time of the last update
-        # the leader's budget: gradients asked for, who computes one, who waits for one
-        self.asked = self.core.version
-        self.holding: set[int] = set()
-        self.waiting: set[int] = set()
-        self.stopping = False  # the leader was asked to stop: it asks for no more
-        self.verdict: Any = None  # a follower: how the leader ended (Finish or a stop)
-
-    @property
-    def leader(self) -> bool:
-        return self.shard is not None and self.shard.leader
+        # a shard's role (None: the one master)
+        self.role: Leader | Follower | None = None
+        if self.shard is not None:
+            assert link is not None, "a shard needs its link to the others"
+            self.role = Leader(self, link) if self.shard.leader else Follower(self, link)
 
     @property
     def follower(self) -> bool:
-        return self.shard is not None and not self.shard.leader
+        return isinstance(self.role, Follower)
 
     # -- helpers ------------------------------------------------------------------
     def live(self) -> set[int]:
@@ -165,12 +160,8 @@ class ApamMaster:
 
     def lost(self, i: int) -> None:
         self.gone.add(i)
-        self.waiting.discard(i)
-        if i in self.holding:  # the leader asked it for a gradient that never comes
-            self.holding.discard(i)
-            self.asked -= 1
-            if self.waiting and not self.stopping:  # ask a waiting worker instead
-                self.give(self.waiting.pop())
+        if self.role is not None:
+            self.role.lost(i)
         if len(self.gone) == self.n and not self.follower:
             # (a follower's end: every worker goes once the leader has stopped it)
             raise RuntimeError(f"all {self.n} workers died; nothing left to train with")
@@ -188,12 +179,8 @@ class ApamMaster:
         """Worker ``i``'s next model (``model``, or the core's model for workers). The
         leader sends it only while it has gradients left to ask for; past that ``i``
         waits (for a gradient a dead worker never sent, or for the end)."""
-        if self.leader:
-            if self.stopping or self.asked >= self.total:
-                self.waiting.add(i)
-                return
-            self.asked += 1
-            self.holding.add(i)
+        if self.role is not None and not self.role.give(i):
+            return
         self.send(i, self.core.model_for_workers() if model is None else model,
                   Params(self.core.version))
 
@@ -268,7 +255,7 @@ class ApamMaster:
         assert self.checkpoint is not None
         if self.shard is None:
             return self.checkpoint.path
-        return shard_part_path(self.checkpoint.path, self.shard)
+        return shard_part_path(self.checkpoint.path, self.shard.index, self.shard.count)
 
     def stop_workers(self, idle: set[int]) -> None:
         """Tell every live worker to stop, without leaving one mid-message: a worker still
@@ -304,17 +291,22 @@ class ApamMaster:
             self.snapshot()
             self.next_eval = next(self.eval_points, None)
         last_progress = last_ckpt = time.monotonic()
+        leader = self.role if isinstance(self.role, Leader) else None
+        # a shard listens to the others between messages too
+        wait_s = 1.0 if self.role is None else 0.05
         while self.follower or p.version < self.total:
-            for i in self.end.ready(1.0):
+            for i in self.end.ready(wait_s):
                 try:
                     msg, grad = self.end.recv(i)
                 except PeerGone:  # died while computing: its gradient never comes
                     self.lost(i)
                     continue
-                self.holding.discard(i)
+                if self.role is not None:
+                    self.role.took(i)
                 self.apply(i, msg, grad)
-                if not self.follower and p.version >= self.total and not self.stopping:
-                    self.finish(idle={i} | self.waiting)
+                if not self.follower and p.version >= self.total \
+                        and not (leader and leader.stopping):
+                    self.finish(idle={i} | (leader.waiting if leader else set()))
                     return
                 self.give(i)
                 if p.version == self.next_eval:
@@ -322,8 +314,8 @@ class ApamMaster:
                     self.next_eval = next(self.eval_points, None)
                 if self.ctrl.poll():  # a stop request is answered before anything else
                     break
-            if self.shard is not None:
-                if self.sharded_end():
+            if self.role is not None:
+                if self.role.ended_round():
                     return
             elif self.ctrl.poll():  # the coordinator asks to stop (SIGTERM): save, then stop
                 self.interrupt()
@@ -332,56 +324,12 @@ class ApamMaster:
             if now - last_progress > PROGRESS_EVERY_S and not self.follower:
                 self.ctrl.send(Progress(p.samples, p.version))
                 last_progress = now
-            # (shards save only at a stop, where the cut is consistent)
-            if self.checkpoint is not None and self.shard is None \
+            # (a sharded master's leader makes its checkpoints' cuts)
+            if self.checkpoint is not None and self.role is None \
                     and now - last_ckpt > self.checkpoint.every_s:
                 self.save()
                 last_ckpt = time.monotonic()
         self.finish(idle=set())  # reached only when the budget was already spent
-
-    def sharded_end(self) -> bool:
-        """A shard's end of a loop round: True once it has ended. The leader, asked to
-        stop, asks for no more gradients and stops once it has applied those it asked
-        for; a follower ends once every worker has gone, as the leader's end says
-        (the coordinator passes it on: :class:`Finish` or a stop request)."""
-        if self.leader:
-            while self.ctrl.poll():
-                msg = self.ctrl.recv()
-                assert isinstance(msg, StopRequest), msg
-                self.stopping = True
-            if self.stopping and not self.holding:
-                if self.checkpoint is not None:
-                    self.save()
-                self.stop_workers(idle=self.live())  # every live worker waits
-                self.ctrl.send(Interrupted(self.part_path() if self.checkpoint else None,
-                                           self.core.version))
-                return True
-            return False
-        verdict = self.ctrl.recv() if self.ctrl.poll() else None
-        if self.live():
-            if verdict is not None:
-                self.verdict = verdict
-            return False
-        verdict = self.verdict or verdict
-        deadline = time.monotonic() + self.drain_timeout
-        while verdict is None:  # every worker has gone: the leader has ended
-            if self.ctrl.poll():
-                verdict = self.ctrl.recv()
-            elif time.monotonic() > deadline:
-                assert self.shard is not None
-                raise TimeoutError(f"master shard {self.shard.index}: no word of the "
-                                   f"leader's end within {self.drain_timeout:g} s")
-            else:
-                time.sleep(0.005)
-        if isinstance(verdict, StopRequest):
-            if self.checkpoint is not None:
-                self.save()
-            self.ctrl.send(Interrupted(self.part_path() if self.checkpoint else None,
-                                       self.core.version))
-        else:
-            assert isinstance(verdict, Finish), verdict
-            self.finish(idle=set())
-        return True
 
     def interrupt(self) -> None:
         """A stop request: the checkpoint first (under mpirun, a SIGTERM from mpirun
@@ -400,14 +348,16 @@ class ApamMaster:
         wall = self.end_wall()
         self.snapshot(final=True)  # scored while the last gradients drain
         self.stop_workers(idle)
+        if self.role is not None:
+            self.role.finished()
         self.ctrl.send(MasterSummary(wall, p.version, p.samples, dict(p.staleness),
                                      list(p.updates_of), list(p.samples_of),
                                      sorted(self.gone)))
 
 
-def shard_part_path(path: str, shard: Shard) -> str:
-    """Where shard ``shard`` of a sharded master saves its part of checkpoint ``path``."""
-    return f"{path}.shard{shard.index}-of-{shard.count}"
+def shard_part_path(path: str, index: int, count: int) -> str:
+    """Where shard ``index`` of ``count`` saves its part of checkpoint ``path``."""
+    return f"{path}.shard{index}-of-{count}"
 
 
 def master_main(ctrl: Control, end: MasterEnd, *args: Any, **kwargs: Any) -> None:

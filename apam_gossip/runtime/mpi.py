@@ -24,7 +24,6 @@ import socket
 import threading
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +41,6 @@ from ..coordinator import (
 from ..core.sync import split_batch
 from ..evaluate import Evaluator
 from ..messages import (
-    Finish,
     Interrupted,
     LocalOutbox,
     MasterSummary,
@@ -173,8 +171,8 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
     rank 0 the leader); the other ranks are the workers. With ``cfg.checkpoint`` one
     master checkpoints periodically: when a rank dies, OpenMPI ends the whole job (this
     MPI has no fault-tolerance extensions such as ULFM), so the last checkpoint is what
-    survives; ``--resume`` it, under mpirun or on one machine. A sharded master saves
-    when the job is stopped (the parts come to rank 0, which joins them)."""
+    survives; ``--resume`` it, under mpirun or on one machine. A sharded master's
+    followers send their parts of each checkpoint to the leader, which joins them."""
     cfg, plan, comm = ctx.cfg, ctx.plan, ctx.comm
     resumes = int(ckpt["resumes"]) + 1 if ckpt is not None else 0
     devices = comm.gather(str(ctx.device), root=0)
@@ -196,13 +194,13 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
     snaps = torch.zeros(len(plan.eval_at) + 1, plan.numel)
     ctx.start_event()
     shard = masters.shard(ctx.rank)
+    link = tmpi.MpiShardLink(comm, ctx.rank, k_masters) if k_masters > 1 else None
     if ctx.rank == 0:
         # the master checkpoints at once and stops the workers in order (a request that
         # reached a worker's rank comes with its next gradient)
         ctx.stop.on_stop = partial(outbox.post, StopRequest())
-    else:  # a follower: the leader's end comes from rank 0 (mpirun's SIGTERM reaches
-        # rank 0 and the workers: a request to this rank alone is left to them)
-        outbox = _FollowerOutbox(comm)
+    else:  # a follower ends as the leader does (mpirun's SIGTERM reaches rank 0 and the
+        # workers: a request to this rank alone is left to them)
         ctx.stop.on_stop = lambda: None
     mdev = master_device(cfg)
     # a GPU master takes gradients from pinned host memory (one DMA copy to the device);
@@ -215,32 +213,23 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
         cfg.checkpoint, cfg.checkpoint_every_s, cfg.replace(transport="auto").to_dict(),
         resumes)
     apam.master_main(outbox, end, plan.x0, cfg.optim, plan.total, plan.eval_at, snaps,
-                     checkpoint, ckpt, cfg.timeout_s, plan.n_params, mdev, shard)
+                     checkpoint, ckpt, cfg.timeout_s, plan.n_params, mdev, shard, link)
     if ctx.rank != 0:
         _follower_report(comm, outbox, snaps, shard)
         comm.Barrier()
         return None
     stopped = outbox.of_type(Interrupted)
-    for k in range(1, k_masters):  # the leader's end: the followers end as it did
-        comm.send("stop" if stopped else "finish", dest=k, tag=tmpi.T_VERDICT)
     reports = {}
     for r in range(k_masters, comm.Get_size()):
         rep = comm.recv(source=r, tag=tmpi.T_STATS)
         reports[rep.worker] = rep
     followers = [comm.recv(source=k, tag=tmpi.T_SHARD_END) for k in range(1, k_masters)]
     comm.Barrier()
-    if stopped:
-        for k, (_, _, ended, part) in enumerate(followers, start=1):
-            if part is not None:  # the follower's part, written here to be joined
-                assert cfg.checkpoint is not None and masters.shards is not None
-                Path(apam.shard_part_path(cfg.checkpoint, masters.shards[k])).write_bytes(part)
-            masters.stopped(masters.names[k], ended)
-        end_msg = masters.stopped(masters.names[0], stopped[-1])
-        assert end_msg is not None
-        raise ctx.interrupted(end_msg.checkpoint, end_msg.updates)
+    if stopped:  # (the leader joined the checkpoint)
+        raise ctx.interrupted(stopped[-1].checkpoint, stopped[-1].updates)
     scorer = ctx.scorer(snaps)
     masters.scorer = scorer
-    for k, (snapshots, cols, ended, _) in enumerate(followers, start=1):
+    for k, (snapshots, cols, ended) in enumerate(followers, start=1):
         assert masters.shards is not None
         masters.shards[k].of(snaps.T).copy_(cols.T)  # its slice of every snapshot
         for msg in snapshots:
@@ -256,33 +245,11 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
                                                "mpi"))
 
 
-class _FollowerOutbox(LocalOutbox):
-    """A follower shard's line to the leader under mpirun: how the leader ended comes
-    from rank 0 (``"finish"``: :class:`Finish`; ``"stop"``: a stop request)."""
-
-    def __init__(self, comm) -> None:
-        super().__init__()
-        self.req = comm.irecv(source=0, tag=tmpi.T_VERDICT)
-
-    def poll(self) -> bool:
-        if not self.inbox and self.req is not None:
-            done, verdict = self.req.test()
-            if done:
-                self.req = None
-                self.inbox.append(Finish() if verdict == "finish" else StopRequest())
-        return bool(self.inbox)
-
-
 def _follower_report(comm, outbox: LocalOutbox, snaps: torch.Tensor, shard) -> None:
-    """A follower's end, to rank 0: its snapshots' messages and its slice of them, its
-    summary or stop, and its checkpoint part (the bytes: rank 0 may be on another host)."""
+    """A follower's end, to rank 0: its snapshots' messages and its slice of them, and its
+    summary (or its stop)."""
     ended = (outbox.of_type(MasterSummary) or outbox.of_type(Interrupted))[-1]
-    part = None
-    if isinstance(ended, Interrupted) and ended.checkpoint is not None:
-        path = Path(ended.checkpoint)
-        part = path.read_bytes()
-        path.unlink()
-    comm.send((outbox.of_type(Snapshot), shard.of(snaps.T).T.clone(), ended, part), dest=0,
+    comm.send((outbox.of_type(Snapshot), shard.of(snaps.T).T.clone(), ended), dest=0,
               tag=tmpi.T_SHARD_END)
 
 

@@ -1,10 +1,9 @@
 """The coordinator's side of APAM's master, one process or K shards (``master_shards``):
 the master processes' names and slices, and their messages joined into one master's:
 a snapshot is scored once every shard has written its slice, the summary is the
-leader's (the budget's keeper) with the latest wall time, and a stop's checkpoint parts
-are joined into one checkpoint of the whole model (see :mod:`apam_gossip.algorithms.apam`).
-Transport-agnostic: a runtime passes its messages on and gives it a way to message a
-master (:attr:`MasterShards.send`).
+leader's (the budget's keeper) with the latest wall time, a stop is the leader's (which
+joined the checkpoint: :func:`join_parts`; see :mod:`apam_gossip.algorithms.shards`).
+Transport-agnostic: a runtime passes its messages on.
 """
 
 from __future__ import annotations
@@ -12,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import ConfigError, RunConfig
 from ..core.apam import Shard, join_states, shards_of
-from ..messages import Finish, Interrupted, MasterSummary, Snapshot, StopRequest
+from ..messages import Interrupted, MasterSummary, Snapshot
 from ..result import RunResult
 from ..transport import WorkerEnd
 from ..transport.sharded import ShardedWorkerEnd
@@ -25,9 +23,7 @@ from ..transport.sharded import ShardedWorkerEnd
 
 class MasterShards:
     """``count`` masters over a model state of ``numel`` entries (``n_params`` trained);
-    ``scorer(snapshot)`` scores a whole model (:class:`~apam_gossip.reporting.SnapshotScorer`);
-    ``send(name, msg)``, set by the runtime once its processes exist, messages a master
-    (None: the runtime passes the leader's end on to the followers itself)."""
+    ``scorer(snapshot)`` scores a whole model (:class:`~apam_gossip.reporting.SnapshotScorer`)."""
 
     def __init__(self, cfg: RunConfig, numel: int, n_params: int,
                  scorer: Callable[[Snapshot], None], count: int | None = None) -> None:
@@ -41,7 +37,6 @@ class MasterShards:
         self.numels = [numel] if self.shards is None else [s.numel for s in self.shards]
         self.scorer = scorer
         self.checkpoint = cfg.checkpoint
-        self.send: Callable[[str, Any], None] | None = None
         self._snaps: dict[int, dict[int, Snapshot]] = {}  # slot -> shard -> its message
         self.summaries: dict[int, MasterSummary] = {}
         self.parts: dict[int, Interrupted] = {}
@@ -56,12 +51,6 @@ class MasterShards:
     def index(self, name: str) -> int:
         return 0 if self.shards is None else self.names.index(name)
 
-    def _tell_followers(self, msg: Any) -> None:
-        if self.send is None:  # (under mpirun rank 0 tells them itself)
-            return
-        for name in self.names[1:]:
-            self.send(name, msg)
-
     def snapshot(self, name: str, msg: Snapshot) -> None:
         if self.shards is None:
             self.scorer(msg)
@@ -73,10 +62,7 @@ class MasterShards:
             self.scorer(replace(got[0], wall=max(m.wall for m in got.values())))
 
     def summarize(self, name: str, msg: MasterSummary) -> None:
-        k = self.index(name)
-        self.summaries[k] = msg
-        if k == 0 and self.shards is not None:
-            self._tell_followers(Finish())  # the leader has spent the budget
+        self.summaries[self.index(name)] = msg
 
     @property
     def summary(self) -> MasterSummary | None:
@@ -88,22 +74,10 @@ class MasterShards:
                        wall_time=max(s.wall_time for s in self.summaries.values()))
 
     def stopped(self, name: str, msg: Interrupted) -> Interrupted | None:
-        """A master stopped on request; the run's :class:`Interrupted` once every shard
-        has (its parts joined into the checkpoint), else None."""
-        if self.shards is None:
-            return msg
-        k = self.index(name)
-        self.parts[k] = msg
-        if k == 0:
-            self._tell_followers(StopRequest())  # the leader stopped: save, then stop
-        if len(self.parts) < self.count:
-            return None
-        saved = None
-        if all(p.checkpoint is not None for p in self.parts.values()):
-            assert self.checkpoint is not None
-            join_parts(self.checkpoint, [self.parts[k].checkpoint for k in range(self.count)])
-            saved = self.checkpoint
-        return Interrupted(saved, self.parts[0].updates)
+        """A master stopped on request; the run's :class:`Interrupted` (the leader's: it
+        joined the checkpoint) once every shard has, else None."""
+        self.parts[self.index(name)] = msg
+        return self.parts[0] if len(self.parts) == self.count else None
 
     def annotate(self, result: RunResult) -> RunResult:
         """Each shard's mean staleness on the final evaluation (``staleness_mean_shard<k>``;

@@ -49,7 +49,7 @@ from ..reporting import (
 from ..result import EvalRecord, RunResult
 from ..task import Task
 from ..topology import neighbor_probabilities
-from ..transport.shm import ShmGossip, ShmStar, ShmSync
+from ..transport.shm import ShmGossip, ShmShardLinks, ShmStar, ShmSync
 from .shards import MasterShards
 
 LOCK_TIMEOUT_S = 120.0
@@ -152,18 +152,19 @@ class CentralizedMode(ShmMode):
         self.master_device = master_device(cfg)
         self.stars = [ShmStar(cfg.workers, numel, device=self.master_device)
                       for numel in self.masters.numels]
+        self.links = ShmShardLinks(self.masters.count) if self.masters.count > 1 else None
 
     def start(self, group: ProcessGroup) -> None:
         cfg, plan, m = self.cfg, self.plan, self.masters
         self.group = group
-        self.masters.send = group.send
         checkpoint = None if cfg.checkpoint is None else CheckpointSpec(
             cfg.checkpoint, cfg.checkpoint_every_s, cfg.to_dict(), self.resumes)
         for k, star in enumerate(self.stars):
             group.start(m.names[k], apam.master_main,
                         (star.master_end(), plan.x0, cfg.optim, plan.total, plan.eval_at,
                          self.snaps, checkpoint, self.ckpt, cfg.timeout_s, plan.n_params,
-                         self.master_device, m.shard(k)), threads=1)
+                         self.master_device, m.shard(k),
+                         self.links.link(k) if self.links else None), threads=1)
         wcfg = worker_config(cfg, self.resumes)
         for i in range(cfg.workers):
             group.start(f"worker {i}", apam.apam_worker_main,
@@ -172,6 +173,8 @@ class CentralizedMode(ShmMode):
                         threads=self.threads)
         for star in self.stars:
             star.close_parent_copies()
+        if self.links is not None:
+            self.links.close_parent_copies()
         self.cb(Event("start", 0, plan.total_samples))
 
     def snapshot(self, name: str, msg: Snapshot) -> None:

@@ -4,7 +4,9 @@ They know nothing of optimizers or models. Each algorithm talks to the ends belo
 whatever carries the bytes implements them: :mod:`.shm` (shared memory, one machine) and
 :mod:`.mpi` (across machines). The algorithm code is the same on both.
 
-* star (centralized): one :class:`MasterEnd`, a :class:`WorkerEnd` per worker;
+* star (centralized): one :class:`MasterEnd`, a :class:`WorkerEnd` per worker (a sharded
+  master: one star per shard, a :class:`ShardLink` between the shards, and
+  :mod:`.sharded`'s end for each worker);
 * gossip (decentralized): a :class:`GossipEnd` per worker;
 * sync (the synchronous baselines): a :class:`SyncEnd` per worker;
 * every process also has a :class:`Control` end towards the coordinator (a pipe on one
@@ -63,6 +65,23 @@ class WorkerEnd(Protocol):
 
     def recv(self, params_out: Tensor, timeout: float) -> Any:
         """Wait for the master's message, copy parameters into ``params_out``; return meta."""
+
+
+class ShardLink(Protocol):
+    """The line between a sharded master's leader (shard 0) and its followers, beside
+    the workers' star: small control messages, and the parts of a checkpoint."""
+
+    def send(self, msg: Any) -> None:
+        """The leader: to every follower; a follower: to the leader."""
+
+    def poll(self) -> list[tuple[int, Any]]:
+        """``(shard, message)`` pairs that have arrived (never waits)."""
+
+    def payload(self, path: str) -> Any:
+        """A follower: what carries its saved part at ``path`` to the leader."""
+
+    def part_path(self, payload: Any, path: str) -> str:
+        """The leader: a follower's part as a file here (``path`` if it must be written)."""
 
 
 class GossipEnd(Protocol):

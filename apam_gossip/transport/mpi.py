@@ -36,6 +36,7 @@ import contextlib
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,7 @@ T_META, T_TENSOR = 11, 12  # star
 T_REQ, T_DATA, T_REPLY, T_SNAP_REPLY, T_CLAIM_REPLY = 21, 22, 23, 24, 25  # gossip
 T_REFUSED = 26  # gossip: the answer to an average that was refused (nothing changed)
 T_STATS = 31
-T_VERDICT, T_SHARD_END = 32, 33  # a sharded master: the leader's end; a follower's
+T_SHARD, T_SHARD_END = 32, 33  # a sharded master: between its shards; a follower's end
 T_OBJ = 13  # star: a pickled control object after a K_OBJ metadata message
 
 # star metadata kinds (float64 vectors: [kind, a, b, c, d, e, stop]); a worker's last
@@ -308,6 +309,36 @@ class MpiStarWorker:
             # a blocking copy: the next Recv reuses self.host
             params_out.copy_(self.host)
         return Params(int(self.meta[1]))
+
+
+class MpiShardLink:
+    """A sharded master's link under mpirun: shard ``k`` is rank ``k`` (pickled messages;
+    a part travels as its bytes: the leader's host may not see a follower's files)."""
+
+    def __init__(self, comm, shard: int, count: int) -> None:
+        self.comm = comm
+        self.peers = list(range(1, count)) if shard == 0 else [0]
+
+    def send(self, msg: Any) -> None:
+        for r in self.peers:
+            self.comm.send(msg, dest=r, tag=T_SHARD)
+
+    def poll(self) -> list[tuple[int, Any]]:
+        out = []
+        for r in self.peers:
+            while self.comm.iprobe(source=r, tag=T_SHARD):
+                out.append((r, self.comm.recv(source=r, tag=T_SHARD)))
+        return out
+
+    def payload(self, path: str) -> Any:
+        p = Path(path)
+        data = p.read_bytes()
+        p.unlink()
+        return data
+
+    def part_path(self, payload: Any, path: str) -> str:
+        Path(path).write_bytes(payload)
+        return path
 
 
 # --------------------------------------------------------------------------- gossip

@@ -7,7 +7,8 @@ MPI alike) and splits each message by the shards' slices
 * ``send``: slice ``k`` of the gradient to shard ``k``, shard 0 (the leader, which keeps
   the budget) first. A :class:`~apam_gossip.messages.Grad` goes to shard ``k`` with the
   version of the slice shard ``k`` sent last, so each shard measures its own staleness.
-* ``recv``: every shard's slice of the model into its place in ``params_out``; returns
+* ``recv``: every shard's slice of the model into its place in ``params_out``, the
+  followers' first (the leader may hold a worker; a follower never does); returns
   :class:`~apam_gossip.messages.Params` with the leader's version, or the leader's
   :class:`~apam_gossip.messages.Stop`: then every follower's reply to the last gradient
   has been taken too, and each follower is told :class:`~apam_gossip.messages.Bye`
@@ -52,7 +53,11 @@ class ShardedWorkerEnd:
 
     def recv(self, params_out: Tensor | None, timeout: float) -> Any:
         stop = None
-        for k, (end, shard) in enumerate(zip(self.ends, self.shards, strict=True)):
+        # the followers' replies first: each answers at once, while the leader may keep a
+        # worker waiting (for the end, or a checkpoint's cut) and under MPI a reply not
+        # yet received blocks its sender, which must go on to save its part
+        for k in [*range(1, len(self.ends)), 0]:
+            end, shard = self.ends[k], self.shards[k]
             if k in self.gone:
                 continue
             out = None if params_out is None else shard.of(params_out)

@@ -53,6 +53,55 @@ class ShmStar:
             c.close()
 
 
+class ShmShardLinks:
+    """A sharded master's links on one machine: a duplex pipe between the leader and
+    each follower. Hand :meth:`link` ``(k)`` to shard ``k``, then call
+    :meth:`close_parent_copies`."""
+
+    def __init__(self, count: int) -> None:
+        self.pipes = [CTX.Pipe(duplex=True) for _ in range(count - 1)]
+
+    def link(self, k: int) -> ShmShardLink:
+        if k == 0:
+            return ShmShardLink({j + 1: a for j, (a, _) in enumerate(self.pipes)})
+        return ShmShardLink({0: self.pipes[k - 1][1]})
+
+    def close_parent_copies(self) -> None:
+        for a, b in self.pipes:
+            a.close()
+            b.close()
+
+
+class ShmShardLink:
+    """One shard's end of :class:`ShmShardLinks` (a part travels as its path)."""
+
+    def __init__(self, conns: dict[int, Connection]) -> None:
+        self.conns = conns
+
+    def send(self, msg: Any) -> None:
+        for c in self.conns.values():
+            try:
+                c.send(msg)
+            except (BrokenPipeError, OSError):
+                raise PeerGone("a master shard closed its link") from None
+
+    def poll(self) -> list[tuple[int, Any]]:
+        out = []
+        for k, c in self.conns.items():
+            try:
+                while c.poll():
+                    out.append((k, c.recv()))
+            except (EOFError, OSError):
+                raise PeerGone(f"master shard {k} closed its link") from None
+        return out
+
+    def payload(self, path: str) -> Any:
+        return path
+
+    def part_path(self, payload: Any, path: str) -> str:
+        return payload
+
+
 class ShmMasterEnd:
     def __init__(self, params: Rows, grads: Rows, conns: list[Connection]) -> None:
         self.n_workers = len(conns)

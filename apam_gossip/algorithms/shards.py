@@ -1,0 +1,173 @@
+"""The two roles of a sharded APAM master's processes (``master_shards = K > 1``; see
+:mod:`apam_gossip.algorithms.apam` for the protocol as a whole).
+
+* :class:`Leader` (shard 0) keeps the budget: it asks a worker for a gradient only while
+  gradients are left to ask for (a worker it asks nothing more of waits), and it drops
+  none, so every shard applies the same gradients. At a stop, and every
+  ``checkpoint_every_s``, it makes a **consistent cut**: it asks for no more, applies the
+  gradients already asked for, tells the followers the cut's version
+  (:class:`~apam_gossip.messages.SaveAt`), saves its part, joins everyone's parts into one
+  checkpoint of the whole model and goes on (or stops the workers).
+* :class:`Follower` applies whatever reaches it, saves its part at the cut's version, and
+  ends once every worker has gone, as the leader's word says
+  (:class:`~apam_gossip.messages.Finish` or a stop request).
+
+Both talk over a :class:`~apam_gossip.transport.ShardLink` (pipes on one machine, MPI
+messages under mpirun); the workers know nothing of it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..messages import Finish, Interrupted, PartSaved, SaveAt, StopRequest
+
+if TYPE_CHECKING:
+    from ..transport import ShardLink
+    from .apam import ApamMaster
+
+# how long the leader waits for the followers' parts of a checkpoint, and a follower for
+# the cut's version to arrive (a worker killed between its slices never brings it)
+PART_TIMEOUT_S = 120.0
+SAVE_GRACE_S = 30.0
+
+
+class Leader:
+    def __init__(self, m: ApamMaster, link: ShardLink) -> None:
+        self.m, self.link = m, link
+        self.asked = m.core.version  # gradients asked for (applied ones included)
+        self.holding: set[int] = set()  # workers computing a gradient it asked for
+        self.waiting: set[int] = set()  # workers it asks nothing of, for now
+        self.stopping = False
+        self.pausing = False  # a periodic checkpoint's cut
+        self.last_cut = time.monotonic()
+
+    def give(self, i: int) -> bool:
+        """Whether to send worker ``i`` a model (ask it for a gradient); else it waits."""
+        if self.stopping or self.pausing or self.asked >= self.m.total:
+            self.waiting.add(i)
+            return False
+        self.asked += 1
+        self.holding.add(i)
+        return True
+
+    def took(self, i: int) -> None:
+        self.holding.discard(i)
+
+    def lost(self, i: int) -> None:
+        self.waiting.discard(i)
+        if i in self.holding:  # asked for a gradient that never comes: ask another
+            self.holding.discard(i)
+            self.asked -= 1
+            if self.waiting and not (self.stopping or self.pausing):
+                self.m.give(self.waiting.pop())
+
+    def ended_round(self) -> bool:
+        """After each round of the master's loop: True once the master has ended."""
+        m = self.m
+        while m.ctrl.poll():
+            msg = m.ctrl.recv()
+            assert isinstance(msg, StopRequest), msg
+            self.stopping = True
+        if m.checkpoint is not None and not self.stopping \
+                and time.monotonic() - self.last_cut > m.checkpoint.every_s:
+            self.pausing = True
+        if not (self.stopping or self.pausing) or self.holding:
+            return False
+        path = self.cut() if m.checkpoint is not None else None
+        if self.stopping:
+            m.stop_workers(idle=m.live())  # every live worker waits
+            self.link.send(StopRequest())
+            m.ctrl.send(Interrupted(path, m.core.version))
+            return True
+        self.pausing, self.last_cut = False, time.monotonic()
+        for i in sorted(self.waiting):  # go on
+            self.waiting.discard(i)
+            m.give(i)
+        return False
+
+    def cut(self) -> str | None:
+        """A consistent checkpoint: every shard saves its part at this version (no
+        gradient is asked for or in flight to the leader), the parts joined into
+        ``checkpoint.path``; None (and the last checkpoint kept) if a follower's part
+        does not come."""
+        from ..runtime.shards import join_parts  # (the parts' file format)
+        from .apam import shard_part_path
+
+        m = self.m
+        assert m.checkpoint is not None and m.shard is not None
+        version = m.core.version
+        self.link.send(SaveAt(version))
+        m.save()
+        parts = {0: m.part_path()}
+        deadline = time.monotonic() + PART_TIMEOUT_S
+        while len(parts) < m.shard.count:
+            for k, msg in self.link.poll():
+                assert isinstance(msg, PartSaved), msg
+                parts[k] = self.link.part_path(msg.payload, shard_part_path(
+                    m.checkpoint.path, k, m.shard.count))
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.002)
+        join_parts(m.checkpoint.path, [parts[k] for k in range(m.shard.count)])
+        return m.checkpoint.path
+
+    def finished(self) -> None:
+        self.link.send(Finish())
+
+
+class Follower:
+    def __init__(self, m: ApamMaster, link: ShardLink) -> None:
+        self.m, self.link = m, link
+        self.word: Any = None  # the leader's end: Finish or StopRequest
+        self.save_at: int | None = None
+        self.save_by = 0.0
+
+    def give(self, i: int) -> bool:
+        return True
+
+    def took(self, i: int) -> None:
+        pass
+
+    def lost(self, i: int) -> None:
+        pass
+
+    def _listen(self) -> None:
+        for _, msg in self.link.poll():
+            if isinstance(msg, SaveAt):
+                self.save_at, self.save_by = msg.version, time.monotonic() + SAVE_GRACE_S
+            else:
+                self.word = msg
+        m = self.m
+        if self.save_at is not None and (m.core.version >= self.save_at or not m.live()
+                                         or time.monotonic() > self.save_by):
+            m.save()
+            self.link.send(PartSaved(self.link.payload(m.part_path()), m.core.version))
+            self.save_at = None
+
+    def ended_round(self) -> bool:
+        m = self.m
+        self._listen()
+        if m.live():
+            return False
+        deadline = time.monotonic() + m.drain_timeout
+        while self.word is None:  # every worker has gone: the leader has ended
+            if time.monotonic() > deadline:
+                assert m.shard is not None
+                raise TimeoutError(f"master shard {m.shard.index}: no word of the leader's "
+                                   f"end within {m.drain_timeout:g} s")
+            time.sleep(0.002)
+            self._listen()
+        if isinstance(self.word, StopRequest):
+            m.ctrl.send(Interrupted(None, m.core.version))
+        else:
+            assert isinstance(self.word, Finish), self.word
+            m.finish(idle=set())
+        return True
+
+    def finished(self) -> None:
+        pass
+
+
+__all__ = ["Leader", "Follower", "PART_TIMEOUT_S", "SAVE_GRACE_S"]
