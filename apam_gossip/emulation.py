@@ -16,7 +16,8 @@ MASTER = -1
 
 
 class LinkModel:
-    """Seconds to move ``nbytes`` between two workers (``-1`` = the master)."""
+    """Seconds to move ``nbytes`` between two workers (``-1`` = the master; the simulator's
+    shard ``k`` of a sharded master is ``-1 - k``, on links and a NIC like the master's)."""
 
     def __init__(self, net: NetworkConfig, nbytes: int) -> None:
         self.net = net
@@ -28,7 +29,7 @@ class LinkModel:
             self.overrides[key] = (lat, bw)
 
     def _nic(self, i: int) -> tuple[float, float]:
-        if i == MASTER:
+        if i <= MASTER:  # the master, or a sharded master's shard k (-1 - k): each its own
             return self.net.master_latency_ms, self.net.master_bandwidth_gbps
         lat = self.net.worker_latency_ms[i] if 0 <= i < len(self.net.worker_latency_ms) else 0.0
         bw = self.net.worker_bandwidth_gbps[i] \
@@ -47,6 +48,7 @@ class LinkModel:
         """(latency in seconds, bandwidth in Gbit/s, 0 = unlimited) of the link i-j."""
         if not self.active:
             return 0.0, 0.0
+        i, j = max(i, MASTER), max(j, MASTER)  # a master shard's links are the master's
         key = (min(i, j), max(i, j))
         if key in self.overrides:
             lat_ms, bw = self.overrides[key]

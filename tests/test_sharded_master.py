@@ -289,3 +289,38 @@ def test_two_shards_and_four_workers_under_mpirun(tmp_path):
     assert extra["staleness_mean_shard0"] > 0 and extra["staleness_mean_shard1"] > 0
     assert d["final_accuracy"] >= 0.95
     assert p.stdout.count("result written to") == 1
+
+
+# -- the simulator ----------------------------------------------------------------------
+def test_a_simulated_sharded_master_with_one_worker_is_the_sequential_run(digits):
+    from apam_gossip.sim import simulate
+
+    kw = {"workers": 1, "steps": 120, "evals": 3, "threads_per_worker": 1}
+    seq = run(make_cfg(kw, mode="sequential"), dataset=digits, quiet=True)
+    for k in (2, 3):
+        sim = simulate(make_cfg(kw, mode="centralized", master_shards=k), dataset=digits,
+                       gradient_s=1e-3, master_update_s=1e-4, worker_update_s=1e-4)
+        assert torch.equal(sim.final_params, seq.final_params), k
+        assert [e.test_metric for e in sim.evals] == [e.test_metric for e in seq.evals]
+        assert sim.updates == 120
+
+
+def test_simulated_shards_lift_a_master_bound_ceiling():
+    """A master whose step and NIC bound the run (25M parameters, 10 Gb/s, 64 workers):
+    K shards each carry 1/K of the bytes and the step, so throughput rises with K until
+    the workers bound it; every shard applies the same budget."""
+    from apam_gossip.sim import simulate
+
+    cfg = make_cfg(mode="centralized", workers=64, steps=3000, evals=2,
+                   network={"bandwidth_gbps": 10.0, "latency_ms": 0.05})
+    rates = {}
+    for k in (1, 4, 16):
+        r = simulate(cfg.replace(master_shards=k), timing_only=True, model_params=25_000_000,
+                     gradient_s=0.1, master_update_s=0.08, worker_update_s=0.0)
+        assert r.updates == 3000 and sum(r.staleness.values()) == 3000
+        rates[k] = r.samples_per_s
+        if k > 1:
+            extra = r.evals[-1].extra
+            assert len([key for key in extra if key.startswith("staleness_mean_shard")]) == k
+    # 1 master: NIC (2 x 100 MB per update at 10 Gb/s = 0.16 s) -> ~6 updates/s
+    assert rates[4] > 3 * rates[1] and rates[16] > 1.5 * rates[4], rates

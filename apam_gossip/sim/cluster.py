@@ -69,8 +69,9 @@ class Cluster:
         shared = hw.background > 0 or hw.congestion > 0
         self.congestion = Congestion(hw, self.seed) if shared else None
         self.nodes: dict[int, Node] = {}
-        self._master_queue: deque = deque()  # one entry per update waiting at the master
-        self._master_busy = False
+        # per master (shard): one entry per update waiting there, and whether it is busy
+        self._master_queues: dict[int, deque] = {}
+        self._master_busy: set[int] = set()
 
     @classmethod
     def of(cls, cfg: RunConfig, numel: int, gradient_s: float | Sequence[float],
@@ -155,31 +156,33 @@ class Cluster:
         return self.nodes[node]
 
     def master_update(self, eng: Engine, master: Resource, then: Callable[[], None],
-                      work: float | None = None) -> None:
-        """Queue one update (``master_update_s``, or ``work`` seconds) at the master, one
-        after another; ``then()`` when it is applied. ``master`` keeps the busy time. On a
-        node shared with workers (``master_shares_node``) it competes for the cores."""
+                      work: float | None = None, shard: int = 0) -> None:
+        """Queue one update (``master_update_s``, or ``work`` seconds) at the master (or
+        at shard ``shard`` of a sharded master), one after another; ``then()`` when it is
+        applied. ``master`` keeps the busy time. On a node shared with workers
+        (``master_shares_node``) it competes for the cores."""
         work = self.master_update_s if work is None else work
         hw = self.hardware
         if not (hw.contended and hw.master_shares_node):
             eng.at(master.serve(eng.now, work), then)
             return
-        self._master_queue.append((work, then))
-        if not self._master_busy:
-            self._next_update(eng, master)
+        self._master_queues.setdefault(shard, deque()).append((work, then))
+        if shard not in self._master_busy:
+            self._next_update(eng, master, shard)
 
-    def _next_update(self, eng: Engine, master: Resource) -> None:
-        work, then = self._master_queue.popleft()
-        self._master_busy = True
+    def _next_update(self, eng: Engine, master: Resource, shard: int) -> None:
+        queue = self._master_queues[shard]
+        work, then = queue.popleft()
+        self._master_busy.add(shard)
 
         def applied(dt: float) -> None:
             master.busy_s += dt
             master.free_at = eng.now
-            self._master_busy = False
-            if self._master_queue:
-                self._next_update(eng, master)
+            self._master_busy.discard(shard)
+            if queue:
+                self._next_update(eng, master, shard)
             then()
-        self.node(eng, self.hardware.node_of(MASTER)).run(work, applied)
+        self.node(eng, self.hardware.node_of(MASTER - shard)).run(work, applied)
 
     # ------------------------------------------------------------------ network
     def _node(self, i: int) -> int:

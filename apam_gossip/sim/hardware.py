@@ -167,9 +167,10 @@ class Hardware:
                                             or self.master_shares_node)
 
     def node_of(self, worker: int) -> int:
-        """Worker ``i``'s node; the master (-1) is node 0 or its own (-1)."""
+        """Worker ``i``'s node; the master (-1; a sharded master's shard k: -1 - k) is on
+        node 0 or on its own (its id)."""
         if worker < 0:
-            return 0 if self.master_shares_node else -1
+            return 0 if self.master_shares_node else worker
         return worker // self.workers_per_node
 
     def describe(self) -> dict[str, Any]:

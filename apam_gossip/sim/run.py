@@ -50,7 +50,7 @@ from ..algorithms.adpsgd import neighbor_picker
 from ..algorithms.common import Diverged, batch_size_of, worker_seed
 from ..average import average_pair_, mix_into
 from ..config import ConfigError, NetworkConfig, RunConfig
-from ..core.apam import ApamCore
+from ..core.apam import ApamCore, shards_of
 from ..core.consensus import consensus
 from ..core.gossip import GossipRule
 from ..core.sync import allreduce_step, split_batch, syncps_step
@@ -342,6 +342,8 @@ def _sequential(sim: _Sim) -> tuple[RunResult, int]:
 
 
 def _centralized(sim: _Sim) -> tuple[RunResult, int]:
+    if sim.cfg.master_shards > 1:
+        return _centralized_sharded(sim)
     cfg, plan, cl = sim.cfg, sim.plan, sim.cluster
     eng, master = Engine(), Resource()
     total, nw = plan.total, cfg.workers
@@ -407,6 +409,112 @@ def _centralized(sim: _Sim) -> tuple[RunResult, int]:
         evals[-1].extra["master_busy"] = master.busy_until(wall) / wall
         evals[-1].extra["master_nic_busy"] = max(
             cl.nic(MASTER, d).busy_until(wall) for d in ("in", "out")) / wall
+    return result, eng.events
+
+
+def _centralized_sharded(sim: _Sim) -> tuple[RunResult, int]:
+    """APAM with ``master_shards = K > 1``: each shard a FIFO server over its slice with
+    its own NIC (links like the master's), its step ``master_update_s`` x its share of
+    the model; shard 0 asks for exactly the budget (a worker it asks nothing more of
+    waits); a worker starts once every shard's slice has arrived and sends each shard its
+    slice of the gradient (see :mod:`apam_gossip.algorithms.shards`)."""
+    cfg, plan, cl = sim.cfg, sim.plan, sim.cluster
+    eng, nw, total = Engine(), cfg.workers, plan.total
+    shards = shards_of(plan.numel, plan.n_params, cfg.master_shards)
+    k_all = len(shards)
+    masters = [Resource() for _ in shards]
+    ids = [MASTER - k for k in range(k_all)]  # shard k's node and NIC
+    # each shard's share of the model's bytes (timing-only runs may give model_params)
+    nbytes = [round(cl.nbytes * s.numel / plan.numel) for s in shards]
+    step_s = [cl.master_update_s * s.numel / plan.numel for s in shards]
+    cores = [ApamCore(s.of(plan.x0) if sim.math else None, cfg.optim, nw,
+                      n_params=s.n_params, total=total) for s in shards]
+    compute = [0.0] * nw
+    got: list[dict[int, tuple[int, Tensor | None]]] = [{} for _ in range(nw)]
+    asked, end = [0], [0.0]
+    points = [p for p in plan.eval_at if p > 0]
+    pending: dict[int, dict[int, Tensor | None]] = {}  # point -> shard -> its slice there
+    losses: list[float] = []
+
+    def whole() -> Tensor | None:
+        return torch.cat([c.x for c in cores]) if sim.math else None
+
+    evals = [sim.evaluate(whole(), 0.0, 0, 0, losses)]
+    sim.eval_load(eng)
+
+    def reply(k: int, i: int) -> None:
+        """Shard k sends worker i its slice (the leader only while it has gradients to
+        ask for)."""
+        if k == 0:
+            if asked[0] >= total:
+                return
+            asked[0] += 1
+        snap = cores[k].model_for_workers().clone() if sim.math else None
+        v = cores[k].version
+        eng.at(cl.transfer(eng.now, ids[k], i, nbytes[k]), lambda: arrived(i, k, v, snap))
+
+    def arrived(i: int, k: int, v: int, snap: Tensor | None) -> None:
+        got[i][k] = (v, snap)
+        if len(got[i]) == k_all:
+            parts, got[i] = got[i], {}
+            start(i, [parts[j][0] for j in range(k_all)],
+                  torch.cat([parts[j][1] for j in range(k_all)]) if sim.math else None)
+
+    def start(i: int, versions: list[int], x: Tensor | None) -> None:
+        grad = sim.oracle.gradient(i, x) if sim.math else None
+
+        def computed(c: float) -> None:
+            compute[i] += c
+            for k in range(k_all):
+                eng.at(cl.transfer(eng.now, i, ids[k], nbytes[k]),
+                       lambda k=k: cl.master_update(
+                           eng, masters[k], lambda: apply(k, i, versions[k], grad),
+                           work=step_s[k], shard=k))
+        cl.gradient(eng, i, computed)
+
+    def apply(k: int, i: int, v: int, grad) -> None:
+        msg, b = None, cfg.data.batch_size
+        if grad is not None:
+            loss, b, full = grad
+            msg = shards[k].of(full)
+            if k == 0:
+                losses.append(loss)
+        cores[k].apply(i, msg, v, b)
+        version = cores[k].version
+        if version in points:  # scored once every shard is there
+            slot = pending.setdefault(version, {})
+            slot[k] = cores[k].x.clone() if sim.math else None
+            if len(slot) == k_all:
+                del pending[version]
+                x = torch.cat([slot[j] for j in range(k_all)]) if sim.math else None
+                p0 = cores[0].progress
+                evals.append(sim.evaluate(x, eng.now, p0.samples if k == 0 else
+                                          version * cfg.data.batch_size, version, losses))
+                sim.eval_load(eng)
+        if all(c.version >= total for c in cores):
+            end[0] = eng.now
+            eng.stop()
+            return
+        reply(k, i)
+
+    for i in range(nw):
+        for k in range(k_all):
+            reply(k, i)
+    eng.run()
+    wall = end[0]
+    p = cores[0].progress
+    workers = _workers(cfg, p.updates_of, p.samples_of, compute, wall)
+    result = _result(sim, wall, p.version, p.samples, evals, dict(p.staleness), workers,
+                     whole())
+    if evals and wall > 0:
+        extra = evals[-1].extra
+        extra["master_busy"] = max(m.busy_until(wall) for m in masters) / wall
+        extra["master_nic_busy"] = max(cl.nic(j, d).busy_until(wall) for j in ids
+                                       for d in ("in", "out")) / wall
+        for k, c in enumerate(cores):
+            n = sum(c.progress.staleness.values())
+            extra[f"staleness_mean_shard{k}"] = sum(
+                a * m for a, m in c.progress.staleness.items()) / n if n else 0.0
     return result, eng.events
 
 
