@@ -414,6 +414,62 @@ def bench_master(numel: int = 1_000_000, reps: int = 50) -> dict:
             "fraction_of_bound": (1 / t_update) / bound}
 
 
+def _shard_stepper(ctrl: Any, numel: int, reps: int, start: float) -> None:
+    """One shard's master work, ``reps`` times: AMSGrad over its slice, the slice copied
+    into a worker's slot (as :func:`bench_master` times the whole)."""
+    import torch
+
+    from .optim import Optimizer
+
+    torch.set_num_threads(1)
+    opt = Optimizer("amsgrad")
+    x, g, slot = torch.randn(numel), torch.randn(numel), torch.zeros(numel)
+    st = opt.init(x)
+    for _ in range(2):  # warm up
+        opt.update(x, g, st)
+        slot.copy_(x)
+    time.sleep(max(0.0, start - time.time()))
+    t = time.perf_counter()
+    for _ in range(reps):
+        opt.update(x, g, st)
+        slot.copy_(x)
+    ctrl.send(time.perf_counter() - t)
+
+
+def bench_master_shards(numel: int, shards: list[int], reps: int = 10,
+                        timeout: float = 600.0) -> list[dict]:
+    """The update rate of a sharded APAM master's work (issue 24): for each K, K processes
+    (one thread each) step their slices of a ``numel``-parameter model at once, ``reps``
+    updates each; a whole-model update is done when the slowest shard is, so the rate is
+    ``reps / the slowest shard's time``. Each K's rate is measured twice, the K taking
+    turns, and the better kept (a machine shared with other work)."""
+    from .core.apam import shards_of
+    from .procs import ProcessGroup
+
+    def once(k: int) -> float:
+        times: list[float] = []
+        with ProcessGroup() as group:
+            start = time.time() + 3.0  # every shard built and warm
+            for s in shards_of(numel, numel, k):
+                group.start(f"shard {s.index}", _shard_stepper, (s.numel, reps, start),
+                            threads=1)
+            deadline = time.monotonic() + timeout
+            while len(times) < k:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"bench master: {k} shards took over {timeout:g} s")
+                times += [m for _, m in group.poll(0.5)]
+            group.join(timeout)
+        return reps / max(times)
+
+    rates: dict[int, list[float]] = {k: [] for k in shards}
+    for _ in range(2):
+        for k in shards:
+            rates[k].append(once(k))
+    base = max(rates[shards[0]])
+    return [{"shards": k, "numel": numel, "updates_per_s": max(rates[k]),
+             "rates": rates[k], "speedup": max(rates[k]) / base} for k in shards]
+
+
 def bench_shm_pairwise(numel: int = 2**20, reps: int = 50) -> dict:
     """One shared-memory pairwise average (both locks, blend, copy back) vs a memcpy."""
     import torch
@@ -475,6 +531,21 @@ def _numel_of(size_mb: float) -> int:
 
 
 def _cli_master(a) -> Iterator[str]:
+    if a.shards:
+        try:
+            ks = [int(k) for k in a.shards.split(",")]
+        except ValueError:
+            raise UserError(f"--shards takes numbers such as 1,2,4, got {a.shards!r}") from None
+        if not ks or min(ks) < 1:
+            raise UserError(f"--shards must be >= 1, got {a.shards!r}")
+        rows = bench_master_shards(_numel_of(a.size_mb), ks)
+        for r in rows:
+            yield (f"APAM master, {r['numel']:,} parameters over {r['shards']} shard(s): "
+                   f"{r['updates_per_s']:.1f} updates/s, {r['speedup']:.2f}x "
+                   f"{rows[0]['shards']} shard(s) (each K twice: "
+                   f"{', '.join(f'{v:.1f}' for v in r['rates'])}; {available_cores()} cores)")
+        yield json.dumps(rows)
+        return
     r = bench_master(_numel_of(a.size_mb))
     yield (f"APAM master, {r['numel']:,} parameters: {r['updates_per_s']:.0f} updates/s "
            f"({1e3 * r['update_s']:.2f} ms each); memory-bandwidth bound "

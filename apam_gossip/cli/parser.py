@@ -321,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size-mb", type=float, default=4.0, help="pairwise, shm-pairwise, "
                    "master: model size (MB of float32; 100 = a 25M-parameter model)")
     b.add_argument("--reps", type=int, default=30, help="pairwise, shm-pairwise: repetitions")
+    b.add_argument("--shards", help="master: the update rate of a sharded master's work, "
+                   "K processes stepping their slices at once, for each K given (e.g. 1,2)")
     la = sub.add_parser("launch", help="start your own training script on N ranks (the "
                         "loop API: apam_gossip.init, DistributedOptimizer)",
                         description="Run `mpirun -n N python SCRIPT ARGS` with settings that "

@@ -30,9 +30,13 @@ STUDY_MODES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def scale_study(profile: ClusterProfile, workers: list[int], dataset: Any,
-                timing_only: bool = True, **costs: Any) -> list[dict]:
+                timing_only: bool = True, modes: dict[str, tuple[str, dict]] | None = None,
+                **costs: Any) -> list[dict]:
     """One row per (workers, mode): samples/s, speed-up over all-reduce (epoch time, and
-    time to target in math mode), staleness and, for the master, its busy fraction."""
+    time to target in math mode), staleness and, for the master, its busy fraction.
+    ``modes``: name -> (bench mode, config overrides), all-reduce first (default
+    :data:`STUDY_MODES`; e.g. ``("centralized", {"master_shards": 4})``)."""
+    modes = STUDY_MODES if modes is None else modes
     from ..plan import total_updates
     from ..task import make_task
     from .cluster import calibrate
@@ -54,7 +58,7 @@ def scale_study(profile: ClusterProfile, workers: list[int], dataset: Any,
         p = scaled(profile, n)
         base_sps = base_t = base_wall = None
         ceiling = _ceiling(p, costs["gradient_s"])
-        for name, (bench_mode, over) in STUDY_MODES.items():
+        for name, (bench_mode, over) in modes.items():
             cfg = p.config_for(bench_mode).replace(**over)
             if timing_only:  # a steady state: at least 50 updates per worker
                 budget = total_updates(cfg, dataset.train_size())
@@ -138,7 +142,8 @@ def study_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_study(rows: list[dict], path: Path, title: str) -> None:
+def plot_study(rows: list[dict], path: Path, title: str,
+               modes: dict[str, tuple[str, dict]] | None = None) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
@@ -151,7 +156,7 @@ def plot_study(rows: list[dict], path: Path, title: str) -> None:
     if math:
         panels.append(("speedup_to_target", "speed-up over all-reduce (time to target)"))
     for ax, (key, label) in zip(axes, panels, strict=True):
-        for mode in STUDY_MODES:
+        for mode in (STUDY_MODES if modes is None else modes):
             pts = [(r["workers"], r[key] if r[key] is not None else
                     r.get(f"{key}_at_least")) for r in rows if r["mode"] == mode]
             pts = [p for p in pts if p[1] is not None]
