@@ -14,7 +14,9 @@ Contents (centralized mode): the config, the model ``x``, the optimizer state, t
 progress (updates, samples, staleness histogram, per-worker counts, training seconds so
 far), the master's torch RNG state and ``resumes`` (how often the run was resumed; it
 seeds the workers' data order after a resume, since the order of an asynchronous run
-cannot be replayed exactly anyway).
+cannot be replayed exactly anyway). A sharded master's checkpoint is the same, its
+shards' parts joined (:func:`join_parts`), with each shard's version (``shard_versions``,
+equal at a consistent cut).
 """
 
 from __future__ import annotations
@@ -55,3 +57,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # (the master's beta1 as given), not with today's default
         optim["staleness_momentum"] = "none"
     return d
+
+
+def join_parts(path: str, parts: list[str | None]) -> None:
+    """Join the shards' checkpoint parts (in shard order) into one checkpoint of the whole
+    model at ``path`` (atomically; a sharded run resumes it with any number of shards),
+    then remove the parts. The counts and staleness are the leader's."""
+    from .core.apam import join_states
+
+    loaded = [load_checkpoint(p) for p in parts if p is not None]
+    assert len(loaded) == len(parts)
+    whole = dict(loaded[0])
+    whole.pop("shard", None)
+    whole["x"] = torch.cat([c["x"] for c in loaded])
+    whole["opt_state"] = join_states([c["opt_state"] for c in loaded])
+    whole["wall_time"] = max(float(c["wall_time"]) for c in loaded)
+    whole["shard_versions"] = [int(c["version"]) for c in loaded]
+    whole.pop("format", None)
+    save_checkpoint(path, whole)
+    for p in parts:
+        assert p is not None
+        Path(p).unlink(missing_ok=True)

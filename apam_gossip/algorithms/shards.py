@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..checkpoint import join_parts
 from ..messages import Finish, Interrupted, PartSaved, SaveAt, StopRequest
 
 if TYPE_CHECKING:
@@ -92,7 +93,6 @@ class Leader:
         gradient is asked for or in flight to the leader), the parts joined into
         ``checkpoint.path``; None (and the last checkpoint kept) if a follower's part
         does not come."""
-        from ..runtime.shards import join_parts  # (the parts' file format)
         from .apam import shard_part_path
 
         m = self.m

@@ -2,7 +2,8 @@
 the master processes' names and slices, and their messages joined into one master's:
 a snapshot is scored once every shard has written its slice, the summary is the
 leader's (the budget's keeper) with the latest wall time, a stop is the leader's (which
-joined the checkpoint: :func:`join_parts`; see :mod:`apam_gossip.algorithms.shards`).
+joined the checkpoint: :func:`~apam_gossip.checkpoint.join_parts`; see
+:mod:`apam_gossip.algorithms.shards`).
 Transport-agnostic: a runtime passes its messages on.
 """
 
@@ -10,11 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
-from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import ConfigError, RunConfig
-from ..core.apam import Shard, join_states, shards_of
+from ..core.apam import Shard, shards_of
 from ..messages import Interrupted, MasterSummary, Snapshot
 from ..result import RunResult
 from ..transport import WorkerEnd
@@ -91,25 +90,4 @@ class MasterShards:
         return result
 
 
-def join_parts(path: str, parts: list[str | None]) -> None:
-    """Join the shards' checkpoint parts (in shard order) into one checkpoint of the whole
-    model at ``path`` (atomically; a sharded run resumes it with any number of shards),
-    then remove the parts. The counts and staleness are the leader's."""
-    loaded = [load_checkpoint(p) for p in parts if p is not None]
-    assert len(loaded) == len(parts)
-    import torch
-
-    whole = dict(loaded[0])
-    whole.pop("shard", None)
-    whole["x"] = torch.cat([c["x"] for c in loaded])
-    whole["opt_state"] = join_states([c["opt_state"] for c in loaded])
-    whole["wall_time"] = max(float(c["wall_time"]) for c in loaded)
-    whole["shard_versions"] = [int(c["version"]) for c in loaded]
-    whole.pop("format", None)
-    save_checkpoint(path, whole)
-    for p in parts:
-        assert p is not None
-        Path(p).unlink(missing_ok=True)
-
-
-__all__ = ["MasterShards", "join_parts"]
+__all__ = ["MasterShards"]
