@@ -294,7 +294,8 @@ class ApamMaster:
         leader = self.role if isinstance(self.role, Leader) else None
         # a shard listens to the others between messages too
         wait_s = 1.0 if self.role is None else 0.05
-        while self.follower or p.version < self.total:
+        # (a leader asked to stop goes on until its cut, even past the budget)
+        while self.follower or p.version < self.total or (leader and leader.stopping):
             for i in self.end.ready(wait_s):
                 try:
                     msg, grad = self.end.recv(i)
@@ -329,7 +330,9 @@ class ApamMaster:
                     and now - last_ckpt > self.checkpoint.every_s:
                 self.save()
                 last_ckpt = time.monotonic()
-        self.finish(idle=set())  # reached only when the budget was already spent
+        # reached only when the budget was already spent (a resume at its end): the one
+        # master's workers each hold a model, a leader's all wait
+        self.finish(idle=set(leader.waiting) if leader else set())
 
     def interrupt(self) -> None:
         """A stop request: the checkpoint first (under mpirun, a SIGTERM from mpirun
