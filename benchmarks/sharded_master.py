@@ -7,7 +7,8 @@
    1 and 2 shards, alternating, ``--rounds`` times;
 3. simulated: the scale study's master-bound cluster (launch/study/master_link_25m.toml,
    25M parameters on 10 Gb/s) at 64-1,024 workers, APAM with 1, 4, 16 and 64 shards against
-   all-reduce and gossip; timing-only, and in math mode (time to target) at 64 and 128.
+   all-reduce and gossip; timing-only, and in math mode (time to target) at 64 and 128,
+   APAM with the plain step and with the staleness-aware one (`staleness_lr = "sqrt"`).
 
     python benchmarks/sharded_master.py OUT_DIR [--rounds 2] [--skip-real] [--skip-math]
 """
@@ -37,6 +38,12 @@ MODES = {
     "apam-64-shards": ("centralized", {"master_shards": 64}),
     "gossip-exponential": ("decentralized", {"topology": "exponential"}),
 }
+# math mode: APAM with the staleness-aware step, which keeps it training at 64+ workers
+# (README, "Which mode for my cluster?"; with the plain step it does not train there at
+# any K: sharding changes the speed, not the optimization)
+SQRT = {"optim": {"staleness_lr": "sqrt"}}
+MATH_MODES = {name: (mode, {**over, **SQRT}) if mode == "centralized" else (mode, over)
+              for name, (mode, over) in MODES.items()}
 
 
 def master_work() -> list[dict]:
@@ -68,18 +75,22 @@ def training(rounds: int) -> list[dict]:
     return rows
 
 
-def simulated(math: bool) -> dict:
+def simulated(math: bool, timing: bool = True, plain: bool = True) -> dict:
+    """The simulated study: timing-only at 64-1,024 workers; in math mode at 64 and 128,
+    APAM with the plain step (``plain``) and with the staleness-aware one."""
     profile = load_profile(ROOT / "launch" / "study" / "master_link_25m.toml")
     data = load_dataset(profile.base.data.dataset, profile.base.data.data_dir)
     costs = dict(profile.sim_costs)
-    out = {}
-    timing = scale_study(profile, [64, 128, 256, 1024], data, True, MODES, **costs)
-    print(study_table(timing))
-    out["timing"] = timing
+    runs = [("timing", [64, 128, 256, 1024], True, MODES)] if timing else []
     if math:
-        rows = scale_study(profile, [64, 128], data, False, MODES, **costs)
+        runs += [("math", [64, 128], False, MODES)] if plain else []
+        runs += [("math_sqrt", [64, 128], False, MATH_MODES)]
+    out = {}
+    for key, sizes, timing_only, modes in runs:
+        rows = scale_study(profile, sizes, data, timing_only, modes, **costs)
+        print(f"{key}:")
         print(study_table(rows))
-        out["math"] = rows
+        out[key] = rows
     return out
 
 
@@ -89,6 +100,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--skip-math", action="store_true")
+    ap.add_argument("--only-sqrt", action="store_true", help="only the math-mode runs with "
+                    "the staleness-aware step (with --skip-real)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +109,8 @@ def main() -> None:
     if not a.skip_real:
         res["master_work"] = master_work()
         res["training"] = training(a.rounds)
-    res["simulated"] = simulated(not a.skip_math)
+    res["simulated"] = simulated(not a.skip_math, timing=not a.only_sqrt,
+                                 plain=not a.only_sqrt)
     (out / "sharded_master.json").write_text(json.dumps(res, indent=1, default=str))
     print(f"written: {out / 'sharded_master.json'}")
 

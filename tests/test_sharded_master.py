@@ -332,3 +332,36 @@ def test_simulated_shards_lift_a_master_bound_ceiling():
             assert len([key for key in extra if key.startswith("staleness_mean_shard")]) == k
     # 1 master: NIC (2 x 100 MB per update at 10 Gb/s = 0.16 s) -> ~6 updates/s
     assert rates[4] > 3 * rates[1] and rates[16] > 1.5 * rates[4], rates
+
+
+def test_the_leader_asks_each_worker_once_when_one_dies_as_it_resumes():
+    """After a checkpoint's cut the leader asks its waiting workers again; one that died
+    meanwhile gives its gradient back to the pool, which must not ask a worker twice."""
+    import types
+
+    from apam_gossip.algorithms.apam import ApamMaster
+    from apam_gossip.algorithms.shards import Leader
+
+    sent = []
+
+    class End:
+        n_workers = 4
+
+        def send(self, i, params, meta):
+            if i == 1:
+                raise PeerGone("worker 1 closed its connection")
+            sent.append(i)
+
+    m = types.SimpleNamespace(end=End(), n=4, gone=set(), _staged=None, total=100,
+                              checkpoint=None, follower=False,
+                              core=types.SimpleNamespace(version=10,
+                                                         model_for_workers=lambda: None),
+                              ctrl=types.SimpleNamespace(poll=lambda: False))
+    for name in ("send", "give", "lost", "live"):
+        setattr(m, name, types.MethodType(getattr(ApamMaster, name), m))
+    lead = Leader(m, link=None)
+    m.role = lead
+    lead.asked = 10
+    lead.waiting, lead.pausing = {0, 1, 2, 3}, True  # a cut (no checkpoint) just ended
+    assert lead.ended_round() is False
+    assert sorted(sent) == [0, 2, 3] and lead.holding == {0, 2, 3} and lead.asked == 13

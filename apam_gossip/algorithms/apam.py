@@ -292,6 +292,8 @@ class ApamMaster:
             self.next_eval = next(self.eval_points, None)
         last_progress = last_ckpt = time.monotonic()
         leader = self.role if isinstance(self.role, Leader) else None
+        if leader is not None:
+            leader.started()
         # a shard listens to the others between messages too
         wait_s = 1.0 if self.role is None else 0.05
         # (a leader asked to stop goes on until its cut, even past the budget)

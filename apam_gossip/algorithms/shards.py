@@ -44,8 +44,14 @@ class Leader:
         self.pausing = False  # a periodic checkpoint's cut
         self.last_cut = time.monotonic()
 
+    def started(self) -> None:
+        """Every worker has said hello: the checkpoints' clock starts (as one master's)."""
+        self.last_cut = time.monotonic()
+
     def give(self, i: int) -> bool:
         """Whether to send worker ``i`` a model (ask it for a gradient); else it waits."""
+        if i in self.holding:  # asked already (a dead worker's gradient was re-asked)
+            return False
         if self.stopping or self.pausing or self.asked >= self.m.total:
             self.waiting.add(i)
             return False
@@ -77,15 +83,20 @@ class Leader:
         if not (self.stopping or self.pausing) or self.holding:
             return False
         path = self.cut() if m.checkpoint is not None else None
+        while m.ctrl.poll():  # a stop that came during the cut: this cut is its checkpoint
+            msg = m.ctrl.recv()
+            assert isinstance(msg, StopRequest), msg
+            self.stopping = True
         if self.stopping:
             m.stop_workers(idle=m.live())  # every live worker waits
             self.link.send(StopRequest())
             m.ctrl.send(Interrupted(path, m.core.version))
             return True
         self.pausing, self.last_cut = False, time.monotonic()
-        for i in sorted(self.waiting):  # go on
-            self.waiting.discard(i)
-            m.give(i)
+        resume, self.waiting = sorted(self.waiting), set()
+        for i in resume:  # go on (a death meanwhile may have asked one of them already)
+            if i not in m.gone:
+                m.give(i)
         return False
 
     def cut(self) -> str | None:

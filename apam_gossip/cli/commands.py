@@ -122,10 +122,15 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
     if rank != 0:
         a.quiet = True
     elif size > 1 and not a.quiet:
+        from ..config import ConfigError
         from ..placement import mpi_masters, mpi_workers
 
         masters = mpi_masters(cfg)
         n = mpi_workers(masters, size)
+        if n < 1:  # (the runtime says the same on every rank)
+            raise ConfigError(f"{cfg.mode} mode over MPI needs at least {masters + 1} ranks "
+                              f"({masters} master rank(s) and a worker): use mpirun -n "
+                              f"{masters + 1} or more")
         who = "" if not masters else "rank 0 is the master, " if masters == 1 else \
             f"ranks 0-{masters - 1} are the master's shards, "
         print(f"MPI: {size} ranks ({who}{n} workers; --workers is taken from mpirun -n)")

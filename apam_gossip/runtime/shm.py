@@ -188,7 +188,10 @@ class CentralizedMode(ShmMode):
 
     def request_stop(self) -> None:
         assert self.group is not None
-        self.group.send(self.masters.names[0], StopRequest())
+        try:
+            self.group.send(self.masters.names[0], StopRequest())
+        except (BrokenPipeError, OSError):
+            pass  # the master has already ended: its summary is on the way
 
     def finished(self) -> bool:
         return self.interrupted is not None or (self.masters.summary is not None
