@@ -128,9 +128,9 @@ def _train(a: argparse.Namespace, base: dict[str, Any] | None = None,
         masters = mpi_masters(cfg)
         n = mpi_workers(masters, size)
         if n < 1:  # (the runtime says the same on every rank)
+            what = "a master" if masters == 1 else f"{masters} master shards"
             raise ConfigError(f"{cfg.mode} mode over MPI needs at least {masters + 1} ranks "
-                              f"({masters} master rank(s) and a worker): use mpirun -n "
-                              f"{masters + 1} or more")
+                              f"({what} and a worker): use mpirun -n {masters + 1} or more")
         who = "" if not masters else "rank 0 is the master, " if masters == 1 else \
             f"ranks 0-{masters - 1} are the master's shards, "
         print(f"MPI: {size} ranks ({who}{n} workers; --workers is taken from mpirun -n)")
