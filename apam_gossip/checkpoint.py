@@ -59,6 +59,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return d
 
 
+def shard_part_path(path: str, index: int, count: int) -> str:
+    """Where shard ``index`` of ``count`` saves its part of checkpoint ``path``."""
+    return f"{path}.shard{index}-of-{count}"
+
+
 def join_parts(path: str, parts: list[str | None]) -> None:
     """Join the shards' checkpoint parts (in shard order) into one checkpoint of the whole
     model at ``path`` (atomically; a sharded run resumes it with any number of shards),

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import save_checkpoint, shard_part_path
 from ..config import OptimConfig, RunConfig
 from ..core.apam import ApamCore, MasterProgress, Shard
 from ..emulation import MASTER, LinkModel
@@ -358,11 +358,6 @@ class ApamMaster:
         self.ctrl.send(MasterSummary(wall, p.version, p.samples, dict(p.staleness),
                                      list(p.updates_of), list(p.samples_of),
                                      sorted(self.gone)))
-
-
-def shard_part_path(path: str, index: int, count: int) -> str:
-    """Where shard ``index`` of ``count`` saves its part of checkpoint ``path``."""
-    return f"{path}.shard{index}-of-{count}"
 
 
 def master_main(ctrl: Control, end: MasterEnd, *args: Any, **kwargs: Any) -> None:

@@ -19,14 +19,11 @@ messages under mpirun); the workers know nothing of it.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..checkpoint import join_parts
+from ..checkpoint import join_parts, shard_part_path
 from ..messages import Finish, Interrupted, PartSaved, SaveAt, StopRequest
-
-if TYPE_CHECKING:
-    from ..transport import ShardLink
-    from .apam import ApamMaster
+from ..transport import ShardLink
 
 # how long the leader waits for the followers' parts of a checkpoint, and a follower for
 # the cut's version to arrive (a worker killed between its slices never brings it)
@@ -35,7 +32,7 @@ SAVE_GRACE_S = 30.0
 
 
 class Leader:
-    def __init__(self, m: ApamMaster, link: ShardLink) -> None:
+    def __init__(self, m: Any, link: ShardLink) -> None:
         self.m, self.link = m, link
         self.asked = m.core.version  # gradients asked for (applied ones included)
         self.holding: set[int] = set()  # workers computing a gradient it asked for
@@ -104,8 +101,6 @@ class Leader:
         gradient is asked for or in flight to the leader), the parts joined into
         ``checkpoint.path``; None (and the last checkpoint kept) if a follower's part
         does not come."""
-        from .apam import shard_part_path
-
         m = self.m
         assert m.checkpoint is not None and m.shard is not None
         version = m.core.version
@@ -129,7 +124,7 @@ class Leader:
 
 
 class Follower:
-    def __init__(self, m: ApamMaster, link: ShardLink) -> None:
+    def __init__(self, m: Any, link: ShardLink) -> None:
         self.m, self.link = m, link
         self.word: Any = None  # the leader's end: Finish or StopRequest
         self.save_at: int | None = None
