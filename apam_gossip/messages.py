@@ -256,6 +256,24 @@ class StateRequest:
 
 
 @dataclass(frozen=True)
+class StateCounts:
+    """Shard -> worker, the answer to a :class:`StateRequest` under a sharded master: how
+    many gradients of each worker this shard has applied (``counts[w]``), the first half
+    of a consistent ``state_dict()`` (see :mod:`apam_gossip.loop.master`)."""
+
+    counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StateAt:
+    """Worker -> every shard: send your state once you have applied exactly ``target[w]``
+    gradients of each worker ``w`` (the most any shard had applied), holding back any
+    later one until then; answered by :class:`LoopState`."""
+
+    target: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class LoopState:
     """The master's state (numpy, pickled by value): ``x``, the optimizer's ``opt`` and
     the update count ``version``; master -> worker for ``state_dict()``, worker ->
@@ -264,3 +282,4 @@ class LoopState:
     x: np.ndarray
     opt: dict[str, np.ndarray]
     version: int
+    counts: tuple[int, ...] | None = None  # a shard's part of a cut: its StateCounts there

@@ -72,16 +72,17 @@ def mpi_workers(masters: int, size: int) -> int:
     return size - int(masters)
 
 
-def node_placement(comm: Any) -> tuple[int, int, bool]:
+def node_placement(comm: Any, masters: int = 1) -> tuple[int, int, int]:
     """(this rank's index among the ranks on its host, how many ranks share the host,
-    whether rank 0 is one of them): for cuda:(local_rank mod n_gpus) and for each rank's
-    share of the host's cores. Collective."""
+    how many of them are among the ``masters`` first ranks): for cuda:(the index among
+    the host's workers mod n_gpus) and for each rank's share of the host's cores.
+    Collective."""
     from mpi4py import MPI  # here: importing mpi4py initializes MPI
 
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
         ranks = node.allgather(comm.Get_rank())
-        return node.Get_rank(), node.Get_size(), 0 in ranks
+        return node.Get_rank(), node.Get_size(), sum(r < masters for r in ranks)
     finally:
         node.Free()
 

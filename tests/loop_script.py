@@ -82,6 +82,9 @@ def main() -> int:
                    "and never calls init()")
     p.add_argument("--timeout", type=float, default=600.0, help="init(timeout_s=)")
     p.add_argument("--log", action="append", default=None, help="init(log=)")
+    p.add_argument("--master-shards", type=int, default=1, help="init(master_shards=)")
+    p.add_argument("--save-every", type=int, default=0, help="every rank takes a "
+                   "state_dict() every this many steps (the last saved, as --save-state)")
     a = p.parse_args()
     if a.step_before_init:
         ag.DistributedOptimizer(make_model())
@@ -97,9 +100,11 @@ def main() -> int:
         time.sleep(600)  # a rank stuck elsewhere: the others time out, not hang
     handle = ag.init(mode=a.mode, topology=topology, result=a.result, timeout_s=a.timeout,
                      adaptive_state=a.adaptive_state, overlap=not a.no_overlap,
-                     master="return" if a.master_return else "exit", log=a.log)
+                     master="return" if a.master_return else "exit", log=a.log,
+                     master_shards=a.master_shards)
     if handle is not None:  # the centralized master, back after every worker finished
-        torch.save({"state": flat(handle.load_into(make_model(seed=7)))}, a.master_return)
+        torch.save({"state": flat(handle.load_into(make_model(seed=7)))},
+                   a.master_return.format(rank=ag.rank()))
         return 0
     model = make_model(seed=100 + ag.rank() if a.no_broadcast else 0)
     if ag.rank() == a.wide_on_rank:
@@ -133,6 +138,10 @@ def main() -> int:
             os.kill(os.getpid(), signal.SIGKILL)
         if sched is not None:
             sched.step()
+        if a.save_every and k % a.save_every == 0:
+            sd = opt.state_dict()  # every rank at once: the shards' cuts cross
+            if a.save_state and ag.is_main_worker():
+                torch.save(sd, a.save_state)
         if a.save_state and k == steps:
             sd = opt.state_dict()
             if ag.worker_index() == 0 or "{rank}" in a.save_state:
@@ -140,14 +149,13 @@ def main() -> int:
     model.eval()
     with torch.no_grad():
         acc = float((model(x).argmax(1) == y).float().mean())
-    reporter = 1 if a.mode == "centralized" and ag.size() > 1 else 0
     me = ag.rank()
     if a.no_finish:  # apam_gossip finishes at exit, with a warning
         return 0
     opt.finish(metric=acc)
     if a.dump:
         torch.save(flat(model), f"{a.dump}/last{me}.pt")
-    if me == reporter and a.out:
+    if ag.is_main_worker() and a.out:
         torch.save({"state": flat(model), "acc": acc, "lr": opt.param_groups[0]["lr"]}, a.out)
     print(f"rank {me} done: accuracy {acc:.4f}", flush=True)
     return 0

@@ -678,3 +678,92 @@ def test_optimizer_keyword_errors_speak_of_keywords_not_config_keys():
                        "mean beta2\\? valid keywords: ") as e:
         ag.DistributedOptimizer(make_model(), betaa=0.9)
     assert "config" not in str(e.value)
+
+
+# ------------------------------------------------- a sharded master in the loop API
+@needs_mpi
+def test_sharded_master_one_worker_equals_sequential_amsgrad(tmp_path):
+    """init(master_shards=2): ranks 0 and 1 each own a slice of the model; one worker
+    (rank 2) through them equals sequential AMSGrad bit for bit (the rule is
+    elementwise), the result names each shard's staleness, and every shard's returning
+    master holds the whole final model."""
+    args = ["--mode", "centralized", "--steps", "200"]
+    out, res = tmp_path / "c.pt", tmp_path / "c.json"
+    p = launch(3, SCRIPT, *args, "--master-shards", "2", "--out", str(out), "--result",
+               str(res), "--master-return", str(tmp_path / "m{rank}.pt"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = torch.load(out)["state"]
+    assert torch.equal(got, one_process(tmp_path, *args))
+    d = json.loads(res.read_text())
+    assert d["updates"] == 200 and d["staleness"] == {"0": 200}
+    assert d["config"]["master_shards"] == 2
+    assert d["evals"][-1]["extra"] == {"staleness_mean_shard0": 0.0,
+                                       "staleness_mean_shard1": 0.0}
+    assert re.search(r"^\s+2\s+cpu\s+200\s", p.stdout, re.M), p.stdout  # rank 2 trained
+    for r in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"m{r}.pt")["state"], got)
+
+
+@needs_mpi
+def test_sharded_state_dicts_taken_by_every_worker_at_once_are_consistent_cuts(tmp_path):
+    """Three workers each take a state_dict() every 2 steps, so the shards' cuts cross
+    one another while gradients are in flight: no hang, every cut has every shard at the
+    same gradients (the worker asserts each shard's counts equal the cut's), and the
+    state resumes on one master and on three shards, the update count going on from it."""
+    sd = tmp_path / "sd.pt"
+    p = launch(5, SCRIPT, "--mode", "centralized", "--master-shards", "2", "--steps", "30",
+               "--save-every", "2", "--save-state", str(sd))
+    assert p.returncode == 0, p.stdout + p.stderr
+    state = torch.load(sd, weights_only=False)
+    version = state["version"]
+    assert 30 <= version <= 90 and int(state["opt"]["step"]) == version
+    for shards, n in (("1", 4), ("3", 6)):
+        res = tmp_path / f"r{shards}.json"
+        p = launch(n, SCRIPT, "--mode", "centralized", "--master-shards", shards, "--steps",
+                   "60", "--first-step", "31", "--load-state", str(sd), "--result", str(res))
+        assert p.returncode == 0, p.stdout + p.stderr
+        d = json.loads(res.read_text())
+        assert d["updates"] == version + 3 * 30
+        assert min(int(k) for k in d["staleness"]) >= 0 and d["final_accuracy"] >= 0.9
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_a_sharded_state_dict_resumes_exactly_with_any_number_of_shards(tmp_path):
+    """One worker: 100 steps on 2 shards, state_dict(), then steps 101-200 on 1 or on 3
+    shards: both equal 200 sequential steps bit for bit."""
+    args = ["--mode", "centralized"]
+    sd = tmp_path / "sd.pt"
+    p = launch(3, SCRIPT, *args, "--master-shards", "2", "--steps", "100", "--save-state",
+               str(sd))
+    assert p.returncode == 0, p.stdout + p.stderr
+    whole = one_process(tmp_path, *args, "--steps", "200")
+    for shards in (1, 3):
+        out = tmp_path / f"r{shards}.pt"
+        p = launch(shards + 1, SCRIPT, *args, "--master-shards", str(shards), "--steps",
+                   "200", "--first-step", "101", "--load-state", str(sd), "--out", str(out))
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert torch.equal(torch.load(out)["state"], whole), shards
+
+
+@needs_mpi
+def test_sharded_master_mistakes_are_one_line():
+    """Too few ranks for the shards, a bad count, and a wrapped torch optimizer (it runs
+    whole on one master) each end the job with one line and exit 2."""
+    p = launch(2, SCRIPT, "--mode", "centralized", "--master-shards", "2", "--steps", "5",
+               timeout=120)
+    assert p.returncode == 2 and "master_shards=2 takes ranks 0-1 and the job has 2 " \
+        "ranks: launch 3 or more" in p.stderr, p.stderr
+    p = launch(2, SCRIPT, "--mode", "centralized", "--master-shards", "0", "--steps", "5",
+               timeout=120)
+    assert p.returncode == 2 and "master_shards must be an integer from 1 to 1024, got 0" \
+        in p.stderr, p.stderr
+    p = launch(3, "tests/mpi_scripts/wrapped.py", "centralized", "/nonexistent",
+               "--master-shards", "2", timeout=120)
+    assert p.returncode == 2 and "master_shards=2 with a wrapped Adadelta" in p.stderr, \
+        p.stderr
+    assert "Traceback" not in p.stderr
+    p = launch(2, SCRIPT, "--mode", "decentralized", "--master-shards", "2", "--steps", "5",
+               timeout=120)  # another mode: ignored, as on the command line
+    assert p.returncode == 0 and "warning: ignored: master_shards=2 (applies to the " \
+        "centralized mode)" in p.stderr, p.stderr

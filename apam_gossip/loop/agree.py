@@ -146,4 +146,11 @@ def agree(s: Session, sig: Signature | None, ref: int) -> Signature:
     verdict, ref_sig = comm.bcast((verdict, sigs[ref] if s.rank == 0 else None), root=0)
     if verdict is not None:
         raise LoopError(verdict, collective=True)
+    if s.n_masters > 1 and ref_sig.torch_opt is not None:
+        wrapped = ref_sig.torch_opt.name.rsplit(".", 1)[-1]
+        raise LoopError(f"every rank: master_shards={s.n_masters} with a wrapped "
+                        f"{wrapped}: each shard applies the built-in "
+                        "optimizer to its slice of the model, and a torch optimizer runs "
+                        "whole on one master; use optimizer='amsgrad' (or 'adam', 'sgd') or "
+                        "master_shards=1", collective=True)
     return ref_sig

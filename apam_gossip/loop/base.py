@@ -16,12 +16,13 @@ PROG = "apam-gossip"  # the prefix of every line the loop API prints, as the CLI
 # user's loop is the budget) and takes the user's own schedule instead
 NOT_LOOP_SETTINGS = ("schedule", "warmup")
 INIT_DEFAULTS = {"topology": None, "adaptive_state": "local", "overlap": True,
-                 "master": "exit"}
+                 "master": "exit", "master_shards": 1}
 MASTER_CHOICES = ("exit", "return")
 ADAPTIVE_STATES = ("local", "tracked")
 TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE")
 T_METRIC = 41  # centralized: rank 1 -> master, the final model's score
 T_RESULT = 42  # centralized: master -> rank 1 (the main worker), the job's RunResult
+T_SHARD_REPORT = 43  # a sharded master: follower -> leader, its staleness at the end
 # waiting for the other ranks to finish has no deadline of its own: they may train for
 # hours longer (a slow worker); a rank that dies ends the whole MPI job anyway
 NO_DEADLINE_S = 1e9
@@ -32,9 +33,9 @@ class Traits:
     """What a mode is, for the parts of the loop API that are not its step strategy."""
 
     name: str
-    master: bool  # under MPI rank 0 is a master that never trains
+    master: bool  # under MPI rank 0 (ranks 0..K-1, sharded) is a master that never trains
     gossip: bool  # the workers average on a topology (adaptive_state, per-rank states)
-    reference: int  # the rank whose model every rank starts from (under MPI)
+    reference: int  # the rank whose model every rank starts from (under MPI, one master)
 
 
 TRAITS = {t.name: t for t in (Traits("centralized", True, False, 1),
@@ -75,6 +76,7 @@ class Session:
     workers_comm: Any = None
     master_done: bool = False  # centralized rank 0, back from init(master="return")
     metrics: Any = None  # rank 0: init(log=...)'s sinks (a runlog.MetricsLog)
+    master_shards: int = 1  # centralized under MPI: ranks 0..K-1 are the master's shards
 
     @property
     def mode(self) -> str:
@@ -86,21 +88,33 @@ class Session:
         return self.traits.master and self.comm is not None
 
     @property
+    def n_masters(self) -> int:
+        """How many ranks are the master: ``master_shards`` in a centralized job under
+        MPI, else none."""
+        return self.master_shards if self.has_master else 0
+
+    @property
     def n_workers(self) -> int:
-        return mpi_workers(self.has_master, self.size)
+        return mpi_workers(self.n_masters, self.size)
 
     @property
     def worker_index(self) -> int:
-        return self.rank - 1 if self.has_master else self.rank
+        return self.rank - self.n_masters
 
     @property
     def is_master(self) -> bool:
-        return self.has_master and self.rank == 0
+        return self.rank < self.n_masters
+
+    @property
+    def reference(self) -> int:
+        """The rank whose model every rank starts from: the first worker's in a
+        centralized job (it follows the master's shards), else the mode's."""
+        return self.n_masters if self.has_master else self.traits.reference
 
     @property
     def is_main_worker(self) -> bool:
         """The one training process that prints and saves: worker index 0 (rank 0, or
-        rank 1 when rank 0 is the centralized master)."""
+        the first rank after the centralized master's, rank 1 with one master)."""
         return not self.is_master and self.worker_index == 0
 
 

@@ -1,5 +1,22 @@
 """Rank 0 of a centralized loop-API job: the APAM master's rule
-(:class:`~apam_gossip.core.apam.ApamCore`) served to the workers' own loops."""
+(:class:`~apam_gossip.core.apam.ApamCore`) served to the workers' own loops.
+
+**Sharded** (``init(master_shards=K)``): ranks 0..K-1 each serve the rule over their slice
+of the model (:class:`~apam_gossip.core.apam.Shard`), in the order gradients reach them,
+as ``train --master-shards`` does; there is no budget to keep, so every shard serves until
+every worker has finished. ``state_dict()`` is a consistent cut, without stopping the job:
+the worker asks every shard (:class:`~apam_gossip.messages.StateRequest`); each answers
+with how many gradients of each worker it has applied
+(:class:`~apam_gossip.messages.StateCounts`) and from then on holds back every gradient
+that arrives; the worker sends the most of each count (:class:`~apam_gossip.messages.StateAt`);
+each shard applies what it held up to those counts (the gradients in flight: a worker
+sends a gradient to every shard before it computes the next, so each counted gradient
+reaches every shard), answers with its state there and goes on. Every slice then holds
+the same gradients, so the joined state is one the whole master could have had, and it
+loads with any number of shards. While a cut is pending a worker may apply at most one
+gradient past it at no shard, so no shard overshoots (asserted). Several workers may ask
+at once: each shard answers the requests in the order they reached it.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +28,31 @@ import torch
 from torch import Tensor, nn
 
 from ..config import OptimConfig
-from ..core.apam import ApamCore
+from ..core.apam import ApamCore, Shard, shards_of
 from ..flat import flatten
-from ..messages import Done, Grad, Hello, LoopFault, LoopState, Params, StateRequest, Stop
+from ..messages import (
+    Done,
+    Grad,
+    Hello,
+    LoopFault,
+    LoopState,
+    Params,
+    StateAt,
+    StateCounts,
+    StateRequest,
+    Stop,
+)
 from ..result import RunResult
 from .agree import Signature, agree
-from .base import NO_DEADLINE_S, T_METRIC, T_RESULT, LoopError, Session, wait
+from .base import (
+    NO_DEADLINE_S,
+    T_METRIC,
+    T_RESULT,
+    T_SHARD_REPORT,
+    LoopError,
+    Session,
+    wait,
+)
 from .report import finish_rank0, loop_result
 
 
@@ -37,21 +73,41 @@ class MasterHandle:
         return model
 
 
+@dataclass
+class _Cut:
+    """A pending ``state_dict()`` on a sharded master: who asked, and (once it comes) the
+    gradient counts to answer at."""
+
+    worker: int
+    target: tuple[int, ...] | None = None
+
+
 class LoopMaster:
-    """Rank 0 of a centralized loop-API job: the APAM master's rule
-    (:class:`~apam_gossip.core.apam.ApamCore`) driven by the workers' loops instead of a
-    budget: each gradient brings its worker's lr, and it serves until every worker has
-    finished."""
+    """Rank 0 of a centralized loop-API job (or shard ``k``, rank ``k``, of a sharded
+    one): the APAM master's rule (:class:`~apam_gossip.core.apam.ApamCore`) driven by the
+    workers' loops instead of a budget: each gradient brings its worker's lr, and it
+    serves until every worker has finished."""
 
     def __init__(self, s: Session, sig: Signature, x0: Tensor) -> None:
         from ..transport.mpi import MpiStarMaster
 
         self.s = s
         self.lr0 = sig.lr0
-        self.end = MpiStarMaster(s.comm, sig.numel, timeout=s.timeout_s, pin=False)
+        k = s.n_masters
+        self.shards: list[Shard] | None = shards_of(sig.numel, sig.n_params, k) \
+            if k > 1 else None
+        self.shard = self.shards[s.rank] if self.shards is not None else None
+        numel, n_params = (self.shard.numel, self.shard.n_params) if self.shard else \
+            (sig.numel, sig.n_params)
+        self.numel = sig.numel
+        self.end = MpiStarMaster(s.comm, numel, timeout=s.timeout_s, pin=False,
+                                 first_worker=k)
         self.hp = OptimConfig(**dict(sig.optim), lr=sig.lr0 or 1.0)
         self.n = self.end.n_workers
-        self.m = ApamCore(x0, self.hp, self.n, n_params=sig.n_params)
+        self.m = ApamCore(x0 if self.shard is None else self.shard.of(x0), self.hp, self.n,
+                          n_params=n_params)
+        self.cuts: list[_Cut] = []  # sharded: pending state_dict()s, in arrival order
+        self.held: dict[int, tuple[Grad, Tensor]] = {}  # gradients held back by a cut
         self.torch_step = None
         if sig.torch_opt is not None:  # the workers wrap an optimizer: apply with a copy
             from .wrapped import master_step
@@ -68,15 +124,76 @@ class LoopMaster:
     def fault(self, i: int, message: str) -> None:
         self.end.send(i, None, LoopFault(message))
 
+    def who(self, i: int) -> str:
+        return f"rank {i + self.s.n_masters}"
+
+    # -- the sharded master's consistent state_dict() (see the module docstring) -------
+    def counts(self) -> tuple[int, ...]:
+        return tuple(self.m.progress.updates_of)
+
+    def may_apply(self, i: int) -> bool:
+        """Whether worker ``i``'s next gradient may be applied now: no cut pending, or the
+        first one's counts known and not reached for ``i``."""
+        if not self.cuts:
+            return True
+        target = self.cuts[0].target
+        return target is not None and self.m.progress.updates_of[i] < target[i]
+
+    def on_grad(self, i: int, msg: Grad, grad: Tensor) -> None:
+        if self.cuts and (i in self.held or not self.may_apply(i)):
+            assert i not in self.held, "a worker sends its next gradient after the reply"
+            self.held[i] = (msg, grad.clone())  # the receive buffer is reused
+            return
+        self.apply(i, msg, grad)
+        if self.cuts:  # the gradient a cut waited for
+            self.settle()
+
+    def apply(self, i: int, msg: Grad, grad: Tensor) -> None:
+        m = self.m
+        m.apply(i, grad, msg.version, msg.samples, msg.lr)
+        self.applied = True
+        self.end.send(i, m.model_for_workers(), Params(m.version))
+
+    def settle(self) -> None:
+        """Answer every cut whose counts are reached, applying the held gradients up to
+        them; with no cut left, apply the rest."""
+        while self.cuts and self.cuts[0].target is not None:
+            target = self.cuts[0].target
+            counts = self.counts()
+            assert all(c <= t for c, t in zip(counts, target, strict=True)), (counts, target)
+            if counts == target:
+                self.end.send(self.cuts.pop(0).worker, None, self.state())
+                continue
+            ready = [i for i in sorted(self.held) if counts[i] < target[i]]
+            if not ready:
+                return  # the gradients it needs are in flight
+            for i in ready:
+                self.apply(i, *self.held.pop(i))
+        if not self.cuts:
+            for i in sorted(self.held):
+                self.apply(i, *self.held.pop(i))
+
+    def state(self) -> LoopState:
+        m = self.m
+        assert m.state is not None
+        if self.torch_step is not None:
+            from .wrapped import to_bytes
+
+            opt = {"torch": to_bytes(self.torch_step.torch.state_dict())}
+        else:
+            opt = {k: v.numpy().copy() for k, v in m.state.items()}
+        return LoopState(m.x.numpy().copy(), opt, m.version,
+                         self.counts() if self.shard is not None else None)
+
     def on_load(self, i: int, st: LoopState) -> None:
         """A worker's load_state_dict: resume once every live worker has loaded."""
         m = self.m
         if self.applied:
-            self.fault(i, f"rank {i + 1}: load_state_dict() after training started: every "
+            self.fault(i, f"{self.who(i)}: load_state_dict() after training started: every "
                        "worker loads before its first step()")
             return
         if self.done:
-            self.fault(i, f"rank {i + 1}: load_state_dict() after rank {min(self.done) + 1} "
+            self.fault(i, f"{self.who(i)}: load_state_dict() after {self.who(min(self.done))} "
                        "finished without loading: every worker loads the same state before "
                        "its first step(), or none does")
             return
@@ -87,8 +204,8 @@ class LoopMaster:
         for j, other in self.loading.items():
             if other.version != first.version or not np.array_equal(other.x, first.x):
                 for k in self.loading:
-                    self.fault(k, f"rank {j + 1}: load_state_dict: its state (update "
-                               f"{other.version}) is not rank {min(self.loading) + 1}'s "
+                    self.fault(k, f"{self.who(j)}: load_state_dict: its state (update "
+                               f"{other.version}) is not {self.who(min(self.loading))}'s "
                                f"(update {first.version}): load the same checkpoint on "
                                "every worker")
                 self.loading.clear()
@@ -108,11 +225,12 @@ class LoopMaster:
 
     def serve(self) -> MasterHandle:
         m, end, s = self.m, self.end, self.s
+        me = f"rank {s.rank} (master{f' shard {s.rank}' if self.shard else ''})"
         waiting = set(range(self.n))
         deadline = time.monotonic() + s.timeout_s
         while waiting:  # every worker has its model (a rank that dies ends the job)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"rank 0 (master): workers {sorted(waiting)} did not "
+                raise TimeoutError(f"{me}: workers {sorted(waiting)} did not "
                                    f"start within timeout_s={s.timeout_s:g} s")
             for i in end.ready(1.0):
                 msg, _ = end.recv(i)
@@ -127,65 +245,101 @@ class LoopMaster:
                 msg, grad = end.recv(i)
                 if isinstance(msg, Grad):
                     if self.loading:
-                        self.fault(i, f"rank {i + 1}: step() while other workers load a "
+                        self.fault(i, f"{self.who(i)}: step() while other workers load a "
                                    "checkpoint: every worker loads before its first step()")
                         continue
-                    m.apply(i, grad, msg.version, msg.samples, msg.lr)
-                    self.applied = True
-                    end.send(i, m.model_for_workers(), Params(m.version))
+                    self.on_grad(i, msg, grad)
                 elif isinstance(msg, Done):
                     self.done[i] = msg
                     # the loading workers wait for every live worker to load: one that
                     # finished instead never will (misuse: one line, not a hang)
                     for k in sorted(self.loading):
-                        self.fault(k, f"rank {k + 1}: load_state_dict() while rank {i + 1} "
-                                   "finished without loading: every worker loads the same "
-                                   "state before its first step(), or none does")
+                        self.fault(k, f"{self.who(k)}: load_state_dict() while "
+                                   f"{self.who(i)} finished without loading: every worker "
+                                   "loads the same state before its first step(), or none "
+                                   "does")
                     self.loading.clear()
                 elif isinstance(msg, StateRequest):
-                    assert m.state is not None
-                    if self.torch_step is not None:
-                        from .wrapped import to_bytes
-
-                        opt = {"torch": to_bytes(self.torch_step.torch.state_dict())}
-                    else:
-                        opt = {k: v.numpy().copy() for k, v in m.state.items()}
-                    end.send(i, None, LoopState(m.x.numpy().copy(), opt, m.version))
+                    if self.shard is None:
+                        end.send(i, None, self.state())
+                    else:  # the first half of a consistent cut
+                        self.cuts.append(_Cut(i))
+                        end.send(i, None, StateCounts(self.counts()))
+                elif isinstance(msg, StateAt):
+                    cut = next(c for c in self.cuts if c.worker == i and c.target is None)
+                    cut.target = tuple(msg.target)
+                    self.settle()
                 elif isinstance(msg, LoopState):
                     self.on_load(i, msg)
                 else:
-                    raise AssertionError(f"unexpected message from rank {i + 1}: {msg!r}")
+                    raise AssertionError(f"unexpected message from {self.who(i)}: {msg!r}")
+        assert not self.cuts and not self.held, (self.cuts, sorted(self.held))
         for i in sorted(self.done):
             end.send(i, None, Stop())
-        wait(s.comm.Ibcast(m.x, root=0), s, "sending the final model")
+        final = self.final_model()
+        if self.shard is not None and s.rank != 0:  # a follower: its staleness to rank 0
+            s.comm.send((dict(m.progress.staleness), m.version), dest=0, tag=T_SHARD_REPORT)
+            result = s.comm.recv(source=0, tag=T_RESULT)
+            return MasterHandle(result, final)
         reports = [self.done[i].report for i in sorted(self.done)]
         first = self.done.get(0)
         metric = first.metric if first is not None else None
         name, higher = (first.metric_name, first.higher_is_better) if first is not None \
             else ("accuracy", True)
-        if first is not None and first.metric_follows:  # rank 1 scores the final model
-            req = s.comm.irecv(source=1, tag=T_METRIC)
+        main = s.n_masters  # the main worker's rank
+        if first is not None and first.metric_follows:  # the main worker scores the model
+            req = s.comm.irecv(source=main, tag=T_METRIC)
             deadline = time.monotonic() + NO_DEADLINE_S
             while True:
                 ok, metric = req.test()
                 if ok:
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError("rank 0 (master): no metric from rank 1")
+                    raise TimeoutError(f"{me}: no metric from rank {main}")
                 time.sleep(0.01)
-        result = loop_result(s, self.hp, self.lr0, reports, m.n_params, m.x, metric, name,
-                             higher, {}, staleness=dict(m.progress.staleness),
-                             updates=m.progress.version)
+        extra: dict[str, float] = {}
+        if self.shard is not None:  # each shard's own staleness; the run's is the leader's
+            per = {0: dict(m.progress.staleness)}
+            for k in range(1, s.n_masters):
+                per[k], _ = s.comm.recv(source=k, tag=T_SHARD_REPORT)
+            for k, st in sorted(per.items()):
+                n = sum(st.values())
+                extra[f"staleness_mean_shard{k}"] = \
+                    sum(a * c for a, c in st.items()) / n if n else 0.0
+        result = loop_result(s, self.hp, self.lr0, reports, self.numel_params(), final,
+                             metric, name, higher, extra,
+                             staleness=dict(m.progress.staleness), updates=m.progress.version)
         finish_rank0(s, result, reports, quiet=False)
         # the main worker's finish() returns the job's result, as rank 0's does elsewhere
-        s.comm.send(result, dest=1, tag=T_RESULT)
-        return MasterHandle(result, m.x.clone())
+        for r in [*range(1, s.n_masters), main]:
+            s.comm.send(result, dest=r, tag=T_RESULT)
+        return MasterHandle(result, final)
+
+    def numel_params(self) -> int:
+        """The whole model's trained entries (a shard holds a slice of them)."""
+        return sum(sh.n_params for sh in self.shards) if self.shards else self.m.n_params
+
+    def final_model(self) -> Tensor:
+        """Collective with every rank: each shard broadcasts its slice of the final model
+        (one master: the whole of it); returns the whole model."""
+        s, m = self.s, self.m
+        if self.shards is None:
+            wait(s.comm.Ibcast(m.x, root=0), s, "sending the final model")
+            return m.x.clone()
+        whole = torch.zeros(self.numel)
+        for k, sh in enumerate(self.shards):
+            part = sh.of(whole)
+            if k == s.rank:
+                part.copy_(m.x)
+            wait(s.comm.Ibcast(part, root=k), s, f"the final model's slice {k}")
+        return whole
 
 
 def run_master(s: Session) -> MasterHandle:
-    """Rank 0 of a centralized job: agree on the model with the workers, take rank 1's
-    as the start, serve until all have finished."""
-    sig = agree(s, None, 1)
+    """A master rank of a centralized job: agree on the model with the workers, take the
+    first worker's as the start, serve until all have finished."""
+    ref = s.reference
+    sig = agree(s, None, ref)
     x0 = torch.zeros(sig.numel)
-    wait(s.comm.Ibcast(x0, root=1), s, "the initial model from rank 1")
+    wait(s.comm.Ibcast(x0, root=ref), s, f"the initial model from rank {ref}")
     return LoopMaster(s, sig, x0).serve()

@@ -54,8 +54,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         s = current("DistributedOptimizer(...)", after_finish=False)
         wrapped, model, lr = _unwrap(model, lr, optimizer, optim, s.rank)
         if s.master_done or s.is_master:
-            raise LoopError("rank 0 is the centralized master: it does not train (init() "
-                            "returned its MasterHandle); skip your loop when ag.is_master()")
+            raise LoopError(f"rank {s.rank} is the centralized master: it does not train "
+                            "(init() returned its MasterHandle); skip your loop when "
+                            "ag.is_master()")
         if s.optimizer is not None:
             raise LoopError(f"rank {s.rank}: one DistributedOptimizer per job; call "
                             "finish() on the first one")
@@ -79,7 +80,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise LoopError(f"rank {s.rank}: DistributedOptimizer: {_as_keywords(e)}") \
                 from None
         ignored = ignored_settings({f"optim.{k}" for k in optim}, [s.mode], self.hp)
-        if ignored and s.rank == (1 if s.has_master else 0):  # the first worker says it
+        if ignored and s.worker_index == 0:  # the first worker says it
             warn_ignored([f"{k[6:]}={optim[k[6:]]!r} ({why})" for k, why in ignored])
         if s.traits.gossip and s.adaptive_state == "tracked" and (
                 self.hp.name != "amsgrad" or wrapped is not None):
@@ -191,7 +192,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if s.comm is not None:
             setup = {"mode": s.mode, "adaptive_state": s.adaptive_state,
                      "broadcast": self.broadcast, "topology": s.topology}
-            ref = s.traits.reference
+            ref = s.reference
             agree(s, signature(self.flat, self.hp, setup, self.lr0, self.spec), ref)
             if self.broadcast or s.traits.master:  # (the master owns the model there)
                 wait(s.comm.Ibcast(self.to_host(), root=ref), s,

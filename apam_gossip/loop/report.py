@@ -54,6 +54,8 @@ def loop_result(s: Session, hp: OptimConfig, lr0: float, reports: list[LoopRepor
     config = {"mode": s.mode, "workers": len(reports), "api": "loop", "seed": s.seed,
               "optim": optim, "topology": s.topology if s.traits.gossip else None,
               "adaptive_state": s.adaptive_state}
+    if s.n_masters > 1:
+        config["master_shards"] = s.n_masters
     transport = getattr(s.comm, "transport_name", "mpi") if s.comm is not None else "local"
     return RunResult.of(config, s.mode, transport, n_params,
                         wall, updates, [ev], staleness, workers, final.detach().cpu().clone(),
@@ -64,7 +66,8 @@ def loop_result(s: Session, hp: OptimConfig, lr0: float, reports: list[LoopRepor
 def summary_table(result: RunResult, reports: list[LoopReport]) -> str:
     """The per-rank summary rank 0 prints at the end."""
     traits = TRAITS[result.mode]
-    first = 1 if traits.master and result.transport == "mpi" else 0
+    first = result.config.get("master_shards", 1) if traits.master \
+        and result.transport == "mpi" else 0
     lines = [f"{PROG}: {result.mode} finished: {result.updates} updates, {result.samples} "
              f"samples in {result.wall_time:.2f} s ({result.samples_per_s:.0f} samples/s)"]
     if traits.master:

@@ -107,7 +107,8 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
          adaptive_state: str = "local", seed: int = 0, timeout_s: float = 600.0,
          result: str | None = None, master: str = "exit",
          device: str = "auto", threads: int | None = None,
-         overlap: bool = True, log: str | list[str] | None = None) -> MasterHandle | None:
+         overlap: bool = True, log: str | list[str] | None = None,
+         master_shards: int = 1) -> MasterHandle | None:
     """Join the job as this rank (see the module docstring).
 
     ``topology``: decentralized only, a topology file or generator (default ``ring``) with
@@ -128,7 +129,11 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     switches modes by one word. ``log``: rank 0 writes the run's metrics there,
     ``"tensorboard:DIR"`` or ``"jsonl:PATH"`` or a list (see :mod:`apam_gossip.runlog`):
     its own throughput every few seconds, then the result's evaluations and summary at
-    ``finish()``. Returns None except on a returning master.
+    ``finish()``. ``master_shards``: centralized under MPI, K master ranks (0..K-1), each
+    owning a contiguous slice of the model and its AMSGrad state (``train
+    --master-shards``); the workers are the ranks from K on, ``state_dict()`` is one
+    consistent state across the shards and loads with any K. Returns None except on a
+    returning master (every shard returns the whole final model).
 
     The library's messages go through the Python logger ``apam_gossip`` (see
     :mod:`apam_gossip.runlog`): your ``logging`` configuration applies to them.
@@ -163,14 +168,15 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
         comm = TorchComm(timeout_s if isinstance(timeout_s, int | float) else 600.0)
         rank, size = comm.Get_rank(), comm.Get_size()
     values = {"topology": topology, "adaptive_state": adaptive_state, "overlap": overlap,
-              "master": master}
+              "master": master, "master_shards": master_shards}
     given = {k for k, v in values.items() if v != INIT_DEFAULTS[k]}
     graph = None
     metrics = None
     problem: UserError | None = None
     try:  # this rank's own checks: nothing collective before every rank has passed them
         _check_init(mode, master, adaptive_state, device, timeout_s, threads, overlap,
-                    result if rank == 0 else None, comm, size)  # rank 0 writes it
+                    result if rank == 0 else None, comm, size,  # rank 0 writes it
+                    master_shards)
         if TRAITS[mode].gossip:
             graph = _topology(topology, size, seed)
         if rank == 0:
@@ -189,6 +195,8 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
         warn_ignored([f"{k}={values[k]!r} ({why})" for k, why in ignored])
     if any(k == "topology" for k, _ in ignored):
         topology = None
+    if any(k == "master_shards" for k, _ in ignored) or comm is None:
+        master_shards = 1  # (one process: no master at all)
     if comm is None:
         from ..runlog import say
 
@@ -196,16 +204,17 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
             "launch -n N script.py`)")
     worker_here, local_rank = 0, 0  # this rank's index among the training ranks on its host
     if comm is not None:
-        local_rank, on_node, master_here = comm.local_placement() if torchrun \
-            else node_placement(comm)
-        worker_here = local_rank - 1 if traits.master and master_here else local_rank
+        local_rank, on_node, masters_here = comm.local_placement() if torchrun \
+            else node_placement(comm, master_shards if traits.master else 0)
+        worker_here = local_rank - masters_here
         if threads is None:
             threads = max(1, available_cores() // on_node)
     if threads is not None:
         torch.set_num_threads(threads)
     dev = torch.device("cpu")
     s = Session(traits, comm, rank, size, local_rank, dev, topology, adaptive_state, seed,
-                float(timeout_s), result, overlap=overlap, graph=graph, metrics=metrics)
+                float(timeout_s), result, overlap=overlap, graph=graph, metrics=metrics,
+                master_shards=master_shards)
     if torchrun:  # no master there (allreduce only)
         s.workers_comm = comm.Split()
     elif comm is not None:  # collective: every rank, the master too, takes part
@@ -232,7 +241,8 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
 
 
 def _check_init(mode: str, master: str, adaptive_state: str, device: str, timeout_s: Any,
-                threads: Any, overlap: Any, result: str | None, comm: Any, size: int) -> None:
+                threads: Any, overlap: Any, result: str | None, comm: Any, size: int,
+                master_shards: Any = 1) -> None:
     """:func:`init`'s own checks of its arguments (no communication)."""
     if mode == "syncps":  # a mode of `train` only
         raise LoopError("mode 'syncps' is not available in the loop API: use "
@@ -255,6 +265,10 @@ def _check_init(mode: str, master: str, adaptive_state: str, device: str, timeou
         raise LoopError(f"threads must be an integer >= 1, got {threads!r}")
     if not isinstance(overlap, bool):
         raise LoopError(f"overlap must be True or False, got {overlap!r}")
+    if isinstance(master_shards, bool) or not isinstance(master_shards, int) \
+            or not 1 <= master_shards <= 1024:
+        raise LoopError(f"master_shards must be an integer from 1 to 1024, got "
+                        f"{master_shards!r}")
     if result is not None:
         if not isinstance(result, str | os.PathLike):
             raise LoopError(f"result must be a file path, got {type(result).__name__}")
@@ -270,6 +284,11 @@ def _check_init(mode: str, master: str, adaptive_state: str, device: str, timeou
             raise LoopError("centralized mode needs a master and at least one worker: "
                             "launch 2 or more ranks (or run without a launcher for one "
                             "process)")
+        if TRAITS[mode].master and size < master_shards + 1:
+            raise LoopError(f"master_shards={master_shards} takes ranks 0-{master_shards - 1} "
+                            f"and the job has {size} ranks: launch {master_shards + 1} or "
+                            "more (the workers are the ranks after the shards), or give "
+                            "fewer shards")
 
 
 def _topology(spec: str | None, size: int, seed: int) -> Any:

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,6 +38,7 @@ from ..messages import (
     LoopReport,
     LoopState,
     Params,
+    StateAt,
     StateRequest,
     Stop,
 )
@@ -114,15 +116,28 @@ Local = Strategy
 
 
 class CentralizedWorker(Strategy):
-    """A worker rank: the master (rank 0) owns the model and optimizer state."""
+    """A worker rank: the master (rank 0, or its K shards on ranks 0..K-1) owns the model
+    and optimizer state."""
 
     def start(self) -> None:
         from ..transport.mpi import MpiStarWorker
 
-        o = self.opt
-        self.end_ = MpiStarWorker(self.s.comm, o.flat.numel)
-        self.end_.send(None, Hello(self.end_.worker))
-        msg = self.end_.recv(o.flat.state, self.s.timeout_s)
+        o, s = self.opt, self.s
+        k = s.n_masters
+        if k == 1:
+            self.end_: Any = MpiStarWorker(s.comm, o.flat.numel)
+            self.ends = [self.end_]
+            self.shards = None
+        else:  # one end per shard, joined into one star end for the gradients
+            from ..core.apam import shards_of
+            from ..transport.sharded import ShardedWorkerEnd
+
+            self.shards = shards_of(o.flat.numel, o.flat.n_params, k)
+            self.ends = [MpiStarWorker(s.comm, sh.numel, master=j, first_worker=k)
+                         for j, sh in enumerate(self.shards)]
+            self.end_ = ShardedWorkerEnd(self.ends, self.shards)
+        self.end_.send(None, Hello(s.worker_index))
+        msg = self.end_.recv(o.flat.state, s.timeout_s)
         assert isinstance(msg, Params), msg
         o.version = msg.version
 
@@ -130,25 +145,52 @@ class CentralizedWorker(Strategy):
         o = self.opt
         self.end_.send(o.flat.pack_grad_msg(), Grad(o.version, samples, float("nan"), 0.0,
                                                      o.lr_of(o.version + 1)))
-        back = self.end_.recv(o.flat.state, self.s.timeout_s)
-        if isinstance(back, LoopFault):
-            raise LoopError(back.message)
-        if not isinstance(back, Params):
-            raise RuntimeError(f"{o.who}: the master answered {back!r} to a gradient")
-        o.version = back.version
+        backs = self._each(o.flat.state, self.s.timeout_s)
+        for k, back in enumerate(backs):
+            if not isinstance(back, Params):
+                raise RuntimeError(f"{o.who}: the master answered {back!r} to a gradient")
+            if self.shards is not None:  # each shard's version, for its staleness
+                self.end_.versions[k] = back.version
+        o.version = backs[0].version
+
+    def _each(self, out: Tensor | None, timeout: float) -> list[Any]:
+        """Every shard's answer (one master's: its one), slice ``k`` of ``out`` (a model
+        reply's) in place, taken as they arrive
+        (:func:`~apam_gossip.transport.mpi.recv_from_each`); a fault of any raised after
+        all have answered (each shard's answer must be taken)."""
+        if self.shards is None:
+            got = [self.end_.recv(out, timeout)]
+        else:
+            from ..transport.mpi import recv_from_each
+
+            outs = [None if out is None else sh.of(out) for sh in self.shards]
+            got = recv_from_each(self.ends, outs, timeout,
+                                 f"{self.opt.who}: the master's shards' answers")
+        for msg in got:
+            if isinstance(msg, LoopFault):
+                raise LoopError(msg.message)
+        return got
 
     def end(self, rep: LoopReport, how: Ending) -> Ended:
         """Report to the master, wait for every worker, take the master's final model;
-        the first worker (rank 1) scores it when the metric is a function."""
+        the first worker (rank 1; the rank after the shards) scores it when the metric
+        is a function."""
         o, s = self.opt, self.s
-        first = s.rank == 1
+        first = s.worker_index == 0
         later = first and callable(how.metric)
-        self.end_.send(None, Done(rep, how.metric if first and not later else None, later,
-                                  how.metric_name, how.higher_is_better))
-        msg = self.end_.recv(None, NO_DEADLINE_S)  # until every worker is done
-        assert isinstance(msg, Stop), msg
+        done = Done(rep, how.metric if first and not later else None, later,
+                    how.metric_name, how.higher_is_better)
+        for end in self.ends:
+            end.send(None, done)
+        for msg in self._each(None, NO_DEADLINE_S):  # until every worker is done
+            assert isinstance(msg, Stop), msg
         host = o.to_host()
-        wait(s.comm.Ibcast(host, root=0), s, "the final model from the master")
+        if self.shards is None:
+            wait(s.comm.Ibcast(host, root=0), s, "the final model from the master")
+        else:
+            for k, sh in enumerate(self.shards):
+                wait(s.comm.Ibcast(sh.of(host), root=k), s,
+                     f"the final model's slice {k} from the master")
         o.from_host()
         if later:
             s.comm.send(score(how.metric, o.model, o.who), dest=0, tag=T_METRIC)
@@ -157,10 +199,34 @@ class CentralizedWorker(Strategy):
             self.result = s.comm.recv(source=0, tag=T_RESULT)
         return None
 
+    def _state(self) -> LoopState:
+        """The master's state; a sharded master's as one consistent cut (see
+        :mod:`apam_gossip.loop.master`), joined."""
+        if self.shards is None:
+            self.end_.send(None, StateRequest())
+            st = self.end_.recv(None, self.s.timeout_s)
+            assert isinstance(st, LoopState), st
+            return st
+        from ..core.apam import join_states
+
+        for end in self.ends:
+            end.send(None, StateRequest())
+        counts = self._each(None, self.s.timeout_s)
+        target = tuple(max(c) for c in zip(*(m.counts for m in counts), strict=True))
+        for end in self.ends:
+            end.send(None, StateAt(target))
+        parts = self._each(None, self.s.timeout_s)
+        # one cut: every shard at the same gradients (so at the same version too)
+        assert all(isinstance(p, LoopState) and p.counts == target for p in parts), \
+            (target, [getattr(p, "counts", p) for p in parts])
+        assert len({p.version for p in parts}) == 1, [p.version for p in parts]
+        opt = join_states([{k: torch.from_numpy(v) for k, v in p.opt.items()}
+                           for p in parts])
+        return LoopState(np.concatenate([p.x for p in parts]),
+                         {k: v.numpy() for k, v in opt.items()}, parts[0].version)
+
     def state(self) -> dict[str, Any]:
-        self.end_.send(None, StateRequest())
-        st = self.end_.recv(None, self.s.timeout_s)
-        assert isinstance(st, LoopState), st
+        st = self._state()
         if self.opt.wrapped is not None:  # the master's copy of your optimizer holds it
             sd = from_bytes(st.opt["torch"])
             for mine, theirs in zip(self.opt.param_groups, sd["param_groups"], strict=True):
@@ -170,17 +236,26 @@ class CentralizedWorker(Strategy):
                 "opt": {k: torch.from_numpy(v) for k, v in st.opt.items()}}
 
     def load(self, d: dict[str, Any]) -> None:
-        """Every worker sends the state to the master, which resumes once all have."""
+        """Every worker sends the state to the master (each shard its slice), which
+        resumes once all have."""
         o = self.opt
-        opt = {k: v.numpy() for k, v in d["opt"].items()} if o.wrapped is None else \
-            {"torch": to_bytes({"state": d["state"], "param_groups": d["param_groups"]})}
         load_wrapped(o, d)  # this worker's own lrs (its scheduler's) come back too
-        self.end_.send(None, LoopState(d["x"].numpy(), opt, int(d["version"])))
-        back = self.end_.recv(o.flat.state, NO_DEADLINE_S)  # until all have loaded
-        if isinstance(back, LoopFault):
-            raise LoopError(back.message)
-        assert isinstance(back, Params), back
-        o.version = back.version
+        if o.wrapped is not None:
+            msgs = [LoopState(d["x"].numpy(), {"torch": to_bytes(
+                {"state": d["state"], "param_groups": d["param_groups"]})},
+                int(d["version"]))]
+        elif self.shards is None:
+            msgs = [LoopState(d["x"].numpy(), {k: v.numpy() for k, v in d["opt"].items()},
+                              int(d["version"]))]
+        else:
+            msgs = [LoopState(sh.of(d["x"]).numpy(),
+                              {k: v.numpy() for k, v in sh.state_of(d["opt"]).items()},
+                              int(d["version"])) for sh in self.shards]
+        for end, msg in zip(self.ends, msgs, strict=True):
+            end.send(None, msg)
+        backs = self._each(o.flat.state, NO_DEADLINE_S)  # until all have loaded
+        assert all(isinstance(b, Params) for b in backs), backs
+        o.version = backs[0].version
 
 
 class Gossip(Strategy):

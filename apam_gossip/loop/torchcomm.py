@@ -120,12 +120,12 @@ class TorchComm:
         sys.stderr.flush()
         os._exit(code)
 
-    def local_placement(self) -> tuple[int, int, bool]:
-        """(local rank, ranks on this host, whether rank 0 is on it), from torchrun's
-        variables."""
+    def local_placement(self) -> tuple[int, int, int]:
+        """(local rank, ranks on this host, 0 master ranks: torchrun runs allreduce
+        only), from torchrun's variables."""
         local = int(os.environ.get("LOCAL_RANK", self.rank))
         on_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.size))
-        return local, on_node, self.rank - local == 0
+        return local, on_node, 0
 
 
 def _close() -> None:

@@ -27,8 +27,9 @@ def guard_world(rank: int) -> None:
     def refuse(name: str):
         def call(self, *args: Any, **kwargs: Any) -> Any:
             raise LoopError(f"rank {rank}: MPI.COMM_WORLD.{name}() in a centralized job: "
-                            "rank 0, the master, is a member of COMM_WORLD and never joins "
-                            "a collective of yours, so it would wait forever; use "
+                            "the master (rank 0, or ranks 0..K-1 with master_shards=K) is "
+                            "a member of COMM_WORLD and never joins a collective of "
+                            "yours, so it would wait forever; use "
                             "ag.allreduce, ag.broadcast or ag.barrier (among the workers)")
         return call
 

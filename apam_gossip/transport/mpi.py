@@ -289,8 +289,13 @@ class MpiStarWorker:
             grad = self.host
         self.comm.Send(grad, dest=self.master, tag=T_TENSOR)
 
+    def post(self):
+        """The receive of the next message's header (:func:`recv_from_each` waits on
+        several)."""
+        return self.comm.Irecv(self.meta, source=self.master, tag=T_META)
+
     def recv(self, params_out: Tensor, timeout: float) -> Any:
-        req = self.comm.Irecv(self.meta, source=self.master, tag=T_META)
+        req = self.post()
         try:
             _wait(req, timeout,
                   f"worker {self.worker}: a message from the master (rank {self.master})")
@@ -298,10 +303,15 @@ class MpiStarWorker:
             req.Cancel()
             req.Wait()
             raise
+        return self.take(params_out)
+
+    def take(self, params_out: Tensor | None) -> Any:
+        """The rest of the message whose header has arrived."""
         if self.meta[0] == K_STOP:
             return Stop()
         if self.meta[0] == K_OBJ:
             return self.comm.recv(source=self.master, tag=T_OBJ)
+        assert params_out is not None, "a model arrived where none was expected"
         if params_out.device.type == "cpu":
             self.comm.Recv(params_out, source=self.master, tag=T_TENSOR)
         else:
@@ -309,6 +319,30 @@ class MpiStarWorker:
             # a blocking copy: the next Recv reuses self.host
             params_out.copy_(self.host)
         return Params(int(self.meta[1]))
+
+
+def recv_from_each(ends: list[MpiStarWorker], outs: list[Tensor | None], timeout: float,
+                   what: str) -> list[Any]:
+    """The next message of each of ``ends`` (a worker's ends to a sharded master's
+    shards), ``outs[k]`` receiving a model's slice ``k``, taken in the order they arrive:
+    a shard's send blocks until its message is taken, so waiting on one shard while
+    another waits to send could close a cycle (the loop API's shards hold back replies
+    during a ``state_dict()``)."""
+    reqs = [e.post() for e in ends]
+    got: list[Any] = [None] * len(ends)
+    try:
+        for _ in ends:
+            k = _wait_any(reqs, timeout, what)
+            got[k] = ends[k].take(outs[k])
+    except TimeoutError:
+        from mpi4py import MPI
+
+        for r in reqs:
+            if r != MPI.REQUEST_NULL:
+                r.Cancel()
+                r.Wait()
+        raise
+    return got
 
 
 class MpiShardLink:

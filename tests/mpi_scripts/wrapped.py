@@ -54,7 +54,9 @@ if plain:
                 "losses": losses}, f"{out}/plain.pt")
     sys.exit(0)
 
-ag.init(mode=mode, timeout_s=60)
+shards = int(sys.argv[sys.argv.index("--master-shards") + 1]) \
+    if "--master-shards" in sys.argv else 1
+ag.init(mode=mode, timeout_s=60, master_shards=shards)
 model, torch_opt = build()
 opt = ag.DistributedOptimizer(torch_opt, model)
 sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)  # on the wrapper
