@@ -23,7 +23,9 @@ without a launcher it runs as one process. The modes are one word apart:
   writes the result and exits 0 (``master="exit"``), or returns a :class:`MasterHandle`
   (``master="return"``: the script must then skip its loop on rank 0). ``step()`` sends
   ``[gradients | buffers]`` with this worker's learning rate and loads the model that
-  comes back. The workers start from rank 1's model.
+  comes back. The workers start from rank 1's model. ``init(master_shards=K)``: ranks
+  0..K-1 are the master, each over its slice of the model (see
+  :mod:`apam_gossip.loop.master`), the workers ranks K..N-1.
 * ``decentralized`` (AD-PSGD style): every rank is a worker; ``step()`` averages the model
   with a random neighbor on the topology (a file, or a generator name such as ``ring``)
   and takes the local adaptive step, exactly as ``--mode decentralized`` (see
