@@ -74,9 +74,11 @@ class Finish:
 @dataclass(frozen=True)
 class SaveAt:
     """Leader -> followers of a sharded master: a consistent cut at ``version`` (every
-    gradient asked for is applied there); save your part of the checkpoint there."""
+    gradient asked for is applied there; ``counts[w]`` of worker ``w``'s); save your part
+    of the checkpoint once you have applied as many of each live worker's."""
 
     version: int
+    counts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -365,3 +365,36 @@ def test_the_leader_asks_each_worker_once_when_one_dies_as_it_resumes():
     lead.waiting, lead.pausing = {0, 1, 2, 3}, True  # a cut (no checkpoint) just ended
     assert lead.ended_round() is False
     assert sorted(sent) == [0, 2, 3] and lead.holding == {0, 2, 3} and lead.asked == 13
+
+
+def test_a_follower_saves_at_the_leaders_counts_without_waiting_for_a_dead_worker():
+    """A follower saves its part once it has every gradient the leader had at the cut
+    that can still come: a live worker's missing gradient is waited for (it is in
+    flight); a dead worker's (killed between its slices) is not, so the cut takes no
+    grace period."""
+    import types
+
+    from apam_gossip.algorithms.shards import SAVE_GRACE_S, Follower
+    from apam_gossip.messages import PartSaved, SaveAt
+
+    sent, inbox = [], []
+    link = types.SimpleNamespace(send=sent.append, poll=lambda: [inbox.pop()] if inbox else [],
+                                 payload=lambda path: path)
+    progress = types.SimpleNamespace(updates_of=[5, 3, 4])
+    m = types.SimpleNamespace(gone=set(), n=3, saved=0,
+                              core=types.SimpleNamespace(version=12, progress=progress),
+                              live=lambda: {0, 1, 2} - m.gone, part_path=lambda: "part",
+                              save=lambda: setattr(m, "saved", m.saved + 1))
+    f = Follower(m, link)
+    inbox.append((0, SaveAt(13, (5, 4, 4))))  # worker 1's 4th gradient: the leader's only
+    f._listen()
+    assert m.saved == 0 and not sent  # worker 1 lives: its gradient is on its way
+    assert f.save_by - __import__("time").monotonic() > SAVE_GRACE_S - 5
+    progress.updates_of[1] = 4  # it came
+    f._listen()
+    assert m.saved == 1 and sent == [PartSaved("part", 12)]
+    inbox.append((0, SaveAt(20, (9, 4, 7))))
+    progress.updates_of[:] = [9, 4, 6]
+    m.gone.add(2)  # worker 2 died between its slices: its 7th never comes here
+    f._listen()
+    assert m.saved == 2 and f.save_at is None

@@ -104,7 +104,7 @@ class Leader:
         m = self.m
         assert m.checkpoint is not None and m.shard is not None
         version = m.core.version
-        self.link.send(SaveAt(version))
+        self.link.send(SaveAt(version, tuple(m.core.progress.updates_of)))
         m.save()
         parts = {0: m.part_path()}
         deadline = time.monotonic() + PART_TIMEOUT_S
@@ -127,7 +127,7 @@ class Follower:
     def __init__(self, m: Any, link: ShardLink) -> None:
         self.m, self.link = m, link
         self.word: Any = None  # the leader's end: Finish or StopRequest
-        self.save_at: int | None = None
+        self.save_at: SaveAt | None = None
         self.save_by = 0.0
 
     def give(self, i: int) -> bool:
@@ -142,15 +142,27 @@ class Follower:
     def _listen(self) -> None:
         for _, msg in self.link.poll():
             if isinstance(msg, SaveAt):
-                self.save_at, self.save_by = msg.version, time.monotonic() + SAVE_GRACE_S
+                self.save_at, self.save_by = msg, time.monotonic() + SAVE_GRACE_S
             else:
                 self.word = msg
         m = self.m
-        if self.save_at is not None and (m.core.version >= self.save_at or not m.live()
+        if self.save_at is not None and (self.at_cut(self.save_at)
                                          or time.monotonic() > self.save_by):
             m.save()
             self.link.send(PartSaved(self.link.payload(m.part_path()), m.core.version))
             self.save_at = None
+
+    def at_cut(self, cut: SaveAt) -> bool:
+        """Whether this shard has applied every gradient the leader had at ``cut`` that
+        can still come: all of each live worker's (they are in flight to it). A worker
+        killed between its slices never sends the rest: this shard then saves without
+        that last gradient, which the leader applied (the joined checkpoint's
+        ``shard_versions`` say so), at once rather than after ``SAVE_GRACE_S``."""
+        m = self.m
+        if not cut.counts:  # (no counts: the version alone)
+            return m.core.version >= cut.version or not m.live()
+        have = m.core.progress.updates_of
+        return all(have[w] >= cut.counts[w] for w in m.live())
 
     def ended_round(self) -> bool:
         m = self.m
