@@ -84,10 +84,12 @@ class SaveAt:
 @dataclass(frozen=True)
 class PartSaved:
     """Follower -> leader: its part of the checkpoint is saved (``payload``: what the
-    shard link carries of it, a path on one machine, the bytes under MPI)."""
+    shard link carries of it, a path on one machine, the bytes under MPI), at its own
+    ``version``, for the cut the leader called at version ``cut``."""
 
     payload: Any
     version: int
+    cut: int = -1
 
 
 @dataclass(frozen=True)

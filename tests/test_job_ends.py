@@ -258,7 +258,8 @@ def test_modes_without_mpi_checkpoints_stop_together_on_sigusr1(mode):
     with job_shm_dir() as shm:  # OpenMPI's segments in a folder of this job's own
         p = subprocess.Popen([str(MPIRUN), "-n", "3", "--map-by", ":OVERSUBSCRIBE",
                               sys.executable, "-m", "apam_gossip", "train", "--mode", mode,
-                              "--topology", "ring", "--epochs", "400", "--slow", "1=2"],
+                              "--topology", "ring", "--epochs", "20000", "--evals", "2",
+                              "--slow", "1=2"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              start_new_session=True, env={**ENV, **shm})
         try:
@@ -290,20 +291,26 @@ def _rank_pids(root: int) -> dict[int, int]:
     return out
 
 
-@pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce", "syncps"])
+@pytest.mark.parametrize("mode", ["centralized", "decentralized", "allreduce", "syncps",
+                                  "centralized:shard"])
 def test_a_stop_request_to_one_worker_rank_stops_the_whole_job(tmp_path, mode):
     """`kill -USR1` (or -TERM) to one rank that is not rank 0: the whole job stops in
     order as when rank 0 gets it (a centralized or syncps worker asks the master with its
-    next gradient; a gossip rank tells rank 0 with its next claim; allreduce votes)."""
+    next gradient; a gossip rank tells rank 0 with its next claim; allreduce votes; a
+    sharded master's follower shard passes it on to the leader, which stops at a cut)."""
     from apam_gossip.checkpoint import load_checkpoint
     from apam_gossip.mpirun import job_shm_dir
 
+    mode, _, shard = mode.partition(":")
     ckpt = tmp_path / "run.ckpt"
     extra = ["--checkpoint", str(ckpt)] if mode == "centralized" else []
+    n, victim = (4, 1) if shard else (3, 2)  # shard: ranks 0 and 1 the master, kill rank 1
+    extra += ["--master-shards", "2"] if shard else []
     with job_shm_dir() as shm:
-        p = subprocess.Popen([str(MPIRUN), "-n", "3", "--map-by", ":OVERSUBSCRIBE",
+        p = subprocess.Popen([str(MPIRUN), "-n", str(n), "--map-by", ":OVERSUBSCRIBE",
                               sys.executable, "-m", "apam_gossip", "train", "--mode", mode,
-                              "--topology", "ring", "--epochs", "400", "--slow", "1=2",
+                              "--topology", "ring", "--epochs", "20000", "--evals", "2",
+                              "--slow", "1=2",
                               "-o", str(tmp_path / "never.json"), *extra],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              start_new_session=True, env={**ENV, **shm})
@@ -311,8 +318,8 @@ def test_a_stop_request_to_one_worker_rank_stops_the_whole_job(tmp_path, mode):
             lines = _Lines(p)
             _wait_for(lambda: lines.has("progress"), 120, "training (a progress line)")
             ranks = _rank_pids(p.pid)
-            assert sorted(ranks) == [0, 1, 2], ranks
-            os.kill(ranks[2], signal.SIGUSR1 if mode != "allreduce" else signal.SIGTERM)
+            assert sorted(ranks) == list(range(n)), ranks
+            os.kill(ranks[victim], signal.SIGUSR1 if mode != "allreduce" else signal.SIGTERM)
             p.wait(timeout=90)
             err = lines.text()
             assert p.returncode == 143, err
@@ -320,7 +327,10 @@ def test_a_stop_request_to_one_worker_rank_stops_the_whole_job(tmp_path, mode):
             assert len(stops) == 1, err
             assert "prterun" not in err and "Traceback" not in err, err
             if mode == "centralized":
-                assert f"after {load_checkpoint(ckpt)['version']} updates" in stops[0]
+                saved = load_checkpoint(ckpt)
+                assert f"after {saved['version']} updates" in stops[0]
+                if shard:  # one consistent cut: both parts at the stop's version
+                    assert saved["shard_versions"] == [saved["version"]] * 2
             else:
                 assert "nothing was saved" in stops[0]
             assert not (tmp_path / "never.json").exists()

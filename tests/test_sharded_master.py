@@ -359,7 +359,7 @@ def test_the_leader_asks_each_worker_once_when_one_dies_as_it_resumes():
                               ctrl=types.SimpleNamespace(poll=lambda: False))
     for name in ("send", "give", "lost", "live"):
         setattr(m, name, types.MethodType(getattr(ApamMaster, name), m))
-    lead = Leader(m, link=None)
+    lead = Leader(m, link=types.SimpleNamespace(poll=lambda: []))
     m.role = lead
     lead.asked = 10
     lead.waiting, lead.pausing = {0, 1, 2, 3}, True  # a cut (no checkpoint) just ended
@@ -381,7 +381,8 @@ def test_a_follower_saves_at_the_leaders_counts_without_waiting_for_a_dead_worke
     link = types.SimpleNamespace(send=sent.append, poll=lambda: [inbox.pop()] if inbox else [],
                                  payload=lambda path: path)
     progress = types.SimpleNamespace(updates_of=[5, 3, 4])
-    m = types.SimpleNamespace(gone=set(), n=3, saved=0,
+    m = types.SimpleNamespace(gone=set(), n=3, saved=0, ctrl=types.SimpleNamespace(
+                              poll=lambda: False),
                               core=types.SimpleNamespace(version=12, progress=progress),
                               live=lambda: {0, 1, 2} - m.gone, part_path=lambda: "part",
                               save=lambda: setattr(m, "saved", m.saved + 1))
@@ -392,7 +393,7 @@ def test_a_follower_saves_at_the_leaders_counts_without_waiting_for_a_dead_worke
     assert f.save_by - __import__("time").monotonic() > SAVE_GRACE_S - 5
     progress.updates_of[1] = 4  # it came
     f._listen()
-    assert m.saved == 1 and sent == [PartSaved("part", 12)]
+    assert m.saved == 1 and sent == [PartSaved("part", 12, 13)]
     inbox.append((0, SaveAt(20, (9, 4, 7))))
     progress.updates_of[:] = [9, 4, 6]
     m.gone.add(2)  # worker 2 died between its slices: its 7th never comes here

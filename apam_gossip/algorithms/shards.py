@@ -67,6 +67,15 @@ class Leader:
             if self.waiting and not (self.stopping or self.pausing):
                 self.m.give(self.waiting.pop())
 
+    def heard(self, msg: Any) -> None:
+        """A follower's message outside a cut's parts: a stop request that reached its
+        rank (forwarded), or a part too late for its cut (dropped: that cut has gone by
+        without it)."""
+        if isinstance(msg, StopRequest):
+            self.stopping = True
+        else:
+            assert isinstance(msg, PartSaved), msg
+
     def ended_round(self) -> bool:
         """After each round of the master's loop: True once the master has ended."""
         m = self.m
@@ -74,6 +83,8 @@ class Leader:
             msg = m.ctrl.recv()
             assert isinstance(msg, StopRequest), msg
             self.stopping = True
+        for _, msg in self.link.poll():
+            self.heard(msg)
         if m.checkpoint is not None and not self.stopping \
                 and time.monotonic() - self.last_cut > m.checkpoint.every_s:
             self.pausing = True
@@ -110,7 +121,9 @@ class Leader:
         deadline = time.monotonic() + PART_TIMEOUT_S
         while len(parts) < m.shard.count:
             for k, msg in self.link.poll():
-                assert isinstance(msg, PartSaved), msg
+                if not isinstance(msg, PartSaved) or msg.cut != version:
+                    self.heard(msg)
+                    continue
                 parts[k] = self.link.part_path(msg.payload, shard_part_path(
                     m.checkpoint.path, k, m.shard.count))
             if time.monotonic() > deadline:
@@ -140,16 +153,21 @@ class Follower:
         pass
 
     def _listen(self) -> None:
+        m = self.m
+        while m.ctrl.poll():  # a stop request to this rank (under mpirun): the leader's
+            msg = m.ctrl.recv()  # to make, at a consistent cut
+            assert isinstance(msg, StopRequest), msg
+            self.link.send(StopRequest())
         for _, msg in self.link.poll():
             if isinstance(msg, SaveAt):
                 self.save_at, self.save_by = msg, time.monotonic() + SAVE_GRACE_S
             else:
                 self.word = msg
-        m = self.m
         if self.save_at is not None and (self.at_cut(self.save_at)
                                          or time.monotonic() > self.save_by):
             m.save()
-            self.link.send(PartSaved(self.link.payload(m.part_path()), m.core.version))
+            self.link.send(PartSaved(self.link.payload(m.part_path()), m.core.version,
+                                     self.save_at.version))
             self.save_at = None
 
     def at_cut(self, cut: SaveAt) -> bool:

@@ -195,13 +195,10 @@ def _centralized(ctx: _RankContext, ckpt: dict | None) -> RunResult | None:
     ctx.start_event()
     shard = masters.shard(ctx.rank)
     link = tmpi.MpiShardLink(comm, ctx.rank, k_masters) if k_masters > 1 else None
-    if ctx.rank == 0:
-        # the master checkpoints at once and stops the workers in order (a request that
-        # reached a worker's rank comes with its next gradient)
-        ctx.stop.on_stop = partial(outbox.post, StopRequest())
-    else:  # a follower ends as the leader does (mpirun's SIGTERM reaches rank 0 and the
-        # workers: a request to this rank alone is left to them)
-        ctx.stop.on_stop = lambda: None
+    # the master checkpoints at once and stops the workers in order (a request that
+    # reached a worker's rank comes with its next gradient; one that reached a follower
+    # shard's goes on to the leader, which makes the stop's cut)
+    ctx.stop.on_stop = partial(outbox.post, StopRequest())
     mdev = master_device(cfg)
     # a GPU master takes gradients from pinned host memory (one DMA copy to the device);
     # a CPU master never pins (that would open a CUDA context it does not use)
