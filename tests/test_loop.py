@@ -739,11 +739,17 @@ def test_a_sharded_state_dict_resumes_exactly_with_any_number_of_shards(tmp_path
     assert p.returncode == 0, p.stdout + p.stderr
     whole = one_process(tmp_path, *args, "--steps", "200")
     for shards in (1, 3):
-        out = tmp_path / f"r{shards}.pt"
+        out, res = tmp_path / f"r{shards}.pt", tmp_path / f"r{shards}.json"
         p = launch(shards + 1, SCRIPT, *args, "--master-shards", str(shards), "--steps",
-                   "200", "--first-step", "101", "--load-state", str(sd), "--out", str(out))
+                   "200", "--first-step", "101", "--load-state", str(sd), "--out", str(out),
+                   "--result", str(res))
         assert p.returncode == 0, p.stdout + p.stderr
         assert torch.equal(torch.load(out)["state"], whole), shards
+        # every shard knows the loaded version: the resumed gradients are not stale
+        d = json.loads(res.read_text())
+        assert d["staleness"] == {"0": 100}, (shards, d["staleness"])
+        if shards > 1:
+            assert set(d["evals"][-1]["extra"].values()) == {0.0}
 
 
 @needs_mpi
@@ -767,3 +773,111 @@ def test_sharded_master_mistakes_are_one_line():
                timeout=120)  # another mode: ignored, as on the command line
     assert p.returncode == 0 and "warning: ignored: master_shards=2 (applies to the " \
         "centralized mode)" in p.stderr, p.stderr
+
+
+def test_more_master_shards_than_model_entries_is_one_agreed_error():
+    """agree() refuses master_shards above the model's entry count on every rank alike
+    (one line, not each rank's ValueError traceback)."""
+    from apam_gossip.loop.agree import Signature, agree
+    from apam_gossip.loop.base import TRAITS, Session
+
+    sig = Signature((("parameter", "w", (2,), "torch.float32"),), 2, 2, (), ())
+
+    class Comm:  # rank 0's view of the agreement's collectives (rank 3 the first worker)
+        def Ibarrier(self):
+            return type("Done", (), {"Test": lambda self, *a: True})()
+
+        def gather(self, mine, root):
+            return [mine, None, None, sig]
+
+        def bcast(self, value, root):
+            return value
+
+    s = Session(TRAITS["centralized"], Comm(), 0, 4, 0, torch.device("cpu"), None, "local",
+                0, 10.0, None, master_shards=3)
+    with pytest.raises(ag.LoopError, match="master_shards=3 but the model has 2 entries"):
+        agree(s, None, 3)
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_sharded_cuts_stay_consistent_under_any_delivery_order(seed):
+    """The real shards' message handling (LoopMaster.handle) and the workers' protocol
+    (CentralizedWorker._state: shard 0 first, then the others, then StateAt), with every
+    message delivered in a random order that keeps each channel's FIFO, as MPI does:
+    three workers step while two of them take state_dict()s that cross. Every cut's
+    parts are at its target counts, nothing is left held, no shard asserts, no deadlock.
+    (Review finding: cuts opened in different orders on different shards overshot.)"""
+    import random
+    from collections import deque
+
+    from apam_gossip.loop.agree import Signature
+    from apam_gossip.loop.base import TRAITS, Session
+    from apam_gossip.loop.master import LoopMaster
+    from apam_gossip.messages import Grad, LoopState, Params, StateAt, StateCounts, StateRequest
+
+    rng = random.Random(seed)
+    n_workers, n_shards, numel = 3, 2, 10
+    to_shard = {(i, k): deque() for i in range(n_workers) for k in range(n_shards)}
+    to_worker = {(k, i): deque() for i in range(n_workers) for k in range(n_shards)}
+
+    class End:
+        def __init__(self, k):
+            self.k, self.n_workers = k, n_workers
+
+        def send(self, i, params, msg):
+            to_worker[(self.k, i)].append(msg)
+
+    sig = Signature((("parameter", "w", (numel,), "torch.float32"),), numel, numel, (), ())
+    shards = []
+    for k in range(n_shards):
+        s = Session(TRAITS["centralized"], object(), k, n_shards + n_workers, 0,
+                    torch.device("cpu"), None, "local", 0, 10.0, None, master_shards=n_shards)
+        shards.append(LoopMaster(s, sig, torch.zeros(numel), end=End(k)))
+
+    def worker(i, cuts):
+        version = [0] * n_shards
+        for step in range(24):
+            for k in range(n_shards):
+                g = torch.full((shards[k].shard.numel,), 0.01 * (i + 1))
+                to_shard[(i, k)].append((Grad(version[k], 1, 0.0, 0.0, 0.01), g))
+            for k in range(n_shards):
+                msg = yield k
+                assert isinstance(msg, Params), msg
+                version[k] = msg.version
+            if step % 2 == 1 and cuts:  # a state_dict(), as CentralizedWorker._state
+                to_shard[(i, 0)].append((StateRequest(), None))
+                counts = [(yield 0)]
+                for k in range(1, n_shards):
+                    to_shard[(i, k)].append((StateRequest(), None))
+                for k in range(1, n_shards):
+                    counts.append((yield k))
+                assert all(isinstance(c, StateCounts) for c in counts)
+                target = tuple(max(c) for c in zip(*(c.counts for c in counts), strict=True))
+                for k in range(n_shards):
+                    to_shard[(i, k)].append((StateAt(target), None))
+                parts = []
+                for k in range(n_shards):
+                    parts.append((yield k))
+                assert all(isinstance(p, LoopState) and p.counts == target for p in parts)
+                assert len({p.version for p in parts}) == 1
+
+    workers = {i: worker(i, cuts=i > 0) for i in range(n_workers)}
+    waiting = {i: next(w) for i, w in workers.items()}
+    while waiting:
+        moves = [("s", key) for key, q in to_shard.items() if q]
+        moves += [("w", (k, i)) for i, k in waiting.items() if to_worker[(k, i)]]
+        assert moves, f"deadlock: workers {waiting} wait, nothing in flight"
+        kind, key = rng.choice(moves)
+        if kind == "s":
+            i, k = key
+            msg, grad = to_shard[key].popleft()
+            shards[k].handle(i, msg, grad)
+            continue
+        k, i = key
+        try:
+            waiting[i] = workers[i].send(to_worker[key].popleft())
+        except StopIteration:
+            del waiting[i]
+    for sh in shards:
+        assert not (sh.cuts or sh.held or sh.asking)
+        assert sh.counts() == (24, 24, 24)

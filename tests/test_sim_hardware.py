@@ -124,6 +124,11 @@ def test_evaluations_during_the_run_load_the_coordinators_node(mode, monkeypatch
     # syncps times its shares on the model: a fixed timing, so that runs compare exactly
     monkeypatch.setattr(sim_run, "calibrate",
                         lambda task, data, cfg: (1e-3 + 1e-4 * cfg.data.batch_size, 1e-4))
+    # an evaluation's measured time, where one is charged, fixed too: on a fast machine
+    # the real one is too short against a gradient for the difference to show
+    real_eval_s = sim_run._eval_s
+    monkeypatch.setattr(sim_run, "_eval_s",
+                        lambda *a: 5e-3 if real_eval_s(*a) > 0 else 0.0)
     shared = Hardware(workers_per_node=4, cores_per_node=2, contention=(1.0, 1.2),
                       master_shares_node=True)
     kw = dict(timing_only=True, gradient_s=0.002, master_update_s=1e-4, worker_update_s=0.0,

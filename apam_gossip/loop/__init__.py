@@ -23,7 +23,8 @@ without a launcher it runs as one process. The modes are one word apart:
   writes the result and exits 0 (``master="exit"``), or returns a :class:`MasterHandle`
   (``master="return"``: the script must then skip its loop on rank 0). ``step()`` sends
   ``[gradients | buffers]`` with this worker's learning rate and loads the model that
-  comes back. The workers start from rank 1's model. ``init(master_shards=K)``: ranks
+  comes back. The workers start from the first worker's model (rank 1, or rank K with
+  K shards). ``init(master_shards=K)``: ranks
   0..K-1 are the master, each over its slice of the model (see
   :mod:`apam_gossip.loop.master`), the workers ranks K..N-1.
 * ``decentralized`` (AD-PSGD style): every rank is a worker; ``step()`` averages the model

@@ -146,6 +146,10 @@ def agree(s: Session, sig: Signature | None, ref: int) -> Signature:
     verdict, ref_sig = comm.bcast((verdict, sigs[ref] if s.rank == 0 else None), root=0)
     if verdict is not None:
         raise LoopError(verdict, collective=True)
+    if s.n_masters > ref_sig.numel:
+        raise LoopError(f"every rank: master_shards={s.n_masters} but the model has "
+                        f"{ref_sig.numel} entries: give at most one shard per entry",
+                        collective=True)
     if s.n_masters > 1 and ref_sig.torch_opt is not None:
         wrapped = ref_sig.torch_opt.name.rsplit(".", 1)[-1]
         raise LoopError(f"every rank: master_shards={s.n_masters} with a wrapped "

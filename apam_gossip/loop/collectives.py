@@ -45,9 +45,9 @@ OPS = ("average", "sum", "min", "max")
 def _workers(what: str) -> Session:
     s = current(what)
     if s.is_master:
-        raise LoopError(f"rank 0: {what} on the centralized master: collectives are among "
-                        "the workers (rank 0 never leaves init(); call it in the workers' "
-                        "code, after init())")
+        raise LoopError(f"rank {s.rank}: {what} on the centralized master: collectives "
+                        "are among the workers (the master's ranks never leave init(); call "
+                        "it in the workers' code, after init())")
     return s
 
 

@@ -5,7 +5,8 @@
 of the model (:class:`~apam_gossip.core.apam.Shard`), in the order gradients reach them,
 as ``train --master-shards`` does; there is no budget to keep, so every shard serves until
 every worker has finished. ``state_dict()`` is a consistent cut, without stopping the job:
-the worker asks every shard (:class:`~apam_gossip.messages.StateRequest`); each answers
+the worker asks shard 0, then the others (:class:`~apam_gossip.messages.StateRequest`;
+shard 0 opens one cut at a time, so every shard takes the cuts in one order); each answers
 with how many gradients of each worker it has applied
 (:class:`~apam_gossip.messages.StateCounts`) and from then on holds back every gradient
 that arrives; the worker sends the most of each count (:class:`~apam_gossip.messages.StateAt`);
@@ -15,13 +16,15 @@ reaches every shard), answers with its state there and goes on. Every slice then
 the same gradients, so the joined state is one the whole master could have had, and it
 loads with any number of shards. While a cut is pending a worker may apply at most one
 gradient past it at no shard, so no shard overshoots (asserted). Several workers may ask
-at once: each shard answers the requests in the order they reached it.
+at once: their cuts follow one another in shard 0's order, each at counts at least the
+previous one's.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,7 +91,9 @@ class LoopMaster:
     workers' loops instead of a budget: each gradient brings its worker's lr, and it
     serves until every worker has finished."""
 
-    def __init__(self, s: Session, sig: Signature, x0: Tensor) -> None:
+    def __init__(self, s: Session, sig: Signature, x0: Tensor, end: Any = None) -> None:
+        """``end``: the star's master end (default: MPI's, to the workers after the
+        master's ranks; a test gives its own)."""
         from ..transport.mpi import MpiStarMaster
 
         self.s = s
@@ -101,13 +106,14 @@ class LoopMaster:
             (sig.numel, sig.n_params)
         self.numel = sig.numel
         self.end = MpiStarMaster(s.comm, numel, timeout=s.timeout_s, pin=False,
-                                 first_worker=k)
+                                 first_worker=k) if end is None else end
         self.hp = OptimConfig(**dict(sig.optim), lr=sig.lr0 or 1.0)
         self.n = self.end.n_workers
         self.m = ApamCore(x0 if self.shard is None else self.shard.of(x0), self.hp, self.n,
                           n_params=n_params)
         self.cuts: list[_Cut] = []  # sharded: pending state_dict()s, in arrival order
         self.held: dict[int, tuple[Grad, Tensor]] = {}  # gradients held back by a cut
+        self.asking: list[int] = []  # shard 0: workers whose cut waits for the current
         self.torch_step = None
         if sig.torch_opt is not None:  # the workers wrap an optimizer: apply with a copy
             from .wrapped import master_step
@@ -163,6 +169,8 @@ class LoopMaster:
             assert all(c <= t for c, t in zip(counts, target, strict=True)), (counts, target)
             if counts == target:
                 self.end.send(self.cuts.pop(0).worker, None, self.state())
+                if self.asking:  # shard 0: the next cut in the one order
+                    self.open_cut(self.asking.pop(0))
                 continue
             ready = [i for i in sorted(self.held) if counts[i] < target[i]]
             if not ready:
@@ -172,6 +180,20 @@ class LoopMaster:
         if not self.cuts:
             for i in sorted(self.held):
                 self.apply(i, *self.held.pop(i))
+
+    def on_state_request(self, i: int) -> None:
+        """The first half of worker ``i``'s cut. Shard 0 opens one cut at a time and a
+        worker asks the other shards only once shard 0 has answered, so every shard sees
+        the cuts in one order, and each cut's counts are at least the one before's (shard
+        0's are): no shard passes a cut's counts on its way to an earlier one's."""
+        if self.s.rank == 0 and self.cuts:
+            self.asking.append(i)
+        else:
+            self.open_cut(i)
+
+    def open_cut(self, i: int) -> None:
+        self.cuts.append(_Cut(i))
+        self.end.send(i, None, StateCounts(self.counts()))
 
     def state(self) -> LoopState:
         m = self.m
@@ -223,6 +245,38 @@ class LoopMaster:
             self.end.send(j, m.x, Params(m.version))
         self.loading.clear()
 
+    def handle(self, i: int, msg: Any, grad: Tensor | None) -> None:
+        """One message of worker ``i`` (after the hellos)."""
+        if isinstance(msg, Grad):
+            assert grad is not None
+            if self.loading:
+                self.fault(i, f"{self.who(i)}: step() while other workers load a "
+                           "checkpoint: every worker loads before its first step()")
+                return
+            self.on_grad(i, msg, grad)
+        elif isinstance(msg, Done):
+            self.done[i] = msg
+            # the loading workers wait for every live worker to load: one that
+            # finished instead never will (misuse: one line, not a hang)
+            for k in sorted(self.loading):
+                self.fault(k, f"{self.who(k)}: load_state_dict() while {self.who(i)} "
+                           "finished without loading: every worker loads the same state "
+                           "before its first step(), or none does")
+            self.loading.clear()
+        elif isinstance(msg, StateRequest):
+            if self.shard is None:
+                self.end.send(i, None, self.state())
+            else:  # the first half of a consistent cut
+                self.on_state_request(i)
+        elif isinstance(msg, StateAt):
+            cut = next(c for c in self.cuts if c.worker == i and c.target is None)
+            cut.target = tuple(msg.target)
+            self.settle()
+        elif isinstance(msg, LoopState):
+            self.on_load(i, msg)
+        else:
+            raise AssertionError(f"unexpected message from {self.who(i)}: {msg!r}")
+
     def serve(self) -> MasterHandle:
         m, end, s = self.m, self.end, self.s
         me = f"rank {s.rank} (master{f' shard {s.rank}' if self.shard else ''})"
@@ -230,8 +284,8 @@ class LoopMaster:
         deadline = time.monotonic() + s.timeout_s
         while waiting:  # every worker has its model (a rank that dies ends the job)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{me}: workers {sorted(waiting)} did not "
-                                   f"start within timeout_s={s.timeout_s:g} s")
+                raise TimeoutError(f"{me}: {', '.join(self.who(i) for i in sorted(waiting))} "
+                                   f"did not start within timeout_s={s.timeout_s:g} s")
             for i in end.ready(1.0):
                 msg, _ = end.recv(i)
                 assert isinstance(msg, Hello), msg
@@ -242,38 +296,8 @@ class LoopMaster:
             # no deadline: a worker may do anything between two steps (an evaluation);
             # a rank that dies ends the whole job
             for i in end.ready(1.0):
-                msg, grad = end.recv(i)
-                if isinstance(msg, Grad):
-                    if self.loading:
-                        self.fault(i, f"{self.who(i)}: step() while other workers load a "
-                                   "checkpoint: every worker loads before its first step()")
-                        continue
-                    self.on_grad(i, msg, grad)
-                elif isinstance(msg, Done):
-                    self.done[i] = msg
-                    # the loading workers wait for every live worker to load: one that
-                    # finished instead never will (misuse: one line, not a hang)
-                    for k in sorted(self.loading):
-                        self.fault(k, f"{self.who(k)}: load_state_dict() while "
-                                   f"{self.who(i)} finished without loading: every worker "
-                                   "loads the same state before its first step(), or none "
-                                   "does")
-                    self.loading.clear()
-                elif isinstance(msg, StateRequest):
-                    if self.shard is None:
-                        end.send(i, None, self.state())
-                    else:  # the first half of a consistent cut
-                        self.cuts.append(_Cut(i))
-                        end.send(i, None, StateCounts(self.counts()))
-                elif isinstance(msg, StateAt):
-                    cut = next(c for c in self.cuts if c.worker == i and c.target is None)
-                    cut.target = tuple(msg.target)
-                    self.settle()
-                elif isinstance(msg, LoopState):
-                    self.on_load(i, msg)
-                else:
-                    raise AssertionError(f"unexpected message from {self.who(i)}: {msg!r}")
-        assert not self.cuts and not self.held, (self.cuts, sorted(self.held))
+                self.handle(i, *end.recv(i))
+        assert not (self.cuts or self.held or self.asking), (self.cuts, sorted(self.held))
         for i in sorted(self.done):
             end.send(i, None, Stop())
         final = self.final_model()

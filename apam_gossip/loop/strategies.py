@@ -39,6 +39,7 @@ from ..messages import (
     LoopState,
     Params,
     StateAt,
+    StateCounts,
     StateRequest,
     Stop,
 )
@@ -208,10 +209,17 @@ class CentralizedWorker(Strategy):
             assert isinstance(st, LoopState), st
             return st
         from ..core.apam import join_states
+        from ..transport.mpi import recv_from_each
 
-        for end in self.ends:
+        # shard 0 first, and the others once it has answered: the cuts' one order (see
+        # apam_gossip.loop.master); shard 0 answers when the cut before has ended
+        self.ends[0].send(None, StateRequest())
+        counts = [self.ends[0].recv(None, self.s.timeout_s)]
+        for end in self.ends[1:]:
             end.send(None, StateRequest())
-        counts = self._each(None, self.s.timeout_s)
+        counts += recv_from_each(self.ends[1:], [None] * (len(self.ends) - 1),
+                                 self.s.timeout_s, f"{self.opt.who}: the shards' counts")
+        assert all(isinstance(c, StateCounts) for c in counts), counts
         target = tuple(max(c) for c in zip(*(m.counts for m in counts), strict=True))
         for end in self.ends:
             end.send(None, StateAt(target))
@@ -255,6 +263,8 @@ class CentralizedWorker(Strategy):
             end.send(None, msg)
         backs = self._each(o.flat.state, NO_DEADLINE_S)  # until all have loaded
         assert all(isinstance(b, Params) for b in backs), backs
+        if self.shards is not None:  # each shard's version: the next gradient's staleness
+            self.end_.versions[:] = [b.version for b in backs]
         o.version = backs[0].version
 
 
