@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from .core.compress import parse_compress
 from .errors import UserError
 from .imports import is_import_string
 
@@ -51,6 +52,7 @@ Augment = Literal["none", "hflip"]
 Device = Literal["auto", "cpu", "cuda"]
 Transport = Literal["auto", "shm", "mpi"]
 AdaptiveState = Literal["local", "tracked"]
+NeighbourChoice = Literal["uniform", "fast"]
 
 MODES: tuple[str, ...] = get_args(Mode)
 ASYNC_MODES: tuple[str, ...] = ("centralized", "decentralized")
@@ -158,8 +160,11 @@ def ignored_settings(given: Collection[str], modes: Collection[str], optim: Opti
     rows: list[tuple[tuple[str, ...], bool, str]] = [
         (("topology",), modes.isdisjoint({"decentralized", "dpsgd"}),
          "applies to the decentralized and dpsgd modes"),
-        (("adaptive_state", "audit", "overlap", "optim.gossip_lr"),
+        (("adaptive_state", "audit", "overlap", "optim.gossip_lr", "compress",
+          "compress_gamma", "neighbour_choice"),
          "decentralized" not in modes, "applies to the decentralized mode"),
+        (("compress_gamma",), "decentralized" in modes and run is not None
+         and run.compress == "none", "applies with compress int8 or topk:F"),
         (("master", "master_shards", "optim.staleness_lr", "optim.staleness_momentum",
           "optim.lookahead"),
          "centralized" not in modes, "applies to the centralized mode"),
@@ -336,6 +341,18 @@ class RunConfig(_Section):
                               "first steps and keeps the faster; \"auto\" in a file)")
     audit: bool = _f(False, "decentralized: check at the end that sum_i x_i = sum_i x_i(0) "
                      "+ all local steps")
+    compress: str = _f("none", "decentralized: what an average sends, none (the models), "
+                       "int8 (blockwise, 3.98x fewer bytes) or topk:F (the fraction F of "
+                       "largest changes), with per-edge public copies that keep the sum of "
+                       "the models and lose nothing over time (see "
+                       "apam_gossip.core.compress)", min_length=1)
+    compress_gamma: float | None = _f(None, "decentralized, compressed: the mixing step "
+                                      "(default: 1 for int8, min(1, 3F) for topk:F)", gt=0,
+                                      le=1)
+    neighbour_choice: NeighbourChoice = _f("uniform", "decentralized: uniform (the "
+                                           "topology's weights), or fast: prefer neighbours "
+                                           "whose averages complete sooner (measured), "
+                                           "every edge kept at a floor probability")
     straggler_prob: float = _f(0.0, "each gradient is a straggler with this probability",
                                ge=0, le=1)
     straggler_factor: float = _f(1.0, "... and then this many times slower", ge=1, le=1e6)
@@ -373,6 +390,15 @@ class RunConfig(_Section):
         for i, s in enumerate(self.slowdown):
             if not 1.0 <= s <= 1e6:
                 raise _rule(f"slowdown[{i}]", f"must be in [1, 1e6] (1 = full speed), got {s:g}")
+        try:
+            comp = parse_compress(self.compress)
+        except ValueError as e:
+            raise _rule("compress", str(e).removeprefix("compress ").removeprefix(
+                f"{self.compress!r}: ")) from None
+        if comp is not None and self.adaptive_state == "tracked":
+            raise _rule("compress", "a compressed average moves the models only: use "
+                        "adaptive_state local (the tracked second moment is averaged "
+                        "exactly)")
         if self.checkpoint is not None and self.mode not in ASYNC_MODES:
             raise _rule("checkpoint", "only the centralized and decentralized modes write "
                         f"checkpoints so far (mode is {self.mode})")

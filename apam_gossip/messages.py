@@ -127,6 +127,7 @@ class WorkerReport:
     # the measured choice was made) and the probe's median step times
     overlap: bool | None = None
     overlap_probe: dict[str, float] | None = None
+    neighbours: dict[int, int] | None = None  # gossip: how often it chose each neighbour
 
 
 # -- star (centralized) data plane: each travels with a model or a gradient ----------------

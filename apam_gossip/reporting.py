@@ -84,6 +84,8 @@ def worker_stats(cfg: RunConfig, reports: dict[int, WorkerReport], devices: list
         ws = WorkerStats.of(i, devices[i], cfg.slowdown_of(i), updates, samples, wall,
                             r.compute_s, r.sleep_s)
         ws.overlap, ws.overlap_probe = r.overlap, r.overlap_probe
+        if r.neighbours is not None:
+            ws.neighbours = {str(j): int(c) for j, c in sorted(r.neighbours.items())}
         out.append(ws)
     return out
 

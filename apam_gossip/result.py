@@ -57,6 +57,8 @@ class WorkerStats:
     overlap: bool | None = None
     # the measurement behind a measured choice: median step seconds each way
     overlap_probe: dict[str, float] | None = None
+    # gossip: how many averages it began with each neighbour (the chosen distribution)
+    neighbours: dict[str, int] | None = None
 
     @classmethod
     def of(cls, worker: int, device: str, slowdown: float, updates: int, samples: int,

@@ -168,3 +168,48 @@ def test_compressed_gossip_reaches_consensus_and_keeps_the_mean(graph, spec, exc
     if spec.startswith("topk"):
         _, naive_drift = _gossip(g, spec, 300, naive=True)
         assert naive_drift > 100 * drift, (naive_drift, drift)
+
+
+# ---------------------------------------------------- real workers on shared memory
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("spec", ["int8", "topk:0.1"])
+def test_compressed_gossip_on_shared_memory_keeps_the_sum_and_trains(digits, spec):
+    """4 worker processes on a ring, each average a compressed exchange: the audit (sum of
+    the models = the start + every local step) holds as for exact averaging, the run
+    trains, and the result says what an average put on the wire."""
+    from helpers import make_cfg
+
+    from apam_gossip.runner import run
+
+    base = dict(mode="decentralized", workers=4, steps=300, audit=True, evals=2)
+    r = run(make_cfg(base, compress=spec), dataset=digits)
+    extra = r.evals[-1].extra
+    assert extra["audit_error"] <= 1e-5, extra["audit_error"]
+    assert r.final_metric >= 0.8 and extra["averages"] >= 0.9 * r.updates
+    numel = r.final_params.numel()
+    assert extra["bytes_per_average"] == 2 * parse_compress(spec).nbytes(numel)
+    exact = run(make_cfg(base, evals=1), dataset=digits).evals[-1].extra
+    assert exact["bytes_per_average"] == 8 * numel
+    assert exact["bytes_per_average"] / extra["bytes_per_average"] >= (
+        3.98 if spec == "int8" else 4.99)  # top-10%: 8 bytes for each of n / 10 entries
+
+
+@pytest.mark.timeout(300)
+def test_fast_neighbour_choice_prefers_the_fast_link_and_keeps_the_floor(digits):
+    """Worker 0's link to worker 1 is fast, to worker 3 slow (20 ms each way, emulated):
+    with --neighbour-choice fast worker 0 averages mostly with 1, yet still with 3 at
+    least at the floor share; uniform splits about evenly."""
+    from helpers import make_cfg
+
+    from apam_gossip.algorithms.adpsgd import NeighborPicker
+    from apam_gossip.runner import run
+
+    net = {"links": [[0, 3, 20.0, 10.0], [2, 3, 20.0, 10.0]]}
+    cfgs = {c: make_cfg(mode="decentralized", workers=4, steps=160, network=net, evals=1,
+                        neighbour_choice=c, overlap=False) for c in ("uniform", "fast")}
+    chosen = {c: run(cfg, dataset=digits).workers[0].neighbours for c, cfg in cfgs.items()}
+    fast, uniform = chosen["fast"], chosen["uniform"]
+    share3 = fast.get("3", 0) / sum(fast.values())
+    assert share3 < 0.35, chosen  # mostly the fast neighbour
+    assert share3 >= 0.5 * NeighborPicker.FLOOR * 0.5, chosen  # never cut off
+    assert 0.3 < uniform.get("3", 0) / sum(uniform.values()) < 0.7, chosen

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ..config import RunConfig
+from ..core.compress import parse_compress
 from ..core.gossip import GossipRule
 from ..emulation import LinkModel
 from ..messages import Hello, WorkerReport
@@ -64,25 +65,60 @@ GO_TIMEOUT_S = 300.0
 AVERAGE_TRIES = 3
 
 
-def neighbor_picker(neighbors: list[int], probs: list[float], seed: int, alive=None):
-    """A function returning a random neighbor (P(j) ~ probs), skipping dead ones when
-    ``alive(j)`` says so; None when no neighbor is left."""
-    rng = np.random.default_rng(seed)
-    nb = np.asarray(neighbors)
-    p = np.asarray(probs, dtype=np.float64)
-    p = p / p.sum()
+class NeighborPicker:
+    """A random neighbor for each average, P(j) ~ ``probs`` (the topology's weights), a
+    dead one skipped when ``alive(j)`` says so; called, it returns None when no neighbor
+    is left. ``choice="fast"`` (``--neighbour-choice fast``): neighbors whose averages
+    complete sooner are preferred, ``P(j) = (1 - FLOOR) * w_j / t_j / sum_k (w_k / t_k)
+    + FLOOR * w_j``, where ``t_j`` is an exponential average (:attr:`EMA`) of the
+    seconds an average with ``j`` took (:meth:`observe`; a neighbor not yet measured
+    counts as the fastest measured, so each is tried): every edge keeps at least
+    ``FLOOR`` of its uniform share, so the graph stays connected and mixing cannot
+    collapse onto one pair. :attr:`counts` is the distribution it chose."""
 
-    def pick() -> int | None:
-        j = int(rng.choice(nb, p=p))
-        if alive is None or alive(j):
-            return j
-        live = [k for k, q in enumerate(p) if alive(int(nb[k]))]
-        if not live:
-            return None
-        q = p[live] / p[live].sum()
-        return int(nb[live][rng.choice(len(live), p=q)])
+    FLOOR = 0.25
+    EMA = 0.3
 
-    return pick
+    def __init__(self, neighbors: list[int], probs: list[float], seed: int, alive=None,
+                 choice: str = "uniform") -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nb = np.asarray(neighbors)
+        p = np.asarray(probs, dtype=np.float64)
+        self.w = p / p.sum()
+        self.alive, self.fast = alive, choice == "fast"
+        self.seconds: dict[int, float] = {}
+        self.counts: Counter[int] = Counter()
+
+    def observe(self, j: int, seconds: float) -> None:
+        """An average with ``j`` took ``seconds`` (only ``fast`` uses it)."""
+        old = self.seconds.get(j)
+        self.seconds[j] = seconds if old is None else old + self.EMA * (seconds - old)
+
+    def probabilities(self) -> np.ndarray:
+        if not self.fast or not self.seconds:
+            return self.w
+        best = min(self.seconds.values())
+        t = np.array([max(self.seconds.get(int(j), best), 1e-9) for j in self.nb])
+        speed = self.w / t
+        return (1 - self.FLOOR) * speed / speed.sum() + self.FLOOR * self.w
+
+    def __call__(self) -> int | None:
+        p = self.probabilities()
+        j = int(self.rng.choice(self.nb, p=p))
+        if self.alive is not None and not self.alive(j):
+            live = [k for k in range(len(p)) if self.alive(int(self.nb[k]))]
+            if not live:
+                return None
+            q = p[live] / p[live].sum()
+            j = int(self.nb[live][self.rng.choice(len(live), p=q)])
+        self.counts[j] += 1
+        return j
+
+
+def neighbor_picker(neighbors: list[int], probs: list[float], seed: int, alive=None,
+                    choice: str = "uniform") -> NeighborPicker:
+    """A :class:`NeighborPicker` (the function every driver calls)."""
+    return NeighborPicker(neighbors, probs, seed, alive, choice)
 
 
 def average_with_a_neighbor(end: GossipEnd, pick, link: LinkModel | None = None
@@ -96,9 +132,13 @@ def average_with_a_neighbor(end: GossipEnd, pick, link: LinkModel | None = None
         j = pick() if pick is not None else None
         if j is None:  # every neighbor died: keep training alone
             break
+        t = time.perf_counter()
         if link is not None:
             link.sleep(2 * link.seconds(end.worker, j))  # emulated link: model and back
-        if end.average_with(j):
+        done = end.average_with(j)
+        if hasattr(pick, "observe"):  # (--neighbour-choice fast learns from it)
+            pick.observe(j, time.perf_counter() - t)
+        if done:
             return True, refusals
         refusals += 1
     return False, refusals
@@ -186,9 +226,12 @@ def gossip_worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task
     state = end.optimizer_state() or rule.init_state(sdev)
     grad_out = torch.zeros(n_params, device=sdev) if w.device != sdev else None
     buffers0 = torch.zeros(n_buffers, device=w.device) if n_buffers else None
-    pick = neighbor_picker(neighbors, probs, worker_seed(cfg.seed, i) + 1, end.is_alive) \
-        if neighbors else None
-    link = LinkModel(cfg.network, 4 * (w.flat.numel + (n_params if tracked else 0)))
+    pick = neighbor_picker(neighbors, probs, worker_seed(cfg.seed, i) + 1, end.is_alive,
+                           cfg.neighbour_choice) if neighbors else None
+    comp = parse_compress(cfg.compress)
+    # what one direction of an average carries: the model (and u), or a packet
+    link = LinkModel(cfg.network, comp.nbytes(w.flat.numel) if comp is not None
+                     else 4 * (w.flat.numel + (n_params if tracked else 0)))
     # audit: the sum of this worker's local steps, to check that none was lost
     audit = torch.zeros(w.flat.numel, dtype=torch.float64, device=sdev) if cfg.audit else None
     staleness: Counter[int] = Counter()
@@ -255,6 +298,7 @@ def gossip_worker_main(ctrl: Control, end: GossipEnd, cfg: RunConfig, task: Task
         audit_vhat=state["vhat"].double().cpu().numpy().copy()
         if audit is not None and tracked else None,
         overlap=choice.kept(), overlap_probe=choice.measured(),
+        neighbours=dict(pick.counts) if pick is not None else None,
     ))
 
 

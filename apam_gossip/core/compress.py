@@ -159,6 +159,22 @@ def default_gamma(comp: Compressor) -> float:
     return 1.0
 
 
+def gamma_for(comp: Compressor | None, given: float | None) -> float:
+    """The mixing step of a run: ``given``, else :func:`default_gamma` (1 uncompressed)."""
+    if given is not None:
+        return float(given)
+    return default_gamma(comp) if comp is not None else 1.0
+
+
+def wire_bytes(cfg, numel: int, n_params: int) -> int:
+    """The bytes one average of a gossip run puts on the wire, both ways: two packets, or
+    two models (and their tracked second moments) uncompressed. ``cfg``: a RunConfig."""
+    comp = parse_compress(cfg.compress)
+    if comp is not None:
+        return 2 * comp.nbytes(numel)
+    return 2 * 4 * (numel + (n_params if cfg.adaptive_state == "tracked" else 0))
+
+
 def packet(comp: Compressor, n: int, device: torch.device | str = "cpu") -> Tensor:
     """A packet buffer for a model of ``n`` entries."""
     return torch.zeros(comp.nbytes(n), dtype=torch.uint8, device=device)
@@ -186,18 +202,20 @@ def exchange_pair(comp: Compressor, gamma: float, x_i: Tensor, x_j: Tensor, p_ij
                   p_ji: Tensor, buf_i: Tensor | None = None, buf_j: Tensor | None = None
                   ) -> None:
     """One whole exchange where one process holds both sides (shared memory, the
-    simulator): ``p_ij``/``p_ji`` are the edge's one pair of copies."""
+    simulator): ``p_ij``/``p_ji`` are the edge's one pair of copies, each on its model's
+    device (two GPUs: the step crosses once)."""
     n = x_i.numel()
     q_i = buf_i if buf_i is not None else packet(comp, n, x_i.device)
-    q_j = buf_j if buf_j is not None else packet(comp, n, x_i.device)
-    encode_change(comp, x_i, p_ij, q_i)
+    q_j = buf_j if buf_j is not None else packet(comp, n, x_j.device)
+    encode_change(comp, x_i, p_ij, q_i)  # each side's copies where its model is
     encode_change(comp, x_j, p_ji, q_j)
     comp.decode_add(q_i, p_ij)
     comp.decode_add(q_j, p_ji)
-    d = (p_ji - p_ij).mul_(gamma / 2)
+    d = (p_ji.to(x_i.device) - p_ij).mul_(gamma / 2)
     x_i.add_(d)
-    x_j.sub_(d)
+    x_j.sub_(d.to(x_j.device))
 
 
-__all__ = ["Compressor", "Int8", "TopK", "parse_compress", "default_gamma", "packet",
+__all__ = ["Compressor", "Int8", "TopK", "parse_compress", "default_gamma", "gamma_for",
+           "wire_bytes", "packet",
            "encode_change", "mix", "exchange_pair"]

@@ -101,6 +101,10 @@ def run_mpi(cfg: RunConfig, task: Task, data: Any, cb: Callback,
     if cfg.mode == "decentralized":
         tmpi.require_thread_multiple("decentralized mode over MPI (a server thread serves "
                                      "averages beside the training thread)")
+        if cfg.compress != "none":
+            raise ConfigError("compressed averages run on shared memory so far; under "
+                              "mpirun use --compress none (or one machine without mpirun)",
+                              "compress")
         if cfg.checkpoint is not None:
             raise ConfigError("checkpoints of the decentralized mode are written on one "
                               "machine only so far; under mpirun use --mode centralized or "

@@ -17,6 +17,7 @@ from ..algorithms.apam import CheckpointSpec
 from ..checkpoint import save_checkpoint
 from ..config import RunConfig
 from ..coordinator import UNSAVED_LOCKSTEP, Coordinator, RunInterrupted
+from ..core.compress import gamma_for, parse_compress, wire_bytes
 from ..evaluate import Evaluator
 from ..messages import (
     PROGRESS_EVERY_S,
@@ -221,10 +222,13 @@ class DecentralizedMode(ShmMode):
         super().__init__(cfg, task, data, cb)
         plan = self.plan
         # each worker's model and optimizer state where it computes (its GPU: CUDA IPC)
+        comp = parse_compress(cfg.compress)
         self.gossip = g = ShmGossip(cfg.workers, plan.numel,
                                     tracked=cfg.adaptive_state == "tracked",
                                     n_tracked=plan.n_params,
-                                    devices=[torch.device(d) for d in self.devices])
+                                    devices=[torch.device(d) for d in self.devices],
+                                    compress=comp, gamma=gamma_for(comp, cfg.compress_gamma),
+                                    edges=list(plan.graph.edges()))
         g.x.copy_(plan.x0)  # every worker starts from the same model
         g.share_optimizer_state(Optimizer(cfg.optim).init(torch.zeros(plan.n_params)))
         self.resumes, self.wall_before = 0, 0.0
@@ -246,6 +250,7 @@ class DecentralizedMode(ShmMode):
             g.counters[2] = int(ckpt["averages"])
             g.done_by.copy_(ckpt["done_by"])
             self.points = [p for p in self.points if p > int(ckpt["completed"])]
+        g.start_public()  # the edges' public copies: the models the workers start from
         # the audit starts from the models the workers start from (the checkpoint's)
         self.audit_base = AuditBase.of(
             g.x.clone(), g.u.clone() if g.u is not None else None,
@@ -374,6 +379,8 @@ class DecentralizedMode(ShmMode):
             self.evals[-1].extra.update(audit_errors(self.audit_base, self.gossip.x.clone(),
                                                      u.clone() if u is not None else None,
                                                      self.reports))
+        self.evals[-1].extra["bytes_per_average"] = float(
+            wire_bytes(cfg, self.plan.numel, self.plan.n_params))
         # a resumed run's counts are the whole run's, as its evaluations and wall time
         # are: what each worker did before the checkpoint, plus since
         bs = cfg.data.batch_size

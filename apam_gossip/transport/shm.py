@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..average import FUSED_MIN_NUMEL, average_pair_, fused_available, mix_into
+from ..core.compress import Compressor, exchange_pair, packet
 from ..messages import Bye
 from ..procs import CTX
 from . import NoVote, PeerGone
@@ -185,13 +186,30 @@ class ShmGossip:
 
     def __init__(self, n_workers: int, numel: int, tracked: bool = False,
                  dtype: torch.dtype = torch.float32, n_tracked: int | None = None,
-                 devices: list[torch.device] | None = None) -> None:
+                 devices: list[torch.device] | None = None,
+                 compress: Compressor | None = None, gamma: float = 1.0,
+                 edges: list[tuple[int, int]] | None = None) -> None:
         """``numel``: each worker's model state; ``n_tracked``: the length of the tracked
         second moment (the trained parameters: default all of the state); ``devices``:
-        where each worker computes (default: all on the CPU)."""
+        where each worker computes (default: all on the CPU). ``compress``: averages are
+        compressed exchanges (:mod:`apam_gossip.core.compress`) with mixing step
+        ``gamma``, over ``edges`` (the graph's): each edge's pair of public copies,
+        ``public[row_of[(i, j)]]`` being worker i's model as j knows it, lives here once
+        for both ends, beside its worker's model (set them with :meth:`start_public`)."""
         self.n_workers = n_workers
         self.devices = devices
         self.x = Rows(n_workers, numel, dtype, devices)
+        self.compress, self.gamma = compress, gamma
+        self.row_of: dict[tuple[int, int], int] = {}
+        self.public: Rows | None = None
+        if compress is not None:
+            assert not tracked, "a compressed average moves x only (config refuses tracked)"
+            for a, b in edges or []:
+                for e in ((a, b), (b, a)):
+                    self.row_of.setdefault(e, len(self.row_of))
+            owners = [e[0] for e in self.row_of]
+            self.public = Rows(len(owners), numel, dtype,
+                               [devices[i] for i in owners] if devices else None)
         self.u = Rows(n_workers, numel if n_tracked is None else n_tracked, dtype,
                       devices) if tracked else None
         self.versions = torch.zeros(n_workers, dtype=torch.int64).share_memory_()
@@ -215,6 +233,13 @@ class ShmGossip:
         # the workers' optimizer states (filled by share_optimizer_state), so that a
         # checkpoint can copy them under the workers' locks
         self.opt_state: dict[str, Rows] = {}
+
+    def start_public(self) -> None:
+        """Every public copy from its worker's current model (at the start, and on a
+        resume from a checkpoint's models: any start both ends share keeps the sum)."""
+        if self.public is not None:
+            for (i, _), r in self.row_of.items():
+                self.public[r].copy_(self.x[i])
 
     def share_optimizer_state(self, template: dict[str, Tensor]) -> None:
         """Allocate every worker's optimizer state beside its model, shaped like
@@ -294,6 +319,12 @@ class ShmGossipEnd:
         used = {i, *neighbors} if neighbors is not None else set(range(g.n_workers))
         self.x = g.x.only(used)
         self.u = g.u.only(used) if g.u is not None else None
+        self.compress, self.gamma = g.compress, g.gamma
+        # the copies of this worker's edges (both directions: it runs both sides)
+        self.row_of = {e: r for e, r in g.row_of.items() if i in e and set(e) <= used}
+        self.public = g.public.only(set(self.row_of.values())) \
+            if g.public is not None else None
+        self._packets: tuple[Tensor, Tensor] | None = None
         self.versions = g.versions
         self.counters = g.counters
         self.losses = g.losses
@@ -373,9 +404,12 @@ class ShmGossipEnd:
         try:
             self._acquire(b)
             try:
-                for buf in (self.x, self.u) if self.u is not None else (self.x,):
-                    average_pair_(buf[i], buf[j])
-                    fence(buf[i], buf[j])  # done before the locks go (see .rows)
+                if self.compress is not None:
+                    self._exchange(j)
+                else:
+                    for buf in (self.x, self.u) if self.u is not None else (self.x,):
+                        average_pair_(buf[i], buf[j])
+                        fence(buf[i], buf[j])  # done before the locks go (see .rows)
                 self.versions[i] += 1
                 self.versions[j] += 1
                 with self.counter_lock:  # counted under the locks: see consistent_copy
@@ -385,6 +419,23 @@ class ShmGossipEnd:
         finally:
             self._release(a)
         return True
+
+    def _exchange(self, j: int) -> None:
+        """Under both locks: the compressed exchange over the edge (i, j), both sides
+        (:func:`~apam_gossip.core.compress.exchange_pair`)."""
+        assert self.compress is not None and self.public is not None
+        i = self.worker
+        x_i, x_j = self.x[i], self.x[j]
+        if self._packets is None:  # this process's packet buffers, made once
+            n = x_i.numel()
+            self._packets = (packet(self.compress, n, x_i.device),
+                             packet(self.compress, n, x_j.device))
+        q_i, q_j = self._packets
+        if q_j.device != x_j.device:  # (neighbours on several GPUs)
+            q_j = packet(self.compress, x_j.numel(), x_j.device)
+        p_ij, p_ji = self.public[self.row_of[(i, j)]], self.public[self.row_of[(j, i)]]
+        exchange_pair(self.compress, self.gamma, x_i, x_j, p_ij, p_ji, q_i, q_j)
+        fence(x_i, x_j, p_ij, p_ji)
 
     def update_local(self, fn, since: int | None = None) -> int:
         """Run ``fn(x_i, u_i)`` under this worker's lock (a local step never interleaves
