@@ -177,9 +177,9 @@ def test_compressed_gossip_on_shared_memory_keeps_the_sum_and_trains(digits, spe
     """4 worker processes on a ring, each average a compressed exchange: the audit (sum of
     the models = the start + every local step) holds as for exact averaging, the run
     trains, and the result says what an average put on the wire."""
-    from helpers import make_cfg
-
     from apam_gossip.runner import run
+
+    from helpers import make_cfg
 
     base = dict(mode="decentralized", workers=4, steps=300, audit=True, evals=2)
     r = run(make_cfg(base, compress=spec), dataset=digits)
@@ -199,10 +199,10 @@ def test_fast_neighbour_choice_prefers_the_fast_link_and_keeps_the_floor(digits)
     """Worker 0's link to worker 1 is fast, to worker 3 slow (20 ms each way, emulated):
     with --neighbour-choice fast worker 0 averages mostly with 1, yet still with 3 at
     least at the floor share; uniform splits about evenly."""
-    from helpers import make_cfg
-
     from apam_gossip.algorithms.adpsgd import NeighborPicker
     from apam_gossip.runner import run
+
+    from helpers import make_cfg
 
     net = {"links": [[0, 3, 20.0, 10.0], [2, 3, 20.0, 10.0]]}
     cfgs = {c: make_cfg(mode="decentralized", workers=4, steps=160, network=net, evals=1,
