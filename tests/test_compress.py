@@ -213,3 +213,25 @@ def test_fast_neighbour_choice_prefers_the_fast_link_and_keeps_the_floor(digits)
     assert share3 < 0.35, chosen  # mostly the fast neighbour
     assert share3 >= 0.5 * NeighborPicker.FLOOR * 0.5, chosen  # never cut off
     assert 0.3 < uniform.get("3", 0) / sum(uniform.values()) < 0.7, chosen
+
+
+# ----------------------------------------------------------------- under a real mpirun
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("spec", ["int8", "topk:0.1"])
+def test_compressed_gossip_under_mpirun_keeps_the_sum_and_trains(tmp_path, spec):
+    """4 ranks: each average is one packet each way between the two ranks' server and
+    training threads (refusals as for exact averaging); the audit holds, the run trains,
+    and the result records the bytes of an average."""
+    import json
+
+    from test_mpi import cli, mpirun
+
+    out = tmp_path / "r.json"
+    p = mpirun(4, *cli("train", "--mode", "decentralized", "--epochs", "5", "--audit",
+                       "--compress", spec, "-o", str(out)), timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(out.read_text())
+    extra = d["evals"][-1]["extra"]
+    assert extra["audit_error"] <= 1e-5 and d["final_accuracy"] >= 0.85, extra
+    numel = d["n_params"]  # the MLP has no buffers: its state is its parameters
+    assert extra["bytes_per_average"] == 2 * parse_compress(spec).nbytes(numel)

@@ -38,6 +38,7 @@ from ..coordinator import (
     RunInterrupted,
     SignalStop,
 )
+from ..core.compress import gamma_for, parse_compress, wire_bytes
 from ..core.sync import split_batch
 from ..evaluate import Evaluator
 from ..messages import (
@@ -101,10 +102,7 @@ def run_mpi(cfg: RunConfig, task: Task, data: Any, cb: Callback,
     if cfg.mode == "decentralized":
         tmpi.require_thread_multiple("decentralized mode over MPI (a server thread serves "
                                      "averages beside the training thread)")
-        if cfg.compress != "none":
-            raise ConfigError("compressed averages run on shared memory so far; under "
-                              "mpirun use --compress none (or one machine without mpirun)",
-                              "compress")
+
         if cfg.checkpoint is not None:
             raise ConfigError("checkpoints of the decentralized mode are written on one "
                               "machine only so far; under mpirun use --mode centralized or "
@@ -259,8 +257,11 @@ def _decentralized(ctx: _RankContext) -> RunResult | None:
     nb, probs = plan.neighbors(rank)
     # the model, u and the local step on this rank's device (its GPU: exchanges go
     # through pinned host buffers)
+    comp = parse_compress(cfg.compress)
     g = tmpi.MpiGossip(comm, plan.x0, cfg.adaptive_state == "tracked", plan.total,
-                       cfg.timeout_s, n_tracked=plan.n_params, device=ctx.device)
+                       cfg.timeout_s, n_tracked=plan.n_params, device=ctx.device,
+                       compress=comp, gamma=gamma_for(comp, cfg.compress_gamma),
+                       neighbors=nb)  # every rank starts from plan.x0: the copies too
     # a stop request on any rank: it claims no more updates and its next claim tells
     # rank 0, which hands out no more, so every rank ends within one update; they
     # finish together as at the end of the budget (no checkpoint here)
@@ -327,6 +328,7 @@ def _decentralized(ctx: _RankContext) -> RunResult | None:
                                    mean_train_loss(reports),
                                    sum(r.averages for r in reports))
     rec.extra["refused_averages"] = sum(r.refused_averages for r in reports)
+    rec.extra["bytes_per_average"] = float(wire_bytes(cfg, plan.numel, plan.n_params))
     if cfg.audit:  # every rank started from x0, u = vhat = 0
         base = AuditBase.of(plan.x0.expand(cfg.workers, -1),
                             torch.zeros(1, plan.n_params) if us is not None else None)

@@ -384,12 +384,18 @@ class MpiGossip:
     """
 
     def __init__(self, comm, x0: Tensor, tracked: bool, total: int, timeout: float,
-                 n_tracked: int | None = None, device: torch.device | str = "cpu") -> None:
+                 n_tracked: int | None = None, device: torch.device | str = "cpu",
+                 compress: Any = None, gamma: float = 1.0,
+                 neighbors: list[int] | None = None) -> None:
         """``x0``: this rank's initial state; ``n_tracked``: the length of the tracked
         second moment (the trained parameters: default all of the state); ``device``:
         where the state lives and the local step runs (a GPU rank's own GPU: then every
         exchange goes through pinned host buffers, one DMA copy each way, and the
-        average itself is computed on the GPU)."""
+        average itself is computed on the GPU). ``compress`` (a
+        :class:`~apam_gossip.core.compress.Compressor`): an average is a compressed
+        exchange with mixing step ``gamma``, one packet each way, over the edges to
+        ``neighbors``, whose public copies start at ``x0`` (every rank's start must be the
+        same: a broadcast model)."""
         require_thread_multiple("gossip over MPI (a server thread beside the training thread)")
         self.comm = comm
         self.rank = comm.Get_rank()
@@ -427,8 +433,22 @@ class MpiGossip:
         self.stopping = False
         self._told_stop = False  # rank 0 knows of this rank's stop request
         self.losses = [0.0, 0]
-        self._recv_buf = _host_buffer(self.state.numel())
-        self._srv_buf = _host_buffer(self.state.numel())
+        self.compress, self.gamma = compress, gamma
+        # compressed: per neighbour j, (this rank's model as j knows it, j's as this rank
+        # knows it); the packets travel as bytes in their own buffers
+        self.public: dict[int, tuple[Tensor, Tensor]] = {}
+        if compress is not None:
+            assert not tracked, "a compressed average moves x only (config refuses tracked)"
+            for j in neighbors or []:
+                self.public[j] = (self.x.clone(), self.x.clone())
+            nb = compress.nbytes(n)
+            self._recv_buf = torch.zeros(nb, dtype=torch.uint8)
+            self._srv_buf = torch.zeros(nb, dtype=torch.uint8)
+            self._send_pkt = torch.zeros(nb, dtype=torch.uint8)
+            self._srv_pkt = torch.zeros(nb, dtype=torch.uint8)
+        else:
+            self._recv_buf = _host_buffer(self.state.numel())
+            self._srv_buf = _host_buffer(self.state.numel())
         self.averages = 0
         self.refused = 0  # averages this rank asked for and its peer refused (busy)
         self.in_flight = False  # this rank's own average is on its way (under self.lock)
@@ -506,11 +526,43 @@ class MpiGossip:
         except BaseException as e:  # noqa: BLE001 - surfaced by the training thread
             self.error = e
 
+    def _packet_of(self, j: int, out: Tensor) -> Tensor:
+        """``out`` (host bytes) <- Q(x - this rank's public copy for ``j``)."""
+        from ..core.compress import encode_change
+
+        mine, _ = self.public[j]
+        if out.device == self.x.device:
+            encode_change(self.compress, self.x, mine, out)
+            return out
+        dev = torch.zeros(out.numel(), dtype=torch.uint8, device=self.x.device)
+        encode_change(self.compress, self.x, mine, dev)
+        return out.copy_(dev)
+
+    def _mix(self, j: int, sent: Tensor, got: Tensor) -> None:
+        """The exchange's second half (:func:`~apam_gossip.core.compress.mix`), where the
+        model is."""
+        from ..core.compress import mix
+
+        mine, theirs = self.public[j]
+        dev = self.x.device
+        mix(self.compress, self.x, mine, theirs, sent.to(dev), got.to(dev), self.gamma)
+        fence(self.x)
+
     def _blend_and_reply(self, payload: Tensor, src: int) -> None:
         """Under the lock: [x | u] <- the mean with the payload (one pass), then send it
         straight from the model as the reply. The lock stays held until the send is
         done, so no local step lands in the model while it is on the wire (the asker
-        takes the reply as its new model)."""
+        takes the reply as its new model). Compressed: the payload is the asker's
+        packet; this rank answers with its own and both mix."""
+        if self.compress is not None:
+            if src not in self.public:
+                raise AssertionError(f"rank {self.rank}: an average from rank {src}, not a "
+                                     "neighbour")
+            reply = self._packet_of(src, self._srv_pkt)
+            self._mix(src, reply, payload)
+            self.version += 1
+            self.comm.Send(reply, dest=src, tag=T_REPLY)
+            return
         if self._wire is None:
             torch.lerp(self.state, payload, 0.5, out=self.state)
             self.version += 1
@@ -604,7 +656,9 @@ class MpiGossip:
             answers = [self.comm.Irecv(self._recv_buf, source=j, tag=T_REPLY),
                        self.comm.Irecv(self._refusal_buf, source=j, tag=T_REFUSED)]
             out = self.state
-            if self._wire is not None:
+            if self.compress is not None:  # the packet of this rank's change, not x
+                out = self._packet_of(j, self._send_pkt)
+            elif self._wire is not None:
                 self._wire.copy_(self.state)  # a device-to-pinned copy; waits for it
                 out = self._wire
             self.comm.Send(out, dest=j, tag=T_DATA)
@@ -620,8 +674,11 @@ class MpiGossip:
                 self.refused += 1
                 return False
             with self.lock:
-                self.state.copy_(self._recv_buf)
-                fence(self.state)
+                if self.compress is not None:
+                    self._mix(j, self._send_pkt, self._recv_buf)
+                else:
+                    self.state.copy_(self._recv_buf)
+                    fence(self.state)
                 self.version += 1
             self.averages += 1
             return True
