@@ -470,11 +470,15 @@ def test_launch_refuses_a_missing_script():
 
 @needs_mpi
 @pytest.mark.slow
-def test_gossip_with_lr_0_from_different_starts_conserves_the_mean(tmp_path):
+@pytest.mark.parametrize("compress", ["none", "int8", "topk:0.3"])
+def test_gossip_with_lr_0_from_different_starts_conserves_the_mean(tmp_path, compress):
     """4 ranks, each its own initial model (no broadcast), lr 0: averaging alone keeps the
-    mean of the models and drives them to consensus."""
+    mean of the models and drives them to consensus; so do compressed exchanges, whose
+    public copies start at zero here (and --neighbour-choice fast, which only reorders
+    the pairs)."""
     p = launch(4, SCRIPT, "--lr", "0", "--no-broadcast", "--steps", "300", "--dump",
-               str(tmp_path))
+               str(tmp_path), "--compress", compress,
+               *(["--neighbour-choice", "fast"] if compress != "none" else []))
     assert p.returncode == 0, p.stdout + p.stderr
     first = torch.stack([torch.load(tmp_path / f"first{r}.pt") for r in range(4)])
     last = torch.stack([torch.load(tmp_path / f"last{r}.pt") for r in range(4)])

@@ -16,7 +16,8 @@ PROG = "apam-gossip"  # the prefix of every line the loop API prints, as the CLI
 # user's loop is the budget) and takes the user's own schedule instead
 NOT_LOOP_SETTINGS = ("schedule", "warmup")
 INIT_DEFAULTS = {"topology": None, "adaptive_state": "local", "overlap": True,
-                 "master": "exit", "master_shards": 1}
+                 "master": "exit", "master_shards": 1, "compress": "none",
+                 "compress_gamma": None, "neighbour_choice": "uniform"}
 MASTER_CHOICES = ("exit", "return")
 ADAPTIVE_STATES = ("local", "tracked")
 TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE")
@@ -77,6 +78,9 @@ class Session:
     master_done: bool = False  # centralized rank 0, back from init(master="return")
     metrics: Any = None  # rank 0: init(log=...)'s sinks (a runlog.MetricsLog)
     master_shards: int = 1  # centralized under MPI: ranks 0..K-1 are the master's shards
+    compress: str = "none"  # decentralized: what an average sends (core.compress)
+    compress_gamma: float | None = None
+    neighbour_choice: str = "uniform"
 
     @property
     def mode(self) -> str:

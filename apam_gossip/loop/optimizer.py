@@ -191,7 +191,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         s = self.session
         if s.comm is not None:
             setup = {"mode": s.mode, "adaptive_state": s.adaptive_state,
-                     "broadcast": self.broadcast, "topology": s.topology}
+                     "broadcast": self.broadcast, "topology": s.topology,
+                     "compress": s.compress, "compress_gamma": s.compress_gamma}
             ref = s.reference
             agree(s, signature(self.flat, self.hp, setup, self.lr0, self.spec), ref)
             if self.broadcast or s.traits.master:  # (the master owns the model there)

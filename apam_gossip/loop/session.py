@@ -108,7 +108,8 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
          result: str | None = None, master: str = "exit",
          device: str = "auto", threads: int | None = None,
          overlap: bool = True, log: str | list[str] | None = None,
-         master_shards: int = 1) -> MasterHandle | None:
+         master_shards: int = 1, compress: str = "none", compress_gamma: float | None = None,
+         neighbour_choice: str = "uniform") -> MasterHandle | None:
     """Join the job as this rank (see the module docstring).
 
     ``topology``: decentralized only, a topology file or generator (default ``ring``) with
@@ -132,8 +133,11 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     ``finish()``. ``master_shards``: centralized under MPI, K master ranks (0..K-1), each
     owning a contiguous slice of the model and its AMSGrad state (``train
     --master-shards``); the workers are the ranks from K on, ``state_dict()`` is one
-    consistent state across the shards and loads with any K. Returns None except on a
-    returning master (every shard returns the whole final model).
+    consistent state across the shards and loads with any K. ``compress``,
+    ``compress_gamma``, ``neighbour_choice``: decentralized, as ``train --compress
+    none|int8|topk:F``, ``--compress-gamma``, ``--neighbour-choice uniform|fast`` (with
+    ``broadcast=False`` the edges' public copies start at zero, as CHOCO-SGD's). Returns
+    None except on a returning master (every shard returns the whole final model).
 
     The library's messages go through the Python logger ``apam_gossip`` (see
     :mod:`apam_gossip.runlog`): your ``logging`` configuration applies to them.
@@ -168,7 +172,8 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
         comm = TorchComm(timeout_s if isinstance(timeout_s, int | float) else 600.0)
         rank, size = comm.Get_rank(), comm.Get_size()
     values = {"topology": topology, "adaptive_state": adaptive_state, "overlap": overlap,
-              "master": master, "master_shards": master_shards}
+              "master": master, "master_shards": master_shards, "compress": compress,
+              "compress_gamma": compress_gamma, "neighbour_choice": neighbour_choice}
     given = {k for k, v in values.items() if v != INIT_DEFAULTS[k]}
     graph = None
     metrics = None
@@ -177,6 +182,7 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
         _check_init(mode, master, adaptive_state, device, timeout_s, threads, overlap,
                     result if rank == 0 else None, comm, size,  # rank 0 writes it
                     master_shards)
+        _check_gossip(compress, compress_gamma, neighbour_choice, adaptive_state)
         if TRAITS[mode].gossip:
             graph = _topology(topology, size, seed)
         if rank == 0:
@@ -214,7 +220,8 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     dev = torch.device("cpu")
     s = Session(traits, comm, rank, size, local_rank, dev, topology, adaptive_state, seed,
                 float(timeout_s), result, overlap=overlap, graph=graph, metrics=metrics,
-                master_shards=master_shards)
+                master_shards=master_shards, compress=compress,
+                compress_gamma=compress_gamma, neighbour_choice=neighbour_choice)
     if torchrun:  # no master there (allreduce only)
         s.workers_comm = comm.Split()
     elif comm is not None:  # collective: every rank, the master too, takes part
@@ -289,6 +296,26 @@ def _check_init(mode: str, master: str, adaptive_state: str, device: str, timeou
                             f"and the job has {size} ranks: launch {master_shards + 1} or "
                             "more (the workers are the ranks after the shards), or give "
                             "fewer shards")
+
+
+def _check_gossip(compress: Any, gamma: Any, choice: Any, adaptive_state: str) -> None:
+    """:func:`init`'s checks of the gossip exchange's settings."""
+    from ..core.compress import parse_compress
+
+    if not isinstance(compress, str):
+        raise LoopError(f"compress must be 'none', 'int8' or 'topk:F', got {compress!r}")
+    try:
+        comp = parse_compress(compress)
+    except ValueError as e:
+        raise LoopError(str(e)) from None
+    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, int | float)
+                              or not 0 < gamma <= 1):
+        raise LoopError(f"compress_gamma must be a number in (0, 1], got {gamma!r}")
+    if choice not in ("uniform", "fast"):
+        raise LoopError(f"neighbour_choice must be 'uniform' or 'fast', got {choice!r}")
+    if comp is not None and adaptive_state == "tracked":
+        raise LoopError("compress with adaptive_state='tracked': a compressed average moves "
+                        "the models only; use adaptive_state='local'")
 
 
 def _topology(spec: str | None, size: int, seed: int) -> Any:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..algorithms.adpsgd import average_with_a_neighbor, neighbor_picker, on_stream
 from ..algorithms.common import worker_seed
+from ..core.compress import gamma_for, parse_compress
 from ..core.consensus import consensus_from_sums, squares
 from ..core.gossip import GossipRule
 from ..core.sync import allreduce_step
@@ -279,15 +280,19 @@ class Gossip(Strategy):
         # the gossip state where your model is (its GPU: the local step runs there, and
         # exchanges go through pinned host buffers)
         dev = o.flat.state.device
+        nb, probs = neighbor_probabilities(s.graph)[s.rank]
+        comp = parse_compress(s.compress)
         self.gossip = MpiGossip(s.comm, o.flat.state, tracked, 0, s.timeout_s,
-                                n_tracked=o.flat.n_params, device=dev)
+                                n_tracked=o.flat.n_params, device=dev, compress=comp,
+                                gamma=gamma_for(comp, s.compress_gamma), neighbors=nb)
+        if not o.broadcast:  # each rank its own start: copies every rank agrees on
+            self.gossip.zero_public()
         self.rule = GossipRule(o.hp, s.size, o.flat.n_params, tracked)
         if o.wrapped is not None:  # the local step is your optimizer's
             self.rule.opt = o.opt
         o.opt_state = self.rule.init_state(dev)
-        nb, probs = neighbor_probabilities(s.graph)[s.rank]
-        self.pick = neighbor_picker(nb, probs, worker_seed(s.seed, s.rank) + 1) \
-            if nb else None
+        self.pick = neighbor_picker(nb, probs, worker_seed(s.seed, s.rank) + 1,
+                                    choice=s.neighbour_choice) if nb else None
         self.buffers0 = o.flat.buffers.clone()
         self.v0 = self.gossip.version
         # the next average runs beside your next gradient (a second thread)

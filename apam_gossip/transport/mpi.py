@@ -526,6 +526,13 @@ class MpiGossip:
         except BaseException as e:  # noqa: BLE001 - surfaced by the training thread
             self.error = e
 
+    def zero_public(self) -> None:
+        """Every edge's public copies at zero (CHOCO-SGD's start), where the ranks did
+        not start from one model."""
+        for pair in self.public.values():
+            for t in pair:
+                t.zero_()
+
     def _packet_of(self, j: int, out: Tensor) -> Tensor:
         """``out`` (host bytes) <- Q(x - this rank's public copy for ``j``)."""
         from ..core.compress import encode_change
