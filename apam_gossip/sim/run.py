@@ -51,6 +51,15 @@ from ..algorithms.common import Diverged, batch_size_of, worker_seed
 from ..average import average_pair_, mix_into
 from ..config import ConfigError, NetworkConfig, RunConfig
 from ..core.apam import ApamCore, shards_of
+from ..core.compress import (
+    Compressor,
+    encode_change,
+    exchange_pair,
+    gamma_for,
+    mix,
+    packet,
+    parse_compress,
+)
 from ..core.consensus import consensus
 from ..core.gossip import GossipRule
 from ..core.sync import allreduce_step, split_batch, syncps_step
@@ -125,6 +134,9 @@ class _Sim:
     # CPU seconds of one evaluation during the run, computed on the coordinator's node
     # (0: not modeled; see simulate's ``hardware``)
     eval_s: float = 0.0
+    compress: Compressor | None = None  # decentralized: compressed exchanges
+    compress_s: float = 0.0  # ... one side's CPU seconds of one
+    numel: int = 0  # the timed model's entries (model_params, or the task model's)
 
     @property
     def math(self) -> bool:
@@ -155,7 +167,8 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
              initial_models: Tensor | None = None,
              model_params: int | None = None,
              gradient_cv: float = GRADIENT_CV,
-             hardware: Hardware | None = None) -> RunResult:
+             hardware: Hardware | None = None,
+             compress_s: float | None = None) -> RunResult:
     """Simulate ``config`` (any number of workers) and return its RunResult, whose
     ``simulation`` says how (``wall_time`` is virtual seconds). The model, data, loss and
     metric are given as to :func:`apam_gossip.run`. ``gradient_s`` (one number, or one per
@@ -170,6 +183,10 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
     so its accuracy curve is the task model's under that cluster's timing.
     ``gradient_cv``: the spread of one worker's gradient times (coefficient of variation
     of a lognormal factor with mean 1; 0 = every gradient exactly ``gradient_s``).
+    ``compress_s`` (decentralized with ``compress``): one side's CPU seconds of a
+    compressed exchange (encode, decode, mix); by default timed here on a vector of the
+    model's size (:func:`compress_seconds`); each exchange costs it at both ends, and its
+    transfers carry packets, not models.
     ``hardware``: nodes, CPU contention, shared NICs and congestion, all-reduce overlapped
     with the backward pass (:class:`~apam_gossip.sim.hardware.Hardware`; default: none of
     it); its ``contention = "measure"`` times the model co-running on this machine's cores
@@ -229,8 +246,12 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
                             split_batch(cfg.data.batch_size, cfg.workers)
                             if cfg.mode == "syncps" else None)
             evaluator = Evaluator(task, data, torch.device("cpu"), during=cfg.eval_samples)
+        comp = parse_compress(cfg.compress) if cfg.mode == "decentralized" else None
+        if comp is not None and compress_s is None:
+            compress_s = compress_seconds(comp, numel)
         sim = _Sim(cfg, plan, cluster, oracle, evaluator, task, initial_models,
-                   _eval_s(cfg, task, data, plan, hw, model_params, evaluator))
+                   _eval_s(cfg, task, data, plan, hw, model_params, evaluator),
+                   comp, compress_s or 0.0, numel)
         runner = {"sequential": _sequential, "centralized": _centralized,
                   "decentralized": _decentralized, "allreduce": _sync, "dpsgd": _sync,
                   "syncps": _syncps}
@@ -243,10 +264,28 @@ def simulate(config: RunConfig, *, model: Any = None, train_data: Any = None,
                          "master_update_s": master_update_s,
                          "worker_update_s": worker_update_s,
                          "gradient_cv": gradient_cv, "events": events,
+                         **({"compress_s": compress_s} if comp is not None else {}),
                          "hardware": hw.describe(),
                          **({"contention_measured": measured} if measured else {}),
                          "real_seconds": time.perf_counter() - t_real}
     return with_task(result, task)
+
+
+def compress_seconds(comp: Compressor, numel: int) -> float:
+    """One side's CPU seconds of a compressed exchange of a ``numel``-entry model on this
+    machine, one thread: encode the change, decode both packets, mix (timed on up to 4M
+    entries, best of 3, scaled linearly beyond)."""
+    m = min(numel, 1 << 22)
+    g = torch.Generator().manual_seed(0)
+    x, mine, theirs = (torch.randn(m, generator=g) for _ in range(3))
+    q = packet(comp, m)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        encode_change(comp, x, mine, q)
+        mix(comp, x, mine, theirs, q, q, 0.5)
+        best = min(best, time.perf_counter() - t)
+    return best * numel / m
 
 
 def share_times(task: Task, data: Any, cfg: RunConfig,
@@ -532,9 +571,18 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
         if sim.math else None
     us = [torch.zeros(n) for _ in range(nw)] if sim.math and tracked else None
     states = [rule.init_state() for _ in range(nw)] if sim.math else None
-    probs = neighbor_probabilities(topology_of(cfg))
-    picks = [neighbor_picker(*probs[i], worker_seed(cfg.seed, i) + 1) if probs[i][0] else None
+    graph = topology_of(cfg)
+    probs = neighbor_probabilities(graph)
+    picks = [neighbor_picker(*probs[i], worker_seed(cfg.seed, i) + 1,
+                             choice=cfg.neighbour_choice) if probs[i][0] else None
              for i in range(nw)]
+    comp = sim.compress
+    gamma = gamma_for(comp, cfg.compress_gamma)
+    # compressed: each edge's public copies (one pair: the simulator holds both ends),
+    # from the start every worker knows; the packets' bytes on the wire
+    public = {e: xs[e[0]].clone() for a, b in graph.edges() for e in ((a, b), (b, a))} \
+        if comp is not None and xs is not None else None
+    wire = comp.nbytes(sim.numel) if comp is not None else None
     versions = [0] * nw
     claimed = completed = averages = 0
     staleness: Counter[int] = Counter()
@@ -597,15 +645,28 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
             then(None)
             return
 
+        t0 = eng.now
+
         def arrived() -> None:
             average(i, j)
+            picks[i].observe(j, eng.now - t0)  # (--neighbour-choice fast learns from it)
             then(j)
-        there = cl.transfer(eng.now, i, j)  # the model there, then the average back
-        eng.at(there, lambda: eng.at(cl.transfer(eng.now, j, i), arrived))
+        if comp is None:
+            there = cl.transfer(eng.now, i, j)  # the model there, then the average back
+            eng.at(there, lambda: eng.at(cl.transfer(eng.now, j, i), arrived))
+            return
+        # a packet there (after i encodes it), j's back (after j encodes and mixes),
+        # then i mixes
+        c = sim.compress_s
+        there = cl.transfer(eng.now + c, i, j, wire)
+        eng.at(there, lambda: eng.at(cl.transfer(eng.now + c, j, i, wire) + c / 2,
+                                     arrived))
 
     def average(i: int, j: int) -> None:
         nonlocal averages
-        if sim.math:  # the torch pair, as before numba (no compile in a simulation)
+        if sim.math and public is not None:  # the one exchange the transports make
+            exchange_pair(comp, gamma, xs[i], xs[j], public[(i, j)], public[(j, i)])
+        elif sim.math:  # the torch pair, as before numba (no compile in a simulation)
             average_pair_(xs[i], xs[j], fused=False)
             if us is not None:
                 average_pair_(us[i], us[j], fused=False)
@@ -640,8 +701,12 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
     wall = end[0]
     xbar, extra = mean_and_consensus()
     extra["averages"] = float(averages)
+    extra["bytes_per_average"] = float(2 * wire if wire is not None else 8 * sim.numel)
     evals.append(sim.evaluate(xbar, wall, sum(samples), completed, losses, extra))
     workers = _workers(cfg, updates, samples, compute, wall)
+    for w, p in zip(workers, picks, strict=True):
+        if p is not None:
+            w.neighbours = {str(j): int(c) for j, c in sorted(p.counts.items())}
     return _result(sim, wall, completed, sum(samples), evals, dict(staleness), workers,
                    xbar), eng.events
 
