@@ -14,8 +14,10 @@ Benchmark mode names (:data:`BENCH_MODES`): ``sequential``, ``allreduce-amsgrad`
 ``allreduce-sgd``, ``dpsgd``, ``syncps-amsgrad`` (the APAM paper's synchronous parameter
 server), ``async-sgd`` (APAM's master with SGD: the APAM paper's non-adaptive
 comparator), ``centralized`` (APAM), ``centralized-lookahead``, ``decentralized`` (gossip)
-and ``decentralized-no-overlap`` (gossip with each average after the gradient instead of
-beside it). A profile without ``modes`` runs them all.
+``decentralized-no-overlap`` (gossip with each average after the gradient instead of
+beside it), ``decentralized-int8`` and ``decentralized-topk`` (compressed averages, top
+10%) and ``decentralized-fast`` (neighbours chosen by speed). A profile without ``modes``
+runs them all.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ BENCH_MODES: dict[str, dict[str, Any]] = {
     # APAM whose workers compute at the model where it will be when their gradient lands
     # (with the explicit momentum kept: the course to look ahead along)
     "centralized-lookahead": {"mode": "centralized", "optim": {"lookahead": 1.0}},
+    # gossip whose averages send compressed changes (apam_gossip.core.compress), and
+    # gossip that prefers the neighbours it averages with sooner
+    "decentralized-int8": {"mode": "decentralized", "compress": "int8"},
+    "decentralized-topk": {"mode": "decentralized", "compress": "topk:0.1"},
+    "decentralized-fast": {"mode": "decentralized", "neighbour_choice": "fast"},
 }
 # [run] keys of the benchmark itself; every other [run] key is a run config key (as in a
 # config file: ``epochs``, ``[run.optim]``, ...) or its short alias (``lr``, ``dataset``)
