@@ -303,3 +303,30 @@ def test_simulated_fast_neighbour_choice_prefers_the_fast_link(digits):
 
     fast, uniform = share3("fast"), share3("uniform")
     assert 0.1 <= fast < 0.25 and 0.4 < uniform < 0.6, (fast, uniform)
+
+
+def test_the_compiled_int8_and_the_cut_topk_match_the_plain_torch_ones(monkeypatch):
+    """From FUSED_MIN_NUMEL entries int8 runs compiled loops and top-k cuts the vector at
+    a sampled threshold first: the int8 packet is torch's byte for byte and decodes to
+    the same floats (so a GPU rank and a CPU rank agree), and top-k picks the same
+    entries as a full torch.topk."""
+    from apam_gossip.core import compress as C
+
+    n = C.FUSED_MIN_NUMEL + 777
+    g = torch.Generator().manual_seed(3)
+    x, pub = torch.randn(n, generator=g) * 3, torch.randn(n, generator=g)
+    fast_pkt, plain_pkt = packet(Int8(), n), packet(Int8(), n)
+    encode_change(Int8(), x, pub, fast_pkt)
+    Int8().encode(x - pub, plain_pkt)  # (encode alone is torch's at any size)
+    fast_dec, plain_dec = torch.zeros(n), torch.zeros(n)
+    Int8().decode_add(fast_pkt, fast_dec)
+    monkeypatch.setattr(C, "FUSED_MIN_NUMEL", 1 << 40)
+    Int8().decode_add(fast_pkt, plain_dec)
+    assert torch.equal(fast_pkt, plain_pkt) and torch.equal(fast_dec, plain_dec)
+    monkeypatch.undo()
+    comp = TopK(0.01)
+    q = packet(comp, n)
+    comp.encode(x, q)
+    k = comp.k(n)
+    got = torch.sort(q[:4 * k].view(torch.int32).long()).values
+    assert torch.equal(got, torch.sort(torch.topk(x.abs(), k).indices).values)

@@ -38,6 +38,7 @@ checks the default on both graphs).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -60,6 +61,66 @@ class Compressor:
 
     def decode_add(self, packet: Tensor, into: Tensor) -> None:
         into.add_(packet.view(torch.float32))
+
+
+# models of this many entries or more take the compiled int8 loops (the size where
+# numba's one-off compile, about 1 s per process, starts to pay; as apam_gossip.average)
+FUSED_MIN_NUMEL = 1 << 20
+
+
+@functools.cache
+def _int8_kernels():
+    """numba loops for :class:`Int8` on CPU float32 (None without numba): the encode in
+    one pass per block that stays in cache (torch takes six over the whole model), and
+    the decode added in place. The decode does what torch's does, one float32 product
+    and one float32 sum per entry (no fastmath: no fused multiply-add), so a packet
+    decodes to the same floats on a GPU rank and a CPU rank."""
+    try:
+        import numba
+        import numpy as np
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return None
+
+    @numba.njit(nogil=True, boundscheck=False, cache=False)
+    def encode(x, pub, block, scales, q):  # pragma: no cover - compiled
+        n = x.shape[0]
+        for b in range(scales.shape[0]):
+            s, e = b * block, min(b * block + block, n)
+            m = np.float32(0.0)
+            for k in range(s, e):
+                d = abs(x[k] - pub[k])
+                if d > m or d != d:  # a NaN poisons its block's scale, as in torch
+                    m = d
+            scale = m / np.float32(127.0)
+            scales[b] = scale
+            if not scale > 0:
+                for k in range(s, e):
+                    q[k] = 0
+                continue
+            for k in range(s, e):
+                v = np.rint((x[k] - pub[k]) / scale)
+                q[k] = np.int8(max(-127.0, min(127.0, v)))
+
+    @numba.njit(nogil=True, boundscheck=False, cache=False)
+    def decode_add(q, scales, block, into):  # pragma: no cover - compiled
+        n = into.shape[0]
+        for b in range(scales.shape[0]):
+            scale = scales[b]
+            for k in range(b * block, min(b * block + block, n)):
+                into[k] += np.float32(q[k]) * scale
+
+    x = np.zeros(3, np.float32)
+    q = np.zeros(3, np.int8)
+    sc = np.zeros(2, np.float32)
+    encode(x, x, 2, sc, q)  # compile now, not inside a first exchange under two locks
+    decode_add(q, sc, 2, x)
+    return encode, decode_add
+
+
+def _fused_ok(*ts: Tensor) -> bool:
+    return (ts[0].numel() >= FUSED_MIN_NUMEL
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in ts)
+            and _int8_kernels() is not None)
 
 
 class Int8(Compressor):
@@ -88,10 +149,25 @@ class Int8(Compressor):
         out[:4 * nb].view(torch.float32).copy_(scale)
         out[4 * nb:].view(torch.int8).copy_(q.view(-1)[:n])
 
+    def encode_change(self, x: Tensor, public: Tensor, out: Tensor) -> bool:
+        """``out <- Q(x - public)`` in one compiled pass where it applies (CPU float32,
+        :data:`FUSED_MIN_NUMEL` entries or more); False where it does not."""
+        if not (x.dtype == torch.float32 and _fused_ok(x, public, out)):
+            return False
+        nb = self._blocks(x.numel())
+        encode, _ = _int8_kernels()
+        encode(x.numpy(), public.numpy(), self.block, out[:4 * nb].view(torch.float32).numpy(),
+               out[4 * nb:].view(torch.int8).numpy())
+        return True
+
     def decode_add(self, packet: Tensor, into: Tensor) -> None:
         n, nb = into.numel(), self._blocks(into.numel())
         scale = packet[:4 * nb].view(torch.float32)
         q = packet[4 * nb:4 * nb + n].view(torch.int8)
+        if into.dtype == torch.float32 and _fused_ok(into, packet):
+            _, decode = _int8_kernels()
+            decode(q.numpy(), scale.numpy(), self.block, into.numpy())
+            return
         full, rest = divmod(n, self.block)
         if full:
             into[:full * self.block].view(full, self.block).add_(
@@ -121,10 +197,26 @@ class TopK(Compressor):
 
     def encode(self, v: Tensor, out: Tensor) -> None:
         k = self.k(v.numel())
-        # NaN sorts as the largest magnitude, so a diverged model's NaN is sent on
-        idx = torch.topk(v.abs(), k, sorted=False).indices
+        idx = self._largest(v.abs(), k)
         out[:4 * k].view(torch.int32).copy_(idx)
         out[4 * k:].view(torch.float32).copy_(v[idx])
+
+    @staticmethod
+    def _largest(a: Tensor, k: int) -> Tensor:
+        """The indices of the ``k`` largest of ``a`` (exactly, in no order). A big vector
+        is first cut to the entries above a threshold from a strided sample (the
+        (1 - 2k/n) quantile), and the top k taken among those: exact whenever at least k
+        pass it (every one of the top k is then above it), else the whole vector's. NaN
+        sorts as the largest magnitude, so a diverged model's NaN is sent on."""
+        n = a.numel()
+        if n >= FUSED_MIN_NUMEL and 2 * k < n and not bool(torch.isnan(a).any()):
+            sample = a[::max(1, n // 65536)]
+            rank = max(1, int(sample.numel() * (1 - 2 * k / n)))
+            thr = sample.kthvalue(rank).values
+            cand = (a >= thr).nonzero().squeeze(1)
+            if cand.numel() >= k:
+                return cand[torch.topk(a[cand], k, sorted=False).indices]
+        return torch.topk(a, k, sorted=False).indices
 
     def decode_add(self, packet: Tensor, into: Tensor) -> None:
         k = self.k(into.numel())
@@ -183,6 +275,8 @@ def packet(comp: Compressor, n: int, device: torch.device | str = "cpu") -> Tens
 def encode_change(comp: Compressor, x: Tensor, public: Tensor, out: Tensor,
                   scratch: Tensor | None = None) -> None:
     """Step 1: ``out <- Q(x - public)`` (``scratch``: a buffer for the difference)."""
+    if isinstance(comp, Int8) and comp.encode_change(x, public, out):
+        return
     diff = torch.sub(x, public, out=scratch) if scratch is not None else x - public
     comp.encode(diff, out)
 
