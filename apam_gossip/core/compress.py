@@ -224,6 +224,13 @@ class TopK(Compressor):
         into.index_add_(0, idx, packet[4 * k:8 * k].view(torch.float32))
 
 
+def warm_up(comp: Compressor | None, n: int) -> None:
+    """Compile what ``comp`` will run on a model of ``n`` entries now (about 1 s, once per
+    process), not inside a first exchange that holds two workers' locks."""
+    if isinstance(comp, Int8) and n >= FUSED_MIN_NUMEL:
+        _int8_kernels()
+
+
 def parse_compress(spec: str) -> Compressor | None:
     """``none`` (None: the exact average, no copies), ``int8`` or ``topk:F`` with ``F``
     in (0, 1]; a ValueError naming the spec otherwise."""
@@ -310,6 +317,7 @@ def exchange_pair(comp: Compressor, gamma: float, x_i: Tensor, x_j: Tensor, p_ij
     x_j.sub_(d.to(x_j.device))
 
 
-__all__ = ["Compressor", "Int8", "TopK", "parse_compress", "default_gamma", "gamma_for",
+__all__ = ["Compressor", "Int8", "TopK", "parse_compress", "warm_up", "default_gamma",
+           "gamma_for",
            "wire_bytes", "packet",
            "encode_change", "mix", "exchange_pair"]

@@ -441,6 +441,9 @@ class MpiGossip:
             assert not tracked, "a compressed average moves x only (config refuses tracked)"
             for j in neighbors or []:
                 self.public[j] = (self.x.clone(), self.x.clone())
+            from ..core.compress import warm_up
+
+            warm_up(compress, n)  # before the server thread serves an exchange
             nb = compress.nbytes(n)
             self._recv_buf = torch.zeros(nb, dtype=torch.uint8)
             self._srv_buf = torch.zeros(nb, dtype=torch.uint8)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..average import FUSED_MIN_NUMEL, average_pair_, fused_available, mix_into
-from ..core.compress import Compressor, exchange_pair, packet
+from ..core.compress import Compressor, exchange_pair, packet, warm_up
 from ..messages import Bye
 from ..procs import CTX
 from . import NoVote, PeerGone
@@ -347,6 +347,7 @@ class ShmGossipEnd:
         self.__dict__.update(state)
         if not self.x.on_gpu and self.x.shape[1] >= FUSED_MIN_NUMEL:
             fused_available()
+        warm_up(self.compress, self.x.shape[1])
 
     def _acquire(self, j: int) -> None:
         if not self.locks[j].acquire(timeout=self.lock_timeout):
