@@ -362,6 +362,11 @@ class RunConfig(_Section):
     checkpoint_every_s: float = _f(60.0, "seconds between checkpoints", "--checkpoint-every",
                                    gt=0, le=1e8)
 
+    @field_validator("compress", mode="before")
+    @classmethod
+    def _compress_spelling(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
     @field_validator("overlap", mode="before")
     @classmethod
     def _overlap_auto(cls, v: Any) -> Any:
@@ -395,7 +400,8 @@ class RunConfig(_Section):
         except ValueError as e:
             raise _rule("compress", str(e).removeprefix("compress ").removeprefix(
                 f"{self.compress!r}: ")) from None
-        if comp is not None and self.adaptive_state == "tracked":
+        if comp is not None and self.adaptive_state == "tracked" \
+                and self.mode == "decentralized":
             raise _rule("compress", "a compressed average moves the models only: use "
                         "adaptive_state local (the tracked second moment is averaged "
                         "exactly)")

@@ -318,7 +318,9 @@ def test_the_compiled_int8_and_the_cut_topk_match_the_plain_torch_ones(monkeypat
     fast_pkt, plain_pkt = packet(Int8(), n), packet(Int8(), n)
     encode_change(Int8(), x, pub, fast_pkt)
     Int8().encode(x - pub, plain_pkt)  # (encode alone is torch's at any size)
-    fast_dec, plain_dec = torch.zeros(n), torch.zeros(n)
+    # into non-zero copies: a fused multiply-add would round differently there
+    fast_dec = torch.randn(n, generator=g)
+    plain_dec = fast_dec.clone()
     Int8().decode_add(fast_pkt, fast_dec)
     monkeypatch.setattr(C, "FUSED_MIN_NUMEL", 1 << 40)
     Int8().decode_add(fast_pkt, plain_dec)
@@ -330,3 +332,23 @@ def test_the_compiled_int8_and_the_cut_topk_match_the_plain_torch_ones(monkeypat
     k = comp.k(n)
     got = torch.sort(q[:4 * k].view(torch.int32).long()).values
     assert torch.equal(got, torch.sort(torch.topk(x.abs(), k).indices).values)
+
+
+def test_compress_settings_are_checked_where_they_apply():
+    """A bad spec is a one-line config error naming it; tracked + compress only in the
+    decentralized mode (elsewhere both are ignored settings); the spelling is normalised,
+    so an upper-case none still makes --compress-gamma an ignored setting."""
+    from apam_gossip.config import ConfigError, OptimConfig, RunConfig, ignored_settings
+
+    with pytest.raises(ConfigError, match="topk:F needs a fraction"):
+        RunConfig.from_dict({"mode": "decentralized", "compress": "topk:2"})
+    with pytest.raises(ConfigError, match="use adaptive_state local"):
+        RunConfig.from_dict({"mode": "decentralized", "compress": "int8",
+                             "adaptive_state": "tracked"})
+    RunConfig.from_dict({"mode": "centralized", "compress": "int8",
+                         "adaptive_state": "tracked"})  # both ignored there: no error
+    cfg = RunConfig.from_dict({"mode": "decentralized", "compress": " NONE",
+                               "compress_gamma": 0.5})
+    assert cfg.compress == "none"
+    assert [k for k, _ in ignored_settings({"compress_gamma"}, ["decentralized"],
+                                           OptimConfig(), cfg)] == ["compress_gamma"]

@@ -97,7 +97,9 @@ class NeighborPicker:
     def probabilities(self) -> np.ndarray:
         if not self.fast or not self.seconds:
             return self.w
-        best = min(self.seconds.values())
+        live = [t for j, t in self.seconds.items()
+                if self.alive is None or self.alive(j)]
+        best = min(live) if live else min(self.seconds.values())
         t = np.array([max(self.seconds.get(int(j), best), 1e-9) for j in self.nb])
         speed = self.w / t
         return (1 - self.FLOOR) * speed / speed.sum() + self.FLOOR * self.w
@@ -136,7 +138,8 @@ def average_with_a_neighbor(end: GossipEnd, pick, link: LinkModel | None = None
         if link is not None:
             link.sleep(2 * link.seconds(end.worker, j))  # emulated link: model and back
         done = end.average_with(j)
-        if hasattr(pick, "observe"):  # (--neighbour-choice fast learns from it)
+        if done and hasattr(pick, "observe"):  # (--neighbour-choice fast learns from it;
+            # a refusal is quick because the peer was busy: not a fast neighbour)
             pick.observe(j, time.perf_counter() - t)
         if done:
             return True, refusals

@@ -401,6 +401,9 @@ class Gossip(Strategy):
             self.gossip.x.copy_(d["x"])
             if self.gossip.u is not None and "u" in d:
                 self.gossip.u.copy_(d["u"])
+            # compressed: every rank loads, so every edge's copies restart at zero alike
+            # (no messages; the models' sum is kept from any common start)
+            self.gossip.zero_public()
         load_wrapped(o, d)
         self._refresh()
         # nobody averages before every rank has its state back

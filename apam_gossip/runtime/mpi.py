@@ -258,6 +258,9 @@ def _decentralized(ctx: _RankContext) -> RunResult | None:
     # the model, u and the local step on this rank's device (its GPU: exchanges go
     # through pinned host buffers)
     comp = parse_compress(cfg.compress)
+    if comp is not None:  # the edges' copies start at the start, which must be one model
+        # to the bit on every rank (a user's model built from local files might not be)
+        comm.Bcast(plan.x0.numpy(), root=0)
     g = tmpi.MpiGossip(comm, plan.x0, cfg.adaptive_state == "tracked", plan.total,
                        cfg.timeout_s, n_tracked=plan.n_params, device=ctx.device,
                        compress=comp, gamma=gamma_for(comp, cfg.compress_gamma),

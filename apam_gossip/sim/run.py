@@ -59,6 +59,7 @@ from ..core.compress import (
     mix,
     packet,
     parse_compress,
+    wire_bytes,
 )
 from ..core.consensus import consensus
 from ..core.gossip import GossipRule
@@ -655,12 +656,14 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
             there = cl.transfer(eng.now, i, j)  # the model there, then the average back
             eng.at(there, lambda: eng.at(cl.transfer(eng.now, j, i), arrived))
             return
-        # a packet there (after i encodes it), j's back (after j encodes and mixes),
-        # then i mixes
-        c = sim.compress_s
-        there = cl.transfer(eng.now + c, i, j, wire)
-        eng.at(there, lambda: eng.at(cl.transfer(eng.now + c, j, i, wire) + c / 2,
-                                     arrived))
+        # i encodes, its packet goes; j encodes and mixes, its packet comes back; i
+        # mixes: each side's compression time (half of it encoding, half mixing) once.
+        # A transfer is booked when it starts (the NICs serve in booking order).
+        half = sim.compress_s / 2
+
+        def back() -> None:
+            eng.at(cl.transfer(eng.now, j, i, wire) + half, arrived)
+        eng.after(half, lambda: eng.at(cl.transfer(eng.now, i, j, wire) + 2 * half, back))
 
     def average(i: int, j: int) -> None:
         nonlocal averages
@@ -701,7 +704,8 @@ def _decentralized(sim: _Sim) -> tuple[RunResult, int]:
     wall = end[0]
     xbar, extra = mean_and_consensus()
     extra["averages"] = float(averages)
-    extra["bytes_per_average"] = float(2 * wire if wire is not None else 8 * sim.numel)
+    extra["bytes_per_average"] = float(wire_bytes(cfg, sim.numel, n if sim.numel == plan.numel
+                                                  else sim.numel))
     evals.append(sim.evaluate(xbar, wall, sum(samples), completed, losses, extra))
     workers = _workers(cfg, updates, samples, compute, wall)
     for w, p in zip(workers, picks, strict=True):

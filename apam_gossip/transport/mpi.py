@@ -495,6 +495,12 @@ class MpiGossip:
                     poll.pause()
                 src = status.Get_source()
                 if idx == 1:  # an average: x <- (x + x_src) / 2, reply with it
+                    if self.compress is not None and src not in self.public:
+                        # not a neighbour here (the ranks built different graphs): no
+                        # copies of that edge, so refuse; the asker tries another
+                        self.comm.Send(self._busy, dest=src, tag=T_REFUSED)
+                        reqs[1] = self.comm.Irecv(buf, source=MPI.ANY_SOURCE, tag=T_DATA)
+                        continue
                     with self.lock:
                         busy = self.in_flight
                         if not busy:
@@ -546,7 +552,8 @@ class MpiGossip:
             return out
         dev = torch.zeros(out.numel(), dtype=torch.uint8, device=self.x.device)
         encode_change(self.compress, self.x, mine, dev)
-        return out.copy_(dev)
+        out.copy_(dev)  # a device-to-host copy: whole when it returns
+        return out
 
     def _mix(self, j: int, sent: Tensor, got: Tensor) -> None:
         """The exchange's second half (:func:`~apam_gossip.core.compress.mix`), where the
@@ -565,11 +572,11 @@ class MpiGossip:
         takes the reply as its new model). Compressed: the payload is the asker's
         packet; this rank answers with its own and both mix."""
         if self.compress is not None:
-            if src not in self.public:
-                raise AssertionError(f"rank {self.rank}: an average from rank {src}, not a "
-                                     "neighbour")
-            reply = self._packet_of(src, self._srv_pkt)
-            self._mix(src, reply, payload)
+            stream = self._srv_stream  # (a GPU rank: beside its gradient's kernels)
+            with torch.cuda.stream(stream) if stream is not None else \
+                    contextlib.nullcontext():
+                reply = self._packet_of(src, self._srv_pkt)
+                self._mix(src, reply, payload)
             self.version += 1
             self.comm.Send(reply, dest=src, tag=T_REPLY)
             return

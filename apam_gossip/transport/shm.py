@@ -240,6 +240,7 @@ class ShmGossip:
         if self.public is not None:
             for (i, _), r in self.row_of.items():
                 self.public[r].copy_(self.x[i])
+                fence(self.public[r])  # whole before a worker's process reads it
 
     def share_optimizer_state(self, template: dict[str, Tensor]) -> None:
         """Allocate every worker's optimizer state beside its model, shaped like
