@@ -315,7 +315,7 @@ def test_simulate_cli_writes_results_that_compare_reads(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--workers", "0"], "--workers must be >= 1"),
     (["--gradient-ms", "-1"], "--gradient-ms must be > 0"),
-    (["--modes", "nope"], "--modes: 'nope' is not one of"),
+    (["--modes", "nope"], "--modes: 'nope' is not a bench mode"),
 ])
 def test_simulate_bad_flags_are_one_line_exit_2(args, needle):
     p = subprocess.run([sys.executable, "-m", "apam_gossip", "simulate",

@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", metavar="PROFILE|transport|pairwise|shm-pairwise|master|scaling|"
                    "contention")
     b.add_argument("--smoke", action="store_true", help="PROFILE: the quick [smoke] variant")
-    b.add_argument("--modes", help="PROFILE: comma-separated subset of the profile's modes; "
-                   "transport: centralized,decentralized")
+    b.add_argument("--modes", help="PROFILE: comma-separated bench modes (default the "
+                   "profile's; any other, e.g. decentralized-int8, runs on the same "
+                   "cluster); transport: centralized,decentralized")
     b.add_argument("--output", "-o", metavar="PATH", help="PROFILE: result JSON (PNGs next to "
                    "it; default runs/bench-<profile>-<time>.json)")
     b.add_argument("--quiet", "-q", action="store_true")
@@ -379,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--seeds", type=int, default=1, help="PROFILE: run every mode "
                             "with this many seeds (the profile's, +1, ...); the table shows "
                             "mean±sd")
-    sm.add_argument("--modes", help="comma-separated subset of the profile's modes")
+    sm.add_argument("--modes", help="comma-separated bench modes (default the profile's; "
+                    "any other, e.g. decentralized-int8, on the same cluster)")
     sm.add_argument("--output", "-o", metavar="PATH", help="result JSON (PNGs next to it)")
     sm.add_argument("--quiet", "-q", action="store_true")
     b.set_defaults(sim_workers=None)
