@@ -4,7 +4,8 @@ A profile sets the emulated heterogeneity (``[compute]``: per-worker slowdown fa
 a random straggler distribution; ``[network]``: link latency and bandwidth, the
 master's NIC, see :class:`apam_gossip.config.NetworkConfig`), the simulator's costs when
 given rather than timed on this machine (``[simulate]``: ``gradient_ms``,
-``master_update_ms``, ``worker_update_ms``, ``model_params``, ``gradient_cv``, and the
+``master_update_ms``, ``worker_update_ms``, ``model_params``, ``gradient_cv``,
+``compress_ms``, and the
 hardware keys of :class:`apam_gossip.sim.hardware.Hardware`) and the benchmark run
 (``[run]``: model, data, budget, target accuracy, the modes to compare and per-mode
 learning rates). ``[smoke]`` overrides ``[run]`` for a quick version (``apam-gossip bench
@@ -60,7 +61,9 @@ BENCH_KEYS = ("target", "modes", "lr_overrides", "sgd_lr", "momentum")
 # ignore them): key -> (simulate()'s keyword, unit scale)
 SIM_KEYS = {"gradient_ms": ("gradient_s", 1e-3), "master_update_ms": ("master_update_s", 1e-3),
             "worker_update_ms": ("worker_update_s", 1e-3),
-            "model_params": ("model_params", 1), "gradient_cv": ("gradient_cv", 1)}
+            "model_params": ("model_params", 1), "gradient_cv": ("gradient_cv", 1),
+            # compressed gossip: one side's compression time (default: timed here)
+            "compress_ms": ("compress_s", 1e-3)}
 
 
 @dataclass(frozen=True)
