@@ -233,6 +233,7 @@ class LoopReport:
     averages: int = 0
     refused_averages: int = 0
     staleness: dict[int, int] = field(default_factory=dict)
+    neighbours: dict[int, int] | None = None  # gossip: how often it chose each neighbour
 
 
 @dataclass(frozen=True)

@@ -335,6 +335,10 @@ def test_decentralized_example_on_a_topology_file(tmp_path):
     assert x["averages"] > 0 and x["consensus_distance"] < 1.0
     assert sum(d["staleness"].values()) == d["updates"] == sum(
         w["updates"] for w in d["workers"])
+    # on a ring of 4 each rank chose among its two neighbours; an average moved 2 models
+    for r, w in enumerate(d["workers"]):
+        assert set(w["neighbours"]) == {str((r + 1) % 4), str((r - 1) % 4)}, w
+    assert x["bytes_per_average"] >= 8 * d["n_params"]  # two models (and their buffers)
 
 
 @needs_mpi

@@ -265,9 +265,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         try:
             self.strategy.before_end()
             wall = time.monotonic() - self.t0 if self.t0 is not None else 0.0
+            pick = getattr(self.strategy, "pick", None)  # (gossip's neighbour picker)
             rep = LoopReport(s.rank, str(self.flat.state.device), self.steps, self.samples,
                              wall, self.step_s, self.averages, self.refused,
-                             dict(self.staleness))
+                             dict(self.staleness),
+                             dict(pick.counts) if pick is not None else None)
             ended = self.strategy.end(rep, Ending(metric, metric_name, higher_is_better,
                                                   average))
             if ended is None or s.rank != 0:

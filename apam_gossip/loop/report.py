@@ -48,6 +48,9 @@ def loop_result(s: Session, hp: OptimConfig, lr0: float, reports: list[LoopRepor
     samples = sum(r.samples for r in reports)
     workers = [WorkerStats.of(i, r.device, 1.0, r.steps, r.samples, wall,
                               r.wall_time - r.step_s) for i, r in enumerate(reports)]
+    for w, r in zip(workers, reports, strict=True):
+        if r.neighbours is not None:  # gossip: the distribution each rank chose
+            w.neighbours = {str(j): int(c) for j, c in sorted(r.neighbours.items())}
     value = float("nan") if metric is None else float(metric)
     ev = EvalRecord(wall, samples, updates, None, float("nan"), value, dict(extra))
     optim = {**hp.model_dump(), "lr": lr0}

@@ -381,6 +381,9 @@ class Gossip(Strategy):
         reports = [r for r, _ in reports]
         extra["averages"] = float(sum(r.averages for r in reports))
         extra["refused_averages"] = float(sum(r.refused_averages for r in reports))
+        comp = self.gossip.compress  # what one average put on the wire, both ways
+        extra["bytes_per_average"] = float(
+            2 * comp.nbytes(x.numel()) if comp is not None else 8 * self.gossip.state.numel())
         return reports, extra, xbar
 
     def state(self) -> dict[str, Any]:
