@@ -34,7 +34,6 @@ from pydantic import (
     model_validator,
 )
 
-from .core.compress import parse_compress
 from .errors import UserError
 from .imports import is_import_string
 
@@ -395,6 +394,8 @@ class RunConfig(_Section):
         for i, s in enumerate(self.slowdown):
             if not 1.0 <= s <= 1e6:
                 raise _rule(f"slowdown[{i}]", f"must be in [1, 1e6] (1 = full speed), got {s:g}")
+        from .core.compress import parse_compress  # (torch: not at the CLI's import)
+
         try:
             comp = parse_compress(self.compress)
         except ValueError as e:
