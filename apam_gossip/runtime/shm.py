@@ -250,7 +250,9 @@ class DecentralizedMode(ShmMode):
             g.counters[2] = int(ckpt["averages"])
             g.done_by.copy_(ckpt["done_by"])
             self.points = [p for p in self.points if p > int(ckpt["completed"])]
-        g.start_public()  # the edges' public copies: the models the workers start from
+        # the edges' public copies: a checkpoint's, else the models the workers start from
+        g.start_public(ckpt.get("public") if ckpt is not None else None,
+                       ckpt.get("public_edges") if ckpt is not None else None)
         # the audit starts from the models the workers start from (the checkpoint's)
         self.audit_base = AuditBase.of(
             g.x.clone(), g.u.clone() if g.u is not None else None,
@@ -347,6 +349,8 @@ class DecentralizedMode(ShmMode):
             "resumes": self.resumes,
             # the whole run's, as its counts are: the resumed runs' and this one's so far
             "staleness": merge_counts(self.staleness_before, c.staleness_counts()),
+            **({"public": c.public, "public_edges": self.gossip.edges_key()}
+               if c.public is not None else {}),
         })
 
     def evaluate(self, wall: float, per_worker: bool = True) -> torch.Tensor:

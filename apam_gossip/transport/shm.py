@@ -234,13 +234,26 @@ class ShmGossip:
         # checkpoint can copy them under the workers' locks
         self.opt_state: dict[str, Rows] = {}
 
-    def start_public(self) -> None:
-        """Every public copy from its worker's current model (at the start, and on a
-        resume from a checkpoint's models: any start both ends share keeps the sum)."""
+    def edges_key(self) -> Tensor:
+        """The directed edges of the public copies' rows, in row order (``(2E, 2)``): a
+        checkpoint's copies load only into the same rows."""
+        return torch.tensor(list(self.row_of), dtype=torch.int64).reshape(-1, 2)
+
+    def start_public(self, saved: Tensor | None = None, edges: Tensor | None = None) -> bool:
+        """The public copies: a checkpoint's (``saved``, for the rows ``edges``: an exact
+        resume), else every one from its worker's current model (at the start, or from a
+        checkpoint without them, another graph or another compression: any start both
+        ends share keeps the sum). Returns whether the saved ones were taken."""
+        if self.public is not None and saved is not None and edges is not None \
+                and torch.equal(edges, self.edges_key()) \
+                and tuple(saved.shape) == tuple(self.public.shape):
+            self.public.copy_(saved)
+            return True
         if self.public is not None:
             for (i, _), r in self.row_of.items():
                 self.public[r].copy_(self.x[i])
                 fence(self.public[r])  # whole before a worker's process reads it
+        return False
 
     def share_optimizer_state(self, template: dict[str, Tensor]) -> None:
         """Allocate every worker's optimizer state beside its model, shaped like
@@ -285,9 +298,12 @@ class ShmGossip:
                 taken.append(lk)
             states = {k: v.clone() for k, v in self.opt_state.items()} if with_opt_state \
                 else None  # Rows.clone: a host copy
+            # the edges' public copies (compressed) with the models they go with
+            public = self.public.clone() if with_opt_state and self.public is not None \
+                else None
             return GossipCopy(self.x.clone(), self.u.clone() if self.u is not None else None,
                               states, int(self.counters[1]), int(self.counters[2]),
-                              self.done_by.clone(), self.staleness.sum(0))
+                              self.done_by.clone(), self.staleness.sum(0), public)
         finally:
             for lk in reversed(taken):
                 lk.release()
@@ -304,6 +320,7 @@ class GossipCopy:
     averages: int
     done_by: Tensor  # local steps applied, per worker
     staleness: Tensor  # how many local steps had each staleness (STALENESS_BINS bins)
+    public: Tensor | None = None  # compressed: the edges' public copies (row_of's rows)
 
     def staleness_counts(self) -> dict[int, int]:
         return {k: int(v) for k, v in enumerate(self.staleness.tolist()) if v}
