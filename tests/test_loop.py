@@ -889,3 +889,10 @@ def test_sharded_cuts_stay_consistent_under_any_delivery_order(seed):
     for sh in shards:
         assert not (sh.cuts or sh.held or sh.asking)
         assert sh.counts() == (24, 24, 24)
+
+
+def test_compress_gamma_without_compress_is_an_ignored_setting(capsys):
+    """As on the command line: the mixing step applies to a compressed exchange only."""
+    ag.init(mode="decentralized", compress_gamma=0.5)
+    assert "warning: ignored: compress_gamma=0.5 (applies with compress int8 or topk:F)" \
+        in capsys.readouterr().err

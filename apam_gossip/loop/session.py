@@ -197,6 +197,9 @@ def init(mode: str = "decentralized", topology: str | None = None, *,
     agreed(comm, rank, problem, 600.0 if problem is not None else timeout_s)
     traits = TRAITS[mode]
     ignored = ignored_settings(given, [mode], OptimConfig())
+    if "compress_gamma" in given and mode == "decentralized" \
+            and str(compress).strip().lower() == "none":  # (train's table has the run)
+        ignored.append(("compress_gamma", "applies with compress int8 or topk:F"))
     if ignored and rank == 0:
         warn_ignored([f"{k}={values[k]!r} ({why})" for k, why in ignored])
     if any(k == "topology" for k, _ in ignored):
