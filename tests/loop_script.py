@@ -84,6 +84,8 @@ def main() -> int:
     p.add_argument("--log", action="append", default=None, help="init(log=)")
     p.add_argument("--master-shards", type=int, default=1, help="init(master_shards=)")
     p.add_argument("--compress", default="none", help="init(compress=)")
+    p.add_argument("--seed-per-rank", action="store_true", help="init(seed=rank): a "
+                   "generated topology then differs between ranks")
     p.add_argument("--neighbour-choice", default="uniform", help="init(neighbour_choice=)")
     p.add_argument("--save-every", type=int, default=0, help="every rank takes a "
                    "state_dict() every this many steps (the last saved, as --save-state)")
@@ -104,6 +106,7 @@ def main() -> int:
                      adaptive_state=a.adaptive_state, overlap=not a.no_overlap,
                      master="return" if a.master_return else "exit", log=a.log,
                      master_shards=a.master_shards, compress=a.compress,
+                     **({"seed": rank_env} if a.seed_per_rank else {}),
                      neighbour_choice=a.neighbour_choice)
     if handle is not None:  # the centralized master, back after every worker finished
         torch.save({"state": flat(handle.load_into(make_model(seed=7)))},

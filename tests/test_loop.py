@@ -896,3 +896,14 @@ def test_compress_gamma_without_compress_is_an_ignored_setting(capsys):
     ag.init(mode="decentralized", compress_gamma=0.5)
     assert "warning: ignored: compress_gamma=0.5 (applies with compress int8 or topk:F)" \
         in capsys.readouterr().err
+
+
+@needs_mpi
+def test_ranks_that_built_different_graphs_are_one_agreed_error():
+    """The same generator spec with another seed on each rank builds other graphs: the
+    agreement compares the edges (a digest), not only the spec, and ends the job in one
+    line before any average (a compressed exchange needs both ends to share the edge)."""
+    p = launch(5, SCRIPT, "--topology", "regular:2", "--seed-per-rank", "--steps", "5",
+               "--compress", "int8", timeout=120)
+    assert p.returncode == 2 and "topology_edges" in p.stderr, p.stderr
+    assert "every rank must make the same choices" in p.stderr and "Traceback" not in p.stderr

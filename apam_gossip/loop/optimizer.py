@@ -27,6 +27,16 @@ from .strategies import Ending, strategy_for
 from .wrapped import TorchStep, spec_of
 
 
+def _edges_digest(graph: Any) -> str | None:
+    """A short digest of a graph's edges (None: no graph), for the ranks to compare."""
+    if graph is None:
+        return None
+    import hashlib
+
+    edges = sorted(tuple(sorted((int(a), int(b)))) for a, b in graph.edges())
+    return hashlib.sha1(repr(edges).encode()).hexdigest()[:12]
+
+
 class DistributedOptimizer(torch.optim.Optimizer):
     """The optimizer of one rank in a loop-API job (see the module docstring).
 
@@ -192,7 +202,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if s.comm is not None:
             setup = {"mode": s.mode, "adaptive_state": s.adaptive_state,
                      "broadcast": self.broadcast, "topology": s.topology,
-                     "compress": s.compress, "compress_gamma": s.compress_gamma}
+                     "compress": s.compress, "compress_gamma": s.compress_gamma,
+                     # the graph itself (a generator with another seed, or another copy
+                     # of a file, builds another one): its edges' digest
+                     "topology_edges": _edges_digest(s.graph)}
             ref = s.reference
             agree(s, signature(self.flat, self.hp, setup, self.lr0, self.spec), ref)
             if self.broadcast or s.traits.master:  # (the master owns the model there)
