@@ -15,8 +15,8 @@ pairwise gossip). For each edge ``(i, j)`` both ends keep the same two *public c
 3. ``d = gamma / 2 * (p_ji - p_ij)``; ``x_i += d`` and ``x_j -= d``.
 
 What is conserved: ``x_i + x_j`` (so ``sum_i x_i``, up to float rounding, as with exact
-averaging: ``-(a - b) == b - a`` and the product by ``gamma / 2`` are exact in IEEE
-arithmetic, so the two sides move by exactly opposite amounts). The audit
+averaging). IEEE rounding is symmetric under negation, so ``a - b == -(b - a)`` and
+``(-d) * c == -(d * c)`` hold exactly: the two sides move by exactly opposite amounts. The audit
 (``sum_i x_i(end) = sum_i x_i(0) + local steps``) therefore keeps its meaning for
 compressed runs. What is not: the pair does not land on its mean; it moves toward it by
 ``gamma / 2`` of the difference of what each knows of the other.
