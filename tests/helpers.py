@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 from apam_gossip.config import RunConfig, merge
@@ -19,3 +21,16 @@ def make_cfg(*layers: dict[str, Any], **kw: Any) -> RunConfig:
     for layer in (*layers, kw):
         d = merge(d, layer)
     return RunConfig.from_dict(d)
+
+
+def sigterm_at(fraction: float):
+    """A run callback that sends this process SIGTERM once, when the run has done more
+    than ``fraction`` of its samples (as a scheduler preempting the job would)."""
+    sent: list[int] = []
+
+    def callback(ev: Any) -> None:
+        if not sent and ev.total_samples and ev.samples > fraction * ev.total_samples:
+            os.kill(os.getpid(), signal.SIGTERM)
+            sent.append(ev.samples)
+
+    return callback

@@ -18,7 +18,7 @@ from apam_gossip.config import RunConfig
 from apam_gossip.errors import UserError
 from apam_gossip.runner import RunInterrupted, run
 
-from helpers import make_cfg
+from helpers import make_cfg, sigterm_at
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,15 +36,8 @@ def _cfg(tmp_path, **kw) -> RunConfig:
 def test_sigterm_checkpoints_and_resume_reaches_the_target(tmp_path, digits, mode):
     cfg = _cfg(tmp_path, mode=mode, optim={"lr": 2e-3 if mode == "centralized" else 4e-3},
                audit=mode == "decentralized")
-    sent = []
-
-    def term_at_40_percent(ev):
-        if not sent and ev.total_samples and ev.samples > 0.4 * ev.total_samples:
-            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler preempting the job would
-            sent.append(ev.samples)
-
     with pytest.raises(RunInterrupted, match="--resume"):
-        run(cfg, dataset=digits, callback=term_at_40_percent)
+        run(cfg, dataset=digits, callback=sigterm_at(0.4))
     ck = load_checkpoint(cfg.checkpoint)
     total = -(-40 * len(digits.y_train) // 32)
     assert set(ck["opt_state"]) == {"step", "m", "v", "vhat"}

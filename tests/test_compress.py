@@ -360,26 +360,16 @@ def test_a_compressed_checkpoint_carries_the_copies_and_resumes_with_them(tmp_pa
     """SIGTERM mid-run (shared memory, int8): the checkpoint holds every edge's public
     copies with the models, from one instant under every lock; the resume takes them
     back (not a restart from the models) and the audit still holds to the end."""
-    import os
-    import signal
-
     from apam_gossip.checkpoint import load_checkpoint
     from apam_gossip.runner import RunInterrupted, run
     from apam_gossip.transport.shm import ShmGossip
 
-    from helpers import make_cfg
+    from helpers import make_cfg, sigterm_at
 
     cfg = make_cfg(mode="decentralized", workers=4, epochs=20, evals=2, compress="int8",
                    audit=True, slowdown=[3, 3, 3, 3], checkpoint=str(tmp_path / "run.ckpt"))
-    sent = []
-
-    def term(ev):
-        if not sent and ev.total_samples and ev.samples > 0.4 * ev.total_samples:
-            os.kill(os.getpid(), signal.SIGTERM)
-            sent.append(ev.samples)
-
     with pytest.raises(RunInterrupted, match="--resume"):
-        run(cfg, dataset=digits, callback=term)
+        run(cfg, dataset=digits, callback=sigterm_at(0.4))
     ck = load_checkpoint(cfg.checkpoint)
     ring_rows = 2 * 4  # a ring of 4: 4 edges, both directions
     assert ck["public"].shape == (ring_rows, ck["x"].shape[1])

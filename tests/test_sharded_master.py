@@ -4,8 +4,6 @@ every shard applies exactly, a stop that is a consistent cut, deaths."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +21,7 @@ from apam_gossip.runner import RunInterrupted, run
 from apam_gossip.transport import PeerGone
 from apam_gossip.transport.sharded import ShardedWorkerEnd
 
-from helpers import make_cfg
+from helpers import make_cfg, sigterm_at
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -166,15 +164,8 @@ def test_a_stop_is_a_consistent_cut_and_the_checkpoint_is_the_whole_model(tmp_pa
     ckpt = tmp_path / "run.ckpt"
     base = {"workers": 1, "epochs": 30, "evals": 3, "seed": 2, "slowdown": [3]}
     cfg = make_cfg(base, mode="centralized", master_shards=2, checkpoint=str(ckpt))
-    sent = []
-
-    def term_at_30_percent(ev):
-        if not sent and ev.total_samples and ev.samples > 0.3 * ev.total_samples:
-            os.kill(os.getpid(), signal.SIGTERM)
-            sent.append(ev.samples)
-
     with pytest.raises(RunInterrupted, match="--resume"):
-        run(cfg, dataset=digits, callback=term_at_30_percent)
+        run(cfg, dataset=digits, callback=sigterm_at(0.3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]  # parts joined
     ck = load_checkpoint(ckpt)
     done = ck["version"]

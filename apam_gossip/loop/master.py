@@ -104,7 +104,7 @@ class LoopMaster:
         self.shard = self.shards[s.rank] if self.shards is not None else None
         numel, n_params = (self.shard.numel, self.shard.n_params) if self.shard else \
             (sig.numel, sig.n_params)
-        self.numel = sig.numel
+        self.numel, self.n_params = sig.numel, sig.n_params  # the whole model's
         self.end = MpiStarMaster(s.comm, numel, timeout=s.timeout_s, pin=False,
                                  first_worker=k) if end is None else end
         self.hp = OptimConfig(**dict(sig.optim), lr=sig.lr0 or 1.0)
@@ -330,7 +330,7 @@ class LoopMaster:
                 n = sum(st.values())
                 extra[f"staleness_mean_shard{k}"] = \
                     sum(a * c for a, c in st.items()) / n if n else 0.0
-        result = loop_result(s, self.hp, self.lr0, reports, self.numel_params(), final,
+        result = loop_result(s, self.hp, self.lr0, reports, self.n_params, final,
                              metric, name, higher, extra,
                              staleness=dict(m.progress.staleness), updates=m.progress.version)
         finish_rank0(s, result, reports, quiet=False)
@@ -338,10 +338,6 @@ class LoopMaster:
         for r in [*range(1, s.n_masters), main]:
             s.comm.send(result, dest=r, tag=T_RESULT)
         return MasterHandle(result, final)
-
-    def numel_params(self) -> int:
-        """The whole model's trained entries (a shard holds a slice of them)."""
-        return sum(sh.n_params for sh in self.shards) if self.shards else self.m.n_params
 
     def final_model(self) -> Tensor:
         """Collective with every rank: each shard broadcasts its slice of the final model
